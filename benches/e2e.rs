@@ -1,0 +1,602 @@
+//! End-to-end figures, each beside the raw limit measured in the same run
+//! on the same machine (these machines are shared and noisy, so only ratios
+//! mean anything). Run through `scripts/bench`, which starts the services,
+//! builds the release binary and runs the criterion CPU benchmark first.
+//!
+//!   cargo bench --bench e2e -- [--events N] [--full] [--out docs/PERFORMANCE.md]
+//!
+//! Phases: preload N events into the broker; raw broker consume rate (rdkafka
+//! alone); raw MongoDB bulk-upsert rate (driver alone); `courseview project
+//! catalog` from offset 0 until caught up; `courseview rebuild catalog`;
+//! API throughput and latency (cached, and cache-miss) against
+//! `redis-benchmark` GET; freshness at a steady 5 k events/s; peak RSS.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::doc;
+use courseview::kafka::{create_topics, Outgoing, Producer};
+use courseview::mongo::Store;
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+
+mod common;
+
+const TYPES: [&str; 5] = [
+    "CourseCreatedEvent",
+    "CourseUpdatedEvent",
+    "CoursePostedEvent",
+    "CourseUnpostedEvent",
+    "CourseDeletedEvent",
+];
+const PARTITIONS: i32 = 3;
+
+struct Env {
+    prefix: String,
+    brokers: String,
+    mongodb_uri: String,
+    redis_url: String,
+    database: String,
+    binary: PathBuf,
+}
+
+impl Env {
+    fn topics(&self) -> Vec<String> {
+        TYPES.iter().map(|t| format!("{}.{t}", self.prefix)).collect()
+    }
+
+    fn regex(&self) -> String {
+        format!(r"^{}\.Course.*Event$", self.prefix)
+    }
+
+    /// A courseview subprocess configured for this run.
+    fn courseview(&self, args: &[&str], extra: &[(&str, String)]) -> Reaped {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args)
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("MONGODB_URI", &self.mongodb_uri)
+            .env("MONGODB_DATABASE", &self.database)
+            .env("REDIS_URL", &self.redis_url)
+            .env("COURSEVIEW_REDIS_PREFIX", format!("bench:{}", self.prefix))
+            .env("COURSEVIEW_TOPICS", self.regex())
+            .env("COURSEVIEW_GROUP_PREFIX", &self.prefix)
+            .env("COURSEVIEW_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("RUST_LOG", "warn")
+            // As deployed: the Dockerfile and scripts/run set it.
+            .env("MALLOC_ARENA_MAX", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        Reaped(cmd.spawn().expect("courseview binary runs (scripts/bench builds it)"))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Peak resident set (VmHWM) of a live process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Stops the subprocess when dropped, so a failed run leaves nothing behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGTERM, then waits (the guard kills it if it lingers).
+fn stop(mut reaped: Reaped) {
+    let child = &mut reaped.0;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Produces every record with many in flight; returns events/s.
+async fn preload(env: &Env, producer: &Producer, records: &[Outgoing]) -> f64 {
+    let started = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for record in records {
+        in_flight.push(producer.send(record));
+        if in_flight.len() >= 5_000 {
+            in_flight.next().await.map(|r| r.expect("produced"));
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        r.expect("produced");
+    }
+    let _ = env;
+    records.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The broker's raw consume rate: rdkafka alone, no decoding, no writes.
+fn raw_consume(env: &Env, expected: usize) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}.raw", env.prefix))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for topic in env.topics() {
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let started = Instant::now();
+    let mut seen = 0;
+    while seen < expected && started.elapsed() < Duration::from_secs(600) {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            seen += 1;
+        }
+    }
+    seen as f64 / started.elapsed().as_secs_f64()
+}
+
+/// MongoDB's raw bulk-upsert rate with the driver alone: `count` documents
+/// shaped like read-model documents, 1,000 per `update` command.
+async fn raw_upserts(store_uri: &str, database: &str, count: usize) -> f64 {
+    let client = mongodb::Client::with_uri_str(store_uri).await.expect("client");
+    let db = client.database(database);
+    let started = Instant::now();
+    let mut i = 0;
+    while i < count {
+        let updates: Vec<bson::Document> = (i..(i + 1000).min(count))
+            .map(|n| {
+                let id = format!("raw-{n:08}");
+                doc! {"q": {"_id": &id}, "u": {"_id": &id, "_rev": 1_i64, "listed": true, "name": format!("Course number {n}"),
+                    "view": {"id": &id, "name": format!("Course number {n}"), "description": "A practical introduction with exercises, quizzes and a final project.", "teacherId": "teacher-1"},
+                    "state": {"course_id": &id, "name": {"val": "x", "at": {"v": 1_i64, "t": 0_i64, "e": "e"}}}}, "upsert": true}
+            })
+            .collect();
+        db.run_command(doc! {"update": "raw_upserts", "updates": updates, "ordered": false})
+            .await
+            .expect("bulk upsert");
+        i += 1000;
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Waits until the catalog's stored offsets of `generation` cover `count`
+/// records; samples the process's peak RSS meanwhile.
+async fn wait_caught_up(store: &Store, generation: u32, count: i64, pid: u32) -> (Duration, f64) {
+    let started = Instant::now();
+    let mut peak = 0.0f64;
+    loop {
+        peak = peak.max(peak_rss_mib(pid).unwrap_or(0.0));
+        let offsets = store.load_offsets("catalog", generation).await.unwrap_or_default();
+        if offsets.values().sum::<i64>() >= count {
+            return (started.elapsed(), peak);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "projection did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Load {
+    errors: usize,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// The driver alone reading documents by id: the raw limit of a cache miss.
+async fn raw_find(
+    store_uri: &str,
+    database: &str,
+    collection: &str,
+    ids: Arc<Vec<String>>,
+    concurrency: usize,
+    seconds: u64,
+) -> Load {
+    let client = mongodb::Client::with_uri_str(store_uri).await.expect("client");
+    let coll = client.database(database).collection::<bson::Document>(collection);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (coll, ids) = (coll.clone(), Arc::clone(&ids));
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = t;
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let found = coll
+                    .find_one(doc! {"_id": &ids[i % ids.len()], "listed": true})
+                    .projection(doc! {"view": 1})
+                    .await;
+                assert!(matches!(found, Ok(Some(_))), "raw find_one");
+                latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                i += concurrency;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("find task"));
+    }
+    all.sort_by(f64::total_cmp);
+    Load {
+        errors: 0,
+        rps: all.len() as f64 / seconds as f64,
+        p50_ms: percentile(&all, 0.5),
+        p99_ms: percentile(&all, 0.99),
+    }
+}
+
+/// `concurrency` keep-alive clients hammering `paths` for `seconds`.
+async fn load(base: &str, paths: Arc<Vec<String>>, concurrency: usize, seconds: u64) -> Load {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (client, paths, base) = (client.clone(), Arc::clone(&paths), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = t;
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let r = client
+                    .get(format!("{base}{}", paths[i % paths.len()]))
+                    .send()
+                    .await
+                    .expect("request");
+                assert!(r.status().is_success(), "{}", r.status());
+                let _ = r.bytes().await;
+                latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                i += concurrency;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    let errors = all.iter().filter(|l| l.is_nan()).count();
+    all.retain(|l| !l.is_nan());
+    all.sort_by(f64::total_cmp);
+    Load {
+        errors,
+        rps: all.len() as f64 / seconds as f64,
+        p50_ms: percentile(&all, 0.5),
+        p99_ms: percentile(&all, 0.99),
+    }
+}
+
+fn redis_benchmark_get() -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args(["-t", "get", "-n", "200000", "-c", "32", "-q"])
+        .output()
+        .expect("redis-benchmark (Debian redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "GET: 123456.79 requests per second, p50=0.135 msec"
+    // Progress lines share the "GET:" prefix; the summary says "requests per second".
+    text.split(['\r', '\n'])
+        .filter(|l| l.contains("requests per second"))
+        .filter_map(|l| l.split("GET:").nth(1)?.split_whitespace().next()?.parse().ok())
+        .next_back()
+        .unwrap_or(f64::NAN)
+}
+
+/// Produce-to-visible delay at a steady `rate` events/s for `seconds`.
+async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, seconds: u64) -> (f64, f64, usize) {
+    let client = reqwest::Client::new();
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut probes = Vec::new();
+    for n in 0..total {
+        // Rename one of 1,000 posted courses; every 100th is timed end to end.
+        let course = format!("3f1e7c2a-{:08}", 2 + 10 * (n % 100));
+        let version = 1_000 + n as i64;
+        let value = serde_json::json!({"eventId": format!("fresh-{n}"), "eventType": "CourseUpdatedEvent", "courseId": course,
+            "version": version, "name": format!("fresh {n}")});
+        let record = Outgoing {
+            topic: format!("{}.CourseUpdatedEvent", env.prefix),
+            key: Some(course.clone()),
+            value: Some(value.to_string()),
+            headers: Vec::new(),
+        };
+        let sent = Instant::now();
+        if n % 100 == 0 {
+            producer.send(&record).await.expect("produced");
+            let (client, base) = (client.clone(), base.to_owned());
+            probes.push(tokio::spawn(async move {
+                loop {
+                    let r = client.get(format!("{base}/catalog/courses/{course}")).send().await;
+                    if let Ok(r) = r {
+                        if let Ok(v) = r.json::<Value>().await {
+                            if v["version"].as_i64() >= Some(version) {
+                                return sent.elapsed().as_secs_f64() * 1000.0;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        } else {
+            let producer = producer.clone();
+            tokio::spawn(async move { producer.send(&record).await.expect("produced") });
+        }
+        let due = started + interval * (n as u32 + 1);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    let mut delays = Vec::new();
+    for p in probes {
+        delays.push(p.await.expect("probe"));
+    }
+    delays.sort_by(f64::total_cmp);
+    (percentile(&delays, 0.5), percentile(&delays, 0.99), delays.len())
+}
+
+/// The criterion figure written by `cargo bench --bench projection`.
+fn criterion_ns_per_event(events_per_iter: usize) -> Option<f64> {
+    let path = "target/criterion/projection/decode_apply_view_per_event/new/estimates.json";
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Some(v["mean"]["point_estimate"].as_f64()? / events_per_iter as f64)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores ({cpu})")
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let full = args.iter().any(|a| a == "--full");
+    let events: usize = flag("--events")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if full { 1_000_000 } else { 200_000 });
+    let out = flag("--out").unwrap_or_else(|| "docs/PERFORMANCE.md".into());
+    if std::env::var("COURSEVIEW_BENCH").is_err() {
+        // A plain `cargo bench`: skip rather than need services and a release build.
+        eprintln!("e2e: run through scripts/bench (needs the services and a release build)");
+        return;
+    }
+    let prefix = format!("bench{}", std::process::id());
+    let env = Env {
+        brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        mongodb_uri: std::env::var("MONGODB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into()),
+        redis_url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        database: format!("cv_{prefix}"),
+        binary: PathBuf::from(std::env::var("COURSEVIEW_BIN").unwrap_or_else(|_| "target/release/courseview".into())),
+        prefix,
+    };
+    let courses = (events / 4).max(1);
+    let corpus = common::corpus(courses);
+    let records: Vec<Outgoing> = corpus
+        .iter()
+        .take(events)
+        .map(|r| Outgoing {
+            topic: format!(
+                "{}.{}",
+                env.prefix,
+                if r.topic.starts_with("Course") {
+                    r.topic.as_str()
+                } else {
+                    "CourseUpdatedEvent"
+                }
+            ),
+            key: r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: r.value.as_ref().map(|v| {
+                // Outbox-shaped records carry their type inside; keep them on their type's topic.
+                let s = String::from_utf8_lossy(v).into_owned();
+                serde_json::from_str::<String>(&s).unwrap_or(s)
+            }),
+            headers: Vec::new(),
+        })
+        .map(|mut o| {
+            if let Some(v) = o.value.as_ref().and_then(|v| serde_json::from_str::<Value>(v).ok()) {
+                if let Some(t) = v["eventType"].as_str() {
+                    o.topic = format!("{}.{t}", env.prefix);
+                }
+            }
+            o
+        })
+        .collect();
+    let n = records.len();
+    eprintln!("e2e: {n} events over {courses} courses, {}", machine());
+
+    create_topics(&env.brokers, &env.topics(), PARTITIONS)
+        .await
+        .expect("topics");
+    let producer = Producer::new(&env.brokers).expect("producer");
+    let produce_rate = preload(&env, &producer, &records).await;
+    eprintln!("e2e: preloaded at {produce_rate:.0} events/s");
+
+    let consume_rate = tokio::task::spawn_blocking({
+        let env = Env {
+            binary: env.binary.clone(),
+            prefix: env.prefix.clone(),
+            brokers: env.brokers.clone(),
+            mongodb_uri: String::new(),
+            redis_url: String::new(),
+            database: String::new(),
+        };
+        move || raw_consume(&env, n)
+    })
+    .await
+    .expect("raw consume");
+    eprintln!("e2e: raw consume {consume_rate:.0} events/s");
+    let upsert_rate = raw_upserts(&env.mongodb_uri, &format!("{}_raw", env.database), n).await;
+    eprintln!("e2e: raw bulk upsert {upsert_rate:.0} docs/s");
+
+    let store = Store::connect(&env.mongodb_uri, &env.database, Duration::from_secs(5))
+        .await
+        .expect("store");
+    let worker = env.courseview(&["project", "catalog"], &[]);
+    let (took, worker_rss) = wait_caught_up(&store, 1, n as i64, worker.0.id()).await;
+    let project_rate = n as f64 / took.as_secs_f64();
+    eprintln!("e2e: project {project_rate:.0} events/s, peak RSS {worker_rss:.1} MiB");
+
+    // Rebuild while the live worker runs, as in production.
+    let started = Instant::now();
+    let mut rebuild = env.courseview(&["rebuild", "catalog", "--grace", "0s", "--catch-up-lag", "0"], &[]);
+    let mut rebuild_rss = 0.0f64;
+    while rebuild.0.try_wait().ok().flatten().is_none() {
+        rebuild_rss = rebuild_rss.max(peak_rss_mib(rebuild.0.id()).unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rebuild_rate = n as f64 / started.elapsed().as_secs_f64();
+    eprintln!("e2e: rebuild {rebuild_rate:.0} events/s, peak RSS {rebuild_rss:.1} MiB");
+
+    let port = free_port();
+    let api = env.courseview(&["serve"], &[("COURSEVIEW_LISTEN", format!("127.0.0.1:{port}"))]);
+    let miss_port = free_port();
+    let api_nocache = env.courseview(
+        &["serve", "--redis-url", "none"],
+        &[("COURSEVIEW_LISTEN", format!("127.0.0.1:{miss_port}"))],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let miss_base = format!("http://127.0.0.1:{miss_port}");
+    let client = reqwest::Client::new();
+    for b in [&base, &miss_base] {
+        while client.get(format!("{b}/healthz")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Posted courses: ids ending in 2..9 of each ten are listed.
+    let ids: Vec<String> = (0..courses.min(1000))
+        .filter(|c| c % 10 >= 2)
+        .map(|c| format!("/catalog/courses/3f1e7c2a-{c:08}"))
+        .collect();
+    let ids = Arc::new(ids);
+    let list = Arc::new(vec!["/catalog/courses?limit=20".to_owned()]);
+    // Warm the cache one request at a time (the test peer is slow under a burst of misses).
+    for path in ids.iter() {
+        let _ = client.get(format!("{base}{path}")).send().await.map(|r| r.bytes());
+    }
+    let _ = client.get(format!("{base}/catalog/courses?limit=20")).send().await;
+    let by_id = load(&base, Arc::clone(&ids), 32, 5).await;
+    let listing = load(&base, Arc::clone(&list), 32, 5).await;
+    let miss = load(&miss_base, Arc::clone(&ids), 8, 5).await;
+    let raw_ids: Vec<String> = ids
+        .iter()
+        .map(|p| p.trim_start_matches("/catalog/courses/").to_owned())
+        .collect();
+    let generation = store.serving_generation("catalog").await.expect("generation");
+    let raw_miss = raw_find(
+        &env.mongodb_uri,
+        &env.database,
+        &Store::collection_name("catalog", generation),
+        Arc::new(raw_ids),
+        8,
+        5,
+    )
+    .await;
+    let api_rss = peak_rss_mib(api.0.id()).unwrap_or(f64::NAN);
+    let redis_get = redis_benchmark_get();
+    eprintln!(
+        "e2e: API by id {:.0} rps, list {:.0} rps, miss p99 {:.2} ms, redis GET {redis_get:.0} rps, failed requests {}",
+        by_id.rps,
+        listing.rps,
+        miss.p99_ms,
+        by_id.errors + listing.errors + miss.errors
+    );
+
+    let (fresh_p50, fresh_p99, fresh_n) = freshness(&env, &producer, &base, 5_000, 10).await;
+    eprintln!("e2e: freshness p50 {fresh_p50:.0} ms p99 {fresh_p99:.0} ms");
+    stop(api);
+    stop(api_nocache);
+    stop(worker);
+
+    let cpu_ns = criterion_ns_per_event(common::corpus(1_000).len());
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    let mut table = String::new();
+    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`), MongoDB peer nx-27017, Kafka peer Tansu, Redis 7.\n\n", machine()));
+    table.push_str(
+        "| # | figure | measured | raw limit (same run) | ratio | target | |\n|---|---|---|---|---|---|---|\n",
+    );
+    if let Some(ns) = cpu_ns {
+        table.push_str(&format!(
+            "| 1 | decode + apply + view, per event (criterion) | {ns:.0} ns | — | — | ≤ 2 µs | {} |\n",
+            verdict(ns <= 2000.0)
+        ));
+    }
+    let r = project_rate / upsert_rate;
+    table.push_str(&format!("| 2 | `project catalog` from offset 0 | {project_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s; broker consume {consume_rate:.0} events/s | {:.0} % of upsert | ≥ 80 % | {} |\n", r * 100.0, verdict(r >= 0.8)));
+    let r = rebuild_rate / upsert_rate;
+    table.push_str(&format!("| 3 | `rebuild catalog` (start to switch) | {rebuild_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s | {:.0} % | ≥ 80 % | {} |\n", r * 100.0, verdict(r >= 0.8)));
+    let r = by_id.rps / redis_get;
+    table.push_str(&format!("| 4a | cached `GET /catalog/courses/{{id}}`, 32 clients | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 50 % | {} |\n", by_id.rps, by_id.p50_ms, by_id.p99_ms, r * 100.0, verdict(r >= 0.5)));
+    table.push_str(&format!("| 4b | cached `GET /catalog/courses?limit=20`, 32 clients | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | — | |\n", listing.rps, listing.p50_ms, listing.p99_ms, listing.rps / redis_get * 100.0));
+    table.push_str(&format!("| 4c | cache-miss `GET /catalog/courses/{{id}}` (no Redis), 8 clients | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | driver `find_one` alone, 8 tasks: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× raw | p99 ≤ 5 ms | {} |\n", miss.rps, miss.p50_ms, miss.p99_ms, raw_miss.rps, raw_miss.p50_ms, raw_miss.p99_ms, miss.p99_ms / raw_miss.p99_ms, verdict(miss.p99_ms <= 5.0)));
+    table.push_str(&format!("| 5 | produce → visible through the API at 5 k events/s ({fresh_n} probes) | p50 {fresh_p50:.0} ms, p99 {fresh_p99:.0} ms | — | — | p99 ≤ 300 ms | {} |\n", verdict(fresh_p99 <= 300.0)));
+    table.push_str(&format!(
+        "| 6a | peak RSS, worker (`project`, {n} events) | {worker_rss:.1} MiB | — | — | — | |\n"
+    ));
+    table.push_str(&format!(
+        "| 6b | peak RSS, rebuild process ({n} events) | {rebuild_rss:.1} MiB | — | — | ≤ 64 MiB | {} |\n",
+        verdict(rebuild_rss <= 64.0)
+    ));
+    table.push_str(&format!(
+        "| 6c | peak RSS, API after the load above | {api_rss:.1} MiB | — | — | ≤ 32 MiB | {} |\n",
+        verdict(api_rss <= 32.0)
+    ));
+    println!("{table}");
+    let previous = std::fs::read_to_string(&out).unwrap_or_default();
+    let marker = "<!-- bench-table -->";
+    let doc = match previous.split_once(marker) {
+        Some((head, tail)) => {
+            let rest = tail.split_once(marker).map_or("", |(_, r)| r);
+            format!("{head}{marker}\n{table}{marker}{rest}")
+        }
+        None => format!("# Performance\n\n{marker}\n{table}{marker}\n"),
+    };
+    std::fs::write(&out, doc).expect("write the table");
+}

@@ -1,0 +1,204 @@
+//! Redis: cache-aside in front of the API's MongoDB reads (DESIGN §5).
+//!
+//! Freshness comes from an epoch per projection generation, not from TTLs.
+//! Every cache key embeds the epoch; a projector bumps it after each
+//! committed batch. The API reads the epoch *before* it reads MongoDB and
+//! stores what it read under that epoch, so a value read before a batch
+//! landed can only be cached under an epoch that the batch has already made
+//! obsolete. After the bump no response comes from an older entry: the
+//! bound is the bump's round trip, far inside DESIGN's 1 s.
+//!
+//! Redis is an optimisation: every failure here is logged, counted and
+//! answered as a miss, and after a failure the cache is bypassed for a
+//! moment so a dead Redis does not add a timeout to each request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use tokio::sync::Mutex;
+use tracing::{debug, instrument, warn};
+
+use crate::telemetry;
+
+/// How long to skip Redis after it failed.
+const BACKOFF: Duration = Duration::from_millis(500);
+
+/// Reads the epoch and the entry under it in one round trip.
+const LOOKUP: &str = r"
+local epoch = redis.call('GET', KEYS[1]) or '0'
+return {epoch, redis.call('GET', ARGV[1] .. epoch .. ARGV[2])}
+";
+
+/// A cache lookup's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Hit(Vec<u8>),
+    /// Not cached; store the answer under this epoch.
+    Miss {
+        epoch: u64,
+    },
+    /// Redis is not answering; go to MongoDB and do not store.
+    Unavailable,
+}
+
+/// Cache-aside client; cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    prefix: String,
+    timeout: Duration,
+    ttl: Duration,
+    /// Unix millis until which Redis is skipped.
+    skip_until: AtomicU64,
+    lookup: Script,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("prefix", &self.inner.prefix).finish()
+    }
+}
+
+/// A namespace of keys: one projection generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub projection: &'a str,
+    pub generation: u32,
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Cache {
+    /// Never fails on an unreachable Redis: it connects on first use.
+    pub fn new(url: &str, prefix: &str, timeout: Duration, ttl: Duration) -> Result<Cache, redis::RedisError> {
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                client: redis::Client::open(url)?,
+                conn: Mutex::new(None),
+                prefix: prefix.to_owned(),
+                timeout,
+                ttl,
+                skip_until: AtomicU64::new(0),
+                lookup: Script::new(LOOKUP),
+            }),
+        })
+    }
+
+    fn base(&self, scope: Scope<'_>) -> String {
+        format!("{}:{}:g{}", self.inner.prefix, scope.projection, scope.generation)
+    }
+
+    async fn connection(&self) -> Option<ConnectionManager> {
+        if now_millis() < self.inner.skip_until.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Some(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.inner.timeout)
+            .set_response_timeout(self.inner.timeout)
+            .set_number_of_retries(1);
+        match ConnectionManager::new_with_config(self.inner.client.clone(), config).await {
+            Ok(conn) => {
+                *slot = Some(conn.clone());
+                Some(conn)
+            }
+            Err(e) => {
+                self.failed("connect", &e);
+                None
+            }
+        }
+    }
+
+    fn failed(&self, op: &'static str, error: &dyn std::fmt::Display) {
+        warn!(op, error = %error, "Redis unavailable; serving from MongoDB.");
+        telemetry::cache_error(op);
+        self.inner
+            .skip_until
+            .store(now_millis() + BACKOFF.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs a Redis call with the cache's timeout, turning failure into `None`.
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(self.inner.timeout, f(conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.failed(op, &e);
+                None
+            }
+            Err(_) => {
+                self.failed(op, &"timed out");
+                None
+            }
+        }
+    }
+
+    /// Looks up `suffix` under the scope's current epoch.
+    #[instrument(skip_all, fields(projection = scope.projection))]
+    pub async fn get(&self, scope: Scope<'_>, suffix: &str) -> Lookup {
+        let base = self.base(scope);
+        let epoch_key = format!("{base}:epoch");
+        let head = format!("{base}:e");
+        let tail = format!(":{suffix}");
+        let script = &self.inner.lookup;
+        let found: Option<(String, Option<Vec<u8>>)> = self
+            .call("get", |mut conn| async move {
+                script.key(epoch_key).arg(head).arg(tail).invoke_async(&mut conn).await
+            })
+            .await;
+        match found {
+            None => Lookup::Unavailable,
+            Some((_, Some(bytes))) => {
+                telemetry::cache_lookup(true);
+                Lookup::Hit(bytes)
+            }
+            Some((epoch, None)) => {
+                telemetry::cache_lookup(false);
+                Lookup::Miss {
+                    epoch: epoch.parse().unwrap_or_default(),
+                }
+            }
+        }
+    }
+
+    /// Stores an answer read after `epoch` was observed.
+    #[instrument(skip_all, fields(projection = scope.projection))]
+    pub async fn put(&self, scope: Scope<'_>, epoch: u64, suffix: &str, bytes: &[u8]) {
+        let key = format!("{}:e{epoch}:{suffix}", self.base(scope));
+        let ttl = self.inner.ttl.as_secs().max(1);
+        let _: Option<()> = self
+            .call("put", |mut conn| async move { conn.set_ex(key, bytes, ttl).await })
+            .await;
+    }
+
+    /// Makes every cached answer of the scope obsolete; a projector calls it
+    /// after each committed batch. Returns whether Redis took it.
+    #[instrument(skip_all, fields(projection = scope.projection))]
+    pub async fn bump_epoch(&self, scope: Scope<'_>) -> bool {
+        let key = format!("{}:epoch", self.base(scope));
+        let bumped: Option<u64> = self
+            .call("bump", |mut conn| async move { conn.incr(key, 1).await })
+            .await;
+        debug!(epoch = ?bumped, "Cache epoch bumped.");
+        bumped.is_some()
+    }
+}

@@ -1,0 +1,170 @@
+//! The command line: global connection settings and one file per subcommand.
+
+pub mod dlq;
+pub mod produce;
+pub mod project;
+pub mod rebuild;
+pub mod serve;
+pub mod status;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::Cache;
+use crate::mongo::Store;
+use crate::status::StatusProbe;
+use crate::telemetry::LogFormat;
+
+/// courseview: read models of course events, from Kafka to MongoDB, served
+/// through a Redis-cached read-only HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "courseview", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run projector workers: consume course events and keep read models.
+    Project(project::ProjectArgs),
+    /// Serve the read-only query API.
+    Serve(serve::ServeArgs),
+    /// List or replay dead-lettered records.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Rebuild a projection from offset zero into a new generation, then switch readers to it.
+    Rebuild(rebuild::RebuildArgs),
+    /// Print per projection and partition: stored offset, high watermark, lag, generation, rebuild progress.
+    Status(status::StatusArgs),
+    /// Produce a demo stream of course events (for docker compose and trying things out).
+    Produce(produce::ProduceArgs),
+}
+
+/// Connection settings every subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    pub kafka_brokers: String,
+    /// MongoDB connection string (credentials in it are never logged).
+    #[arg(
+        long,
+        env = "MONGODB_URI",
+        default_value = "mongodb://127.0.0.1:27017",
+        global = true,
+        hide_env_values = true
+    )]
+    pub mongodb_uri: String,
+    /// MongoDB database holding read models, checkpoints and dead letters.
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "courseview", global = true)]
+    pub mongodb_database: String,
+    /// How long to wait for MongoDB before an operation counts as failed.
+    #[arg(long, env = "MONGODB_TIMEOUT", default_value = "2s", value_parser = humantime_duration, global = true)]
+    pub mongodb_timeout: Duration,
+    /// Redis URL of the API cache; `none` disables caching.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+    /// Prefix of every Redis key, so several installs can share one Redis.
+    #[arg(long, env = "COURSEVIEW_REDIS_PREFIX", default_value = "courseview", global = true)]
+    pub redis_prefix: String,
+    /// Time limit of one Redis call; past it the cache is bypassed.
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "100ms", value_parser = humantime_duration, global = true)]
+    pub redis_timeout: Duration,
+    /// Topics holding course events: a `^regex`, or comma-separated names.
+    #[arg(
+        long,
+        env = "COURSEVIEW_TOPICS",
+        default_value = r"^(Course.*Event|outbox\.event\.Course)$",
+        global = true
+    )]
+    pub topics: String,
+    /// A projection with a backlog and no progress for this long is reported stalled.
+    #[arg(long, env = "COURSEVIEW_STALL_AFTER", default_value = "60s", value_parser = humantime_duration, global = true)]
+    pub stall_after: Duration,
+    /// Log format.
+    #[arg(
+        long,
+        env = "COURSEVIEW_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+impl Global {
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        Ok(Store::connect(&self.mongodb_uri, &self.mongodb_database, self.mongodb_timeout).await?)
+    }
+
+    /// Status of projections from MongoDB checkpoints and Kafka watermarks.
+    pub fn status_probe(&self, store: &Store) -> anyhow::Result<StatusProbe> {
+        Ok(StatusProbe::new(
+            store.clone(),
+            &self.kafka_brokers,
+            &self.topics,
+            self.stall_after,
+        )?)
+    }
+
+    /// The cache, unless disabled with `--redis-url none`.
+    pub fn cache(&self, ttl: Duration) -> anyhow::Result<Option<Cache>> {
+        if self.redis_url == "none" {
+            return Ok(None);
+        }
+        Ok(Some(Cache::new(
+            &self.redis_url,
+            &self.redis_prefix,
+            self.redis_timeout,
+            ttl,
+        )?))
+    }
+}
+
+/// Parses `250ms`, `2s`, `1m`, or a bare number of seconds.
+pub fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 2s or 1m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(humantime_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(humantime_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(humantime_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(humantime_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

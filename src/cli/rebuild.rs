@@ -1,0 +1,106 @@
+//! `courseview rebuild <projection>`: replay from offset 0 into a new
+//! generation, switch readers when caught up, drop the old one after a grace
+//! period. A progress bar on a terminal, log lines otherwise.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::project::WorkerArgs;
+use super::{humantime_duration, Global};
+use crate::read_model::ReadModel;
+use crate::rebuild::{rebuild, ProgressSink, RebuildOptions};
+
+#[derive(Debug, Clone, Args)]
+pub struct RebuildArgs {
+    /// The projection to rebuild.
+    #[arg(value_enum)]
+    pub projection: ReadModel,
+    /// Drop the serving generation and replay into it (downtime; development
+    /// only; stop the projection's workers first).
+    #[arg(long)]
+    pub in_place: bool,
+    /// Switch readers once the new generation lags by at most this many events.
+    #[arg(long, env = "COURSEVIEW_CATCH_UP_LAG", default_value_t = 100)]
+    pub catch_up_lag: i64,
+    /// How long the old generation outlives the switch (readers finishing with it).
+    #[arg(long, env = "COURSEVIEW_REBUILD_GRACE", default_value = "60s", value_parser = humantime_duration)]
+    pub grace: Duration,
+    /// Consumer and batching settings of the replaying worker.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// indicatif on a terminal; a log line every few seconds otherwise.
+enum Reporter {
+    Bar(ProgressBar),
+    Lines { last: Option<Instant> },
+}
+
+impl ProgressSink for Reporter {
+    fn progress(&mut self, done: i64, total: i64) {
+        match self {
+            Reporter::Bar(bar) => {
+                bar.set_length(total.max(0) as u64);
+                bar.set_position(done.max(0) as u64);
+            }
+            Reporter::Lines { last } => {
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    *last = Some(Instant::now());
+                    info!(done, total, "Rebuild progress.");
+                }
+            }
+        }
+    }
+
+    fn phase(&mut self, message: &str) {
+        match self {
+            Reporter::Bar(bar) => bar.println(message),
+            Reporter::Lines { .. } => info!("Rebuild: {message}."),
+        }
+    }
+}
+
+pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = global.store().await?;
+    let probe = global.status_probe(&store)?;
+    let settings = args.worker.settings(&global, args.projection);
+    let options = RebuildOptions {
+        in_place: args.in_place,
+        catch_up_lag: args.catch_up_lag.max(0),
+        grace: args.grace,
+        report_every: Duration::from_millis(500),
+    };
+    let mut reporter = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events {per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Reporter::Bar(bar)
+    } else {
+        Reporter::Lines { last: None }
+    };
+    let report = rebuild(&settings, &store, &probe, &options, &mut reporter, &shutdown).await?;
+    if let Reporter::Bar(bar) = &reporter {
+        bar.finish();
+    }
+    match report {
+        Some(r) => eprintln!(
+            "rebuilt {} into generation {} ({} events in {:.1}s, {:.0} events/s)",
+            args.projection,
+            r.to,
+            r.events,
+            r.elapsed.as_secs_f64(),
+            r.events as f64 / r.elapsed.as_secs_f64().max(0.001)
+        ),
+        None => eprintln!("rebuild of {} interrupted; run it again to resume", args.projection),
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! `courseview status`: per projection and topic-partition, the stored
+//! offset, high watermark and lag; generation, state, rebuild progress.
+
+use clap::Args;
+
+use super::Global;
+use crate::status::ProjectionStatus;
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print JSON (the body of `GET /projections`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(global: Global, args: StatusArgs) -> anyhow::Result<()> {
+    let store = global.store().await?;
+    let all = global.status_probe(&store)?.all().await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"projections": all}))?
+        );
+    } else {
+        print!("{}", table(&all));
+    }
+    Ok(())
+}
+
+fn table(all: &[ProjectionStatus]) -> String {
+    let mut out = String::new();
+    for p in all {
+        out.push_str(&format!(
+            "{}  generation {}  {}  lag {} events\n",
+            p.projection,
+            p.serving.generation,
+            serde_json::to_value(p.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            p.serving.lag_events
+        ));
+        out.push_str("  topic                                   part    stored      high     lag  lag(s)\n");
+        for part in &p.serving.partitions {
+            out.push_str(&format!(
+                "  {:<40} {:>4} {:>9} {:>9} {:>7} {:>7.1}{}\n",
+                part.topic,
+                part.partition,
+                part.stored_offset,
+                part.high_watermark,
+                part.lag_events,
+                part.lag_seconds,
+                if part.stalled { "  STALLED" } else { "" }
+            ));
+        }
+        if let Some(r) = &p.rebuild {
+            let (done, total) = r.position.progress();
+            out.push_str(&format!(
+                "  rebuilding generation {}: {done}/{total} events, eta {}\n",
+                r.position.generation,
+                r.eta_seconds
+                    .map_or_else(|| "unknown".to_owned(), |s| format!("{s:.0}s"))
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,225 @@
+//! HTTP: the read-only query API (DESIGN §4). [`app`] builds the router so
+//! tests can drive it without a socket; [`serve`] runs it until shutdown.
+
+mod error;
+mod params;
+mod routes;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+use tower_http::compression::CompressionLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use worker::{serve_worker, worker_app, WorkerHealth};
+
+use crate::cache::{Cache, Lookup, Scope};
+use crate::mongo::{Store, StoreError};
+use crate::read_model::ReadModel;
+use crate::status::StatusProbe;
+use crate::telemetry;
+
+/// How long a resolved generation pointer is trusted before re-reading it.
+const GENERATION_TTL: Duration = Duration::from_millis(250);
+
+/// API tuning.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub default_limit: i64,
+    pub max_limit: i64,
+    /// Longest `minVersion` wait.
+    pub min_version_wait: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            default_limit: 20,
+            max_limit: 100,
+            min_version_wait: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared state of the API handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    store: Store,
+    cache: Option<Cache>,
+    settings: ApiSettings,
+    generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
+    status: Option<StatusProbe>,
+}
+
+impl AppState {
+    pub fn new(store: Store, cache: Option<Cache>, settings: ApiSettings) -> Self {
+        AppState {
+            store,
+            cache,
+            settings,
+            generations: Arc::default(),
+            status: None,
+        }
+    }
+
+    /// Enables `GET /projections`.
+    pub fn with_status(mut self, probe: StatusProbe) -> Self {
+        self.status = Some(probe);
+        self
+    }
+
+    /// The generation readers currently follow for this read model.
+    async fn generation(&self, model: ReadModel) -> Result<u32, StoreError> {
+        if let Ok(known) = self.generations.lock() {
+            if let Some((generation, at)) = known.get(&model) {
+                if at.elapsed() < GENERATION_TTL {
+                    return Ok(*generation);
+                }
+            }
+        }
+        let generation = self.store.serving_generation(model.name()).await?;
+        if let Ok(mut known) = self.generations.lock() {
+            known.insert(model, (generation, Instant::now()));
+        }
+        Ok(generation)
+    }
+
+    /// Serves a JSON answer from the cache, or computes and caches it.
+    /// `None` from `load` is a 404 (cached too, so hot misses stay cheap).
+    async fn cached<F, Fut>(
+        &self,
+        model: ReadModel,
+        generation: u32,
+        suffix: &str,
+        load: F,
+    ) -> Result<Option<Vec<u8>>, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Vec<u8>>, ApiError>>,
+    {
+        const ABSENT: &[u8] = b"-";
+        let scope = Scope {
+            projection: model.name(),
+            generation,
+        };
+        let epoch = match &self.cache {
+            None => None,
+            Some(cache) => match cache.get(scope, suffix).await {
+                Lookup::Hit(bytes) if bytes == ABSENT => return Ok(None),
+                Lookup::Hit(bytes) => return Ok(Some(bytes)),
+                Lookup::Miss { epoch } => Some(epoch),
+                Lookup::Unavailable => None,
+            },
+        };
+        let loaded = load().await?;
+        if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
+            cache
+                .put(scope, epoch, suffix, loaded.as_deref().unwrap_or(ABSENT))
+                .await;
+        }
+        Ok(loaded)
+    }
+}
+
+/// The API router with every layer, ready to serve or to `oneshot`.
+pub fn app(state: AppState) -> Router {
+    telemetry::prometheus();
+    let timeout = state.settings.request_timeout;
+    Router::new()
+        .route("/catalog/courses", get(routes::catalog_list))
+        .route("/catalog/courses/{course_id}", get(routes::catalog_course))
+        .route("/teachers/{teacher_id}/courses", get(routes::teacher_courses))
+        .route("/projections", get(routes::projections))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .with_state(state)
+        .layer(middleware::from_fn(read_only))
+        .layer(middleware::from_fn(record_metrics))
+        // Small bodies (a single course) cost more to gzip than they save.
+        .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then drains requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The API is read-only: anything but GET and HEAD is a 405 problem.
+async fn read_only(request: Request, next: Next) -> Response {
+    if request.method() == Method::GET || request.method() == Method::HEAD {
+        next.run(request).await
+    } else {
+        ApiError::MethodNotAllowed.into_response()
+    }
+}
+
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    // The matched route template keeps the label bounded (no course ids).
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    telemetry::http_request(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// A JSON 200 with a strong ETag over the body, or a 304 when the client
+/// already holds it. `no-cache`: clients may keep it but must revalidate,
+/// which the ETag makes cheap.
+fn json_ok(request_headers: &HeaderMap, body: Vec<u8>) -> Response {
+    let etag = format!("\"{:016x}\"", fnv1a(&body));
+    let matches = request_headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = (StatusCode::OK, body).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, value);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// FNV-1a: a fast, stable 64-bit hash; an ETag needs no cryptography.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `State` re-exported for route modules.
+type AppStateExt = State<AppState>;

@@ -1,0 +1,222 @@
+//! Route handlers: parse parameters, read through the cache, answer JSON.
+
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bson::{Bson, Document};
+use serde_json::{json, Value};
+
+use super::params::{Cursor, Params, Sort};
+use super::{json_ok, ApiError, AppState, AppStateExt};
+use crate::mongo::{PageQuery, Store};
+use crate::read_model::ReadModel;
+use crate::status::StatusError;
+use crate::telemetry;
+
+/// How often `minVersion` re-reads the applied version while waiting.
+const VERSION_POLL: Duration = Duration::from_millis(25);
+
+fn to_json(doc: Document) -> Value {
+    Bson::Document(doc).into_relaxed_extjson()
+}
+
+fn id_param(name: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > 200 {
+        return Err(ApiError::bad(name, "must be 1 to 200 characters"));
+    }
+    Ok(())
+}
+
+/// `GET /catalog/courses?teacherId=&q=&sort=newest|name&limit=&cursor=`
+pub async fn catalog_list(
+    state: AppStateExt,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref(), &["teacherId", "q", "sort", "limit", "cursor"])?;
+    let sort = params.sort()?;
+    let sort_field = match sort {
+        Sort::Newest => "postedAt",
+        Sort::Name => "name",
+    };
+    let mut filter = Vec::new();
+    if let Some(teacher) = params.text("teacherId")? {
+        filter.push(("teacherId".to_owned(), teacher.to_owned()));
+    }
+    let page = PageQuery {
+        filter,
+        text: params
+            .text("q")?
+            .map(|q| (q.to_owned(), vec!["view.name", "view.description"])),
+        sort_field,
+        descending: sort == Sort::Newest,
+        after: params.cursor(sort)?.map(cursor_position),
+        limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
+    };
+    list(&state, ReadModel::Catalog, sort, &params, page, &headers).await
+}
+
+/// `GET /teachers/{teacherId}/courses?sort=newest|name&limit=&cursor=`:
+/// every non-deleted course of the teacher, drafts included.
+pub async fn teacher_courses(
+    state: AppStateExt,
+    Path(teacher_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    id_param("teacherId", &teacher_id)?;
+    let params = Params::parse(query.as_deref(), &["sort", "limit", "cursor"])?;
+    let sort = params.sort()?;
+    let page = PageQuery {
+        filter: vec![("teacherId".to_owned(), teacher_id.clone())],
+        text: None,
+        sort_field: match sort {
+            Sort::Newest => "registeredAt",
+            Sort::Name => "name",
+        },
+        descending: sort == Sort::Newest,
+        after: params.cursor(sort)?.map(cursor_position),
+        limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
+    };
+    list(&state, ReadModel::TeacherCourses, sort, &params, page, &headers).await
+}
+
+fn cursor_position(c: Cursor) -> (Bson, String) {
+    let key = match c.key {
+        Value::String(s) => Bson::String(s),
+        Value::Number(n) => Bson::Int64(n.as_i64().unwrap_or_default()),
+        _ => Bson::Null,
+    };
+    (key, c.id)
+}
+
+async fn list(
+    state: &AppState,
+    model: ReadModel,
+    sort: Sort,
+    params: &Params,
+    page: PageQuery,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let generation = state.generation(model).await?;
+    let collection = Store::collection_name(model.name(), generation);
+    let suffix = format!(
+        "list:{}:{}",
+        page.filter.first().map_or("", |f| f.1.as_str()),
+        params.canonical()
+    );
+    let body = state
+        .cached(model, generation, &suffix, || async {
+            let found = state.store.page(&collection, &page).await?;
+            let next_cursor = match (found.more, found.items.last()) {
+                (true, Some((_, key, id))) => Some(
+                    Cursor {
+                        sort,
+                        key: key.clone().into_relaxed_extjson(),
+                        id: id.clone(),
+                    }
+                    .encode(),
+                ),
+                _ => None,
+            };
+            let items: Vec<Value> = found.items.into_iter().map(|(view, _, _)| to_json(view)).collect();
+            Ok(Some(
+                serde_json::to_vec(&json!({"items": items, "nextCursor": next_cursor})).unwrap_or_default(),
+            ))
+        })
+        .await?
+        .unwrap_or_default();
+    Ok(json_ok(headers, body))
+}
+
+/// `GET /catalog/courses/{courseId}[?minVersion=N]`
+pub async fn catalog_course(
+    state: AppStateExt,
+    Path(course_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    id_param("courseId", &course_id)?;
+    let params = Params::parse(query.as_deref(), &["minVersion"])?;
+    let model = ReadModel::Catalog;
+    let generation = state.generation(model).await?;
+    let collection = Store::collection_name(model.name(), generation);
+    if let Some(wanted) = params.version("minVersion")? {
+        wait_for_version(&state, &collection, &course_id, wanted).await?;
+    }
+    let body = state
+        .cached(model, generation, &format!("course:{course_id}"), || async {
+            let view = state.store.listed_view(&collection, &course_id).await?;
+            Ok(view.map(|v| serde_json::to_vec(&to_json(v)).unwrap_or_default()))
+        })
+        .await?;
+    match body {
+        Some(body) => Ok(json_ok(&headers, body)),
+        None => Err(ApiError::NotFound(format!(
+            "course {course_id:?} is not in the catalog"
+        ))),
+    }
+}
+
+/// Read-your-writes: waits until the projection has applied `wanted` for
+/// this course, up to the configured bound. Reads MongoDB directly: the
+/// cache cannot answer "has version N landed".
+async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, wanted: i64) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + state.settings.min_version_wait;
+    loop {
+        let applied = state.store.applied_version(collection, course_id).await?;
+        if applied.is_some_and(|v| v >= wanted) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() + VERSION_POLL > deadline {
+            return Err(ApiError::Behind { wanted, applied });
+        }
+        tokio::time::sleep(VERSION_POLL).await;
+    }
+}
+
+/// `GET /projections`: per projection and partition, stored offset, high
+/// watermark, lag, generation, state and rebuild progress.
+pub async fn projections(state: AppStateExt, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    Params::parse(query.as_deref(), &[])?;
+    let Some(probe) = &state.status else {
+        return Err(ApiError::NotFound(
+            "projection status is not enabled on this API".into(),
+        ));
+    };
+    match probe.all().await {
+        Ok(all) => Ok((StatusCode::OK, axum::Json(json!({"projections": all}))).into_response()),
+        Err(StatusError::Store(e)) => Err(e.into()),
+        Err(StatusError::Kafka(e)) => {
+            tracing::error!(error = %e, "Kafka unavailable for projection status.");
+            Err(ApiError::Unavailable)
+        }
+    }
+}
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> Response {
+    (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
+}
+
+/// `GET /readyz`: MongoDB answers, so reads can be served.
+pub async fn readyz(state: AppStateExt) -> Result<Response, ApiError> {
+    state.store.ping().await?;
+    Ok((StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response())
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics() -> Response {
+    let mut response = telemetry::prometheus().render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such resource".to_owned())
+}

@@ -1,0 +1,78 @@
+//! The worker's own small HTTP surface: `/metrics`, `/healthz`, `/readyz`.
+//! Readiness fails while any of the process's projections is stalled or
+//! its status cannot be measured (MongoDB or Kafka unreachable).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::routes;
+use crate::read_model::ReadModel;
+
+/// Readiness per projection run by this process.
+#[derive(Debug)]
+pub struct WorkerHealth {
+    ready: Mutex<HashMap<ReadModel, bool>>,
+}
+
+impl WorkerHealth {
+    /// Not ready until the first status measurement says so.
+    pub fn new(models: &[ReadModel]) -> Self {
+        WorkerHealth {
+            ready: Mutex::new(models.iter().map(|m| (*m, false)).collect()),
+        }
+    }
+
+    pub fn set(&self, model: ReadModel, ready: bool) {
+        if let Ok(mut map) = self.ready.lock() {
+            map.insert(model, ready);
+        }
+    }
+
+    /// Projections that are not ready.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let map = self.ready.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut names: Vec<_> = map.into_iter().filter(|(_, r)| !r).map(|(m, _)| m.name()).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+pub fn worker_app(health: Arc<WorkerHealth>) -> Router {
+    Router::new()
+        .route("/metrics", get(routes::metrics))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+async fn readyz(State(health): State<Arc<WorkerHealth>>) -> Response {
+    let not_ready = health.not_ready();
+    if not_ready.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "stalledOrUnmeasured": not_ready})),
+        )
+            .into_response()
+    }
+}
+
+/// Serves the worker endpoints until `shutdown`.
+pub async fn serve_worker(
+    listener: tokio::net::TcpListener,
+    health: Arc<WorkerHealth>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, worker_app(health))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,472 @@
+//! Kafka: the consumer that feeds projections, a producer for the demo and
+//! tests, and topic administration. The only module that knows rdkafka.
+//!
+//! The consumer is a `BaseConsumer` polled on a dedicated OS thread. That
+//! thread is where librdkafka runs rebalance callbacks, and there we may
+//! block on MongoDB to read the projection's stored offsets and assign the
+//! partitions exactly there: the stored offsets, not the group's, are the
+//! source of truth (DESIGN §2).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+use crate::record::Record;
+
+/// Kafka client errors. Broker trouble is transient; configuration is not.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaClientError {
+    #[error("invalid Kafka configuration: {0}")]
+    Config(String),
+    #[error("Kafka request failed: {0}")]
+    Request(String),
+}
+
+impl From<KafkaError> for KafkaClientError {
+    fn from(e: KafkaError) -> Self {
+        match e {
+            KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) | KafkaError::Subscription(_) => {
+                KafkaClientError::Config(e.to_string())
+            }
+            other => KafkaClientError::Request(other.to_string()),
+        }
+    }
+}
+
+/// Where a projection's stored offsets come from at assignment time.
+pub trait OffsetSource: Send + Sync + 'static {
+    /// Next offset to read for every (topic, partition) the projection has stored.
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, String>;
+}
+
+/// Consumer settings shared by every projection worker.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub brokers: String,
+    /// A `^regex` or a comma-separated list of topic names.
+    pub topics: String,
+    pub group_id: String,
+    /// How often to look for new topics matching the regex.
+    pub metadata_refresh: Duration,
+    pub session_timeout: Duration,
+}
+
+struct AssignContext {
+    group: String,
+    offsets: Arc<dyn OffsetSource>,
+}
+
+impl ClientContext for AssignContext {}
+
+impl ConsumerContext for AssignContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let stored = self.load_offsets_patiently();
+                let mut assigned = TopicPartitionList::new();
+                for elem in tpl.elements() {
+                    let offset = match &stored {
+                        Some(map) => map
+                            .get(&(elem.topic().to_owned(), elem.partition()))
+                            .map_or(Offset::Beginning, |o| Offset::Offset(*o)),
+                        // MongoDB unreachable: the group's committed offsets
+                        // trail the stored ones, so starting there replays a
+                        // little and loses nothing (applying is idempotent).
+                        None => Offset::Stored,
+                    };
+                    if let Err(e) = assigned.add_partition_offset(elem.topic(), elem.partition(), offset) {
+                        warn!(error = %e, "Cannot set assigned offset.");
+                    }
+                }
+                info!(group = %self.group, partitions = assigned.count(), "Partitions assigned at stored offsets.");
+                if let Err(e) = consumer.assign(&assigned) {
+                    warn!(group = %self.group, error = %e, "Assignment failed.");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(group = %self.group, partitions = tpl.count(), "Partitions revoked.");
+                if let Err(e) = consumer.unassign() {
+                    warn!(group = %self.group, error = %e, "Unassign failed.");
+                }
+            }
+            other => {
+                warn!(group = %self.group, error = ?other, "Rebalance error; dropping assignment.");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl AssignContext {
+    fn load_offsets_patiently(&self) -> Option<HashMap<(String, i32), i64>> {
+        for attempt in 1..=3 {
+            match self.offsets.stored_offsets() {
+                Ok(map) => return Some(map),
+                Err(e) => {
+                    warn!(group = %self.group, attempt, error = %e, "Cannot load stored offsets.");
+                    std::thread::sleep(Duration::from_millis(200 * attempt));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A group consumer of the projection's topics.
+pub struct Consumer {
+    inner: Arc<BaseConsumer<AssignContext>>,
+    group: String,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("group", &self.group).finish()
+    }
+}
+
+impl Consumer {
+    #[instrument(skip_all, fields(group = %settings.group_id))]
+    pub fn subscribe(
+        settings: &ConsumerSettings,
+        offsets: Arc<dyn OffsetSource>,
+    ) -> Result<Consumer, KafkaClientError> {
+        let context = AssignContext {
+            group: settings.group_id.clone(),
+            offsets,
+        };
+        let consumer: BaseConsumer<AssignContext> = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", &settings.group_id)
+            .set("client.id", format!("courseview-{}", settings.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                settings.metadata_refresh.as_millis().to_string(),
+            )
+            .set("partition.assignment.strategy", "range,roundrobin")
+            // Return fetches within 50 ms even when the broker holds them for
+            // more data (Tansu does): freshness is bounded by this wait.
+            .set("fetch.wait.max.ms", "50")
+            // librdkafka prefetches up to 64 MiB per consumer by default; a
+            // batch needs far less, and worker memory is a target (PERFORMANCE.md).
+            .set("queued.max.messages.kbytes", "8192")
+            // The kbytes bound counts payloads only; each queued message also
+            // carries a librdkafka op of a few hundred bytes, and the default
+            // of 100,000 messages per partition made those the largest heap
+            // consumer (heaptrack). Two batches per partition is plenty.
+            .set("queued.min.messages", "2000")
+            .set("fetch.max.bytes", "4194304")
+            .create_with_context(context)?;
+        let topics = topic_subscription(&settings.topics);
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs)?;
+        info!(topics = %settings.topics, "Subscribed.");
+        Ok(Consumer {
+            inner: Arc::new(consumer),
+            group: settings.group_id.clone(),
+        })
+    }
+
+    /// Polls on a dedicated thread and sends records into `tx` until
+    /// cancelled or the receiver is gone. Rebalances run on that thread.
+    pub fn spawn_reader(&self, tx: mpsc::Sender<Record>, cancel: CancellationToken) -> std::thread::JoinHandle<()> {
+        let consumer = Arc::clone(&self.inner);
+        let group = self.group.clone();
+        std::thread::Builder::new()
+            .name(format!("kafka-{group}"))
+            .spawn(move || {
+                while !cancel.is_cancelled() {
+                    match consumer.poll(Duration::from_millis(100)) {
+                        None => {}
+                        Some(Ok(message)) => {
+                            let record = to_record(&message);
+                            if tx.blocking_send(record).is_err() {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
+                    }
+                }
+                debug!(group = %group, "Reader stopped.");
+            })
+            .unwrap_or_else(|e| panic!("cannot spawn the Kafka reader thread: {e}"))
+    }
+
+    /// Commits next-offsets to the consumer group (for lag tools). Best
+    /// effort: the stored offsets in MongoDB are the source of truth.
+    pub fn commit(&self, offsets: &[(String, i32, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in offsets {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = self.inner.commit(&tpl, CommitMode::Async) {
+            debug!(group = %self.group, error = %e, "Group commit failed.");
+        }
+    }
+
+    /// Currently assigned (topic, partition) pairs.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.inner
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Low and high watermarks of a partition (blocking network call).
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaClientError> {
+        Ok(self.inner.fetch_watermarks(topic, partition, Duration::from_secs(2))?)
+    }
+
+    /// Leaves the group now, so partitions move to other workers without
+    /// waiting for the session timeout.
+    pub fn close(&self) {
+        self.inner.unsubscribe();
+    }
+}
+
+/// `^regex` subscribes by pattern; anything else is a list of names.
+fn topic_subscription(topics: &str) -> Vec<String> {
+    if topics.starts_with('^') {
+        vec![topics.to_owned()]
+    } else {
+        topics
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn to_record<M: Message>(m: &M) -> Record {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp: m.timestamp().to_millis(),
+    }
+}
+
+/// A producer for the demo, the benchmarks and the tests.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Producer")
+    }
+}
+
+/// One record to produce.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Producer {
+    pub fn new(brokers: &str) -> Result<Producer, KafkaClientError> {
+        let inner = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "5")
+            .set("acks", "all")
+            .create()?;
+        Ok(Producer { inner })
+    }
+
+    /// Sends and waits for the broker's acknowledgement.
+    pub async fn send(&self, record: &Outgoing) -> Result<(i32, i64), KafkaClientError> {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut future = FutureRecord::to(&record.topic).headers(headers);
+        if let Some(key) = &record.key {
+            future = future.key(key.as_bytes());
+        }
+        if let Some(value) = &record.value {
+            future = future.payload(value.as_bytes());
+        }
+        let delivery = self
+            .inner
+            .send(future, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| KafkaClientError::from(e))?;
+        Ok((delivery.partition, delivery.offset))
+    }
+}
+
+/// Creates topics that do not exist yet (existing ones are left alone).
+#[instrument(skip_all)]
+pub async fn create_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), KafkaClientError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                return Err(KafkaClientError::Request(format!("create topic {topic}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A group-less client for status: which partitions match, their
+/// watermarks, and the timestamp of the record at an offset (the age of the
+/// oldest unapplied event). All calls block; run them off the async runtime.
+pub struct Inspector {
+    inner: std::sync::Mutex<BaseConsumer>,
+}
+
+impl std::fmt::Debug for Inspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inspector")
+    }
+}
+
+/// One partition's position in its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLog {
+    pub topic: String,
+    pub partition: i32,
+    pub low: i64,
+    pub high: i64,
+}
+
+impl Inspector {
+    pub fn new(brokers: &str) -> Result<Inspector, KafkaClientError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "courseview-inspector")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            // It reads one record per partition: keep librdkafka from
+            // prefetching tens of MiB behind it.
+            .set("queued.max.messages.kbytes", "1024")
+            .set("queued.min.messages", "1")
+            .set("fetch.max.bytes", "1048576")
+            .set("max.partition.fetch.bytes", "65536")
+            .create()?;
+        Ok(Inspector {
+            inner: std::sync::Mutex::new(consumer),
+        })
+    }
+
+    fn consumer(&self) -> std::sync::MutexGuard<'_, BaseConsumer> {
+        // A poisoned lock only means a status call panicked; the client is fine.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every partition of the topics `topics` selects (`^regex` or names), with watermarks.
+    pub fn logs(&self, topics: &str) -> Result<Vec<PartitionLog>, KafkaClientError> {
+        let consumer = self.consumer();
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
+        let pattern = if topics.starts_with('^') {
+            Some(regex::Regex::new(topics).map_err(|e| KafkaClientError::Config(format!("bad topic regex: {e}")))?)
+        } else {
+            None
+        };
+        let names = topic_subscription(topics);
+        let mut logs = Vec::new();
+        for topic in metadata.topics() {
+            let selected = match &pattern {
+                Some(re) => re.is_match(topic.name()),
+                None => names.iter().any(|n| n == topic.name()),
+            };
+            if !selected {
+                continue;
+            }
+            for partition in topic.partitions() {
+                let (low, high) = consumer.fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(5))?;
+                logs.push(PartitionLog {
+                    topic: topic.name().to_owned(),
+                    partition: partition.id(),
+                    low,
+                    high,
+                });
+            }
+        }
+        logs.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        Ok(logs)
+    }
+
+    /// The timestamp (ms) of the record at each (topic, partition, offset),
+    /// for those that answer within `timeout`.
+    pub fn timestamps_at(
+        &self,
+        positions: &[(String, i32, i64)],
+        timeout: Duration,
+    ) -> Result<HashMap<(String, i32), i64>, KafkaClientError> {
+        let mut found = HashMap::new();
+        if positions.is_empty() {
+            return Ok(found);
+        }
+        let consumer = self.consumer();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in positions {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + timeout;
+        while found.len() < positions.len() && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                let wanted = positions
+                    .iter()
+                    .any(|(t, p, o)| t == m.topic() && *p == m.partition() && *o == m.offset());
+                if let (true, Some(ts)) = (wanted, m.timestamp().to_millis()) {
+                    found.insert((m.topic().to_owned(), m.partition()), ts);
+                }
+            }
+        }
+        consumer.unassign()?;
+        Ok(found)
+    }
+}

@@ -1,0 +1,644 @@
+//! MongoDB: read-model collections, checkpoints, dead letters and the
+//! generation pointer. The only module that builds BSON queries.
+//!
+//! Every operation here is one real MongoDB has had for a decade (find,
+//! the `update` command with several statements, `count`, `createIndexes`,
+//! drop), so the test peer and docker-compose's `mongod` run the same code.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use courseview_projections::CourseState;
+use futures::TryStreamExt;
+use mongodb::error::{Error as MongoError, ErrorKind};
+use mongodb::options::{ClientOptions, FindOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use tracing::instrument;
+
+use crate::dead_letter::DeadLetter;
+use crate::read_model::ReadModel;
+
+/// Pointer documents: which generation of each projection readers follow.
+const POINTERS: &str = "projections";
+const CHECKPOINTS: &str = "checkpoints";
+const DEAD_LETTERS: &str = "dead_letters";
+const DUPLICATE_KEY: i32 = 11000;
+
+/// What the caller must do about a failed MongoDB operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The server is unreachable or overloaded: retry later, do not advance.
+    #[error("MongoDB is unavailable: {0}")]
+    Unavailable(#[source] Box<MongoError>),
+    /// Anything else (auth, bad command, corrupt document): stop and report.
+    #[error("MongoDB operation failed: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<MongoError> for StoreError {
+    fn from(e: MongoError) -> Self {
+        let transient = e.contains_label("RetryableWriteError")
+            || e.contains_label("TransientTransactionError")
+            || matches!(
+                *e.kind,
+                ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. }
+            );
+        if transient {
+            StoreError::Unavailable(Box::new(e))
+        } else {
+            StoreError::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<bson::ser::Error> for StoreError {
+    fn from(e: bson::ser::Error) -> Self {
+        StoreError::Failed(format!("cannot encode document: {e}"))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A course's stored state and the revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub state: CourseState,
+    /// 0 when the document does not exist yet.
+    pub rev: i64,
+}
+
+/// A read-model document to write if nobody else wrote it since `rev`.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    pub id: String,
+    pub expected_rev: i64,
+    pub state: CourseState,
+    /// The API document; `None` when the course is not listed.
+    pub view: Option<serde_json::Value>,
+}
+
+/// A stored offset (the next one to read) and when it last moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub offset: i64,
+    /// Unix milliseconds.
+    pub updated_at: Option<i64>,
+}
+
+/// Which generation of a projection readers follow, and which is being built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pointer {
+    pub generation: u32,
+    pub building: Option<u32>,
+    /// Highest generation number ever used (never reused, so a dropped
+    /// generation's leftovers cannot mix into a new one).
+    pub highest: u32,
+    pub rebuild: Option<RebuildProgress>,
+}
+
+impl Default for Pointer {
+    fn default() -> Self {
+        Pointer {
+            generation: 1,
+            building: None,
+            highest: 1,
+            rebuild: None,
+        }
+    }
+}
+
+impl Pointer {
+    fn from_doc(d: &Document) -> Pointer {
+        let int = |k: &str| get_int(d, k).and_then(|v| u32::try_from(v).ok());
+        Pointer {
+            generation: int("generation").unwrap_or(1),
+            building: int("building").filter(|b| *b > 0),
+            highest: int("highest").unwrap_or(1),
+            rebuild: d
+                .get_document("rebuild")
+                .ok()
+                .and_then(|r| bson::from_document(r.clone()).ok()),
+        }
+    }
+}
+
+/// How far a rebuild has come.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildProgress {
+    pub generation: u32,
+    pub done: i64,
+    pub total: i64,
+    /// Events per second over the rebuild so far.
+    pub rate: f64,
+    /// Unix milliseconds of this report.
+    pub updated_at: i64,
+}
+
+/// A page request against a read-model collection, already validated.
+#[derive(Debug, Clone)]
+pub struct PageQuery {
+    pub filter: Vec<(String, String)>,
+    /// Case-insensitive substring over these fields.
+    pub text: Option<(String, Vec<&'static str>)>,
+    pub sort_field: &'static str,
+    pub descending: bool,
+    /// Keyset position: the sort value and id of the last item served.
+    pub after: Option<(Bson, String)>,
+    pub limit: i64,
+}
+
+/// One page: the views and, per view, its sort key (for the next cursor).
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub items: Vec<(Document, Bson, String)>,
+    pub more: bool,
+}
+
+/// Handle on the courseview database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Connects lazily: the driver dials on first use, so a worker can start
+    /// before MongoDB and retry.
+    pub async fn connect(uri: &str, database: &str, timeout: Duration) -> Result<Store> {
+        let mut options = ClientOptions::parse(uri).await?;
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout = Some(timeout);
+        options.app_name = Some("courseview".into());
+        let client = Client::with_options(options)?;
+        Ok(Store {
+            db: client.database(database),
+        })
+    }
+
+    pub fn database_name(&self) -> &str {
+        self.db.name()
+    }
+
+    #[instrument(skip_all)]
+    pub async fn ping(&self) -> Result<()> {
+        self.db.run_command(doc! {"ping": 1}).await?;
+        Ok(())
+    }
+
+    fn docs(&self, name: &str) -> Collection<Document> {
+        self.db.collection(name)
+    }
+
+    /// Runs the `update` command with many statements in one round trip, and
+    /// returns per statement whether it hit a duplicate key.
+    async fn update_many_statements(&self, collection: &str, updates: Vec<Document>) -> Result<Vec<usize>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = self
+            .db
+            .run_command(doc! {"update": collection, "updates": updates, "ordered": false})
+            .await?;
+        let mut duplicates = Vec::new();
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for error in errors.iter().filter_map(Bson::as_document) {
+                let code = error.get_i32("code").unwrap_or_default();
+                let index = error.get_i32("index").unwrap_or_default();
+                if code == DUPLICATE_KEY {
+                    duplicates.push(usize::try_from(index).unwrap_or_default());
+                } else {
+                    let message = error.get_str("errmsg").unwrap_or("unknown write error");
+                    return Err(StoreError::Failed(format!(
+                        "update on {collection}: {message} (code {code})"
+                    )));
+                }
+            }
+        }
+        Ok(duplicates)
+    }
+
+    // ---- generation pointer -------------------------------------------------
+
+    /// The projection's generation pointer; created (generation 1) on first use.
+    #[instrument(skip_all, fields(projection))]
+    pub async fn pointer(&self, projection: &str) -> Result<Pointer> {
+        let pointers = self.docs(POINTERS);
+        if let Some(found) = pointers.find_one(doc! {"_id": projection}).await? {
+            return Ok(Pointer::from_doc(&found));
+        }
+        // `$setOnInsert` never touches an existing pointer, so a concurrent
+        // first start cannot reset a switched generation.
+        self.update_many_statements(
+            POINTERS,
+            vec![doc! {
+                "q": {"_id": projection},
+                "u": {"$setOnInsert": {"generation": 1_i64, "building": 0_i64, "highest": 1_i64}},
+                "upsert": true,
+            }],
+        )
+        .await?;
+        let found = pointers.find_one(doc! {"_id": projection}).await?;
+        Ok(found.as_ref().map(Pointer::from_doc).unwrap_or_default())
+    }
+
+    /// The generation readers follow.
+    pub async fn serving_generation(&self, projection: &str) -> Result<u32> {
+        Ok(self.pointer(projection).await?.generation)
+    }
+
+    /// Starts (or resumes, if one was interrupted) building a new generation;
+    /// returns the pointer with `building` set. Never touches the serving one.
+    #[instrument(skip_all, fields(projection))]
+    pub async fn begin_rebuild(&self, projection: &str) -> Result<Pointer> {
+        let current = self.pointer(projection).await?;
+        if current.building.is_some() {
+            return Ok(current);
+        }
+        let next = current.highest.max(current.generation) + 1;
+        let reply = self
+            .docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection, "generation": i64::from(current.generation), "building": 0_i64},
+                doc! {"$set": {"building": i64::from(next), "highest": i64::from(next), "rebuild": Bson::Null}},
+            )
+            .await?;
+        if reply.matched_count == 0 {
+            // Someone else started or switched meanwhile: take what is there now.
+            return Box::pin(self.begin_rebuild(projection)).await;
+        }
+        self.pointer(projection).await
+    }
+
+    /// Publishes rebuild progress for `/projections` and `courseview status`.
+    pub async fn record_rebuild_progress(&self, projection: &str, progress: &RebuildProgress) -> Result<()> {
+        self.docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection},
+                doc! {"$set": {"rebuild": bson::to_document(progress)?}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Atomically points readers at `to` if `from` is still served and `to`
+    /// is the generation being built. Returns whether it switched.
+    #[instrument(skip_all, fields(projection, from, to))]
+    pub async fn switch_generation(&self, projection: &str, from: u32, to: u32) -> Result<bool> {
+        let reply = self
+            .docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection, "generation": i64::from(from), "building": i64::from(to)},
+                doc! {"$set": {"generation": i64::from(to), "building": 0_i64, "previous": i64::from(from), "switchedAt": bson::DateTime::now()}},
+            )
+            .await?;
+        Ok(reply.modified_count == 1)
+    }
+
+    /// Drops a generation's collection and checkpoints.
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn drop_generation(&self, projection: &str, generation: u32) -> Result<()> {
+        self.docs(&Self::collection_name(projection, generation)).drop().await?;
+        self.docs(CHECKPOINTS)
+            .delete_many(doc! {"projection": projection, "generation": i64::from(generation)})
+            .await?;
+        Ok(())
+    }
+
+    /// Collection names of the database (to check what a rebuild dropped).
+    pub async fn collection_names(&self) -> Result<Vec<String>> {
+        Ok(self.db.list_collection_names().await?)
+    }
+
+    /// The collection holding `generation` of `projection`.
+    pub fn collection_name(projection: &str, generation: u32) -> String {
+        format!("{projection}_g{generation}")
+    }
+
+    // ---- read-model writes --------------------------------------------------
+
+    /// Loads the stored states of these courses.
+    #[instrument(skip_all, fields(collection, courses = ids.len()))]
+    pub async fn load_states(&self, collection: &str, ids: &[String]) -> Result<HashMap<String, Stored>> {
+        let mut found = HashMap::with_capacity(ids.len());
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        let options = FindOptions::builder().projection(doc! {"state": 1, "_rev": 1}).build();
+        let mut cursor = self
+            .docs(collection)
+            .find(doc! {"_id": {"$in": ids}})
+            .with_options(options)
+            .await?;
+        while let Some(doc) = cursor.try_next().await? {
+            let state_doc = doc
+                .get_document("state")
+                .map_err(|e| StoreError::Failed(format!("document without state in {collection}: {e}")))?;
+            let state: CourseState = bson::from_document(state_doc.clone())
+                .map_err(|e| StoreError::Failed(format!("unreadable state in {collection}: {e}")))?;
+            let rev = get_int(&doc, "_rev").unwrap_or_default();
+            found.insert(state.course_id.clone(), Stored { state, rev });
+        }
+        Ok(found)
+    }
+
+    /// Writes documents guarded by their revision. Returns the ids whose
+    /// revision moved (another worker wrote them): the caller reloads and
+    /// reapplies those, which is safe because applying is idempotent.
+    #[instrument(skip_all, fields(collection, docs = writes.len()))]
+    pub async fn write_states(&self, collection: &str, writes: &[DocWrite]) -> Result<Vec<String>> {
+        let mut updates = Vec::with_capacity(writes.len());
+        for w in writes {
+            let view = match &w.view {
+                Some(v) => bson::to_bson(v)?,
+                None => Bson::Null,
+            };
+            let s = &w.state;
+            // Top-level copies of what the API filters and sorts on.
+            let replacement = doc! {
+                "_id": &w.id,
+                "_rev": w.expected_rev + 1,
+                "state": bson::to_document(s)?,
+                "listed": w.view.is_some(),
+                "view": view,
+                "teacherId": s.teacher_id.as_ref().map(|t| t.value.clone()),
+                "name": s.name.as_ref().map(|n| n.value.clone()),
+                "postedAt": s.posted_at(),
+                "registeredAt": s.registered_at.as_ref().map(|r| r.value),
+                // Top-level so reading it needs no dotted projection (the
+                // test peer flattens those; see COMPATIBILITY.md).
+                "version": s.version,
+            };
+            updates.push(doc! {
+                "q": {"_id": &w.id, "_rev": w.expected_rev},
+                "u": replacement,
+                "upsert": true,
+            });
+        }
+        let conflicts = self.update_many_statements(collection, updates).await?;
+        Ok(conflicts
+            .into_iter()
+            .filter_map(|i| writes.get(i))
+            .map(|w| w.id.clone())
+            .collect())
+    }
+
+    /// Creates the indexes the API's queries on this read model need. No key
+    /// includes `_id` (the test peer rejects that); the sort's `_id`
+    /// tie-break then resolves within the few equal keys.
+    #[instrument(skip_all, fields(collection))]
+    pub async fn ensure_indexes(&self, collection: &str, model: ReadModel) -> Result<()> {
+        let keys = match model {
+            ReadModel::Catalog => vec![
+                doc! {"listed": 1, "postedAt": -1},
+                doc! {"listed": 1, "name": 1},
+                doc! {"listed": 1, "teacherId": 1, "postedAt": -1},
+            ],
+            ReadModel::TeacherCourses => vec![doc! {"listed": 1, "teacherId": 1, "registeredAt": -1}],
+        };
+        let models: Vec<IndexModel> = keys
+            .into_iter()
+            .map(|k| {
+                IndexModel::builder()
+                    .keys(k)
+                    .options(IndexOptions::builder().build())
+                    .build()
+            })
+            .collect();
+        self.docs(collection).create_indexes(models).await?;
+        Ok(())
+    }
+
+    // ---- checkpoints --------------------------------------------------------
+
+    fn checkpoint_id(projection: &str, generation: u32, topic: &str, partition: i32) -> String {
+        format!("{projection}/g{generation}/{topic}/{partition}")
+    }
+
+    /// The next offset to read per (topic, partition) of this projection generation.
+    pub async fn load_offsets(&self, projection: &str, generation: u32) -> Result<HashMap<(String, i32), i64>> {
+        let checkpoints = self.load_checkpoints(projection, generation).await?;
+        Ok(checkpoints.into_iter().map(|(k, c)| (k, c.offset)).collect())
+    }
+
+    /// Stored offsets with the time each last moved.
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn load_checkpoints(
+        &self,
+        projection: &str,
+        generation: u32,
+    ) -> Result<HashMap<(String, i32), Checkpoint>> {
+        let mut cursor = self
+            .docs(CHECKPOINTS)
+            .find(doc! {"projection": projection, "generation": i64::from(generation)})
+            .await?;
+        let mut checkpoints = HashMap::new();
+        while let Some(doc) = cursor.try_next().await? {
+            if let (Ok(topic), Some(partition), Some(offset)) = (
+                doc.get_str("topic"),
+                get_int(&doc, "partition"),
+                get_int(&doc, "offset"),
+            ) {
+                let updated_at = get_int(&doc, "updatedAt");
+                checkpoints.insert((topic.to_owned(), partition as i32), Checkpoint { offset, updated_at });
+            }
+        }
+        Ok(checkpoints)
+    }
+
+    /// Stores next-offsets; an offset never moves backwards, so a worker that
+    /// lost its partitions in a rebalance cannot rewind the new owner.
+    #[instrument(skip_all, fields(projection, generation, partitions = offsets.len()))]
+    pub async fn store_offsets(&self, projection: &str, generation: u32, offsets: &[(String, i32, i64)]) -> Result<()> {
+        // Epoch milliseconds rather than a BSON date: the test peer returns
+        // dates as strings (COMPATIBILITY.md), and stall detection reads it.
+        let now = chrono::Utc::now().timestamp_millis();
+        let updates = offsets
+            .iter()
+            .map(|(topic, partition, offset)| {
+                doc! {
+                    "q": {"_id": Self::checkpoint_id(projection, generation, topic, *partition), "offset": {"$lt": offset}},
+                    "u": {"$set": {
+                        "projection": projection,
+                        "generation": i64::from(generation),
+                        "topic": topic,
+                        "partition": i64::from(*partition),
+                        "offset": offset,
+                        "updatedAt": now,
+                    }},
+                    "upsert": true,
+                }
+            })
+            .collect();
+        // A duplicate key means a newer offset is already stored: nothing to do.
+        self.update_many_statements(CHECKPOINTS, updates).await?;
+        Ok(())
+    }
+
+    // ---- dead letters -------------------------------------------------------
+
+    #[instrument(skip_all, fields(count = letters.len()))]
+    pub async fn put_dead_letters(&self, letters: &[DeadLetter]) -> Result<()> {
+        let now = bson::DateTime::now();
+        let mut updates = Vec::with_capacity(letters.len());
+        for letter in letters {
+            let mut body = bson::to_document(letter)?;
+            body.insert("deadAt", now);
+            updates.push(doc! {"q": {"_id": letter.id()}, "u": {"$set": body}, "upsert": true});
+        }
+        self.update_many_statements(DEAD_LETTERS, updates).await?;
+        Ok(())
+    }
+
+    /// Dead letters of a projection (all when `None`), oldest first.
+    #[instrument(skip_all)]
+    pub async fn dead_letters(&self, projection: Option<&str>, limit: i64) -> Result<Vec<(String, DeadLetter)>> {
+        let filter = projection.map_or_else(Document::new, |p| doc! {"projection": p});
+        let options = FindOptions::builder()
+            .sort(doc! {"deadAt": 1, "_id": 1})
+            .limit(limit)
+            .build();
+        let mut cursor = self.docs(DEAD_LETTERS).find(filter).with_options(options).await?;
+        let mut out = Vec::new();
+        while let Some(doc) = cursor.try_next().await? {
+            let id = doc.get_str("_id").unwrap_or_default().to_owned();
+            let letter: DeadLetter = bson::from_document(doc)
+                .map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))?;
+            out.push((id, letter));
+        }
+        Ok(out)
+    }
+
+    pub async fn remove_dead_letter(&self, id: &str) -> Result<()> {
+        self.docs(DEAD_LETTERS).delete_one(doc! {"_id": id}).await?;
+        Ok(())
+    }
+
+    pub async fn count_dead_letters(&self, projection: &str) -> Result<u64> {
+        Ok(self
+            .docs(DEAD_LETTERS)
+            .count_documents(doc! {"projection": projection})
+            .await?)
+    }
+
+    // ---- queries ------------------------------------------------------------
+
+    /// The served view of one listed course.
+    #[instrument(skip_all, fields(collection))]
+    pub async fn listed_view(&self, collection: &str, id: &str) -> Result<Option<Document>> {
+        let found = self
+            .docs(collection)
+            .find_one(doc! {"_id": id, "listed": true})
+            .projection(doc! {"view": 1})
+            .await?;
+        Ok(found.and_then(|d| d.get_document("view").ok().cloned()))
+    }
+
+    /// The highest version applied to a course, listed or not.
+    pub async fn applied_version(&self, collection: &str, id: &str) -> Result<Option<i64>> {
+        let found = self
+            .docs(collection)
+            .find_one(doc! {"_id": id})
+            .projection(doc! {"version": 1})
+            .await?;
+        Ok(found.and_then(|d| get_int(&d, "version")))
+    }
+
+    /// One page of listed views, keyset-paginated on (sort field, _id).
+    #[instrument(skip_all, fields(collection))]
+    pub async fn page(&self, collection: &str, q: &PageQuery) -> Result<Page> {
+        let mut clauses = vec![doc! {"listed": true}];
+        for (field, value) in &q.filter {
+            clauses.push(doc! {field: value});
+        }
+        if let Some((text, fields)) = &q.text {
+            let pattern = escape_regex(text);
+            let any: Vec<Document> = fields
+                .iter()
+                .map(|f| doc! {*f: {"$regex": &pattern, "$options": "i"}})
+                .collect();
+            clauses.push(doc! {"$or": any});
+        }
+        let (cmp, dir) = if q.descending { ("$lt", -1) } else { ("$gt", 1) };
+        if let Some((value, id)) = &q.after {
+            clauses.push(doc! {"$or": [
+                {q.sort_field: {cmp: value.clone()}},
+                {q.sort_field: value.clone(), "_id": {cmp: id}},
+            ]});
+        }
+        let options = FindOptions::builder()
+            .sort(doc! {q.sort_field: dir, "_id": dir})
+            .limit(q.limit + 1)
+            .projection(doc! {"view": 1, q.sort_field: 1})
+            .build();
+        let mut cursor = self
+            .docs(collection)
+            .find(doc! {"$and": clauses})
+            .with_options(options)
+            .await?;
+        let mut items = Vec::new();
+        while let Some(doc) = cursor.try_next().await? {
+            let id = doc.get_str("_id").unwrap_or_default().to_owned();
+            let key = doc.get(q.sort_field).cloned().unwrap_or(Bson::Null);
+            let view = doc.get_document("view").cloned().unwrap_or_default();
+            items.push((view, key, id));
+        }
+        let more = items.len() as i64 > q.limit;
+        items.truncate(usize::try_from(q.limit).unwrap_or_default());
+        Ok(Page { items, more })
+    }
+
+    /// Number of documents in a collection (for status and tests).
+    pub async fn count(&self, collection: &str, filter: Document) -> Result<u64> {
+        Ok(self.docs(collection).count_documents(filter).await?)
+    }
+
+    /// All documents of a collection sorted by id, without revision numbers;
+    /// what "the read model equals a clean replay" compares.
+    pub async fn dump(&self, collection: &str) -> Result<Vec<Document>> {
+        let options = FindOptions::builder()
+            .sort(doc! {"_id": 1})
+            .projection(doc! {"_rev": 0})
+            .build();
+        let cursor = self.docs(collection).find(doc! {}).with_options(options).await?;
+        Ok(cursor.try_collect().await?)
+    }
+}
+
+/// An integer field whatever its BSON width. The test peer hands back
+/// int64 values that fit in 32 bits as int32; real MongoDB keeps the type.
+/// Reading both is correct for either.
+pub fn get_int(doc: &Document, key: &str) -> Option<i64> {
+    match doc.get(key)? {
+        Bson::Int64(v) => Some(*v),
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Double(v) if v.fract() == 0.0 => Some(*v as i64),
+        _ => None,
+    }
+}
+
+/// Escapes regex metacharacters so user text matches literally.
+fn escape_regex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if "\\^$.|?*+()[]{}-/#".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn user_text_is_matched_literally() {
+        assert_eq!(super::escape_regex("a.b*(c)"), r"a\.b\*\(c\)");
+    }
+}

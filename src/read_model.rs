@@ -1,0 +1,50 @@
+//! The read models courseview runs, by name: the bridge between the pure
+//! projections (`courseview-projections`) and the worker, store and API.
+
+use courseview_projections::{Catalog, CourseState, Projection, TeacherCourses};
+
+/// One runnable projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum ReadModel {
+    Catalog,
+    TeacherCourses,
+}
+
+impl ReadModel {
+    pub const ALL: [ReadModel; 2] = [ReadModel::Catalog, ReadModel::TeacherCourses];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadModel::Catalog => Catalog::NAME,
+            ReadModel::TeacherCourses => TeacherCourses::NAME,
+        }
+    }
+
+    /// The document the API serves for this course, or `None` if unlisted.
+    pub fn view(self, state: &CourseState) -> Option<serde_json::Value> {
+        fn json<P: Projection>(state: &CourseState) -> Option<serde_json::Value> {
+            P::view(state).and_then(|v| serde_json::to_value(v).ok())
+        }
+        match self {
+            ReadModel::Catalog => json::<Catalog>(state),
+            ReadModel::TeacherCourses => json::<TeacherCourses>(state),
+        }
+    }
+}
+
+impl std::fmt::Display for ReadModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ReadModel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ReadModel::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown projection {s:?} (expected catalog or teacher_courses)"))
+    }
+}

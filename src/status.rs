@@ -1,0 +1,207 @@
+//! Projection status (DESIGN §2 "honest health"): per projection and
+//! topic-partition, the stored offset, the high watermark, the lag in events
+//! and in seconds (age of the oldest unapplied event), stall detection and
+//! rebuild progress. Served by `GET /projections`, printed by
+//! `courseview status`, and run periodically by each worker for its lag
+//! metrics and readiness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::kafka::{Inspector, KafkaClientError};
+use crate::mongo::{RebuildProgress, Store, StoreError};
+use crate::read_model::ReadModel;
+
+/// Why status could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaClientError),
+}
+
+/// One topic-partition of one projection generation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset the projection will read (the low watermark if it has stored none).
+    pub stored_offset: i64,
+    /// Oldest retained offset: where a replay from "offset zero" starts.
+    pub low_watermark: i64,
+    pub high_watermark: i64,
+    pub lag_events: i64,
+    /// Age of the oldest unapplied event; 0 without lag.
+    pub lag_seconds: f64,
+    pub stalled: bool,
+}
+
+/// One generation's position over all its partitions.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationStatus {
+    pub generation: u32,
+    pub lag_events: i64,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+impl GenerationStatus {
+    /// Events applied since the low watermarks, and events retained in all.
+    pub fn progress(&self) -> (i64, i64) {
+        let done = self.partitions.iter().map(|p| p.stored_offset - p.low_watermark).sum();
+        let total = self.partitions.iter().map(|p| p.high_watermark - p.low_watermark).sum();
+        (done, total)
+    }
+}
+
+/// A rebuild under way.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildStatus {
+    #[serde(flatten)]
+    pub position: GenerationStatus,
+    pub progress: Option<RebuildProgress>,
+    pub eta_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Live,
+    Rebuilding,
+    Stalled,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectionStatus {
+    pub projection: &'static str,
+    pub state: State,
+    #[serde(flatten)]
+    pub serving: GenerationStatus,
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// Computes status from MongoDB checkpoints and Kafka watermarks.
+#[derive(Debug, Clone)]
+pub struct StatusProbe {
+    store: Store,
+    inspector: Arc<Inspector>,
+    topics: String,
+    stall_after: Duration,
+}
+
+fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl StatusProbe {
+    pub fn new(store: Store, brokers: &str, topics: &str, stall_after: Duration) -> Result<Self, KafkaClientError> {
+        Ok(StatusProbe {
+            store,
+            inspector: Arc::new(Inspector::new(brokers)?),
+            topics: topics.to_owned(),
+            stall_after,
+        })
+    }
+
+    /// Status of every projection.
+    pub async fn all(&self) -> Result<Vec<ProjectionStatus>, StatusError> {
+        let mut out = Vec::new();
+        for model in ReadModel::ALL {
+            out.push(self.projection(model).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn projection(&self, model: ReadModel) -> Result<ProjectionStatus, StatusError> {
+        let pointer = self.store.pointer(model.name()).await?;
+        let serving = self.generation(model, pointer.generation).await?;
+        let rebuild = match pointer.building {
+            Some(building) => {
+                let position = self.generation(model, building).await?;
+                let eta_seconds = pointer
+                    .rebuild
+                    .as_ref()
+                    .filter(|p| p.rate > 0.0)
+                    .map(|p| (p.total - p.done).max(0) as f64 / p.rate);
+                Some(RebuildStatus {
+                    position,
+                    progress: pointer.rebuild.clone(),
+                    eta_seconds,
+                })
+            }
+            None => None,
+        };
+        let state = if serving.partitions.iter().any(|p| p.stalled) {
+            State::Stalled
+        } else if rebuild.is_some() {
+            State::Rebuilding
+        } else {
+            State::Live
+        };
+        Ok(ProjectionStatus {
+            projection: model.name(),
+            state,
+            serving,
+            rebuild,
+        })
+    }
+
+    /// Lag of one generation: checkpoints against watermarks; a partition
+    /// with a backlog and no progress for `stall_after` is stalled.
+    pub async fn generation(&self, model: ReadModel, generation: u32) -> Result<GenerationStatus, StatusError> {
+        let checkpoints = self.store.load_checkpoints(model.name(), generation).await?;
+        let inspector = Arc::clone(&self.inspector);
+        let topics = self.topics.clone();
+        let logs = tokio::task::spawn_blocking(move || inspector.logs(&topics))
+            .await
+            .map_err(|e| KafkaClientError::Request(e.to_string()))??;
+        let mut lagging = Vec::new();
+        let mut partitions = Vec::with_capacity(logs.len());
+        for log in &logs {
+            let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
+            let stored = checkpoint.map_or(log.low, |c| c.offset.max(log.low));
+            let lag = (log.high - stored).max(0);
+            if lag > 0 {
+                lagging.push((log.topic.clone(), log.partition, stored));
+            }
+            partitions.push(PartitionStatus {
+                topic: log.topic.clone(),
+                partition: log.partition,
+                stored_offset: stored,
+                low_watermark: log.low,
+                high_watermark: log.high,
+                lag_events: lag,
+                lag_seconds: 0.0,
+                stalled: false,
+            });
+        }
+        let inspector = Arc::clone(&self.inspector);
+        let positions = lagging.clone();
+        let oldest = tokio::task::spawn_blocking(move || inspector.timestamps_at(&positions, Duration::from_secs(2)))
+            .await
+            .map_err(|e| KafkaClientError::Request(e.to_string()))??;
+        let now = now_millis();
+        let stall_ms = self.stall_after.as_millis() as i64;
+        for p in partitions.iter_mut().filter(|p| p.lag_events > 0) {
+            let oldest_ts = oldest.get(&(p.topic.clone(), p.partition)).copied();
+            p.lag_seconds = oldest_ts.map_or(0.0, |ts| (now - ts).max(0) as f64 / 1000.0);
+            let moved = checkpoints
+                .get(&(p.topic.clone(), p.partition))
+                .and_then(|c| c.updated_at);
+            // Waiting since the later of: the last progress, the oldest pending event.
+            let waiting_since = moved.max(oldest_ts);
+            p.stalled = waiting_since.is_some_and(|since| now - since > stall_ms);
+        }
+        Ok(GenerationStatus {
+            generation,
+            lag_events: partitions.iter().map(|p| p.lag_events).sum(),
+            partitions,
+        })
+    }
+}

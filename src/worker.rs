@@ -1,0 +1,491 @@
+//! The projector worker: consume a projection's topics from its stored
+//! offsets, apply events in batches to MongoDB, then store the offsets.
+//!
+//! Exactly-once *effect* rests on two facts. Offsets are stored only after
+//! the batch's documents and dead letters are written, so a crash replays a
+//! suffix of the log and never skips. And applying is idempotent and
+//! order-insensitive (see `courseview-projections`), so replaying that
+//! suffix changes nothing. Documents are written guarded by a revision, so
+//! two workers touching one course (its events live on different topics,
+//! hence maybe different workers) never lose each other's writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courseview_projections::{CourseEvent, CourseState};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, instrument, warn, Instrument};
+
+use crate::cache::{Cache, Scope};
+use crate::dead_letter::DeadLetter;
+use crate::decode::decode;
+use crate::kafka::{Consumer, ConsumerSettings, KafkaClientError, OffsetSource};
+use crate::mongo::{DocWrite, Store, StoreError, Stored};
+use crate::read_model::ReadModel;
+use crate::record::Record;
+use crate::telemetry;
+
+/// How often a live worker checks whether readers moved to another generation.
+const POINTER_POLL: Duration = Duration::from_millis(500);
+
+/// Course states a worker remembers between batches (about 1 KiB each).
+const RECENT_STATES: usize = 4_096;
+
+/// How many times a batch retries revision conflicts before backing off.
+const MAX_CONFLICT_ROUNDS: usize = 16;
+
+/// Tuning of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub model: ReadModel,
+    pub kafka: ConsumerSettings,
+    /// Most records applied in one batch.
+    pub batch_size: usize,
+    /// How long to wait for more records once one has arrived.
+    pub batch_linger: Duration,
+    /// Longest pause between retries of a batch that failed transiently.
+    pub max_backoff: Duration,
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a batch did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub applied: usize,
+    pub dead_letters: usize,
+    pub documents_written: usize,
+    /// Next offset per (topic, partition) stored by this batch.
+    pub offsets: Vec<(String, i32, i64)>,
+}
+
+/// The part of a worker that needs no Kafka: applying a batch of records to
+/// one generation of a read model. `dlq replay` and tests use it directly.
+#[derive(Debug, Clone)]
+pub struct Applier {
+    model: ReadModel,
+    store: Store,
+    cache: Option<Cache>,
+    generation: u32,
+    /// Recently written states with their revisions. A course's events live
+    /// on several topics and so arrive in different batches; remembering what
+    /// we wrote saves re-reading it. A stale entry (another worker wrote the
+    /// course since) is harmless: the revision guard rejects the write, and
+    /// the course is reloaded and reapplied.
+    recent: Arc<std::sync::Mutex<HashMap<String, Stored>>>,
+}
+
+impl Applier {
+    pub fn new(model: ReadModel, store: Store, cache: Option<Cache>, generation: u32) -> Self {
+        Applier {
+            model,
+            store,
+            cache,
+            generation,
+            recent: Arc::default(),
+        }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
+        // Poisoning only means a batch panicked; the map holds no invariant.
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn collection(&self) -> String {
+        Store::collection_name(self.model.name(), self.generation)
+    }
+
+    /// Decodes, applies and writes a batch, then stores its offsets. Safe to
+    /// call again with the same records after any failure.
+    #[instrument(skip_all, fields(projection = self.model.name(), records = records.len()))]
+    pub async fn apply_batch(&self, records: &[Record]) -> Result<BatchOutcome, StoreError> {
+        let started = Instant::now();
+        let projection = self.model.name();
+        let mut events: Vec<CourseEvent> = Vec::with_capacity(records.len());
+        let mut dead = Vec::new();
+        for record in records {
+            match decode(record) {
+                Ok(event) => events.push(event),
+                Err(e) => {
+                    warn!(projection, position = %record.position(), error = %e, "Dead-lettering undecodable record.");
+                    dead.push(DeadLetter::new(projection, record, &e.to_string()));
+                }
+            }
+        }
+        let written = self.apply_events(&events).await?;
+        if !dead.is_empty() {
+            self.store.put_dead_letters(&dead).await?;
+            telemetry::dead_letters(projection, dead.len() as u64);
+        }
+        let offsets = next_offsets(records);
+        self.store.store_offsets(projection, self.generation, &offsets).await?;
+        for event in &events {
+            telemetry::event_applied(projection, event.kind.type_name());
+        }
+        telemetry::batch(projection, records.len(), started.elapsed());
+        Ok(BatchOutcome {
+            applied: events.len(),
+            dead_letters: dead.len(),
+            documents_written: written,
+            offsets,
+        })
+    }
+
+    /// Makes cached API answers of this generation obsolete; false if Redis
+    /// did not take it (the caller retries).
+    pub async fn bump_cache(&self) -> bool {
+        match &self.cache {
+            Some(cache) => {
+                cache
+                    .bump_epoch(Scope {
+                        projection: self.model.name(),
+                        generation: self.generation,
+                    })
+                    .await
+            }
+            None => true,
+        }
+    }
+
+    /// Keeps what is now stored; conflicted courses are reloaded next round.
+    fn remember(&self, writes: Vec<DocWrite>, unchanged: Vec<Stored>, conflicts: &[String]) {
+        let mut recent = self.recent();
+        if recent.len() + writes.len() > RECENT_STATES {
+            // Crude but bounded: a full map starts over rather than tracking age.
+            recent.clear();
+        }
+        for w in writes.into_iter().filter(|w| !conflicts.contains(&w.id)) {
+            recent.insert(
+                w.id,
+                Stored {
+                    state: w.state,
+                    rev: w.expected_rev + 1,
+                },
+            );
+        }
+        for s in unchanged {
+            recent.insert(s.state.course_id.clone(), s);
+        }
+    }
+
+    /// Applies events to their courses' documents; returns documents written.
+    pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, StoreError> {
+        let collection = self.collection();
+        let mut by_course: HashMap<&str, Vec<&CourseEvent>> = HashMap::new();
+        for event in events {
+            by_course.entry(event.course_id.as_str()).or_default().push(event);
+        }
+        let mut pending: Vec<String> = by_course.keys().map(|id| (*id).to_owned()).collect();
+        let mut written = 0;
+        for _round in 0..MAX_CONFLICT_ROUNDS {
+            if pending.is_empty() {
+                break;
+            }
+            let mut stored: HashMap<String, Stored> = HashMap::with_capacity(pending.len());
+            let mut missing = Vec::new();
+            {
+                let mut recent = self.recent();
+                for id in &pending {
+                    match recent.remove(id) {
+                        Some(known) => {
+                            stored.insert(id.clone(), known);
+                        }
+                        None => missing.push(id.clone()),
+                    }
+                }
+            }
+            stored.extend(self.store.load_states(&collection, &missing).await?);
+            let mut writes = Vec::with_capacity(pending.len());
+            let mut unchanged = Vec::new();
+            for id in &pending {
+                let (mut state, rev) = match stored.get(id) {
+                    Some(s) => (s.state.clone(), s.rev),
+                    None => (CourseState::new(id.as_str()), 0),
+                };
+                let before = state.clone();
+                for event in by_course.get(id.as_str()).into_iter().flatten() {
+                    state.apply(event);
+                }
+                // A replayed or duplicate event changes nothing: skip the write.
+                if rev > 0 && state == before {
+                    unchanged.push(Stored { state, rev });
+                    continue;
+                }
+                writes.push(DocWrite {
+                    id: id.clone(),
+                    expected_rev: rev,
+                    view: self.model.view(&state),
+                    state,
+                });
+            }
+            let conflicts = self.store.write_states(&collection, &writes).await?;
+            written += writes.len() - conflicts.len();
+            self.remember(writes, unchanged, &conflicts);
+            if !conflicts.is_empty() {
+                telemetry::write_conflicts(self.model.name(), conflicts.len());
+                debug!(
+                    conflicts = conflicts.len(),
+                    "Another worker wrote these courses; reapplying."
+                );
+            }
+            pending = conflicts;
+        }
+        if pending.is_empty() {
+            Ok(written)
+        } else {
+            // Contention this persistent is transient by nature: retry the batch.
+            Err(StoreError::Unavailable(Box::new(mongodb::error::Error::custom(
+                format!("{} documents kept changing under us", pending.len()),
+            ))))
+        }
+    }
+}
+
+/// The next offset to read per partition after this batch.
+fn next_offsets(records: &[Record]) -> Vec<(String, i32, i64)> {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for r in records {
+        let slot = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
+        *slot = (*slot).max(r.offset + 1);
+    }
+    let mut out: Vec<_> = next.into_iter().map(|((t, p), o)| (t.to_owned(), p, o)).collect();
+    out.sort();
+    out
+}
+
+/// Reads stored offsets from MongoDB on the Kafka reader thread.
+struct StoredOffsets {
+    store: Store,
+    projection: &'static str,
+    generation: u32,
+    runtime: Handle,
+}
+
+impl OffsetSource for StoredOffsets {
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, String> {
+        self.runtime
+            .block_on(self.store.load_offsets(self.projection, self.generation))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs one projection until `cancel` fires, following its generation
+/// pointer: when a rebuild switches readers to a new generation, the worker
+/// finishes its batch and moves to that generation and its stored offsets.
+/// On shutdown it finishes the batch in hand, stores its offsets and leaves
+/// the group.
+pub async fn run(
+    settings: WorkerSettings,
+    store: Store,
+    cache: Option<Cache>,
+    cancel: CancellationToken,
+) -> Result<(), WorkerError> {
+    let projection = settings.model.name();
+    loop {
+        let Some(generation) =
+            retry_transient(&cancel, settings.max_backoff, || store.serving_generation(projection)).await?
+        else {
+            return Ok(());
+        };
+        let moved = cancel.child_token();
+        let watcher = tokio::spawn(watch_pointer(store.clone(), projection, generation, moved.clone()));
+        let result = run_generation(&settings, store.clone(), cache.clone(), generation, moved).await;
+        watcher.abort();
+        result?;
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        info!(
+            projection,
+            from = generation,
+            "Serving generation switched; following it."
+        );
+    }
+}
+
+/// Cancels `moved` once the serving generation is no longer `generation`.
+async fn watch_pointer(store: Store, projection: &'static str, generation: u32, moved: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = moved.cancelled() => return,
+            () = tokio::time::sleep(POINTER_POLL) => {}
+        }
+        if let Ok(current) = store.serving_generation(projection).await {
+            if current != generation {
+                moved.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// Consumes into one generation of the projection until `cancel` fires.
+/// The rebuild runs this with its own consumer group and a new generation.
+pub async fn run_generation(
+    settings: &WorkerSettings,
+    store: Store,
+    cache: Option<Cache>,
+    generation: u32,
+    cancel: CancellationToken,
+) -> Result<(), WorkerError> {
+    let model = settings.model;
+    let span = tracing::info_span!("worker", projection = model.name(), generation);
+    async move {
+        let collection = Store::collection_name(model.name(), generation);
+        if retry_transient(&cancel, settings.max_backoff, || {
+            store.ensure_indexes(&collection, model)
+        })
+        .await?
+        .is_none()
+        {
+            return Ok(());
+        }
+        let offsets = Arc::new(StoredOffsets {
+            store: store.clone(),
+            projection: model.name(),
+            generation,
+            runtime: Handle::current(),
+        });
+        let consumer = Consumer::subscribe(&settings.kafka, offsets)?;
+        let (tx, mut rx) = mpsc::channel::<Record>(settings.batch_size * 2);
+        let reader_cancel = cancel.child_token();
+        let reader = consumer.spawn_reader(tx, reader_cancel.clone());
+        info!(group = %settings.kafka.group_id, "Projector started.");
+
+        let applier = Applier::new(model, store, cache, generation);
+        let mut epoch_pending = false;
+        let result = loop {
+            let first = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break Ok(()),
+                r = rx.recv() => r,
+                // Idle tick: retry a cache invalidation Redis refused earlier.
+                () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
+                    epoch_pending = !applier.bump_cache().await;
+                    continue;
+                }
+            };
+            let Some(first) = first else { break Ok(()) };
+            let batch = collect_batch(first, &mut rx, settings.batch_size, settings.batch_linger).await;
+            // The batch in hand is finished even if shutdown starts now.
+            match retry_transient(&CancellationToken::new(), settings.max_backoff, || {
+                applier.apply_batch(&batch)
+            })
+            .await
+            {
+                Ok(Some(outcome)) => {
+                    consumer.commit(&outcome.offsets);
+                    epoch_pending = !applier.bump_cache().await;
+                    debug!(
+                        applied = outcome.applied,
+                        dead = outcome.dead_letters,
+                        written = outcome.documents_written,
+                        "Batch committed."
+                    );
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(WorkerError::Store(e)),
+            }
+        };
+        reader_cancel.cancel();
+        drop(rx);
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+        consumer.close();
+        info!("Projector stopped.");
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Takes `first` plus whatever arrives within `linger`, up to `max` records.
+async fn collect_batch(first: Record, rx: &mut mpsc::Receiver<Record>, max: usize, linger: Duration) -> Vec<Record> {
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    batch
+}
+
+/// Retries `op` while it fails transiently, backing off up to `max_backoff`.
+/// `Ok(None)` means `cancel` fired first.
+pub async fn retry_transient<T, F, Fut>(
+    cancel: &CancellationToken,
+    max_backoff: Duration,
+    mut op: F,
+) -> Result<Option<T>, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.is_transient() => {
+                telemetry::transient_error("any");
+                warn!(error = %e, retry_in = ?backoff, "Transient failure; retrying without advancing offsets.");
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+            Err(e) => {
+                error!(error = %e, "Permanent failure.");
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &str, partition: i32, offset: i64) -> Record {
+        Record {
+            topic: topic.into(),
+            partition,
+            offset,
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn next_offsets_are_one_past_the_highest_offset_per_partition() {
+        let records = [rec("a", 0, 5), rec("a", 0, 3), rec("a", 1, 9), rec("b", 0, 0)];
+        assert_eq!(
+            next_offsets(&records),
+            vec![("a".into(), 0, 6), ("a".into(), 1, 10), ("b".into(), 0, 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_lingers_for_more_records_but_not_past_its_size() {
+        let (tx, mut rx) = mpsc::channel(10);
+        for i in 1..5 {
+            tx.send(rec("a", 0, i)).await.expect("send");
+        }
+        let batch = collect_batch(rec("a", 0, 0), &mut rx, 3, Duration::from_millis(10)).await;
+        assert_eq!(batch.len(), 3);
+    }
+}

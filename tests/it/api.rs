@@ -1,0 +1,257 @@
+//! The query API's contract: parameters, pagination, problem details,
+//! conditional requests, read-your-writes.
+
+use std::time::{Duration, Instant};
+
+use courseview::read_model::ReadModel;
+use serde_json::{json, Value};
+
+use crate::helpers::{event, Options, TestApp};
+
+/// Publishes `n` posted courses (teacher alternating t0/t1) and waits for them.
+async fn seeded(n: usize) -> TestApp {
+    let app = TestApp::spawn().await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    for i in 0..n {
+        let id = format!("p{i:02}");
+        app.publish(&event(
+            "CourseCreatedEvent",
+            &id,
+            1,
+            json!({
+                "name": format!("Course {:02}", n - i), "teacherId": format!("t{}", i % 2),
+                "description": if i == 3 { "All about (async) Rust" } else { "Something else" },
+            }),
+        ))
+        .await;
+        let mut posted = event("CoursePostedEvent", &id, 2, json!({}));
+        posted["occurredAt"] = json!(format!("2026-11-21T10:{i:02}:00Z"));
+        app.publish(&posted).await;
+    }
+    app.wait_applied(ReadModel::Catalog, 2 * n as i64).await;
+    worker.stop().await;
+    app
+}
+
+async fn all_pages(app: &TestApp, first: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut path = first.to_owned();
+    loop {
+        let (status, body) = app.get_json(&path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        ids.extend(
+            body["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|c| c["id"].as_str().expect("id").to_owned()),
+        );
+        match body["nextCursor"].as_str() {
+            Some(cursor) => path = format!("{first}&cursor={cursor}"),
+            None => return ids,
+        }
+    }
+}
+
+#[tokio::test]
+async fn cursor_pagination_walks_every_course_once_in_each_sort_order() {
+    let app = seeded(7).await;
+    let newest = all_pages(&app, "/catalog/courses?sort=newest&limit=3").await;
+    assert_eq!(newest, ["p06", "p05", "p04", "p03", "p02", "p01", "p00"]);
+    let by_name = all_pages(&app, "/catalog/courses?sort=name&limit=2").await;
+    // Course i is named "Course {7 - i}", so name order reverses id order.
+    assert_eq!(by_name, ["p06", "p05", "p04", "p03", "p02", "p01", "p00"]);
+    let of_t1 = all_pages(&app, "/catalog/courses?teacherId=t1&limit=2").await;
+    assert_eq!(of_t1, ["p05", "p03", "p01"]);
+    let (_, found) = app.get_json("/catalog/courses?q=(ASYNC)").await;
+    let found: Vec<&str> = found["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(found, ["p03"], "q matches literally and case-insensitively");
+}
+
+#[tokio::test]
+async fn responses_show_read_model_fields_and_never_bookkeeping() {
+    let app = seeded(1).await;
+    let (status, course) = app.get_json("/catalog/courses/p00").await;
+    assert_eq!(status, 200);
+    let mut keys: Vec<&str> = course.as_object().expect("object").keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "description",
+            "id",
+            "lastUpdatedAt",
+            "name",
+            "postedAt",
+            "registeredAt",
+            "teacherId",
+            "thumbnail",
+            "version"
+        ]
+    );
+    assert_eq!(course["version"], 2);
+    assert_eq!(course["postedAt"], "2026-11-21T10:00:00.000Z");
+}
+
+async fn assert_problem(app: &TestApp, path: &str, status: u16, parameter: Option<&str>) {
+    let response = app.get(path).await;
+    assert_eq!(response.status().as_u16(), status, "{path}");
+    assert_eq!(response.headers()["content-type"], "application/problem+json", "{path}");
+    let body: Value = response.json().await.expect("json body");
+    assert_eq!(body["status"], status);
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    if let Some(p) = parameter {
+        assert_eq!(body["parameter"], p, "{path}: {body}");
+        assert!(
+            body["detail"].as_str().expect("detail").contains(p),
+            "detail names {p}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_parameters_get_400_problem_details_naming_the_parameter() {
+    let app = TestApp::spawn().await;
+    assert_problem(&app, "/catalog/courses?limit=0", 400, Some("limit")).await;
+    assert_problem(&app, "/catalog/courses?limit=abc", 400, Some("limit")).await;
+    assert_problem(&app, "/catalog/courses?sort=oldest", 400, Some("sort")).await;
+    assert_problem(&app, "/catalog/courses?cursor=nonsense", 400, Some("cursor")).await;
+    assert_problem(&app, "/catalog/courses?teacherId=", 400, Some("teacherId")).await;
+    assert_problem(&app, "/catalog/courses?teacher_id=t1", 400, Some("teacher_id")).await;
+    assert_problem(&app, "/catalog/courses/c1?minVersion=-3", 400, Some("minVersion")).await;
+    assert_problem(&app, "/teachers/t1/courses?limit=-1", 400, Some("limit")).await;
+    assert_problem(&app, "/catalog/courses/missing", 404, None).await;
+    assert_problem(&app, "/no/such/route", 404, None).await;
+}
+
+#[tokio::test]
+async fn anything_but_get_or_head_is_405_with_allow_header() {
+    let app = TestApp::spawn().await;
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::PATCH,
+    ] {
+        let response = app
+            .http
+            .request(method.clone(), format!("{}/catalog/courses", app.base_url))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 405, "{method}");
+        assert_eq!(response.headers()["allow"], "GET, HEAD");
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+    }
+    let head = app
+        .http
+        .head(format!("{}/catalog/courses", app.base_url))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(head.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn mongodb_unreachable_is_503_and_health_stays_up() {
+    let app = TestApp::with(Options {
+        mongodb_uri: "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300".into(),
+        redis_url: None,
+        ..Options::default()
+    })
+    .await;
+    let started = Instant::now();
+    let response = app.get("/catalog/courses").await;
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let body: Value = response.json().await.expect("json");
+    assert!(!body.to_string().contains("127.0.0.1"), "no internals leak: {body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(app.get("/readyz").await.status().as_u16(), 503);
+    assert_eq!(app.get("/healthz").await.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn etag_revalidation_answers_304_and_responses_gzip() {
+    let app = seeded(2).await;
+    let first = app.get("/catalog/courses/p01").await;
+    assert_eq!(first.headers()["cache-control"], "no-cache");
+    let etag = first.headers()["etag"].to_str().expect("etag").to_owned();
+    let again = app
+        .http
+        .get(format!("{}/catalog/courses/p01", app.base_url))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(again.status().as_u16(), 304);
+    let list = app
+        .http
+        .get(format!("{}/catalog/courses?limit=100", app.base_url))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(list.status().as_u16(), 200);
+    // reqwest decompresses transparently; the body parsing proves it was valid gzip.
+    let body: Value = list.json().await.expect("json");
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn min_version_returns_as_soon_as_the_version_lands_and_times_out_cleanly() {
+    let app = TestApp::with(Options {
+        min_version_wait: Duration::from_millis(1500),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish(&event(
+        "CourseCreatedEvent",
+        "rw",
+        1,
+        json!({"name": "RYW", "teacherId": "t"}),
+    ))
+    .await;
+    app.publish(&event("CoursePostedEvent", "rw", 2, json!({}))).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+
+    // Ask for version 3 before it exists, then publish it.
+    let waiting = {
+        let (http, url) = (
+            app.http.clone(),
+            format!("{}/catalog/courses/rw?minVersion=3", app.base_url),
+        );
+        tokio::spawn(async move { http.get(url).send().await.expect("request") })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.publish(&event("CourseUpdatedEvent", "rw", 3, json!({"name": "RYW v3"})))
+        .await;
+    let response = waiting.await.expect("join");
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        (body["name"].as_str(), body["version"].as_i64()),
+        (Some("RYW v3"), Some(3))
+    );
+
+    let started = Instant::now();
+    let response = app.get("/catalog/courses/rw?minVersion=99").await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status().as_u16(), 409);
+    let problem: Value = response.json().await.expect("json");
+    assert_eq!(
+        (problem["wantedVersion"].as_i64(), problem["appliedVersion"].as_i64()),
+        (Some(99), Some(3))
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(5),
+        "bounded wait: {elapsed:?}"
+    );
+    worker.stop().await;
+}

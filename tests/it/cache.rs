@@ -1,0 +1,154 @@
+//! The Redis cache: bounded freshness, and no errors when Redis is gone.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use courseview::read_model::ReadModel;
+use serde_json::json;
+
+use crate::helpers::{event, eventually, Options, TestApp};
+
+#[tokio::test]
+async fn a_course_updated_after_being_cached_is_served_fresh_within_one_second() {
+    let app = TestApp::spawn().await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish(&event(
+        "CourseCreatedEvent",
+        "f1",
+        1,
+        json!({"name": "Old name", "teacherId": "t"}),
+    ))
+    .await;
+    app.publish(&event("CoursePostedEvent", "f1", 2, json!({}))).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+
+    // Warm the cache and prove the answer really is cached in Redis.
+    for _ in 0..2 {
+        assert_eq!(app.get_json("/catalog/courses/f1").await.1["name"], "Old name");
+        assert_eq!(
+            app.get_json("/catalog/courses?limit=5").await.1["items"][0]["name"],
+            "Old name"
+        );
+    }
+    let mut redis = redis::Client::open(crate::helpers::redis_url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("cvtest:{}:*", app.id))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert!(
+        keys.iter().any(|k| k.ends_with(":course:f1")),
+        "course cached: {keys:?}"
+    );
+
+    app.publish(&event("CourseUpdatedEvent", "f1", 3, json!({"name": "New name"})))
+        .await;
+    // The moment MongoDB holds the new state, the 1 s freshness clock starts.
+    eventually("the update in MongoDB", Duration::from_secs(30), || async {
+        let dump = app.dump(ReadModel::Catalog).await;
+        let name = dump
+            .first()?
+            .get_document("view")
+            .ok()?
+            .get_str("name")
+            .ok()?
+            .to_owned();
+        (name == "New name").then_some(())
+    })
+    .await;
+    let committed = Instant::now();
+    eventually("fresh API answers", Duration::from_secs(1), || async {
+        let one = app.get_json("/catalog/courses/f1").await.1;
+        let list = app.get_json("/catalog/courses?limit=5").await.1;
+        (one["name"] == "New name" && list["items"][0]["name"] == "New name").then_some(())
+    })
+    .await;
+    assert!(committed.elapsed() <= Duration::from_secs(1));
+    worker.stop().await;
+}
+
+/// A private redis-server, so stopping it does not disturb other tests.
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        PrivateRedis { child, port }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn with_redis_stopped_the_api_answers_from_mongodb() {
+    let mut private = PrivateRedis::start();
+    let url = format!("redis://127.0.0.1:{}", private.port);
+    eventually("private redis", Duration::from_secs(10), || async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        client.get_multiplexed_async_connection().await.ok().map(|_| ())
+    })
+    .await;
+    let app = TestApp::with(Options {
+        redis_url: Some(url),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish(&event(
+        "CourseCreatedEvent",
+        "r1",
+        1,
+        json!({"name": "Cached", "teacherId": "t"}),
+    ))
+    .await;
+    app.publish(&event("CoursePostedEvent", "r1", 2, json!({}))).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    assert_eq!(app.get_json("/catalog/courses/r1").await.0, 200);
+
+    private.child.kill().expect("stop redis");
+    private.child.wait().expect("redis gone");
+    app.publish(&event("CourseUpdatedEvent", "r1", 3, json!({"name": "Still served"})))
+        .await;
+    app.wait_applied(ReadModel::Catalog, 3).await;
+    for path in ["/catalog/courses/r1", "/catalog/courses?limit=5", "/teachers/t/courses"] {
+        let started = Instant::now();
+        let (status, _) = app.get_json(path).await;
+        assert_eq!(status, 200, "{path} answers without Redis");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path} does not hang on Redis"
+        );
+    }
+    assert_eq!(app.get_json("/catalog/courses/r1").await.1["name"], "Still served");
+    worker.stop().await;
+}

@@ -1,0 +1,343 @@
+//! `TestApp`: one isolated courseview (topics, groups, database, key prefix)
+//! with its API served in-process on port 0.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use courseview::cache::Cache;
+use courseview::http::{self, ApiSettings, AppState};
+use courseview::kafka::{create_topics, ConsumerSettings, Outgoing, Producer};
+use courseview::mongo::Store;
+use courseview::read_model::ReadModel;
+use courseview::status::StatusProbe;
+use courseview::worker::{self, WorkerSettings};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TYPES: [&str; 5] = [
+    "CourseCreatedEvent",
+    "CourseUpdatedEvent",
+    "CoursePostedEvent",
+    "CourseUnpostedEvent",
+    "CourseDeletedEvent",
+];
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+pub fn mongodb_uri() -> String {
+    std::env::var("MONGODB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())
+}
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A fresh id for names: topics, groups, databases, key prefixes.
+pub fn unique(label: &str) -> String {
+    format!(
+        "{label}{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or("x")
+    )
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct Worker {
+    pub cancel: CancellationToken,
+    pub task: JoinHandle<Result<(), worker::WorkerError>>,
+}
+
+impl Worker {
+    /// Graceful stop: finish the batch, store offsets, leave the group.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.expect("worker task").expect("worker ends cleanly");
+    }
+}
+
+pub struct TestApp {
+    pub id: String,
+    pub store: Store,
+    pub cache: Option<Cache>,
+    pub producer: Producer,
+    pub base_url: String,
+    pub http: reqwest::Client,
+    pub api_cancel: CancellationToken,
+    pub probe: StatusProbe,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.api_cancel.cancel();
+    }
+}
+
+pub struct Options {
+    pub redis_url: Option<String>,
+    pub mongodb_uri: String,
+    pub min_version_wait: Duration,
+    pub stall_after: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            redis_url: Some(redis_url()),
+            mongodb_uri: mongodb_uri(),
+            min_version_wait: Duration::from_secs(2),
+            stall_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestApp::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> TestApp {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+        let id = unique("t");
+        let database = format!("cv_{id}");
+        let store = Store::connect(&options.mongodb_uri, &database, Duration::from_secs(2))
+            .await
+            .expect("store");
+        let cache = options.redis_url.as_ref().map(|url| {
+            Cache::new(
+                url,
+                &format!("cvtest:{id}"),
+                Duration::from_millis(200),
+                Duration::from_secs(60),
+            )
+            .expect("cache")
+        });
+        let mut topics: Vec<String> = TYPES.iter().map(|t| format!("{id}.{t}")).collect();
+        topics.push(format!("{id}.outbox.event.Course"));
+        create_topics(&brokers(), &topics, 2).await.expect("topics created");
+        let settings = ApiSettings {
+            min_version_wait: options.min_version_wait,
+            ..ApiSettings::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let api_cancel = CancellationToken::new();
+        let probe = StatusProbe::new(
+            store.clone(),
+            &brokers(),
+            &format!(r"^{id}\.(Course.*Event|outbox\.event\.Course)$"),
+            options.stall_after,
+        )
+        .expect("probe");
+        let state = AppState::new(store.clone(), cache.clone(), settings).with_status(probe.clone());
+        tokio::spawn(http::serve(listener, state, api_cancel.clone()));
+        TestApp {
+            producer: Producer::new(&brokers()).expect("producer"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client"),
+            id,
+            store,
+            cache,
+            base_url,
+            api_cancel,
+            probe,
+        }
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.id)
+    }
+
+    pub fn topics_regex(&self) -> String {
+        format!(r"^{}\.(Course.*Event|outbox\.event\.Course)$", self.id)
+    }
+
+    pub fn worker_settings(&self, model: ReadModel) -> WorkerSettings {
+        WorkerSettings {
+            model,
+            kafka: ConsumerSettings {
+                brokers: brokers(),
+                topics: self.topics_regex(),
+                group_id: format!("{}.{}", self.id, model.name()),
+                metadata_refresh: Duration::from_secs(1),
+                session_timeout: Duration::from_secs(6),
+            },
+            batch_size: 200,
+            batch_linger: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+
+    pub fn start_worker(&self, model: ReadModel) -> Worker {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(worker::run(
+            self.worker_settings(model),
+            self.store.clone(),
+            self.cache.clone(),
+            cancel.clone(),
+        ));
+        Worker { cancel, task }
+    }
+
+    /// Produces one event as the course service does: to its type's topic.
+    pub async fn publish(&self, event: &Value) {
+        let event_type = event["eventType"].as_str().expect("eventType");
+        self.send(Outgoing {
+            topic: self.topic(event_type),
+            key: event["courseId"].as_str().map(str::to_owned),
+            value: Some(event.to_string()),
+            headers: Vec::new(),
+        })
+        .await;
+    }
+
+    pub async fn send(&self, record: Outgoing) {
+        self.producer.send(&record).await.expect("produced");
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.get(path).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The catalog read model, as a comparable value.
+    pub async fn dump(&self, model: ReadModel) -> Vec<bson::Document> {
+        let generation = self.store.serving_generation(model.name()).await.expect("generation");
+        self.store
+            .dump(&Store::collection_name(model.name(), generation))
+            .await
+            .expect("dump")
+    }
+
+    /// Every answer a student or teacher can get for these courses/teachers.
+    pub async fn answers(&self, courses: &[String], teachers: &[String]) -> Value {
+        let mut all = serde_json::Map::new();
+        for path in [
+            "/catalog/courses?sort=name&limit=100",
+            "/catalog/courses?sort=newest&limit=100",
+        ] {
+            all.insert(path.into(), self.get_json(path).await.1);
+        }
+        for c in courses {
+            let path = format!("/catalog/courses/{c}");
+            let (status, body) = self.get_json(&path).await;
+            all.insert(
+                path,
+                serde_json::json!({"status": status, "body": if status == 200 { body } else { Value::Null }}),
+            );
+        }
+        for t in teachers {
+            let path = format!("/teachers/{t}/courses?sort=name");
+            all.insert(path.clone(), self.get_json(&path).await.1);
+        }
+        Value::Object(all)
+    }
+
+    /// Waits until the worker has stored offsets covering `count` records
+    /// across this app's topics (so the read model reflects all of them).
+    pub async fn wait_applied(&self, model: ReadModel, count: i64) {
+        eventually(
+            &format!("{} to apply {count} records", model.name()),
+            Duration::from_secs(60),
+            || async {
+                let generation = self.store.serving_generation(model.name()).await.ok()?;
+                let offsets = self.store.load_offsets(model.name(), generation).await.ok()?;
+                let total: i64 = offsets.values().sum();
+                (total >= count).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// Builds an event as the course service publishes it.
+pub fn event(kind: &str, course: &str, version: i64, extra: Value) -> Value {
+    let mut v = serde_json::json!({
+        "eventId": format!("{course}-v{version}"),
+        "eventType": kind,
+        "courseId": course,
+        "version": version,
+        "occurredAt": format!("2026-11-21T09:{:02}:{:02}.000Z", version / 60, version % 60),
+    });
+    if let (Value::Object(target), Value::Object(more)) = (&mut v, extra) {
+        target.extend(more);
+    }
+    v
+}
+
+/// A scenario touching every rule: creations, renames, posting before
+/// creation, unposting, re-posting, deletion. Returns (events in order,
+/// course ids, teacher ids).
+pub fn scenario() -> (Vec<Value>, Vec<String>, Vec<String>) {
+    use serde_json::json;
+    let created = |course: &str, name: &str, teacher: &str| {
+        event(
+            "CourseCreatedEvent",
+            course,
+            1,
+            json!({
+                "name": name, "thumbnail": format!("https://img/{course}.png"),
+                "description": format!("About {name}"), "teacherId": teacher,
+                "registeredAt": "2026-11-20T08:00:00Z"
+            }),
+        )
+    };
+    let events = vec![
+        created("c1", "Rust 101", "t1"),
+        event("CoursePostedEvent", "c1", 2, json!({})),
+        event("CourseUpdatedEvent", "c1", 3, json!({"name": "Rust 102"})),
+        created("c2", "Kafka Basics", "t1"),
+        event(
+            "CourseUpdatedEvent",
+            "c2",
+            2,
+            json!({"description": "Logs all the way down"}),
+        ),
+        event("CoursePostedEvent", "c2", 3, json!({})),
+        event("CourseUnpostedEvent", "c2", 4, json!({})),
+        created("c3", "MongoDB Deep Dive", "t2"),
+        event("CoursePostedEvent", "c3", 2, json!({})),
+        event("CourseDeletedEvent", "c3", 3, json!({})),
+        created("c4", "Async Rust", "t2"),
+        event("CoursePostedEvent", "c4", 2, json!({})),
+        event("CourseUnpostedEvent", "c4", 3, json!({})),
+        event("CoursePostedEvent", "c4", 4, json!({})),
+        created("c5", "Draft Only", "t2"),
+    ];
+    let courses = ["c1", "c2", "c3", "c4", "c5", "nope"].map(String::from).to_vec();
+    let teachers = ["t1", "t2"].map(String::from).to_vec();
+    (events, courses, teachers)
+}

@@ -1,0 +1,11 @@
+//! Integration tests against the real services that `scripts/services`
+//! starts (Redis, a Kafka-protocol broker, a MongoDB-wire server). Each test
+//! isolates itself with its own topics, consumer groups, database and Redis
+//! key prefix, so tests run in parallel and can be re-run.
+
+mod api;
+mod cache;
+mod helpers;
+mod mongo_compat;
+mod operations;
+mod pipeline;

@@ -1,0 +1,114 @@
+//! Driver-level check of every MongoDB operation courseview relies on,
+//! against whatever server MONGODB_URI names. It keeps the choice of test
+//! peer honest (docs/COMPATIBILITY.md) and would flag a peer regression.
+
+use bson::{doc, Document};
+use courseview::mongo::get_int;
+use futures::TryStreamExt;
+use mongodb::options::{FindOptions, IndexOptions};
+use mongodb::{Client, IndexModel};
+
+use crate::helpers::{mongodb_uri, unique};
+
+#[tokio::test]
+async fn the_operations_courseview_uses_work_through_the_official_driver() {
+    let client = Client::with_uri_str(mongodb_uri()).await.expect("client");
+    let db = client.database(&unique("cvcompat_"));
+    db.run_command(doc! {"ping": 1}).await.expect("ping");
+    let coll = db.collection::<Document>("docs");
+
+    // Multi-statement `update` with revision-guarded upserts: insert, guarded
+    // replace, and a stale guard that must fail with a duplicate key.
+    let upsert = |id: &str, rev: i64, name: &str| doc! {"q": {"_id": id, "_rev": rev}, "u": {"_id": id, "_rev": rev + 1, "name": name, "listed": true, "n": rev}, "upsert": true};
+    let reply = db.run_command(doc! {"update": "docs", "updates": [upsert("a", 0, "A"), upsert("b", 0, "B"), upsert("c", 0, "C")], "ordered": false}).await.expect("bulk upsert");
+    assert_eq!(reply.get_i32("n").ok(), Some(3), "{reply}");
+    let reply = db
+        .run_command(
+            doc! {"update": "docs", "updates": [upsert("a", 1, "A2"), upsert("b", 0, "stale")], "ordered": false},
+        )
+        .await
+        .expect("guarded");
+    let errors = reply
+        .get_array("writeErrors")
+        .expect("a write error for the stale guard");
+    let error = errors[0].as_document().expect("doc");
+    assert_eq!(
+        (error.get_i32("index").ok(), error.get_i32("code").ok()),
+        (Some(1), Some(11000)),
+        "{reply}"
+    );
+    let a = coll.find_one(doc! {"_id": "a"}).await.expect("find").expect("a exists");
+    assert_eq!((a.get_str("name").ok(), get_int(&a, "_rev")), (Some("A2"), Some(2)));
+
+    // $set / $setOnInsert upserts and a `$lt`-guarded upsert (checkpoints).
+    let cp = db.collection::<Document>("checkpoints");
+    let store = |offset: i64| doc! {"q": {"_id": "p0", "offset": {"$lt": offset}}, "u": {"$set": {"offset": offset}}, "upsert": true};
+    db.run_command(doc! {"update": "checkpoints", "updates": [store(10)]})
+        .await
+        .expect("first offset");
+    let reply = db
+        .run_command(doc! {"update": "checkpoints", "updates": [store(5)]})
+        .await
+        .expect("older offset");
+    assert!(
+        reply.get_array("writeErrors").is_ok(),
+        "an older offset must not overwrite: {reply}"
+    );
+    db.run_command(doc! {"update": "checkpoints", "updates": [{"q": {"_id": "g"}, "u": {"$setOnInsert": {"generation": 1_i64}}, "upsert": true}]}).await.expect("setOnInsert");
+    let p0 = cp.find_one(doc! {"_id": "p0"}).await.expect("find").expect("p0");
+    assert_eq!(get_int(&p0, "offset"), Some(10));
+
+    // find: $in, $and/$or keyset, case-insensitive $regex, sort, limit, projection.
+    let ids: Vec<Document> = coll
+        .find(doc! {"_id": {"$in": ["a", "c", "zz"]}})
+        .await
+        .expect("$in")
+        .try_collect()
+        .await
+        .expect("cursor");
+    assert_eq!(ids.len(), 2);
+    let options = FindOptions::builder()
+        .sort(doc! {"name": 1, "_id": 1})
+        .limit(2)
+        .projection(doc! {"name": 1})
+        .build();
+    let page: Vec<Document> = coll
+        .find(doc! {"$and": [{"listed": true}, {"$or": [{"name": {"$gt": "A2"}}, {"name": "A2", "_id": {"$gt": "a"}}]}, {"$or": [{"name": {"$regex": "b|c", "$options": "i"}}]}]})
+        .with_options(options)
+        .await
+        .expect("keyset find")
+        .try_collect()
+        .await
+        .expect("cursor");
+    let names: Vec<&str> = page.iter().filter_map(|d| d.get_str("name").ok()).collect();
+    assert_eq!(names, ["B", "C"]);
+    assert!(page.iter().all(|d| !d.contains_key("listed")), "projection applies");
+    let nested = coll
+        .find_one(doc! {"_id": "a"})
+        .projection(doc! {"name": 1})
+        .await
+        .expect("find_one projection")
+        .expect("a");
+    assert!(nested.contains_key("name") && !nested.contains_key("n"));
+
+    // Counting, indexes (no `_id` in compound keys: see COMPATIBILITY.md).
+    assert_eq!(coll.count_documents(doc! {"listed": true}).await.expect("count"), 3);
+    coll.create_indexes([
+        IndexModel::builder()
+            .keys(doc! {"listed": 1, "name": 1})
+            .options(IndexOptions::builder().build())
+            .build(),
+        IndexModel::builder()
+            .keys(doc! {"listed": 1, "teacherId": 1, "postedAt": -1})
+            .build(),
+    ])
+    .await
+    .expect("create compound indexes");
+
+    // delete_one, drop.
+    coll.delete_one(doc! {"_id": "c"}).await.expect("delete");
+    assert_eq!(coll.count_documents(doc! {}).await.expect("count"), 2);
+    coll.drop().await.expect("drop");
+    assert_eq!(coll.count_documents(doc! {}).await.expect("count after drop"), 0);
+    db.drop().await.expect("drop database");
+}

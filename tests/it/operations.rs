@@ -1,0 +1,539 @@
+//! Operating projections: rebuild without downtime, scaled-out worker
+//! processes, stall detection, metrics.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use courseview::read_model::ReadModel;
+use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions};
+use serde_json::{json, Value};
+
+use crate::helpers::{brokers, eventually, mongodb_uri, Options, TestApp};
+use crate::pipeline::big_history;
+
+/// Publishes `events` and waits until a catalog worker applied them all.
+async fn clean_replay(events: &[Value]) -> Vec<bson::Document> {
+    let clean = TestApp::spawn().await;
+    let worker = clean.start_worker(ReadModel::Catalog);
+    for e in events {
+        clean.publish(e).await;
+    }
+    clean.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    worker.stop().await;
+    clean.dump(ReadModel::Catalog).await
+}
+
+#[derive(Default)]
+struct Recorder {
+    updates: Vec<(i64, i64)>,
+    phases: Vec<String>,
+}
+
+impl ProgressSink for Recorder {
+    fn progress(&mut self, done: i64, total: i64) {
+        self.updates.push((done, total));
+    }
+    fn phase(&mut self, message: &str) {
+        self.phases.push(message.to_owned());
+    }
+}
+
+#[tokio::test]
+async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_replay() {
+    let initial = big_history("a", 150);
+    let extra = big_history("b", 60);
+    let app = TestApp::spawn().await;
+    let live = app.start_worker(ReadModel::Catalog);
+    for e in &initial {
+        app.publish(e).await;
+    }
+    app.wait_applied(ReadModel::Catalog, initial.len() as i64).await;
+    // Courses a0001.. of teacher t1 that must be in every answer from now on.
+    let (_, before) = app.get_json("/catalog/courses?teacherId=t1&limit=100").await;
+    let expected: HashSet<String> = before["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert!(expected.len() > 10);
+
+    // Readers hammer the API for the whole rebuild.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (http, base, stop, expected) = (
+            app.http.clone(),
+            app.base_url.clone(),
+            Arc::clone(&stop),
+            expected.clone(),
+        );
+        tokio::spawn(async move {
+            let mut answers = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body: Value = http
+                    .get(format!("{base}/catalog/courses?teacherId=t1&limit=100"))
+                    .send()
+                    .await
+                    .expect("request")
+                    .json()
+                    .await
+                    .expect("json");
+                let ids: HashSet<String> = body["items"]
+                    .as_array()
+                    .expect("items")
+                    .iter()
+                    .map(|c| c["id"].as_str().expect("id").to_owned())
+                    .collect();
+                let missing: Vec<_> = expected.difference(&ids).collect();
+                assert!(
+                    missing.is_empty(),
+                    "an answer during the rebuild lacked {missing:?}: half-built generation"
+                );
+                let one = http
+                    .get(format!("{base}/catalog/courses/a0001"))
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(one.status().as_u16(), 200, "a0001 served throughout");
+                answers += 1;
+            }
+            answers
+        })
+    };
+    // Writers keep producing during the rebuild.
+    let writer = {
+        let (producer, extra, prefix) = (app.producer.clone(), extra.clone(), app.id.clone());
+        tokio::spawn(async move {
+            for e in &extra {
+                let topic = format!("{prefix}.{}", e["eventType"].as_str().expect("type"));
+                let record = courseview::kafka::Outgoing {
+                    topic,
+                    key: e["courseId"].as_str().map(str::to_owned),
+                    value: Some(e.to_string()),
+                    headers: Vec::new(),
+                };
+                producer.send(&record).await.expect("produce");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    let options = RebuildOptions {
+        in_place: false,
+        catch_up_lag: 20,
+        grace: Duration::from_secs(1),
+        report_every: Duration::from_millis(100),
+    };
+    let mut recorder = Recorder::default();
+    let settings = app.worker_settings(ReadModel::Catalog);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let report = rebuild(&settings, &app.store, &app.probe, &options, &mut recorder, &cancel)
+        .await
+        .expect("rebuild")
+        .expect("not interrupted");
+    assert_eq!((report.from, report.to), (1, 2));
+    assert!(!recorder.updates.is_empty(), "progress was reported");
+    assert!(recorder.updates.iter().all(|(done, total)| done <= total));
+
+    writer.await.expect("writer");
+    stop.store(true, Ordering::Relaxed);
+    let answers = reader.await.expect("every answer during the rebuild was complete");
+    assert!(answers > 0);
+
+    // The live worker followed the pointer and catches up in generation 2.
+    let all: Vec<Value> = initial.iter().chain(extra.iter()).cloned().collect();
+    app.wait_applied(ReadModel::Catalog, all.len() as i64).await;
+    live.stop().await;
+    assert_eq!(app.store.serving_generation("catalog").await.expect("pointer"), 2);
+    assert_eq!(app.dump(ReadModel::Catalog).await, clean_replay(&all).await);
+    let collections = app.store.collection_names().await.expect("collections");
+    assert!(
+        !collections.contains(&"catalog_g1".to_owned()),
+        "old generation dropped: {collections:?}"
+    );
+    assert!(collections.contains(&"catalog_g2".to_owned()));
+}
+
+/// Kills the process when the test ends, even when it fails midway.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+/// A `courseview project catalog` process of this app, logging JSON to a pipe.
+fn spawn_worker_process(app: &TestApp) -> (Reaped, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_courseview"))
+        .args(["project", "catalog"])
+        .env("KAFKA_BROKERS", brokers())
+        .env("MONGODB_URI", mongodb_uri())
+        .env("MONGODB_DATABASE", app.store.database_name())
+        .env("REDIS_URL", crate::helpers::redis_url())
+        .env("COURSEVIEW_REDIS_PREFIX", format!("cvtest:{}", app.id))
+        .env("COURSEVIEW_TOPICS", app.topics_regex())
+        .env("COURSEVIEW_GROUP_PREFIX", &app.id)
+        .env("COURSEVIEW_SESSION_TIMEOUT", "6s")
+        .env("COURSEVIEW_METADATA_REFRESH", "1s")
+        .env("COURSEVIEW_BATCH_SIZE", "50")
+        .env("COURSEVIEW_STATUS_INTERVAL", "500ms")
+        .env("COURSEVIEW_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("COURSEVIEW_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("worker process starts");
+    (Reaped(child), port)
+}
+
+/// Partition counts this process logged at each assignment.
+fn watch_assignments(child: &mut Reaped) -> Arc<std::sync::Mutex<Vec<i64>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["message"] == "Partitions assigned at stored offsets." {
+                    if let (Some(n), Ok(mut s)) = (v["partitions"].as_i64(), sink.lock()) {
+                        s.push(n);
+                    }
+                }
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn two_worker_processes_split_partitions_and_a_killed_one_loses_nothing() {
+    let events = big_history("w", 250);
+    let app = TestApp::spawn().await;
+    let (mut first, _) = spawn_worker_process(&app);
+    let first_log = watch_assignments(&mut first);
+    let (mut second, second_port) = spawn_worker_process(&app);
+    let second_log = watch_assignments(&mut second);
+    let total_partitions = 12; // six topics of two partitions
+
+    // Both processes hold a share of the partitions before any event flows.
+    eventually("the group to split the partitions", Duration::from_secs(60), || async {
+        let a = first_log.lock().ok()?.last().copied()?;
+        let b = second_log.lock().ok()?.last().copied()?;
+        (a > 0 && b > 0 && a + b == total_partitions).then_some(())
+    })
+    .await;
+
+    let half = events.len() / 2;
+    for e in &events[..half] {
+        app.publish(e).await;
+    }
+    eventually("some progress", Duration::from_secs(60), || async {
+        let offsets = app.store.load_offsets("catalog", 1).await.ok()?;
+        (offsets.values().sum::<i64>() > 20).then_some(())
+    })
+    .await;
+    first.kill().expect("kill -9 the first worker");
+    let _ = first.wait();
+    for e in &events[half..] {
+        app.publish(e).await;
+    }
+    // The survivor takes every partition over after the session timeout.
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    assert_eq!(second_log.lock().expect("log").last().copied(), Some(total_partitions));
+
+    let ready = app
+        .http
+        .get(format!("http://127.0.0.1:{second_port}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200);
+    let metrics = app
+        .http
+        .get(format!("http://127.0.0.1:{second_port}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    let text = metrics.text().await.expect("text");
+    assert!(
+        text.contains("courseview_events_applied_total{projection=\"catalog\""),
+        "worker metrics: {text}"
+    );
+    assert!(
+        text.contains("courseview_consumer_lag_events{"),
+        "lag gauges per partition"
+    );
+
+    let _ = second.kill();
+    let _ = second.wait();
+    assert_eq!(app.dump(ReadModel::Catalog).await, clean_replay(&events).await);
+}
+
+#[tokio::test]
+async fn a_projection_with_a_backlog_and_no_progress_is_reported_stalled() {
+    let app = TestApp::with(Options {
+        stall_after: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    for v in 1..=3 {
+        let e = crate::helpers::event(
+            "CourseCreatedEvent",
+            &format!("s{v}"),
+            1,
+            json!({"name": "n", "teacherId": "t"}),
+        );
+        app.publish(&e).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, body) = app.get_json("/projections").await;
+    assert_eq!(status, 200);
+    let catalog = &body["projections"][0];
+    assert_eq!(catalog["projection"], "catalog");
+    assert_eq!(catalog["state"], "stalled", "{catalog}");
+    assert_eq!(catalog["lagEvents"], 3);
+    let lagging: Vec<&Value> = catalog["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .filter(|p| p["lagEvents"].as_i64() > Some(0))
+        .collect();
+    assert!(
+        lagging
+            .iter()
+            .all(|p| p["stalled"] == true && p["lagSeconds"].as_f64() >= Some(1.0)),
+        "{lagging:?}"
+    );
+
+    // Once a worker applies the backlog the projection is live again.
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.wait_applied(ReadModel::Catalog, 3).await;
+    worker.stop().await;
+    let (_, body) = app.get_json("/projections").await;
+    assert_eq!(
+        (
+            body["projections"][0]["state"].as_str(),
+            body["projections"][0]["lagEvents"].as_i64()
+        ),
+        (Some("live"), Some(0))
+    );
+    let partition = &body["projections"][0]["partitions"][0];
+    for field in [
+        "topic",
+        "partition",
+        "storedOffset",
+        "highWatermark",
+        "lagEvents",
+        "lagSeconds",
+    ] {
+        assert!(!partition[field].is_null(), "{field} in {partition}");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_measure_or_make_progress_is_not_ready() {
+    let app = TestApp::spawn().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_courseview"))
+        .args([
+            "project",
+            "catalog",
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+            "--status-interval",
+            "200ms",
+        ])
+        .env("MONGODB_URI", "mongodb://127.0.0.1:1")
+        .env("MONGODB_TIMEOUT", "200ms")
+        .env("COURSEVIEW_TOPICS", app.topics_regex())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    let mut child = Reaped(child);
+    let (status, body) = eventually("the worker's readyz to answer", Duration::from_secs(20), || async {
+        let r = app
+            .http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.json::<Value>().await.ok()?))
+    })
+    .await;
+    let health = app
+        .http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["stalledOrUnmeasured"], json!(["catalog"]));
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+/// Parses Prometheus text exposition: every sample line is `name{labels} value`.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let sample = regex::Regex::new(r#"^([a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})?) (-?[0-9.eE+-]+|NaN|\+Inf|-Inf)$"#).expect("regex");
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let c = sample
+                .captures(l)
+                .unwrap_or_else(|| panic!("not Prometheus text: {l:?}"));
+            (c[1].to_owned(), c[5].parse().expect("number"))
+        })
+        .collect()
+}
+
+fn sum_of(samples: &[(String, f64)], prefix: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_counters_move_with_events() {
+    let app = TestApp::spawn().await;
+    let applied = r#"courseview_events_applied_total{projection="catalog",type="CourseCreatedEvent"}"#;
+    let before = parse_prometheus(&app.get("/metrics").await.text().await.expect("text"));
+    let worker = app.start_worker(ReadModel::Catalog);
+    for i in 0..5 {
+        let e = crate::helpers::event(
+            "CourseCreatedEvent",
+            &format!("m{i}"),
+            1,
+            json!({"name": "n", "teacherId": "t"}),
+        );
+        app.publish(&e).await;
+    }
+    app.wait_applied(ReadModel::Catalog, 5).await;
+    worker.stop().await;
+    app.get("/catalog/courses/m1").await;
+    let response = app.get("/metrics").await;
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .expect("type")
+        .starts_with("text/plain"));
+    let after = parse_prometheus(&response.text().await.expect("text"));
+    assert!(
+        sum_of(&after, applied) - sum_of(&before, applied) >= 5.0,
+        "applied counter moved by the 5 events"
+    );
+    for family in [
+        "courseview_batch_seconds_bucket",
+        "courseview_batch_size_bucket",
+        "courseview_http_requests_total",
+        "courseview_http_request_seconds_bucket",
+        "courseview_cache_lookups_total",
+    ] {
+        assert!(after.iter().any(|(k, _)| k.starts_with(family)), "{family} exported");
+    }
+    assert!(
+        after
+            .iter()
+            .any(|(k, _)| k.contains(r#"route="/catalog/courses/{course_id}""#)),
+        "HTTP metrics use the route template, never a course id"
+    );
+}
+
+/// Cancels the rebuild at its first progress report.
+struct CancelOnProgress(tokio_util::sync::CancellationToken);
+
+impl ProgressSink for CancelOnProgress {
+    fn progress(&mut self, _done: i64, _total: i64) {
+        self.0.cancel();
+    }
+    fn phase(&mut self, _message: &str) {}
+}
+
+#[tokio::test]
+async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_serving_one() {
+    let events = big_history("i", 100);
+    let app = TestApp::spawn().await;
+    let live = app.start_worker(ReadModel::Catalog);
+    for e in &events {
+        app.publish(e).await;
+    }
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    let serving_before = app.dump(ReadModel::Catalog).await;
+
+    let settings = app.worker_settings(ReadModel::Catalog);
+    let options = RebuildOptions {
+        in_place: false,
+        catch_up_lag: 0,
+        grace: Duration::from_millis(200),
+        report_every: Duration::from_millis(50),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut interrupter = CancelOnProgress(cancel.clone());
+    let first = rebuild(&settings, &app.store, &app.probe, &options, &mut interrupter, &cancel)
+        .await
+        .expect("interrupted cleanly");
+    assert_eq!(first, None, "interrupted");
+    let pointer = app.store.pointer("catalog").await.expect("pointer");
+    assert_eq!(
+        (pointer.generation, pointer.building),
+        (1, Some(2)),
+        "serving untouched, generation 2 pending"
+    );
+    assert_eq!(
+        app.dump(ReadModel::Catalog).await,
+        serving_before,
+        "the serving generation is unchanged"
+    );
+    assert_eq!(app.get_json("/catalog/courses/i0001").await.0, 200);
+
+    let mut recorder = Recorder::default();
+    let report = rebuild(
+        &settings,
+        &app.store,
+        &app.probe,
+        &options,
+        &mut recorder,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("resumed")
+    .expect("finished");
+    assert_eq!((report.from, report.to), (1, 2), "the same generation was resumed");
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    live.stop().await;
+    assert_eq!(
+        app.dump(ReadModel::Catalog).await,
+        serving_before,
+        "the rebuilt generation equals the old one"
+    );
+}
