@@ -2,6 +2,7 @@
 //! with its API served in-process on port 0.
 
 use std::future::Future;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use courseview::cache::Cache;
@@ -215,6 +216,13 @@ impl TestApp {
         .await;
     }
 
+    /// Publishes `events` in order, each to its type's topic.
+    pub async fn publish_all(&self, events: &[Value]) {
+        for e in events {
+            self.publish(e).await;
+        }
+    }
+
     pub async fn send(&self, record: Outgoing) {
         self.producer.send(&record).await.expect("produced");
     }
@@ -340,4 +348,27 @@ pub fn scenario() -> (Vec<Value>, Vec<String>, Vec<String>) {
     let courses = ["c1", "c2", "c3", "c4", "c5", "nope"].map(String::from).to_vec();
     let teachers = ["t1", "t2"].map(String::from).to_vec();
     (events, courses, teachers)
+}
+
+/// Kills the process when the test ends, even when it fails midway.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
 }

@@ -8,4 +8,5 @@ mod cache;
 mod helpers;
 mod mongo_compat;
 mod operations;
+mod outage;
 mod pipeline;

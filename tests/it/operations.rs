@@ -3,25 +3,23 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use courseview::read_model::ReadModel;
-use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions};
+use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions, RebuildReport};
 use serde_json::{json, Value};
 
-use crate::helpers::{brokers, eventually, mongodb_uri, Options, TestApp};
+use crate::helpers::{brokers, eventually, mongodb_uri, Options, Reaped, TestApp};
 use crate::pipeline::big_history;
 
 /// Publishes `events` and waits until a catalog worker applied them all.
-async fn clean_replay(events: &[Value]) -> Vec<bson::Document> {
+pub async fn clean_replay(events: &[Value]) -> Vec<bson::Document> {
     let clean = TestApp::spawn().await;
     let worker = clean.start_worker(ReadModel::Catalog);
-    for e in events {
-        clean.publish(e).await;
-    }
+    clean.publish_all(events).await;
     clean.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     worker.stop().await;
     clean.dump(ReadModel::Catalog).await
@@ -48,9 +46,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
     let extra = big_history("b", 60);
     let app = TestApp::spawn().await;
     let live = app.start_worker(ReadModel::Catalog);
-    for e in &initial {
-        app.publish(e).await;
-    }
+    app.publish_all(&initial).await;
     app.wait_applied(ReadModel::Catalog, initial.len() as i64).await;
     // Courses a0001.. of teacher t1 that must be in every answer from now on.
     let (_, before) = app.get_json("/catalog/courses?teacherId=t1&limit=100").await;
@@ -158,29 +154,6 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
     assert!(collections.contains(&"catalog_g2".to_owned()));
 }
 
-/// Kills the process when the test ends, even when it fails midway.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for Reaped {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Reaped {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
 /// A `courseview project catalog` process of this app, logging JSON to a pipe.
 fn spawn_worker_process(app: &TestApp) -> (Reaped, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -249,9 +222,7 @@ async fn two_worker_processes_split_partitions_and_a_killed_one_loses_nothing() 
     .await;
 
     let half = events.len() / 2;
-    for e in &events[..half] {
-        app.publish(e).await;
-    }
+    app.publish_all(&events[..half]).await;
     eventually("some progress", Duration::from_secs(60), || async {
         let offsets = app.store.load_offsets("catalog", 1).await.ok()?;
         (offsets.values().sum::<i64>() > 20).then_some(())
@@ -259,9 +230,7 @@ async fn two_worker_processes_split_partitions_and_a_killed_one_loses_nothing() 
     .await;
     first.kill().expect("kill -9 the first worker");
     let _ = first.wait();
-    for e in &events[half..] {
-        app.publish(e).await;
-    }
+    app.publish_all(&events[half..]).await;
     // The survivor takes every partition over after the session timeout.
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     assert_eq!(second_log.lock().expect("log").last().copied(), Some(total_partitions));
@@ -470,6 +439,31 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_with_events() {
 }
 
 /// Cancels the rebuild at its first progress report.
+/// Rebuild options for a small corpus: switch at zero lag, short grace.
+fn quick(in_place: bool) -> RebuildOptions {
+    RebuildOptions {
+        in_place,
+        catch_up_lag: 0,
+        grace: Duration::from_millis(200),
+        report_every: Duration::from_millis(50),
+    }
+}
+
+/// Runs a catalog rebuild of `app` to its end, reporting to `sink`.
+async fn rebuild_to_end(app: &TestApp, options: &RebuildOptions, sink: &mut dyn ProgressSink) -> RebuildReport {
+    rebuild(
+        &app.worker_settings(ReadModel::Catalog),
+        &app.store,
+        &app.probe,
+        options,
+        sink,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild runs")
+    .expect("rebuild finishes")
+}
+
 struct CancelOnProgress(tokio_util::sync::CancellationToken);
 
 impl ProgressSink for CancelOnProgress {
@@ -484,19 +478,12 @@ async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_ser
     let events = big_history("i", 100);
     let app = TestApp::spawn().await;
     let live = app.start_worker(ReadModel::Catalog);
-    for e in &events {
-        app.publish(e).await;
-    }
+    app.publish_all(&events).await;
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     let serving_before = app.dump(ReadModel::Catalog).await;
 
     let settings = app.worker_settings(ReadModel::Catalog);
-    let options = RebuildOptions {
-        in_place: false,
-        catch_up_lag: 0,
-        grace: Duration::from_millis(200),
-        report_every: Duration::from_millis(50),
-    };
+    let options = quick(false);
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut interrupter = CancelOnProgress(cancel.clone());
     let first = rebuild(&settings, &app.store, &app.probe, &options, &mut interrupter, &cancel)
@@ -517,17 +504,7 @@ async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_ser
     assert_eq!(app.get_json("/catalog/courses/i0001").await.0, 200);
 
     let mut recorder = Recorder::default();
-    let report = rebuild(
-        &settings,
-        &app.store,
-        &app.probe,
-        &options,
-        &mut recorder,
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .expect("resumed")
-    .expect("finished");
+    let report = rebuild_to_end(&app, &options, &mut recorder).await;
     assert_eq!((report.from, report.to), (1, 2), "the same generation was resumed");
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     live.stop().await;
@@ -535,5 +512,34 @@ async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_ser
         app.dump(ReadModel::Catalog).await,
         serving_before,
         "the rebuilt generation equals the old one"
+    );
+}
+
+#[tokio::test]
+async fn an_in_place_rebuild_replays_the_serving_generation_from_zero() {
+    let events = big_history("p", 80);
+    let app = TestApp::spawn().await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish_all(&events).await;
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    worker.stop().await;
+    let before = app.dump(ReadModel::Catalog).await;
+
+    let options = quick(true);
+    let mut recorder = Recorder::default();
+    let report = rebuild_to_end(&app, &options, &mut recorder).await;
+    assert_eq!((report.from, report.to), (1, 1), "same generation, replayed in place");
+    assert_eq!(report.events, events.len() as i64, "every event replayed");
+    assert!(
+        recorder.phases.iter().any(|p| p.contains("dropping generation 1")),
+        "the drop is announced: {:?}",
+        recorder.phases
+    );
+    let pointer = app.store.pointer("catalog").await.expect("pointer");
+    assert_eq!((pointer.generation, pointer.building), (1, None));
+    assert_eq!(
+        app.dump(ReadModel::Catalog).await,
+        before,
+        "the replay equals the original"
     );
 }

@@ -14,9 +14,7 @@ use crate::helpers::{event, eventually, scenario, TestApp};
 async fn run_to_completion(app: &TestApp, events: &[Value]) -> Value {
     let catalog = app.start_worker(ReadModel::Catalog);
     let teachers = app.start_worker(ReadModel::TeacherCourses);
-    for e in events {
-        app.publish(e).await;
-    }
+    app.publish_all(events).await;
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     app.wait_applied(ReadModel::TeacherCourses, events.len() as i64).await;
     catalog.stop().await;
@@ -172,16 +170,12 @@ async fn a_worker_crashed_and_restarted_resumes_from_stored_offsets_and_equals_a
 
     let clean = TestApp::spawn().await;
     let worker = clean.start_worker(ReadModel::Catalog);
-    for e in &events {
-        clean.publish(e).await;
-    }
+    clean.publish_all(&events).await;
     clean.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     worker.stop().await;
 
     let app = TestApp::spawn().await;
-    for e in &events {
-        app.publish(e).await;
-    }
+    app.publish_all(&events).await;
     // Crash mid-stream: the task is dropped at whatever await it is in,
     // between a batch's writes and its offsets or anywhere else.
     let first = app.start_worker(ReadModel::Catalog);
