@@ -7,9 +7,15 @@
 //! JSON-string keys). Every failure is a [`DecodeError`]: the worker sends the
 //! record to the dead-letter store and moves on, so nothing here may panic.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use chrono::DateTime;
 use courseview_projections::{Changes, CourseEvent, Created, EventKind, Millis};
-use serde_json::{Map, Value};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::record::Record;
 
@@ -39,12 +45,48 @@ const MAX_UNWRAP: usize = 4;
 /// Decodes one record into a course event.
 pub fn decode(record: &Record) -> Result<CourseEvent, DecodeError> {
     let raw = record.value.as_deref().ok_or(DecodeError::NoValue)?;
-    let value: Value = serde_json::from_slice(raw).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
-    let payload = unwrap_payload(value)?;
-    let fields = Fields(&payload);
+    let text = std::str::from_utf8(raw).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+    decode_text(text, record, 0)
+}
 
-    let kind_name = event_type(&fields, record)?;
-    let course_id = match fields.string("courseId", "course_id")? {
+/// Peels JsonConverter wrappers and escaped-JSON strings down to the object,
+/// then reads the event from it in one pass: only the fields decoding needs
+/// are parsed, borrowed from the input where possible (this is the hot path).
+fn decode_text(text: &str, record: &Record, depth: usize) -> Result<CourseEvent, DecodeError> {
+    if depth == MAX_UNWRAP {
+        return Err(DecodeError::NotAnObject("nesting too deep"));
+    }
+    let bad_json = |e: serde_json::Error| match depth {
+        0 => DecodeError::InvalidJson(e.to_string()),
+        _ => DecodeError::InvalidJson(format!("in string payload: {e}")),
+    };
+    match text.trim_start().as_bytes().first() {
+        Some(b'{') => {
+            let wire: Wire<'_> = serde_json::from_str(text).map_err(bad_json)?;
+            match (&wire.schema, wire.payload) {
+                (Some(_), Some(payload)) => decode_text(payload.get(), record, depth + 1),
+                _ => event_from(&wire, record),
+            }
+        }
+        Some(b'"') => match serde_json::from_str(text).map_err(bad_json)? {
+            Flex::Str(inner) => decode_text(&inner, record, depth + 1),
+            _ => Err(DecodeError::NotAnObject("a string")),
+        },
+        first => {
+            serde_json::from_str::<IgnoredAny>(text).map_err(bad_json)?;
+            Err(DecodeError::NotAnObject(match first {
+                Some(b'[') => "an array",
+                Some(b't' | b'f') => "a boolean",
+                Some(b'n') => "null",
+                _ => "a number",
+            }))
+        }
+    }
+}
+
+fn event_from(wire: &Wire<'_>, record: &Record) -> Result<CourseEvent, DecodeError> {
+    let kind_name = event_type(wire, record)?;
+    let course_id = match either(&wire.course_id, &wire.course_id_snake, "courseId", Flex::string)? {
         Some(id) => id,
         None => record_key(record).ok_or(DecodeError::MissingField("courseId"))?,
     };
@@ -54,7 +96,7 @@ pub fn decode(record: &Record) -> Result<CourseEvent, DecodeError> {
             reason: "is empty".into(),
         });
     }
-    let event_id = match fields.string("eventId", "event_id")? {
+    let event_id = match either(&wire.event_id, &wire.event_id_snake, "eventId", Flex::string)? {
         Some(id) => id,
         None => record
             .header("id")
@@ -63,28 +105,33 @@ pub fn decode(record: &Record) -> Result<CourseEvent, DecodeError> {
             // Deterministic, so a replayed record keeps its identity.
             .unwrap_or_else(|| record.position()),
     };
-    let version = fields.integer("version", "version")?;
-    let occurred_at = fields
-        .time("occurredAt", "occurred_at")?
+    let version = either(&wire.version, &None, "version", Flex::integer)?;
+    let occurred_at = either(&wire.occurred_at, &wire.occurred_at_snake, "occurredAt", Flex::time)?
         .or(record.timestamp)
         .unwrap_or(0);
+    let name = either(&wire.name, &None, "name", Flex::string)?;
+    let thumbnail = either(&wire.thumbnail, &None, "thumbnail", Flex::string)?;
+    let description = either(&wire.description, &None, "description", Flex::string)?;
 
     let kind = match kind_name {
         KnownType::Created => EventKind::Created(Created {
-            name: fields
-                .string("name", "name")?
-                .ok_or(DecodeError::MissingField("name"))?,
-            thumbnail: fields.string("thumbnail", "thumbnail")?,
-            description: fields.string("description", "description")?,
-            teacher_id: fields
-                .string("teacherId", "teacher_id")?
+            name: name.ok_or(DecodeError::MissingField("name"))?,
+            thumbnail,
+            description,
+            teacher_id: either(&wire.teacher_id, &wire.teacher_id_snake, "teacherId", Flex::string)?
                 .ok_or(DecodeError::MissingField("teacherId"))?,
-            registered_at: fields.time("registeredAt", "registered_at")?.unwrap_or(occurred_at),
+            registered_at: either(
+                &wire.registered_at,
+                &wire.registered_at_snake,
+                "registeredAt",
+                Flex::time,
+            )?
+            .unwrap_or(occurred_at),
         }),
         KnownType::Updated => EventKind::Updated(Changes {
-            name: fields.string("name", "name")?,
-            thumbnail: fields.string("thumbnail", "thumbnail")?,
-            description: fields.string("description", "description")?,
+            name,
+            thumbnail,
+            description,
         }),
         KnownType::Posted => EventKind::Posted,
         KnownType::Unposted => EventKind::Unposted,
@@ -99,31 +146,151 @@ pub fn decode(record: &Record) -> Result<CourseEvent, DecodeError> {
     })
 }
 
-/// Peels JsonConverter wrappers and escaped-JSON strings down to the object.
-fn unwrap_payload(mut value: Value) -> Result<Map<String, Value>, DecodeError> {
-    for _ in 0..MAX_UNWRAP {
-        value = match value {
-            Value::Object(mut obj) if obj.contains_key("schema") && obj.contains_key("payload") => {
-                obj.remove("payload").unwrap_or(Value::Null)
-            }
-            Value::Object(obj) => return Ok(obj),
-            Value::String(s) => {
-                serde_json::from_str(&s).map_err(|e| DecodeError::InvalidJson(format!("in string payload: {e}")))?
-            }
-            other => return Err(DecodeError::NotAnObject(json_kind(&other))),
-        };
-    }
-    Err(DecodeError::NotAnObject("nesting too deep"))
+/// The fields of an event object that decoding reads, camelCase or
+/// snake_case; every other field is skipped without being parsed into
+/// anything. JSON null counts as absent.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, rename = "eventType")]
+    event_type: Option<Flex<'a>>,
+    #[serde(borrow, rename = "event_type")]
+    event_type_snake: Option<Flex<'a>>,
+    #[serde(borrow, rename = "type")]
+    type_field: Option<Flex<'a>>,
+    #[serde(borrow, rename = "courseId")]
+    course_id: Option<Flex<'a>>,
+    #[serde(borrow, rename = "course_id")]
+    course_id_snake: Option<Flex<'a>>,
+    #[serde(borrow, rename = "eventId")]
+    event_id: Option<Flex<'a>>,
+    #[serde(borrow, rename = "event_id")]
+    event_id_snake: Option<Flex<'a>>,
+    #[serde(borrow)]
+    version: Option<Flex<'a>>,
+    #[serde(borrow, rename = "occurredAt")]
+    occurred_at: Option<Flex<'a>>,
+    #[serde(borrow, rename = "occurred_at")]
+    occurred_at_snake: Option<Flex<'a>>,
+    #[serde(borrow)]
+    name: Option<Flex<'a>>,
+    #[serde(borrow)]
+    thumbnail: Option<Flex<'a>>,
+    #[serde(borrow)]
+    description: Option<Flex<'a>>,
+    #[serde(borrow, rename = "teacherId")]
+    teacher_id: Option<Flex<'a>>,
+    #[serde(borrow, rename = "teacher_id")]
+    teacher_id_snake: Option<Flex<'a>>,
+    #[serde(borrow, rename = "registeredAt")]
+    registered_at: Option<Flex<'a>>,
+    #[serde(borrow, rename = "registered_at")]
+    registered_at_snake: Option<Flex<'a>>,
+    // JsonConverter's wrapper: {"schema": …, "payload": <the event>}.
+    schema: Option<IgnoredAny>,
+    #[serde(borrow, default, deserialize_with = "payload")]
+    payload: Option<&'a RawValue>,
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// `payload` as raw JSON; a null payload stays `Some("null")` so that a
+/// wrapper around nothing is told apart from an event without a wrapper.
+fn payload<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// The first present of two spellings of a field, read by `read`.
+fn either<'a, T>(
+    camel: &Option<Flex<'a>>,
+    snake: &Option<Flex<'a>>,
+    field: &'static str,
+    read: impl Fn(&Flex<'a>, &'static str) -> Result<T, DecodeError>,
+) -> Result<Option<T>, DecodeError> {
+    camel.as_ref().or(snake.as_ref()).map(|v| read(v, field)).transpose()
+}
+
+/// A JSON scalar as it came (strings borrowed from the input unless they
+/// hold escapes), or the kind of anything else.
+enum Flex<'a> {
+    Str(Cow<'a, str>),
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Other(&'static str),
+}
+
+impl Flex<'_> {
+    fn string(&self, field: &'static str) -> Result<String, DecodeError> {
+        match self {
+            Flex::Str(s) => Ok(s.to_string()),
+            // Numeric ids are common in outbox tables; keep them as text.
+            Flex::Int(n) => Ok(n.to_string()),
+            Flex::Uint(n) => Ok(n.to_string()),
+            Flex::Float(n) => Ok(n.to_string()),
+            Flex::Other(kind) => Err(invalid(field, format!("expected a string, found {kind}"))),
+        }
+    }
+
+    fn integer(&self, field: &'static str) -> Result<i64, DecodeError> {
+        match self {
+            Flex::Int(n) => Ok(*n),
+            Flex::Uint(n) => Err(invalid(field, format!("{n} is not an integer"))),
+            Flex::Float(n) => Err(invalid(field, format!("{n} is not an integer"))),
+            Flex::Str(s) => s
+                .parse()
+                .map_err(|_| invalid(field, format!("{s:?} is not an integer"))),
+            Flex::Other(kind) => Err(invalid(field, format!("expected an integer, found {kind}"))),
+        }
+    }
+
+    /// RFC 3339 text, or epoch milliseconds (what Debezium emits for timestamps).
+    fn time(&self, field: &'static str) -> Result<Millis, DecodeError> {
+        match self {
+            Flex::Str(s) => DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| invalid(field, format!("{s:?} is not an RFC 3339 time: {e}"))),
+            Flex::Int(n) => Ok(*n),
+            Flex::Uint(n) => Err(invalid(field, format!("{n} is not epoch milliseconds"))),
+            Flex::Float(n) => Err(invalid(field, format!("{n} is not epoch milliseconds"))),
+            Flex::Other(kind) => Err(invalid(field, format!("expected a time, found {kind}"))),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Flex<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FlexVisitor;
+        impl<'de> Visitor<'de> for FlexVisitor {
+            type Value = Flex<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Flex<'de>, E> {
+                Ok(Flex::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Flex<'de>, E> {
+                Ok(Flex::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Flex<'de>, E> {
+                Ok(Flex::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Flex<'de>, E> {
+                Ok(i64::try_from(v).map_or(Flex::Uint(v), Flex::Int))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Flex<'de>, E> {
+                Ok(Flex::Float(v))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Flex<'de>, E> {
+                Ok(Flex::Other("a boolean"))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Flex<'de>, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Flex::Other("an array"))
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Flex<'de>, M::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Flex::Other("an object"))
+            }
+        }
+        deserializer.deserialize_any(FlexVisitor)
     }
 }
 
@@ -154,14 +321,13 @@ impl KnownType {
 /// Value field, then headers, then the payload's `type`, then the topic name
 /// (its last `.`-separated segment, so prefixed topics like
 /// `prod.CourseCreatedEvent` work too).
-fn event_type(fields: &Fields<'_>, record: &Record) -> Result<KnownType, DecodeError> {
-    let named = match fields.string("eventType", "event_type")? {
+fn event_type(wire: &Wire<'_>, record: &Record) -> Result<KnownType, DecodeError> {
+    let named = match either(&wire.event_type, &wire.event_type_snake, "eventType", Flex::string)? {
         Some(t) => Some(t),
-        None => record
-            .header("eventType")
-            .or_else(|| record.header("type"))
-            .map(str::to_owned)
-            .map_or_else(|| fields.string("type", "type"), |t| Ok(Some(t)))?,
+        None => match record.header("eventType").or_else(|| record.header("type")) {
+            Some(t) => Some(t.to_owned()),
+            None => either(&wire.type_field, &None, "type", Flex::string)?,
+        },
     };
     if let Some(name) = named {
         return KnownType::parse(&name).ok_or(DecodeError::UnknownType(name));
@@ -187,58 +353,6 @@ fn record_key(record: &Record) -> Option<String> {
         }
     }
     (!key.is_empty()).then(|| key.to_owned())
-}
-
-/// Field access accepting camelCase and snake_case names.
-struct Fields<'a>(&'a Map<String, Value>);
-
-impl Fields<'_> {
-    fn get(&self, camel: &str, snake: &str) -> Option<&Value> {
-        self.0.get(camel).or_else(|| self.0.get(snake)).filter(|v| !v.is_null())
-    }
-
-    fn string(&self, camel: &'static str, snake: &str) -> Result<Option<String>, DecodeError> {
-        match self.get(camel, snake) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            // Numeric ids are common in outbox tables; keep them as text.
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(other) => Err(invalid(camel, format!("expected a string, found {}", json_kind(other)))),
-        }
-    }
-
-    fn integer(&self, camel: &'static str, snake: &str) -> Result<Option<i64>, DecodeError> {
-        match self.get(camel, snake) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| invalid(camel, format!("{n} is not an integer"))),
-            Some(Value::String(s)) => s
-                .parse()
-                .map(Some)
-                .map_err(|_| invalid(camel, format!("{s:?} is not an integer"))),
-            Some(other) => Err(invalid(
-                camel,
-                format!("expected an integer, found {}", json_kind(other)),
-            )),
-        }
-    }
-
-    /// RFC 3339 text, or epoch milliseconds (what Debezium emits for timestamps).
-    fn time(&self, camel: &'static str, snake: &str) -> Result<Option<Millis>, DecodeError> {
-        match self.get(camel, snake) {
-            None => Ok(None),
-            Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
-                .map(|t| Some(t.timestamp_millis()))
-                .map_err(|e| invalid(camel, format!("{s:?} is not an RFC 3339 time: {e}"))),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| invalid(camel, format!("{n} is not epoch milliseconds"))),
-            Some(other) => Err(invalid(camel, format!("expected a time, found {}", json_kind(other)))),
-        }
-    }
 }
 
 fn invalid(field: &'static str, reason: String) -> DecodeError {
@@ -481,6 +595,13 @@ mod tests {
                 },
             ),
             (
+                // Ambiguous: which name is meant? Dead-lettered, not guessed.
+                "CourseUpdatedEvent",
+                Some("c"),
+                r#"{"name":"a","name":"b"}"#,
+                DecodeError::InvalidJson(String::new()),
+            ),
+            (
                 "CourseUpdatedEvent",
                 Some("c"),
                 r#"{"name":["x"]}"#,
@@ -508,5 +629,51 @@ mod tests {
             ..record("CourseCreatedEvent", None, &[], "")
         };
         assert_eq!(decode(&no_value), Err(DecodeError::NoValue));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_decode_or_fail_without_panicking(
+                bytes in proptest::collection::vec(any::<u8>(), 0..256),
+                topic in "[A-Za-z.]{0,24}",
+            ) {
+                let mut r = record(&topic, None, &[], "");
+                r.value = Some(bytes);
+                let _ = decode(&r);
+            }
+
+            #[test]
+            fn every_outbox_wrapping_decodes_to_the_per_type_event(
+                name in any::<String>(),
+                description in proptest::option::of(any::<String>()),
+                course in "[a-z0-9-]{1,16}",
+                version in 1..i64::MAX,
+                snake in any::<bool>(),
+            ) {
+                let (course_key, teacher_key) = if snake { ("course_id", "teacher_id") } else { ("courseId", "teacherId") };
+                let mut event = json!({
+                    "eventId": "e-1", "eventType": "CourseCreatedEvent", "version": version,
+                    "occurredAt": "2026-11-21T09:00:00Z", "name": name, "description": description,
+                });
+                event[course_key] = json!(course);
+                event[teacher_key] = json!("t-1");
+                let plain = decode(&record("CourseCreatedEvent", None, &[], &event.to_string()))
+                    .expect("per-type event decodes");
+                let escaped = Value::String(event.to_string()).to_string();
+                let wrapped = json!({"schema": {"type": "string"}, "payload": event}).to_string();
+                let wrapped_escaped = json!({"schema": {}, "payload": event.to_string()}).to_string();
+                for value in [escaped, wrapped, wrapped_escaped] {
+                    let outbox = decode(&record("outbox.event.Course", None, &[], &value));
+                    prop_assert_eq!(outbox.as_ref(), Ok(&plain), "for {}", value);
+                }
+                prop_assert_eq!(plain.course_id, course);
+                prop_assert_eq!(plain.version, Some(version));
+            }
+        }
     }
 }

@@ -81,7 +81,7 @@ pub struct DocWrite {
     pub expected_rev: i64,
     pub state: CourseState,
     /// The API document; `None` when the course is not listed.
-    pub view: Option<serde_json::Value>,
+    pub view: Option<Document>,
 }
 
 /// A stored offset (the next one to read) and when it last moved.
@@ -356,7 +356,7 @@ impl Store {
         let mut updates = Vec::with_capacity(writes.len());
         for w in writes {
             let view = match &w.view {
-                Some(v) => bson::to_bson(v)?,
+                Some(v) => Bson::Document(v.clone()),
                 None => Bson::Null,
             };
             let s = &w.state;

@@ -22,13 +22,14 @@ impl ReadModel {
     }
 
     /// The document the API serves for this course, or `None` if unlisted.
-    pub fn view(self, state: &CourseState) -> Option<serde_json::Value> {
-        fn json<P: Projection>(state: &CourseState) -> Option<serde_json::Value> {
-            P::view(state).and_then(|v| serde_json::to_value(v).ok())
+    /// Straight to BSON: it is stored as is, and served from the store.
+    pub fn view(self, state: &CourseState) -> Option<bson::Document> {
+        fn document<P: Projection>(state: &CourseState) -> Option<bson::Document> {
+            P::view(state).and_then(|v| bson::to_document(&v).ok())
         }
         match self {
-            ReadModel::Catalog => json::<Catalog>(state),
-            ReadModel::TeacherCourses => json::<TeacherCourses>(state),
+            ReadModel::Catalog => document::<Catalog>(state),
+            ReadModel::TeacherCourses => document::<TeacherCourses>(state),
         }
     }
 }
