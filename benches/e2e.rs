@@ -260,7 +260,6 @@ async fn raw_find(
     }
 }
 
-
 /// Keep-alive HTTP load with wrk (a C load generator, as redis-benchmark is
 /// for the raw limit), rotating over `paths`, as a browser would ask: gzip
 /// accepted.
@@ -278,7 +277,12 @@ fn load(base: &str, paths: &[String], connections: usize, seconds: u64) -> Load 
     )
     .expect("wrk script");
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+        ])
         .args(["-H", "Accept-Encoding: gzip", "-s"])
         .arg(&script)
         .arg(base)

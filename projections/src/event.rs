@@ -1,5 +1,7 @@
 //! The course domain events as the projections see them, already decoded.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch (UTC). Kept as an integer so that this
@@ -73,8 +75,9 @@ pub struct Stamp {
     pub version: i64,
     #[serde(rename = "t")]
     pub at: Millis,
+    /// Shared: one event stamps several registers of a state.
     #[serde(rename = "e")]
-    pub event_id: String,
+    pub event_id: Arc<str>,
 }
 
 impl CourseEvent {
@@ -82,7 +85,7 @@ impl CourseEvent {
         Stamp {
             version: self.version.unwrap_or(-1),
             at: self.occurred_at,
-            event_id: self.event_id.clone(),
+            event_id: Arc::from(self.event_id.as_str()),
         }
     }
 }

@@ -21,12 +21,13 @@ pub struct Lww<T> {
 }
 
 impl<T> Lww<T> {
-    /// Sets `slot` to `value` unless it already holds a write at least as new.
-    fn write(slot: &mut Option<Lww<T>>, value: T, stamp: &Stamp) {
+    /// Sets `slot` to `value()` unless it already holds a write at least as
+    /// new; `value` is only built when it is written.
+    fn write(slot: &mut Option<Lww<T>>, value: impl FnOnce() -> T, stamp: &Stamp) {
         let newer = slot.as_ref().is_none_or(|cur| *stamp > cur.stamp);
         if newer {
             *slot = Some(Lww {
-                value,
+                value: value(),
                 stamp: stamp.clone(),
             });
         }
@@ -100,22 +101,22 @@ impl CourseState {
         match &event.kind {
             EventKind::Created(c) => {
                 self.created = true;
-                Lww::write(&mut self.name, c.name.clone(), &stamp);
-                Lww::write(&mut self.thumbnail, c.thumbnail.clone(), &stamp);
-                Lww::write(&mut self.description, c.description.clone(), &stamp);
-                Lww::write(&mut self.teacher_id, c.teacher_id.clone(), &stamp);
-                Lww::write(&mut self.registered_at, c.registered_at, &stamp);
+                Lww::write(&mut self.name, || c.name.clone(), &stamp);
+                Lww::write(&mut self.thumbnail, || c.thumbnail.clone(), &stamp);
+                Lww::write(&mut self.description, || c.description.clone(), &stamp);
+                Lww::write(&mut self.teacher_id, || c.teacher_id.clone(), &stamp);
+                Lww::write(&mut self.registered_at, || c.registered_at, &stamp);
                 self.touch(event.occurred_at);
             }
             EventKind::Updated(ch) => {
                 if let Some(name) = &ch.name {
-                    Lww::write(&mut self.name, name.clone(), &stamp);
+                    Lww::write(&mut self.name, || name.clone(), &stamp);
                 }
                 if let Some(thumbnail) = &ch.thumbnail {
-                    Lww::write(&mut self.thumbnail, Some(thumbnail.clone()), &stamp);
+                    Lww::write(&mut self.thumbnail, || Some(thumbnail.clone()), &stamp);
                 }
                 if let Some(description) = &ch.description {
-                    Lww::write(&mut self.description, Some(description.clone()), &stamp);
+                    Lww::write(&mut self.description, || Some(description.clone()), &stamp);
                 }
                 self.touch(event.occurred_at);
             }
@@ -124,7 +125,7 @@ impl CourseState {
                     posted: matches!(event.kind, EventKind::Posted),
                     since: event.occurred_at,
                 };
-                Lww::write(&mut self.posting, posting, &stamp);
+                Lww::write(&mut self.posting, || posting, &stamp);
             }
             EventKind::Deleted => {
                 *self = CourseState {
