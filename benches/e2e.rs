@@ -622,4 +622,12 @@ async fn main() {
         None => format!("# Performance\n\n{marker}\n{table}{marker}\n"),
     };
     std::fs::write(&out, doc).expect("write the table");
+
+    // The corpus is gigabytes at 1 M events: leave the peer as we found it.
+    let client = mongodb::Client::with_uri_str(&env.mongodb_uri).await.expect("client");
+    for database in [env.database.clone(), format!("{}_raw", env.database)] {
+        if let Err(e) = client.database(&database).drop().await {
+            eprintln!("e2e: could not drop {database}: {e}");
+        }
+    }
 }
