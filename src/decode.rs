@@ -63,8 +63,8 @@ fn decode_text(text: &str, record: &Record, depth: usize) -> Result<CourseEvent,
     match text.trim_start().as_bytes().first() {
         Some(b'{') => {
             let wire: Wire<'_> = serde_json::from_str(text).map_err(bad_json)?;
-            match (&wire.schema, wire.payload) {
-                (Some(_), Some(payload)) => decode_text(payload.get(), record, depth + 1),
+            match (wire.schema, wire.payload) {
+                (true, Some(payload)) => decode_text(payload.get(), record, depth + 1),
                 _ => event_from(&wire, record),
             }
         }
@@ -185,8 +185,10 @@ struct Wire<'a> {
     registered_at: Option<Flex<'a>>,
     #[serde(borrow, rename = "registered_at")]
     registered_at_snake: Option<Flex<'a>>,
-    // JsonConverter's wrapper: {"schema": …, "payload": <the event>}.
-    schema: Option<IgnoredAny>,
+    // JsonConverter's wrapper: {"schema": …, "payload": <the event>}. The
+    // schema is null for schemaless data, and still marks a wrapper.
+    #[serde(default, deserialize_with = "present")]
+    schema: bool,
     #[serde(borrow, default, deserialize_with = "payload")]
     payload: Option<&'a RawValue>,
 }
@@ -195,6 +197,11 @@ struct Wire<'a> {
 /// wrapper around nothing is told apart from an event without a wrapper.
 fn payload<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Whether the field is there at all, null included.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(deserializer).map(|_| true)
 }
 
 /// The first present of two spellings of a field, read by `read`.
@@ -667,7 +674,9 @@ mod tests {
                 let escaped = Value::String(event.to_string()).to_string();
                 let wrapped = json!({"schema": {"type": "string"}, "payload": event}).to_string();
                 let wrapped_escaped = json!({"schema": {}, "payload": event.to_string()}).to_string();
-                for value in [escaped, wrapped, wrapped_escaped] {
+                // JsonConverter with schemas enabled, for schemaless data.
+                let null_schema = json!({"schema": null, "payload": event.to_string()}).to_string();
+                for value in [escaped, wrapped, wrapped_escaped, null_schema] {
                     let outbox = decode(&record("outbox.event.Course", None, &[], &value));
                     prop_assert_eq!(outbox.as_ref(), Ok(&plain), "for {}", value);
                 }
