@@ -223,6 +223,14 @@ impl TestApp {
         }
     }
 
+    /// Runs a `model` worker until it has applied `events`, then stops it.
+    pub async fn project_all(&self, model: ReadModel, events: &[Value]) {
+        let worker = self.start_worker(model);
+        self.publish_all(events).await;
+        self.wait_applied(model, events.len() as i64).await;
+        worker.stop().await;
+    }
+
     pub async fn send(&self, record: Outgoing) {
         self.producer.send(&record).await.expect("produced");
     }
@@ -289,6 +297,14 @@ impl TestApp {
         )
         .await;
     }
+}
+
+/// The catalog that `events` give on a fresh app: what every other way of
+/// applying them (reordered, crashed, rebuilt, interrupted) must equal.
+pub async fn clean_replay(events: &[Value]) -> Vec<bson::Document> {
+    let clean = TestApp::spawn().await;
+    clean.project_all(ReadModel::Catalog, events).await;
+    clean.dump(ReadModel::Catalog).await
 }
 
 /// Builds an event as the course service publishes it.

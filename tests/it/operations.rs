@@ -12,18 +12,8 @@ use courseview::read_model::ReadModel;
 use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions, RebuildReport};
 use serde_json::{json, Value};
 
-use crate::helpers::{brokers, eventually, mongodb_uri, Options, Reaped, TestApp};
+use crate::helpers::{brokers, clean_replay, eventually, mongodb_uri, Options, Reaped, TestApp};
 use crate::pipeline::big_history;
-
-/// Publishes `events` and waits until a catalog worker applied them all.
-pub async fn clean_replay(events: &[Value]) -> Vec<bson::Document> {
-    let clean = TestApp::spawn().await;
-    let worker = clean.start_worker(ReadModel::Catalog);
-    clean.publish_all(events).await;
-    clean.wait_applied(ReadModel::Catalog, events.len() as i64).await;
-    worker.stop().await;
-    clean.dump(ReadModel::Catalog).await
-}
 
 #[derive(Default)]
 struct Recorder {
@@ -519,10 +509,7 @@ async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_ser
 async fn an_in_place_rebuild_replays_the_serving_generation_from_zero() {
     let events = big_history("p", 80);
     let app = TestApp::spawn().await;
-    let worker = app.start_worker(ReadModel::Catalog);
-    app.publish_all(&events).await;
-    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
-    worker.stop().await;
+    app.project_all(ReadModel::Catalog, &events).await;
     let before = app.dump(ReadModel::Catalog).await;
 
     let options = quick(true);

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use courseview::read_model::ReadModel;
 
-use crate::helpers::{eventually, unique, Options, Reaped, TestApp};
-use crate::operations::clean_replay;
+use crate::helpers::{clean_replay, eventually, unique, Options, Reaped, TestApp};
 use crate::pipeline::big_history;
 
 /// A private nx-27017 whose data survives restarts.

@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
-use crate::helpers::{event, eventually, scenario, TestApp};
+use crate::helpers::{clean_replay, event, eventually, scenario, TestApp};
 
 /// Publishes `events` and waits until both projections applied them.
 async fn run_to_completion(app: &TestApp, events: &[Value]) -> Value {
@@ -168,11 +168,7 @@ pub fn big_history(prefix: &str, courses: usize) -> Vec<Value> {
 async fn a_worker_crashed_and_restarted_resumes_from_stored_offsets_and_equals_a_clean_run() {
     let events = big_history("k", 300);
 
-    let clean = TestApp::spawn().await;
-    let worker = clean.start_worker(ReadModel::Catalog);
-    clean.publish_all(&events).await;
-    clean.wait_applied(ReadModel::Catalog, events.len() as i64).await;
-    worker.stop().await;
+    let expected = clean_replay(&events).await;
 
     let app = TestApp::spawn().await;
     app.publish_all(&events).await;
@@ -195,7 +191,7 @@ async fn a_worker_crashed_and_restarted_resumes_from_stored_offsets_and_equals_a
     tokio::time::sleep(Duration::from_millis(300)).await;
     third.stop().await;
 
-    assert_eq!(app.dump(ReadModel::Catalog).await, clean.dump(ReadModel::Catalog).await);
+    assert_eq!(app.dump(ReadModel::Catalog).await, expected);
     let stored: i64 = app
         .store
         .load_offsets("catalog", 1)
