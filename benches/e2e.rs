@@ -288,6 +288,7 @@ fn load(base: &str, paths: &[String], connections: usize, seconds: u64) -> Load 
         .arg(base)
         .output()
         .expect("wrk (Debian package wrk; scripts/bench installs it)");
+    let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     parse_wrk(&text).unwrap_or_else(|| panic!("unexpected wrk output:\n{text}"))
 }
