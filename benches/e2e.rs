@@ -361,6 +361,7 @@ async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, second
             key: Some(course.clone()),
             value: Some(value.to_string()),
             headers: Vec::new(),
+            raw_headers: Vec::new(),
         };
         let sent = Instant::now();
         if n % 100 == 0 {
@@ -464,6 +465,7 @@ async fn main() {
                 serde_json::from_str::<String>(&s).unwrap_or(s)
             }),
             headers: Vec::new(),
+            raw_headers: Vec::new(),
         })
         .map(|mut o| {
             if let Some(v) = o.value.as_ref().and_then(|v| serde_json::from_str::<Value>(v).ok()) {

@@ -26,10 +26,20 @@ use crate::telemetry;
 /// How long to skip Redis after it failed.
 const BACKOFF: Duration = Duration::from_millis(500);
 
-/// Reads the epoch and the entry under it in one round trip.
+/// Reads the epoch and the entry under it in one round trip. A missing
+/// epoch (never set, or evicted under `maxmemory`) is replaced by a fresh
+/// random one, so entries cached under any earlier epoch stay unreachable.
+/// Epochs are random rather than counted for exactly that reason: a
+/// counter that restarts after eviction would revive old entries.
 const LOOKUP: &str = r"
-local epoch = redis.call('GET', KEYS[1]) or '0'
-return {epoch, redis.call('GET', ARGV[1] .. epoch .. ARGV[2])}
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  redis.call('SET', KEYS[1], ARGV[3])
+  return {ARGV[3]}
+end
+local found = redis.call('GET', ARGV[1] .. epoch .. ARGV[2])
+if not found then return {epoch} end
+return {epoch, found}
 ";
 
 /// A cache lookup's outcome.
@@ -38,7 +48,7 @@ pub enum Lookup {
     Hit(Vec<u8>),
     /// Not cached; store the answer under this epoch.
     Miss {
-        epoch: u64,
+        epoch: String,
     },
     /// Redis is not answering; go to MongoDB and do not store.
     Unavailable,
@@ -72,6 +82,11 @@ impl std::fmt::Debug for Cache {
 pub struct Scope<'a> {
     pub projection: &'a str,
     pub generation: u32,
+}
+
+/// A fresh epoch: random, so it never equals one used before.
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 fn now_millis() -> u64 {
@@ -132,19 +147,25 @@ impl Cache {
             .store(now_millis() + BACKOFF.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Runs a Redis call with the cache's timeout, turning failure into `None`.
+    /// Runs a Redis call, connecting included, within the cache's timeout,
+    /// turning failure into `None`.
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
-        match tokio::time::timeout(self.inner.timeout, f(conn)).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
+        let attempt = async {
+            let conn = self.connection().await?;
+            Some(f(conn).await)
+        };
+        match tokio::time::timeout(self.inner.timeout, attempt).await {
+            Ok(Some(Ok(v))) => Some(v),
+            Ok(Some(Err(e))) => {
                 self.failed(op, &e);
                 None
             }
+            // Connecting failed; already counted.
+            Ok(None) => None,
             Err(_) => {
                 self.failed(op, &"timed out");
                 None
@@ -160,29 +181,39 @@ impl Cache {
         let head = format!("{base}:e");
         let tail = format!(":{suffix}");
         let script = &self.inner.lookup;
-        let found: Option<(String, Option<Vec<u8>>)> = self
+        let fresh = new_epoch();
+        let found: Option<Vec<Vec<u8>>> = self
             .call("get", |mut conn| async move {
-                script.key(epoch_key).arg(head).arg(tail).invoke_async(&mut conn).await
+                script
+                    .key(epoch_key)
+                    .arg(head)
+                    .arg(tail)
+                    .arg(fresh)
+                    .invoke_async(&mut conn)
+                    .await
             })
             .await;
-        match found {
-            None => Lookup::Unavailable,
-            Some((_, Some(bytes))) => {
+        let Some(mut found) = found else {
+            return Lookup::Unavailable;
+        };
+        let bytes = if found.len() == 2 { found.pop() } else { None };
+        let epoch = found.pop().map(|e| String::from_utf8_lossy(&e).into_owned());
+        match (epoch, bytes) {
+            (Some(_), Some(bytes)) => {
                 telemetry::cache_lookup(true);
                 Lookup::Hit(bytes)
             }
-            Some((epoch, None)) => {
+            (Some(epoch), None) => {
                 telemetry::cache_lookup(false);
-                Lookup::Miss {
-                    epoch: epoch.parse().unwrap_or_default(),
-                }
+                Lookup::Miss { epoch }
             }
+            (None, _) => Lookup::Unavailable,
         }
     }
 
     /// Stores an answer read after `epoch` was observed.
     #[instrument(skip_all, fields(projection = scope.projection))]
-    pub async fn put(&self, scope: Scope<'_>, epoch: u64, suffix: &str, bytes: &[u8]) {
+    pub async fn put(&self, scope: Scope<'_>, epoch: &str, suffix: &str, bytes: &[u8]) {
         let key = format!("{}:e{epoch}:{suffix}", self.base(scope));
         let ttl = self.inner.ttl.as_secs().max(1);
         let _: Option<()> = self
@@ -192,13 +223,27 @@ impl Cache {
 
     /// Makes every cached answer of the scope obsolete; a projector calls it
     /// after each committed batch. Returns whether Redis took it.
+    ///
+    /// Under `maxmemory` with `noeviction` Redis refuses the `SET`; deleting
+    /// the epoch is still allowed, and readers that find no epoch and cannot
+    /// set one bypass the cache, so freshness holds even then.
     #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn bump_epoch(&self, scope: Scope<'_>) -> bool {
         let key = format!("{}:epoch", self.base(scope));
-        let bumped: Option<u64> = self
-            .call("bump", |mut conn| async move { conn.incr(key, 1).await })
+        let epoch = new_epoch();
+        let set: Option<()> = self
+            .call("bump", |mut conn| {
+                let (key, epoch) = (key.clone(), epoch.clone());
+                async move { conn.set(key, epoch).await }
+            })
             .await;
-        debug!(epoch = ?bumped, "Cache epoch bumped.");
-        bumped.is_some()
+        if set.is_some() {
+            debug!(epoch, "Cache epoch bumped.");
+            return true;
+        }
+        // Skip the backoff window: this is the call that must get through.
+        self.inner.skip_until.store(0, Ordering::Relaxed);
+        let deleted: Option<()> = self.call("bump", |mut conn| async move { conn.del(key).await }).await;
+        deleted.is_some()
     }
 }

@@ -1,10 +1,27 @@
 //! Dead letters: records that could not be decoded or applied, kept whole
 //! (topic, partition, offset, key, raw value, headers, error) so they can be
 //! listed and replayed.
+//!
+//! Bytes stay bytes (BSON binary): a record with a non-UTF-8 key or header is
+//! exactly the kind that ends here, and a lossy copy could not be replayed.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use crate::record::Record;
+
+/// How much of an oversized record a dead letter keeps. The whole record
+/// stays in Kafka at the letter's topic/partition/offset.
+pub const OVERSIZED_PREFIX: usize = 64 * 1024;
+
+/// One header, as raw bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadHeader {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+}
 
 /// One record that could not be decoded or applied.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -14,34 +31,73 @@ pub struct DeadLetter {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub key: Option<String>,
-    pub value: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub key: Option<Vec<u8>>,
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
     #[serde(default)]
-    pub headers: Vec<(String, Option<String>)>,
+    pub headers: Vec<DeadHeader>,
     pub timestamp: Option<i64>,
     pub error: String,
+    /// Set when the record was over the size limit: its size in bytes. The
+    /// letter then keeps only the first bytes of key and value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_from: Option<i64>,
     /// When it was stored; set by the store.
     #[serde(default, skip_serializing)]
     pub dead_at: Option<bson::DateTime>,
 }
 
 impl DeadLetter {
-    /// Keeps the record as text (lossy only for non-UTF-8 bytes, which no
-    /// JSON event can contain anyway).
+    /// Keeps the record byte for byte.
     pub fn new(projection: &str, record: &Record, error: &str) -> Self {
-        let text = |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
         DeadLetter {
             projection: projection.to_owned(),
             topic: record.topic.clone(),
             partition: record.partition,
             offset: record.offset,
-            key: text(&record.key),
-            value: text(&record.value),
-            headers: record.headers.iter().map(|(k, v)| (k.clone(), text(v))).collect(),
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(k, v)| DeadHeader {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
             timestamp: record.timestamp,
             error: error.to_owned(),
+            truncated_from: None,
             dead_at: None,
         }
+    }
+
+    /// A record over the size limit: its first bytes, so the letter itself
+    /// always fits in one MongoDB document.
+    pub fn oversized(projection: &str, record: &Record, error: &str) -> Self {
+        let prefix = |b: &Option<Vec<u8>>| b.as_ref().map(|b| b[..b.len().min(OVERSIZED_PREFIX)].to_vec());
+        let mut letter = DeadLetter::new(projection, &Record::default(), error);
+        letter.topic.clone_from(&record.topic);
+        letter.partition = record.partition;
+        letter.offset = record.offset;
+        letter.timestamp = record.timestamp;
+        letter.key = prefix(&record.key);
+        letter.value = prefix(&record.value);
+        letter.headers = record
+            .headers
+            .iter()
+            .take(64)
+            .map(|(k, v)| DeadHeader {
+                key: k[..k.len().min(256)].to_vec(),
+                value: prefix(v).map(|mut v| {
+                    v.truncate(1024);
+                    v
+                }),
+            })
+            .collect();
+        letter.truncated_from = Some(i64::try_from(record.size()).unwrap_or(i64::MAX));
+        letter
     }
 
     /// Stable id, so that a batch replayed after a crash stores it once.
@@ -49,18 +105,50 @@ impl DeadLetter {
         format!("{}/{}/{}/{}", self.projection, self.topic, self.partition, self.offset)
     }
 
-    /// The record as it was consumed, for replay.
-    pub fn to_record(&self) -> Record {
-        let bytes = |s: &Option<String>| s.as_ref().map(|s| s.as_bytes().to_vec());
-        Record {
+    /// The record as it was consumed, for replay; `None` when the letter
+    /// keeps only a prefix of it.
+    pub fn to_record(&self) -> Option<Record> {
+        if self.truncated_from.is_some() {
+            return None;
+        }
+        Some(Record {
             topic: self.topic.clone(),
             partition: self.partition,
             offset: self.offset,
-            key: bytes(&self.key),
-            value: bytes(&self.value),
-            headers: self.headers.iter().map(|(k, v)| (k.clone(), bytes(v))).collect(),
+            key: self.key.clone(),
+            value: self.value.clone(),
+            headers: self.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect(),
             timestamp: self.timestamp,
+        })
+    }
+
+    /// JSON for people and tools: bytes as text when they are UTF-8, else
+    /// as `{"base64": …}`.
+    pub fn to_json(&self, id: &str) -> Value {
+        fn bytes(b: &[u8]) -> Value {
+            match std::str::from_utf8(b) {
+                Ok(text) => Value::String(text.to_owned()),
+                Err(_) => {
+                    use base64::Engine as _;
+                    json!({"base64": base64::engine::general_purpose::STANDARD.encode(b)})
+                }
+            }
         }
+        let opt = |b: &Option<Vec<u8>>| b.as_deref().map_or(Value::Null, bytes);
+        json!({
+            "id": id,
+            "projection": self.projection,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "key": opt(&self.key),
+            "value": opt(&self.value),
+            "headers": self.headers.iter().map(|h| json!([bytes(&h.key), opt(&h.value)])).collect::<Vec<_>>(),
+            "timestamp": self.timestamp,
+            "error": self.error,
+            "truncatedFrom": self.truncated_from,
+            "deadAt": self.dead_at.map(|d| d.timestamp_millis()),
+        })
     }
 }
 
@@ -68,19 +156,35 @@ impl DeadLetter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_dead_letter_gives_back_the_record_it_was_made_from() {
-        let record = Record {
+    fn poison() -> Record {
+        Record {
             topic: "CourseCreatedEvent".into(),
             partition: 1,
             offset: 7,
-            key: Some(b"c-1".to_vec()),
-            value: Some(b"{oops".to_vec()),
-            headers: vec![("id".into(), Some(b"e".to_vec())), ("empty".into(), None)],
+            key: Some(vec![0xff, b'k']),
+            value: Some(b"{oops\xfe".to_vec()),
+            headers: vec![(b"id".to_vec(), Some(b"e".to_vec())), (vec![0xc3, 0x28], None)],
             timestamp: Some(5),
-        };
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_gives_back_the_record_byte_for_byte_through_bson() {
+        let record = poison();
         let letter = DeadLetter::new("catalog", &record, "bad");
-        assert_eq!(letter.to_record(), record);
+        let stored: DeadLetter = bson::from_document(bson::to_document(&letter).expect("bson")).expect("back");
+        assert_eq!(stored.to_record(), Some(record));
         assert_eq!(letter.id(), "catalog/CourseCreatedEvent/1/7");
+        assert_eq!(letter.to_json("x")["key"]["base64"], "/2s=");
+    }
+
+    #[test]
+    fn an_oversized_record_keeps_a_prefix_and_cannot_be_replayed_from_the_letter() {
+        let mut record = poison();
+        record.value = Some(vec![b'a'; OVERSIZED_PREFIX * 3]);
+        let letter = DeadLetter::oversized("catalog", &record, "too large");
+        assert_eq!(letter.value.as_ref().map(Vec::len), Some(OVERSIZED_PREFIX));
+        assert_eq!(letter.truncated_from, Some(record.size() as i64));
+        assert_eq!(letter.to_record(), None);
     }
 }

@@ -23,6 +23,12 @@ use crate::record::Record;
 /// cannot fix the bytes, so the record goes to the dead-letter store.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    #[error("header key {0:?} is not valid UTF-8")]
+    HeaderKeyNotUtf8(String),
+    #[error("header {0:?} is not valid UTF-8")]
+    HeaderNotUtf8(String),
+    #[error("record is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
     #[error("record has no value")]
     NoValue,
     #[error("value is not valid JSON: {0}")]
@@ -44,6 +50,9 @@ const MAX_UNWRAP: usize = 4;
 
 /// Decodes one record into a course event.
 pub fn decode(record: &Record) -> Result<CourseEvent, DecodeError> {
+    if let Some(key) = record.non_utf8_header_key() {
+        return Err(DecodeError::HeaderKeyNotUtf8(key));
+    }
     let raw = record.value.as_deref().ok_or(DecodeError::NoValue)?;
     let text = std::str::from_utf8(raw).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
     decode_text(text, record, 0)
@@ -98,12 +107,11 @@ fn event_from(wire: &Wire<'_>, record: &Record) -> Result<CourseEvent, DecodeErr
     }
     let event_id = match either(&wire.event_id, &wire.event_id_snake, "eventId", Flex::string)? {
         Some(id) => id,
-        None => record
-            .header("id")
-            .or_else(|| record.header("eventId"))
-            .map(str::to_owned)
+        None => match first_header(record, &["id", "eventId"])? {
+            Some(id) => id.to_owned(),
             // Deterministic, so a replayed record keeps its identity.
-            .unwrap_or_else(|| record.position()),
+            None => record.position(),
+        },
     };
     let version = either(&wire.version, &None, "version", Flex::integer)?;
     let occurred_at = either(&wire.occurred_at, &wire.occurred_at_snake, "occurredAt", Flex::time)?
@@ -325,13 +333,24 @@ impl KnownType {
     }
 }
 
+/// The first of these headers that is present, as text.
+fn first_header<'r>(record: &'r Record, names: &[&str]) -> Result<Option<&'r str>, DecodeError> {
+    for name in names {
+        let found = record.header(name).map_err(|e| DecodeError::HeaderNotUtf8(e.header))?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
 /// Value field, then headers, then the payload's `type`, then the topic name
 /// (its last `.`-separated segment, so prefixed topics like
 /// `prod.CourseCreatedEvent` work too).
 fn event_type(wire: &Wire<'_>, record: &Record) -> Result<KnownType, DecodeError> {
     let named = match either(&wire.event_type, &wire.event_type_snake, "eventType", Flex::string)? {
         Some(t) => Some(t),
-        None => match record.header("eventType").or_else(|| record.header("type")) {
+        None => match first_header(record, &["eventType", "type"])? {
             Some(t) => Some(t.to_owned()),
             None => either(&wire.type_field, &None, "type", Flex::string)?,
         },
@@ -379,7 +398,7 @@ mod tests {
             value: Some(value.as_bytes().to_vec()),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), Some(v.as_bytes().to_vec())))
+                .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec())))
                 .collect(),
             timestamp: Some(1_000),
         }
@@ -468,6 +487,30 @@ mod tests {
             include_str!("../tests/fixtures/events/posted_minimal.json"),
         );
         assert_eq!(decode(&r).map(|e| e.kind), Ok(EventKind::Unposted));
+    }
+
+    #[test]
+    fn a_header_key_that_is_not_utf8_is_a_poison_record() {
+        let mut r = record(
+            "outbox.event.Course",
+            Some("c-1"),
+            &[("eventType", "CoursePostedEvent")],
+            include_str!("../tests/fixtures/events/outbox_object.json"),
+        );
+        r.headers.push((vec![0xff, 0xfe, b'x'], Some(b"v".to_vec())));
+        assert!(matches!(decode(&r), Err(DecodeError::HeaderKeyNotUtf8(_))));
+    }
+
+    #[test]
+    fn a_used_header_value_that_is_not_utf8_is_a_poison_record() {
+        let mut r = record(
+            "outbox.event.Course",
+            Some("c-1"),
+            &[],
+            include_str!("../tests/fixtures/events/outbox_object.json"),
+        );
+        r.headers.push((b"eventType".to_vec(), Some(vec![0xc3, 0x28])));
+        assert_eq!(decode(&r), Err(DecodeError::HeaderNotUtf8("eventType".into())));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -64,9 +64,78 @@ pub struct ConsumerSettings {
     pub session_timeout: Duration,
 }
 
+/// Why the reader thread stopped. Each calls for something different from
+/// the worker: nothing (it asked), or a fresh consumer (assignment failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderExit {
+    /// The worker cancelled it.
+    Cancelled,
+    /// The worker dropped its end of the channel.
+    ReceiverGone,
+    /// Partitions were assigned but their stored offsets could not be
+    /// read; they were left unassigned rather than started anywhere else.
+    AssignmentFailed(String),
+}
+
+/// Caps the bytes of records read but not yet applied, so a run of large
+/// records cannot grow the worker's memory without bound.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: usize,
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl ByteBudget {
+    pub fn new(limit: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            limit: limit.max(1),
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        })
+    }
+
+    fn used(&self) -> std::sync::MutexGuard<'_, usize> {
+        // A poisoned lock only means a holder panicked; the count is still right.
+        self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks until `n` bytes fit (a record larger than the whole budget
+    /// passes alone), or `cancel` fires (returns false).
+    pub fn acquire(&self, n: usize, cancel: &CancellationToken) -> bool {
+        let mut used = self.used();
+        while *used > 0 && *used + n > self.limit {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        *used += n;
+        true
+    }
+
+    pub fn release(&self, n: usize) {
+        let mut used = self.used();
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    pub fn in_use(&self) -> usize {
+        *self.used()
+    }
+}
+
 struct AssignContext {
     group: String,
     offsets: Arc<dyn OffsetSource>,
+    /// How long an assignment waits for the stored offsets.
+    patience: Duration,
+    /// Set when an assignment could not be made; the reader stops on it.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ClientContext for AssignContext {}
@@ -75,18 +144,26 @@ impl ConsumerContext for AssignContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let stored = self.load_offsets_patiently();
+                let stored = match self.load_offsets_patiently() {
+                    Ok(map) => map,
+                    Err(e) => {
+                        // Never start a partition anywhere but at its stored
+                        // offset: the group's committed offsets may belong to
+                        // another generation. Leave it unassigned and let the
+                        // worker rejoin with a fresh consumer.
+                        warn!(group = %self.group, error = %e, "Cannot load stored offsets; not taking the partitions.");
+                        let _ = consumer.unassign();
+                        *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                        return;
+                    }
+                };
                 let mut assigned = TopicPartitionList::new();
                 for elem in tpl.elements() {
-                    let offset = match &stored {
-                        Some(map) => map
-                            .get(&(elem.topic().to_owned(), elem.partition()))
-                            .map_or(Offset::Beginning, |o| Offset::Offset(*o)),
-                        // MongoDB unreachable: the group's committed offsets
-                        // trail the stored ones, so starting there replays a
-                        // little and loses nothing (applying is idempotent).
-                        None => Offset::Stored,
-                    };
+                    // No stored offset: this generation never read the
+                    // partition, so it starts at the beginning of the log.
+                    let offset = stored
+                        .get(&(elem.topic().to_owned(), elem.partition()))
+                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
                     if let Err(e) = assigned.add_partition_offset(elem.topic(), elem.partition(), offset) {
                         warn!(error = %e, "Cannot set assigned offset.");
                     }
@@ -94,6 +171,7 @@ impl ConsumerContext for AssignContext {
                 info!(group = %self.group, partitions = assigned.count(), "Partitions assigned at stored offsets.");
                 if let Err(e) = consumer.assign(&assigned) {
                     warn!(group = %self.group, error = %e, "Assignment failed.");
+                    *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -111,17 +189,20 @@ impl ConsumerContext for AssignContext {
 }
 
 impl AssignContext {
-    fn load_offsets_patiently(&self) -> Option<HashMap<(String, i32), i64>> {
-        for attempt in 1..=3 {
+    fn load_offsets_patiently(&self) -> Result<HashMap<(String, i32), i64>, String> {
+        let deadline = std::time::Instant::now() + self.patience;
+        let mut attempt = 0_u32;
+        loop {
+            attempt += 1;
             match self.offsets.stored_offsets() {
-                Ok(map) => return Some(map),
+                Ok(map) => return Ok(map),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => {
-                    warn!(group = %self.group, attempt, error = %e, "Cannot load stored offsets.");
-                    std::thread::sleep(Duration::from_millis(200 * attempt));
+                    warn!(group = %self.group, attempt, error = %e, "Cannot load stored offsets; retrying.");
+                    std::thread::sleep(Duration::from_millis(200));
                 }
             }
         }
-        None
     }
 }
 
@@ -129,6 +210,7 @@ impl AssignContext {
 pub struct Consumer {
     inner: Arc<BaseConsumer<AssignContext>>,
     group: String,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -143,9 +225,13 @@ impl Consumer {
         settings: &ConsumerSettings,
         offsets: Arc<dyn OffsetSource>,
     ) -> Result<Consumer, KafkaClientError> {
+        let failed = Arc::new(std::sync::Mutex::new(None));
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
+            // Well inside the rebalance timeout, so the group never waits on us.
+            patience: settings.session_timeout / 2,
+            failed: Arc::clone(&failed),
         };
         let consumer: BaseConsumer<AssignContext> = ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
@@ -154,6 +240,9 @@ impl Consumer {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Debezium's exactly-once relay writes transactions: never apply
+            // an aborted event.
+            .set("isolation.level", "read_committed")
             .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
             .set(
                 "topic.metadata.refresh.interval.ms",
@@ -161,7 +250,7 @@ impl Consumer {
             )
             .set("partition.assignment.strategy", "range,roundrobin")
             // Return fetches within 50 ms even when the broker holds them for
-            // more data (Tansu does): freshness is bounded by this wait.
+            // more data: freshness is bounded by this wait.
             .set("fetch.wait.max.ms", "50")
             // librdkafka prefetches up to 64 MiB per consumer by default; a
             // batch needs far less, and worker memory is a target (PERFORMANCE.md).
@@ -180,30 +269,53 @@ impl Consumer {
         Ok(Consumer {
             inner: Arc::new(consumer),
             group: settings.group_id.clone(),
+            failed,
         })
     }
 
-    /// Polls on a dedicated thread and sends records into `tx` until
-    /// cancelled or the receiver is gone. Rebalances run on that thread.
-    pub fn spawn_reader(&self, tx: mpsc::Sender<Record>, cancel: CancellationToken) -> std::thread::JoinHandle<()> {
+    /// Polls on a dedicated thread and sends records into `tx`, holding
+    /// their bytes in `budget` until the worker releases them, until
+    /// cancelled or the receiver is gone. Rebalances run on that thread, and
+    /// so does leaving the group at the end: librdkafka may call back into
+    /// the rebalance handler there, which must not run on an async thread.
+    pub fn spawn_reader(
+        &self,
+        tx: mpsc::Sender<Record>,
+        budget: Arc<ByteBudget>,
+        cancel: CancellationToken,
+    ) -> std::thread::JoinHandle<ReaderExit> {
         let consumer = Arc::clone(&self.inner);
+        let failed = Arc::clone(&self.failed);
         let group = self.group.clone();
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
             .spawn(move || {
-                while !cancel.is_cancelled() {
-                    match consumer.poll(Duration::from_millis(100)) {
+                let exit = loop {
+                    if cancel.is_cancelled() {
+                        break ReaderExit::Cancelled;
+                    }
+                    let polled = consumer.poll(Duration::from_millis(100));
+                    if let Some(reason) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+                        break ReaderExit::AssignmentFailed(reason);
+                    }
+                    match polled {
                         None => {}
                         Some(Ok(message)) => {
                             let record = to_record(&message);
+                            if !budget.acquire(record.size(), &cancel) {
+                                break ReaderExit::Cancelled;
+                            }
                             if tx.blocking_send(record).is_err() {
-                                break;
+                                break ReaderExit::ReceiverGone;
                             }
                         }
                         Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
                     }
-                }
-                debug!(group = %group, "Reader stopped.");
+                };
+                // Leave the group here, on the thread that serves callbacks.
+                consumer.unsubscribe();
+                debug!(group = %group, exit = ?exit, "Reader stopped.");
+                exit
             })
             .unwrap_or_else(|e| panic!("cannot spawn the Kafka reader thread: {e}"))
     }
@@ -237,12 +349,6 @@ impl Consumer {
     pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaClientError> {
         Ok(self.inner.fetch_watermarks(topic, partition, Duration::from_secs(2))?)
     }
-
-    /// Leaves the group now, so partitions move to other workers without
-    /// waiting for the session timeout.
-    pub fn close(&self) {
-        self.inner.unsubscribe();
-    }
 }
 
 /// `^regex` subscribes by pattern; anything else is a list of names.
@@ -259,24 +365,46 @@ fn topic_subscription(topics: &str) -> Vec<String> {
     }
 }
 
-fn to_record<M: Message>(m: &M) -> Record {
-    let headers = m
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
-        .unwrap_or_default();
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
     Record {
         topic: m.topic().to_owned(),
         partition: m.partition(),
         offset: m.offset(),
         key: m.key().map(<[u8]>::to_vec),
         value: m.payload().map(<[u8]>::to_vec),
-        headers,
+        headers: m.headers().map(raw_headers).unwrap_or_default(),
         timestamp: m.timestamp().to_millis(),
     }
+}
+
+/// Header keys and values as bytes. rdkafka's own accessors unwrap the key
+/// as UTF-8 and panic on anything else, which would let one bad record kill
+/// the reader; so this asks librdkafka for the raw bytes itself.
+#[allow(unsafe_code)]
+fn raw_headers(headers: &BorrowedHeaders) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let native = std::ptr::from_ref(headers).cast::<rdkafka::types::RDKafkaHeaders>();
+    (0..headers.count())
+        .filter_map(|idx| {
+            let mut name: *const std::ffi::c_char = std::ptr::null();
+            let mut value: *const std::ffi::c_void = std::ptr::null();
+            let mut size = 0_usize;
+            // SAFETY: `BorrowedHeaders` is a transparent view of librdkafka's
+            // `rd_kafka_headers_t` (rdkafka builds it by this very cast), and
+            // it lives as long as `headers`. On success librdkafka points
+            // `name` at a NUL-terminated string and `value` at `size` bytes
+            // (or null), both owned by the headers and valid while they are;
+            // we copy them out before returning.
+            unsafe {
+                let err = rdkafka::bindings::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size);
+                if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                    return None;
+                }
+                let key = std::ffi::CStr::from_ptr(name).to_bytes().to_vec();
+                let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec());
+                Some((key, value))
+            }
+        })
+        .collect()
 }
 
 /// A producer for the demo, the benchmarks and the tests.
@@ -298,6 +426,9 @@ pub struct Outgoing {
     pub key: Option<String>,
     pub value: Option<String>,
     pub headers: Vec<(String, String)>,
+    /// Headers whose key need not be UTF-8 (for fault tests: Kafka allows
+    /// any bytes there, and so must courseview).
+    pub raw_headers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Producer {
@@ -319,6 +450,9 @@ impl Producer {
                 value: Some(v.as_bytes()),
             });
         }
+        for (key, value) in &record.raw_headers {
+            add_raw_header(&headers, key, value);
+        }
         let mut future = FutureRecord::to(&record.topic).headers(headers);
         if let Some(key) = &record.key {
             future = future.key(key.as_bytes());
@@ -332,6 +466,26 @@ impl Producer {
             .await
             .map_err(|(e, _)| KafkaClientError::from(e))?;
         Ok((delivery.partition, delivery.offset))
+    }
+}
+
+/// Adds a header with any key bytes; rdkafka's `Header` only takes `&str`.
+#[allow(unsafe_code)]
+fn add_raw_header(headers: &OwnedHeaders, key: &[u8], value: &[u8]) {
+    let native = std::ptr::from_ref(headers.as_borrowed())
+        .cast::<rdkafka::types::RDKafkaHeaders>()
+        .cast_mut();
+    // SAFETY: `headers` is ours and not yet handed to librdkafka; its
+    // borrowed view is the `rd_kafka_headers_t` itself (see `raw_headers`).
+    // librdkafka copies `key` and `value` (lengths given, no NUL needed).
+    unsafe {
+        rdkafka::bindings::rd_kafka_header_add(
+            native,
+            key.as_ptr().cast(),
+            key.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        );
     }
 }
 

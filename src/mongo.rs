@@ -23,6 +23,43 @@ use crate::read_model::ReadModel;
 const POINTERS: &str = "projections";
 const CHECKPOINTS: &str = "checkpoints";
 const DEAD_LETTERS: &str = "dead_letters";
+const WORKERS: &str = "workers";
+/// Bytes of statements per `update` command: well under the 16 MiB a
+/// command document may hold, whatever the batch.
+const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+/// Statements per `update` command (MongoDB's maxWriteBatchSize is 100,000).
+const MAX_COMMAND_STATEMENTS: usize = 10_000;
+/// Server error codes that mean "try again": network trouble, a primary
+/// stepping down or being elected, shutdown in progress.
+const TRANSIENT_CODES: &[i32] = &[
+    6,     // HostUnreachable
+    7,     // HostNotFound
+    89,    // NetworkTimeout
+    91,    // ShutdownInProgress
+    189,   // PrimarySteppedDown
+    262,   // ExceededTimeLimit
+    9001,  // SocketException
+    10107, // NotWritablePrimary
+    11600, // InterruptedAtShutdown
+    11602, // InterruptedDueToReplStateChange
+    13435, // NotPrimaryNoSecondaryOk
+    13436, // NotPrimaryOrSecondary
+];
+
+/// The server's error code, for command and write errors.
+fn server_code(e: &MongoError) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// Whether a server error code calls for a retry.
+pub fn is_transient_code(code: i32) -> bool {
+    TRANSIENT_CODES.contains(&code)
+}
 const DUPLICATE_KEY: i32 = 11000;
 
 /// What the caller must do about a failed MongoDB operation.
@@ -46,6 +83,7 @@ impl From<MongoError> for StoreError {
     fn from(e: MongoError) -> Self {
         let transient = e.contains_label("RetryableWriteError")
             || e.contains_label("TransientTransactionError")
+            || server_code(&e).is_some_and(is_transient_code)
             || matches!(
                 *e.kind,
                 ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. }
@@ -196,30 +234,37 @@ impl Store {
         self.db.collection(name)
     }
 
-    /// Runs the `update` command with many statements in one round trip, and
-    /// returns per statement whether it hit a duplicate key.
+    /// Runs the `update` command with many statements, in as few round
+    /// trips as the command size limit allows, and returns the indexes of
+    /// statements that hit a duplicate key.
     async fn update_many_statements(&self, collection: &str, updates: Vec<Document>) -> Result<Vec<usize>> {
-        if updates.is_empty() {
-            return Ok(Vec::new());
-        }
-        let reply = self
-            .db
-            .run_command(doc! {"update": collection, "updates": updates, "ordered": false})
-            .await?;
         let mut duplicates = Vec::new();
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            for error in errors.iter().filter_map(Bson::as_document) {
-                let code = error.get_i32("code").unwrap_or_default();
-                let index = error.get_i32("index").unwrap_or_default();
-                if code == DUPLICATE_KEY {
-                    duplicates.push(usize::try_from(index).unwrap_or_default());
-                } else {
+        let mut start = 0;
+        for chunk in chunk_by_size(updates, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS) {
+            let len = chunk.len();
+            let reply = self
+                .db
+                .run_command(doc! {"update": collection, "updates": chunk, "ordered": false})
+                .await?;
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for error in errors.iter().filter_map(Bson::as_document) {
+                    let code = error.get_i32("code").unwrap_or_default();
+                    let index = error.get_i32("index").unwrap_or_default();
                     let message = error.get_str("errmsg").unwrap_or("unknown write error");
-                    return Err(StoreError::Failed(format!(
-                        "update on {collection}: {message} (code {code})"
-                    )));
+                    if code == DUPLICATE_KEY {
+                        duplicates.push(start + usize::try_from(index).unwrap_or_default());
+                    } else if is_transient_code(code) {
+                        return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
+                            "update on {collection}: {message} (code {code})"
+                        )))));
+                    } else {
+                        return Err(StoreError::Failed(format!(
+                            "update on {collection}: {message} (code {code})"
+                        )));
+                    }
                 }
             }
+            start += len;
         }
         Ok(duplicates)
     }
@@ -527,6 +572,59 @@ impl Store {
             .await?)
     }
 
+    // ---- worker registry ----------------------------------------------------
+
+    /// Records (or refreshes) a worker's entry.
+    pub async fn put_worker(&self, entry: &WorkerEntry) -> Result<()> {
+        let mut body = bson::to_document(entry)?;
+        body.remove("_id");
+        self.update_many_statements(
+            WORKERS,
+            vec![doc! {"q": {"_id": &entry.id}, "u": {"$set": body}, "upsert": true}],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn remove_worker(&self, id: &str) -> Result<()> {
+        self.docs(WORKERS).delete_one(doc! {"_id": id}).await?;
+        Ok(())
+    }
+
+    /// Workers of a projection (all when `None`) whose heartbeat is fresh.
+    pub async fn live_workers(&self, projection: Option<&str>) -> Result<Vec<WorkerEntry>> {
+        let filter = projection.map_or_else(Document::new, |p| doc! {"projection": p});
+        let mut cursor = self.docs(WORKERS).find(filter).await?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut live = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            let (Some(heartbeat_at), Some(stale_after_ms), Some(generation), Some(pid)) = (
+                get_int(&d, "heartbeatAt"),
+                get_int(&d, "staleAfterMs"),
+                get_int(&d, "generation"),
+                get_int(&d, "pid"),
+            ) else {
+                continue;
+            };
+            if now - heartbeat_at > stale_after_ms {
+                continue;
+            }
+            let text = |k: &str| d.get_str(k).unwrap_or_default().to_owned();
+            live.push(WorkerEntry {
+                id: text("_id"),
+                projection: text("projection"),
+                generation: u32::try_from(generation).unwrap_or_default(),
+                metrics_addr: text("metricsAddr"),
+                host: text("host"),
+                pid: u32::try_from(pid).unwrap_or_default(),
+                heartbeat_at,
+                stale_after_ms,
+            });
+        }
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
+    }
+
     // ---- queries ------------------------------------------------------------
 
     /// The served view of one listed course.
@@ -611,6 +709,72 @@ impl Store {
     }
 }
 
+/// Splits statements into runs of at most `max_bytes` (encoded) and
+/// `max_count` statements; a single larger statement goes alone.
+fn chunk_by_size(docs: Vec<Document>, max_bytes: usize, max_count: usize) -> Vec<Vec<Document>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for d in docs {
+        // Encoded size; a document that cannot be encoded fails in the command.
+        let size = bson::to_vec(&d).map_or(0, |v| v.len());
+        if !current.is_empty() && (bytes + size > max_bytes || current.len() == max_count) {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(d);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// A worker process's entry in the registry, per projection it runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerEntry {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub projection: String,
+    /// The generation it applies to (0 before it has started one).
+    pub generation: u32,
+    pub metrics_addr: String,
+    pub host: String,
+    pub pid: u32,
+    /// Unix milliseconds of the last heartbeat.
+    pub heartbeat_at: i64,
+    /// The entry is stale (a dead process) this long after its heartbeat.
+    pub stale_after_ms: i64,
+}
+
+impl WorkerEntry {
+    pub fn new(projection: &str, metrics_addr: String, heartbeat_every: Duration) -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_else(|| "localhost".to_owned());
+        let pid = std::process::id();
+        WorkerEntry {
+            id: format!("{host}/{pid}/{projection}"),
+            projection: projection.to_owned(),
+            generation: 0,
+            metrics_addr,
+            host,
+            pid,
+            heartbeat_at: 0,
+            stale_after_ms: i64::try_from(heartbeat_every.as_millis() * 3)
+                .unwrap_or(i64::MAX)
+                .max(1_000),
+        }
+    }
+}
+
 /// An integer field whatever its BSON width. The test peer hands back
 /// int64 values that fit in 32 bits as int32; real MongoDB keeps the type.
 /// Reading both is correct for either.
@@ -637,6 +801,28 @@ fn escape_regex(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_split_so_no_command_nears_the_document_limit() {
+        let big = "x".repeat(3 * 1024 * 1024);
+        let docs: Vec<Document> = (0..7).map(|i| doc! {"i": i, "pad": &big}).collect();
+        let chunks = chunk_by_size(docs, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
+        let many: Vec<Document> = (0..25_001).map(|i| doc! {"i": i}).collect();
+        assert_eq!(chunk_by_size(many, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS).len(), 3);
+    }
+
+    #[test]
+    fn election_and_shutdown_codes_are_transient_and_others_are_not() {
+        for code in [10107, 11602, 13435, 189, 91] {
+            assert!(is_transient_code(code), "{code}");
+        }
+        for code in [2, 11000, 13, 121] {
+            assert!(!is_transient_code(code), "{code}");
+        }
+    }
+
     #[test]
     fn user_text_is_matched_literally() {
         assert_eq!(super::escape_regex("a.b*(c)"), r"a\.b\*\(c\)");

@@ -1,5 +1,6 @@
 //! The one shutdown pattern: SIGINT/SIGTERM cancel a token that every
-//! component takes.
+//! component takes. Components bound their own draining; a second signal
+//! exits at once, for the operator who will not wait.
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -10,8 +11,11 @@ pub fn on_signal() -> CancellationToken {
     let trigger = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        info!("Shutdown requested; finishing the work in hand.");
+        info!("Shutdown requested; finishing the work in hand (signal again to exit at once).");
         trigger.cancel();
+        wait_for_signal().await;
+        tracing::warn!("Second signal; exiting now. Offsets of unfinished work were not stored.");
+        std::process::exit(130);
     });
     token
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::kafka::{Inspector, KafkaClientError};
-use crate::mongo::{RebuildProgress, Store, StoreError};
+use crate::mongo::{RebuildProgress, Store, StoreError, WorkerEntry};
 use crate::read_model::ReadModel;
 
 /// Why status could not be computed.
@@ -84,6 +84,9 @@ pub struct ProjectionStatus {
     #[serde(flatten)]
     pub serving: GenerationStatus,
     pub rebuild: Option<RebuildStatus>,
+    /// Live worker processes of this projection: where their metrics are,
+    /// and which generation each applies to.
+    pub workers: Vec<WorkerEntry>,
 }
 
 /// Computes status from MongoDB checkpoints and Kafka watermarks.
@@ -144,11 +147,13 @@ impl StatusProbe {
         } else {
             State::Live
         };
+        let workers = self.store.live_workers(Some(model.name())).await?;
         Ok(ProjectionStatus {
             projection: model.name(),
             state,
             serving,
             rebuild,
+            workers,
         })
     }
 

@@ -71,8 +71,10 @@ pub fn write_conflicts(projection: &'static str, count: usize) {
     counter!("courseview_write_conflicts_total", "projection" => projection).increment(count as u64);
 }
 
-pub fn transient_error(projection: &'static str) {
-    counter!("courseview_transient_errors_total", "projection" => projection).increment(1);
+/// A transient failure retried: which system, and which operation (a fixed
+/// set of names in the code, so the labels stay bounded).
+pub fn transient_error(system: &'static str, op: &'static str) {
+    counter!("courseview_transient_errors_total", "system" => system, "op" => op).increment(1);
 }
 
 pub fn consumer_lag(projection: &'static str, topic: &str, partition: i32, events: i64, seconds: f64) {

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, instrument, warn, Instrument};
 use crate::cache::{Cache, Scope};
 use crate::dead_letter::DeadLetter;
 use crate::decode::decode;
-use crate::kafka::{Consumer, ConsumerSettings, KafkaClientError, OffsetSource};
+use crate::kafka::{ByteBudget, Consumer, ConsumerSettings, KafkaClientError, OffsetSource, ReaderExit};
 use crate::mongo::{DocWrite, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
 use crate::record::Record;
@@ -48,6 +48,45 @@ pub struct WorkerSettings {
     pub batch_linger: Duration,
     /// Longest pause between retries of a batch that failed transiently.
     pub max_backoff: Duration,
+    /// Records larger than this (key + value + headers) are dead-lettered.
+    pub max_record_bytes: usize,
+    /// Bytes of records read but not yet applied, at most.
+    pub max_queue_bytes: usize,
+    /// After shutdown starts, how long the batch in hand may keep retrying
+    /// before it is abandoned (its offsets are then not stored).
+    pub shutdown_timeout: Duration,
+    /// Told the generation this worker applies to, each time it changes.
+    pub on_generation: Option<Arc<tokio::sync::watch::Sender<u32>>>,
+}
+
+/// Default record size limit: Kafka's own default `message.max.bytes`.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// The record limit may not exceed this: a course document holds its
+/// fields twice (state and view), and a MongoDB document is at most 16 MiB.
+pub const MAX_RECORD_BYTES_CAP: usize = 4 * 1024 * 1024;
+
+/// Why a worker stopped (`Ok` side of [`run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was requested and the batch in hand was written.
+    Shutdown,
+    /// Shutdown was requested and the batch in hand could not be written
+    /// within the shutdown timeout; its offsets were not stored.
+    ShutdownAbandonedBatch,
+}
+
+/// How one generation's consumption ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenerationEnd {
+    /// Its token fired (shutdown, or the serving generation moved).
+    Cancelled,
+    /// Its token fired, and the batch in hand was given up at the deadline.
+    Abandoned,
+    /// Stored offsets could not be read at assignment: rejoin afresh.
+    AssignmentFailed(String),
+    /// The reader thread ended on its own (it panicked or its channel closed).
+    ReaderDied(String),
 }
 
 /// Why a worker stopped.
@@ -57,6 +96,8 @@ pub enum WorkerError {
     Kafka(#[from] KafkaClientError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the Kafka reader thread died: {0}")]
+    ReaderDied(String),
 }
 
 /// What a batch did, for logs and tests.
@@ -77,6 +118,7 @@ pub struct Applier {
     store: Store,
     cache: Option<Cache>,
     generation: u32,
+    max_record_bytes: usize,
     /// Recently written states with their revisions. A course's events live
     /// on several topics and so arrive in different batches; remembering what
     /// we wrote saves re-reading it. A stale entry (another worker wrote the
@@ -92,8 +134,20 @@ impl Applier {
             store,
             cache,
             generation,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             recent: Arc::default(),
         }
+    }
+
+    /// Records over `limit` bytes are dead-lettered instead of applied.
+    #[must_use]
+    pub fn with_record_limit(mut self, limit: usize) -> Self {
+        self.max_record_bytes = limit.clamp(1, MAX_RECORD_BYTES_CAP);
+        self
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
@@ -114,6 +168,16 @@ impl Applier {
         let mut events: Vec<CourseEvent> = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
         for record in records {
+            let size = record.size();
+            if size > self.max_record_bytes {
+                let e = crate::decode::DecodeError::TooLarge {
+                    size,
+                    limit: self.max_record_bytes,
+                };
+                warn!(projection, position = %record.position(), error = %e, "Dead-lettering oversized record.");
+                dead.push(DeadLetter::oversized(projection, record, &e.to_string()));
+                continue;
+            }
             match decode(record) {
                 Ok(event) => events.push(event),
                 Err(e) => {
@@ -273,6 +337,12 @@ struct StoredOffsets {
 
 impl OffsetSource for StoredOffsets {
     fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, String> {
+        // librdkafka may call back from whichever thread drops or closes the
+        // consumer; `block_on` there, on an async thread, would abort the
+        // process. Failing makes the assignment wait for a fresh consumer.
+        if Handle::try_current().is_ok() {
+            return Err("stored offsets requested on an async runtime thread".into());
+        }
         self.runtime
             .block_on(self.store.load_offsets(self.projection, self.generation))
             .map_err(|e| e.to_string())
@@ -282,34 +352,52 @@ impl OffsetSource for StoredOffsets {
 /// Runs one projection until `cancel` fires, following its generation
 /// pointer: when a rebuild switches readers to a new generation, the worker
 /// finishes its batch and moves to that generation and its stored offsets.
-/// On shutdown it finishes the batch in hand, stores its offsets and leaves
-/// the group.
+/// On shutdown it finishes the batch in hand (within
+/// `settings.shutdown_timeout`), stores its offsets and leaves the group.
 pub async fn run(
     settings: WorkerSettings,
     store: Store,
     cache: Option<Cache>,
     cancel: CancellationToken,
-) -> Result<(), WorkerError> {
+) -> Result<Stopped, WorkerError> {
     let projection = settings.model.name();
+    let mut backoff = Duration::from_millis(200);
     loop {
-        let Some(generation) =
-            retry_transient(&cancel, settings.max_backoff, || store.serving_generation(projection)).await?
+        let Some(generation) = retry_transient("read generation pointer", &cancel, settings.max_backoff, || {
+            store.serving_generation(projection)
+        })
+        .await?
         else {
-            return Ok(());
+            return Ok(Stopped::Shutdown);
         };
+        if let Some(tx) = &settings.on_generation {
+            tx.send_replace(generation);
+        }
         let moved = cancel.child_token();
         let watcher = tokio::spawn(watch_pointer(store.clone(), projection, generation, moved.clone()));
-        let result = run_generation(&settings, store.clone(), cache.clone(), generation, moved).await;
+        let end = run_generation(&settings, store.clone(), cache.clone(), generation, moved).await;
         watcher.abort();
-        result?;
-        if cancel.is_cancelled() {
-            return Ok(());
+        match end? {
+            GenerationEnd::Cancelled if cancel.is_cancelled() => return Ok(Stopped::Shutdown),
+            GenerationEnd::Abandoned if cancel.is_cancelled() => return Ok(Stopped::ShutdownAbandonedBatch),
+            GenerationEnd::Cancelled | GenerationEnd::Abandoned => {
+                info!(
+                    projection,
+                    from = generation,
+                    "Serving generation switched; following it."
+                );
+            }
+            GenerationEnd::AssignmentFailed(reason) => {
+                telemetry::transient_error("kafka", "assign partitions");
+                warn!(projection, error = %reason, retry_in = ?backoff, "Rejoining the group with a fresh consumer.");
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(Stopped::Shutdown),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(settings.max_backoff);
+            }
+            GenerationEnd::ReaderDied(reason) => return Err(WorkerError::ReaderDied(reason)),
         }
-        info!(
-            projection,
-            from = generation,
-            "Serving generation switched; following it."
-        );
     }
 }
 
@@ -329,6 +417,23 @@ async fn watch_pointer(store: Store, projection: &'static str, generation: u32, 
     }
 }
 
+/// A token that fires `after` once `cancel` has fired: the deadline of the
+/// work in hand when shutdown starts.
+fn deadline_after(cancel: &CancellationToken, after: Duration) -> CancellationToken {
+    let hard = CancellationToken::new();
+    let (cancel, trigger) = (cancel.clone(), hard.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            // Nobody holds the deadline any more: nothing to time.
+            () = trigger.cancelled() => return,
+        }
+        tokio::time::sleep(after).await;
+        trigger.cancel();
+    });
+    hard
+}
+
 /// Consumes into one generation of the projection until `cancel` fires.
 /// The rebuild runs this with its own consumer group and a new generation.
 pub async fn run_generation(
@@ -337,18 +442,18 @@ pub async fn run_generation(
     cache: Option<Cache>,
     generation: u32,
     cancel: CancellationToken,
-) -> Result<(), WorkerError> {
+) -> Result<GenerationEnd, WorkerError> {
     let model = settings.model;
     let span = tracing::info_span!("worker", projection = model.name(), generation);
     async move {
         let collection = Store::collection_name(model.name(), generation);
-        if retry_transient(&cancel, settings.max_backoff, || {
+        if retry_transient("create indexes", &cancel, settings.max_backoff, || {
             store.ensure_indexes(&collection, model)
         })
         .await?
         .is_none()
         {
-            return Ok(());
+            return Ok(GenerationEnd::Cancelled);
         }
         let offsets = Arc::new(StoredOffsets {
             store: store.clone(),
@@ -358,16 +463,18 @@ pub async fn run_generation(
         });
         let consumer = Consumer::subscribe(&settings.kafka, offsets)?;
         let (tx, mut rx) = mpsc::channel::<Record>(settings.batch_size * 2);
+        let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
-        let reader = consumer.spawn_reader(tx, reader_cancel.clone());
+        let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
         info!(group = %settings.kafka.group_id, "Projector started.");
 
-        let applier = Applier::new(model, store, cache, generation);
+        let applier = Applier::new(model, store, cache, generation).with_record_limit(settings.max_record_bytes);
+        let hard = deadline_after(&cancel, settings.shutdown_timeout);
         let mut epoch_pending = false;
         let result = loop {
             let first = tokio::select! {
                 biased;
-                () = cancel.cancelled() => break Ok(()),
+                () = cancel.cancelled() => break Ok(GenerationEnd::Cancelled),
                 r = rx.recv() => r,
                 // Idle tick: retry a cache invalidation Redis refused earlier.
                 () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
@@ -375,14 +482,28 @@ pub async fn run_generation(
                     continue;
                 }
             };
-            let Some(first) = first else { break Ok(()) };
+            let Some(first) = first else {
+                // The reader ended without being asked: find out why.
+                let exit = match reader.take().map(|r| r.join()) {
+                    Some(Ok(exit)) => exit,
+                    Some(Err(panic)) => break Ok(GenerationEnd::ReaderDied(panic_message(&panic))),
+                    None => ReaderExit::ReceiverGone,
+                };
+                break Ok(match exit {
+                    ReaderExit::AssignmentFailed(reason) => GenerationEnd::AssignmentFailed(reason),
+                    other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
+                });
+            };
             let batch = collect_batch(first, &mut rx, settings.batch_size, settings.batch_linger).await;
-            // The batch in hand is finished even if shutdown starts now.
-            match retry_transient(&CancellationToken::new(), settings.max_backoff, || {
-                applier.apply_batch(&batch)
-            })
-            .await
-            {
+            let bytes: usize = batch.iter().map(Record::size).sum();
+            // The batch in hand is finished even if shutdown starts now, but
+            // only until the shutdown deadline.
+            let outcome = tokio::select! {
+                r = retry_transient("apply batch", &hard, settings.max_backoff, || applier.apply_batch(&batch)) => r,
+                () = hard.cancelled() => Ok(None),
+            };
+            budget.release(bytes);
+            match outcome {
                 Ok(Some(outcome)) => {
                     consumer.commit(&outcome.offsets);
                     epoch_pending = !applier.bump_cache().await;
@@ -393,19 +514,42 @@ pub async fn run_generation(
                         "Batch committed."
                     );
                 }
-                Ok(None) => break Ok(()),
+                Ok(None) => {
+                    warn!(
+                        records = batch.len(),
+                        "Shutdown deadline passed; batch abandoned, its offsets not stored."
+                    );
+                    break Ok(GenerationEnd::Abandoned);
+                }
                 Err(e) => break Err(WorkerError::Store(e)),
             }
         };
+        hard.cancel();
         reader_cancel.cancel();
         drop(rx);
-        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
-        consumer.close();
+        // Join the reader and drop our consumer handle off the async threads
+        // (librdkafka may run callbacks on close), within the deadline.
+        let closing = tokio::task::spawn_blocking(move || {
+            let joined = reader.map(std::thread::JoinHandle::join);
+            drop(consumer);
+            joined
+        });
+        if tokio::time::timeout(settings.shutdown_timeout, closing).await.is_err() {
+            warn!("Kafka consumer did not close in time; leaving it behind.");
+        }
         info!("Projector stopped.");
         result
     }
     .instrument(span)
     .await
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".to_owned())
 }
 
 /// Takes `first` plus whatever arrives within `linger`, up to `max` records.
@@ -428,6 +572,7 @@ async fn collect_batch(first: Record, rx: &mut mpsc::Receiver<Record>, max: usiz
 /// Retries `op` while it fails transiently, backing off up to `max_backoff`.
 /// `Ok(None)` means `cancel` fired first.
 pub async fn retry_transient<T, F, Fut>(
+    op_name: &'static str,
     cancel: &CancellationToken,
     max_backoff: Duration,
     mut op: F,
@@ -441,8 +586,8 @@ where
         match op().await {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_transient() => {
-                telemetry::transient_error("any");
-                warn!(error = %e, retry_in = ?backoff, "Transient failure; retrying without advancing offsets.");
+                telemetry::transient_error("mongodb", op_name);
+                warn!(op = op_name, error = %e, retry_in = ?backoff, "Transient failure; retrying without advancing offsets.");
                 tokio::select! {
                     () = cancel.cancelled() => return Ok(None),
                     () = tokio::time::sleep(backoff) => {}
@@ -450,7 +595,7 @@ where
                 backoff = (backoff * 2).min(max_backoff);
             }
             Err(e) => {
-                error!(error = %e, "Permanent failure.");
+                error!(op = op_name, error = %e, "Permanent failure.");
                 return Err(e);
             }
         }

@@ -1,12 +1,13 @@
 //! `courseview dlq list|replay`: inspect and replay dead-lettered records.
 //!
 //! Replay decodes the stored record again (a fixed decoder or a fixed
-//! producer bug may now accept it) and applies it straight to the serving
-//! generation. Projections converge whatever the order, so a replayed event
-//! lands correctly even after later events of the same course.
+//! producer bug may now accept it) and applies it to the serving generation
+//! and, during a rebuild, to the generation being built (whose replay from
+//! offset 0 dead-lettered the same record), before removing the letter.
+//! Projections converge whatever the order, so a replayed event lands
+//! correctly even after later events of the same course.
 
 use clap::{Args, Subcommand};
-use serde_json::json;
 
 use super::Global;
 use crate::decode::decode;
@@ -39,7 +40,7 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                 .dead_letters(filter.projection.map(ReadModel::name), filter.limit)
                 .await?;
             for (id, letter) in letters {
-                println!("{}", json!({"id": id, "letter": letter}));
+                println!("{}", letter.to_json(&id));
             }
         }
         DlqCommand::Replay(filter) => {
@@ -52,12 +53,21 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                 let Ok(model) = letter.projection.parse::<ReadModel>() else {
                     continue;
                 };
-                match decode(&letter.to_record()) {
+                let Some(record) = letter.to_record() else {
+                    failing += 1;
+                    eprintln!(
+                        "cannot replay {id}: the record was over the size limit and the letter keeps only its first bytes; raise --max-record-bytes and rebuild, or fix it at the source"
+                    );
+                    continue;
+                };
+                match decode(&record) {
                     Ok(event) => {
-                        let generation = store.serving_generation(model.name()).await?;
-                        let applier = Applier::new(model, store.clone(), cache.clone(), generation);
-                        applier.apply_events(std::slice::from_ref(&event)).await?;
-                        applier.bump_cache().await;
+                        let pointer = store.pointer(model.name()).await?;
+                        for generation in std::iter::once(pointer.generation).chain(pointer.building) {
+                            let applier = Applier::new(model, store.clone(), cache.clone(), generation);
+                            applier.apply_events(std::slice::from_ref(&event)).await?;
+                            applier.bump_cache().await;
+                        }
                         store.remove_dead_letter(&id).await?;
                         replayed += 1;
                         eprintln!("replayed {id}");

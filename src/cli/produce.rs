@@ -96,6 +96,7 @@ pub fn demo_history(rng: &mut impl Rng, prefix: &str, index: usize) -> Vec<Outgo
                 key: Some(course.clone()),
                 value: Some(value.to_string()),
                 headers: Vec::new(),
+                raw_headers: Vec::new(),
             }
         })
         .collect()

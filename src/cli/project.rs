@@ -5,6 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+/// The worker's metrics port unless told otherwise (the Prometheus
+/// exporters' customary one).
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
 use clap::Args;
 use futures::FutureExt;
 use tokio::task::JoinSet;
@@ -14,6 +18,7 @@ use tracing::{error, info, warn};
 use super::{humantime_duration, Global};
 use crate::http::{self, WorkerHealth};
 use crate::kafka::ConsumerSettings;
+use crate::mongo::{Store, WorkerEntry};
 use crate::read_model::ReadModel;
 use crate::status::{State, StatusProbe};
 use crate::telemetry;
@@ -29,9 +34,11 @@ pub struct ProjectArgs {
     pub all: bool,
     #[command(flatten)]
     pub worker: WorkerArgs,
-    /// Address of this worker's /metrics, /healthz and /readyz.
-    #[arg(long, env = "COURSEVIEW_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
-    pub metrics_listen: SocketAddr,
+    /// Address of this worker's /metrics, /healthz and /readyz. Unset, it
+    /// is 127.0.0.1:9464, or any free port when that one is taken (several
+    /// workers on one host); the address is logged and shown by `status`.
+    #[arg(long, env = "COURSEVIEW_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often the worker measures its lag (metrics) and stall (readiness).
     #[arg(long, env = "COURSEVIEW_STATUS_INTERVAL", default_value = "5s", value_parser = humantime_duration)]
     pub status_interval: Duration,
@@ -40,13 +47,6 @@ pub struct ProjectArgs {
 /// Consumer and batching settings of a projector worker.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// Topics to consume: a `^regex`, or comma-separated names.
-    #[arg(
-        long,
-        env = "COURSEVIEW_TOPICS",
-        default_value = r"^(Course.*Event|outbox\.event\.Course)$"
-    )]
-    pub topics: String,
     /// Consumer group of a projection is `<prefix>.<projection>`.
     #[arg(long, env = "COURSEVIEW_GROUP_PREFIX", default_value = "courseview")]
     pub group_prefix: String,
@@ -65,6 +65,17 @@ pub struct WorkerArgs {
     /// Longest pause between retries after a transient MongoDB failure.
     #[arg(long, env = "COURSEVIEW_MAX_BACKOFF", default_value = "5s", value_parser = humantime_duration)]
     pub max_backoff: Duration,
+    /// Records larger than this many bytes (key + value + headers) are
+    /// dead-lettered; at most 4 MiB (a course document must fit MongoDB's 16 MiB).
+    #[arg(long, env = "COURSEVIEW_MAX_RECORD_BYTES", default_value_t = worker::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+    /// Bytes of consumed records waiting to be applied, at most.
+    #[arg(long, env = "COURSEVIEW_MAX_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_queue_bytes: usize,
+    /// On SIGTERM/SIGINT, how long the batch in hand may still retry
+    /// (MongoDB down) before the process exits without storing its offsets.
+    #[arg(long, env = "COURSEVIEW_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 impl ProjectArgs {
@@ -93,6 +104,10 @@ impl WorkerArgs {
             batch_size: self.batch_size.max(1),
             batch_linger: self.batch_linger,
             max_backoff: self.max_backoff,
+            max_record_bytes: self.max_record_bytes.clamp(1, worker::MAX_RECORD_BYTES_CAP),
+            max_queue_bytes: self.max_queue_bytes.max(1),
+            shutdown_timeout: self.shutdown_timeout,
+            on_generation: None,
         }
     }
 }
@@ -103,10 +118,9 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
     let cache = global.cache(Duration::from_secs(60))?;
     let models = args.models();
     let health = Arc::new(WorkerHealth::new(&models));
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
-    info!(listen = %args.metrics_listen, "Worker metrics and health listening.");
+    let listener = bind_metrics(args.metrics_listen).await?;
+    let metrics_addr = listener.local_addr().context("metrics listener address")?;
+    info!(listen = %metrics_addr, "Worker metrics and health listening.");
     let mut services = JoinSet::new();
     services.spawn(http::serve_worker(listener, Arc::clone(&health), shutdown.clone()).map(|_| ()));
     let probe = global.status_probe(&store)?;
@@ -119,14 +133,26 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
     ));
     let mut workers = JoinSet::new();
     for model in models {
-        let settings = args.worker.settings(&global, model);
+        let mut settings = args.worker.settings(&global, model);
+        let (generation_tx, generation_rx) = tokio::sync::watch::channel(0_u32);
+        settings.on_generation = Some(Arc::new(generation_tx));
+        services.spawn(heartbeat(
+            store.clone(),
+            WorkerEntry::new(model.name(), metrics_addr.to_string(), args.status_interval),
+            generation_rx,
+            shutdown.clone(),
+        ));
         let (store, cache, token) = (store.clone(), cache.clone(), shutdown.child_token());
         workers.spawn(async move { (model, worker::run(settings, store, cache, token).await) });
     }
     let mut failed = Vec::new();
     while let Some(joined) = workers.join_next().await {
         match joined {
-            Ok((model, Ok(()))) => info!(projection = model.name(), "Worker finished."),
+            Ok((model, Ok(worker::Stopped::Shutdown))) => info!(projection = model.name(), "Worker finished."),
+            Ok((model, Ok(worker::Stopped::ShutdownAbandonedBatch))) => warn!(
+                projection = model.name(),
+                "Worker stopped at the shutdown deadline; its unwritten batch will be read again on the next start."
+            ),
             Ok((model, Err(e))) => {
                 error!(projection = model.name(), error = %e, "Worker failed; other projections go on.");
                 failed.push(model.name());
@@ -143,6 +169,52 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
         bail!("projections failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Binds the worker's metrics address: the one given, or the default port
+/// with a free port as fallback so several workers can share a host.
+async fn bind_metrics(given: Option<SocketAddr>) -> anyhow::Result<tokio::net::TcpListener> {
+    if let Some(addr) = given {
+        return tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"));
+    }
+    let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT));
+    match tokio::net::TcpListener::bind(default).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            warn!(taken = %default, "Default metrics port taken (another worker?); using a free port.");
+            tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .context("cannot listen on any port for metrics")
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {default}")),
+    }
+}
+
+/// Keeps this worker's entry in the registry fresh: its metrics address
+/// (for `courseview status`) and the generation it applies to (a rebuild
+/// waits for live workers to follow its switch).
+async fn heartbeat(
+    store: Store,
+    mut entry: WorkerEntry,
+    mut generation: tokio::sync::watch::Receiver<u32>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        entry.generation = *generation.borrow_and_update();
+        entry.heartbeat_at = chrono::Utc::now().timestamp_millis();
+        if let Err(e) = store.put_worker(&entry).await {
+            warn!(error = %e, "Cannot record this worker in the registry.");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = generation.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(Duration::from_millis(entry.stale_after_ms as u64 / 3)) => {}
+        }
+    }
+    // Gone from the registry at once, so a rebuild does not wait for us.
+    let _ = store.remove_worker(&entry.id).await;
 }
 
 /// Measures lag and stalls of this process's projections: lag gauges per

@@ -24,12 +24,16 @@ pub struct RebuildArgs {
     /// only; stop the projection's workers first).
     #[arg(long)]
     pub in_place: bool,
-    /// Switch readers once the new generation lags by at most this many events.
+    /// Compare with the serving generation once the new one lags by at most
+    /// this many events (it switches when it has reached the serving offsets).
     #[arg(long, env = "COURSEVIEW_CATCH_UP_LAG", default_value_t = 100)]
     pub catch_up_lag: i64,
     /// How long the old generation outlives the switch (readers finishing with it).
     #[arg(long, env = "COURSEVIEW_REBUILD_GRACE", default_value = "60s", value_parser = humantime_duration)]
     pub grace: Duration,
+    /// After the switch, how long to keep applying while the live workers follow.
+    #[arg(long, env = "COURSEVIEW_HANDOVER_TIMEOUT", default_value = "30s", value_parser = humantime_duration)]
+    pub handover_timeout: Duration,
     /// Consumer and batching settings of the replaying worker.
     #[command(flatten)]
     pub worker: WorkerArgs,
@@ -74,7 +78,9 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         catch_up_lag: args.catch_up_lag.max(0),
         grace: args.grace,
         report_every: Duration::from_millis(500),
+        handover_timeout: args.handover_timeout,
     };
+    let cache = global.cache(Duration::from_secs(60))?;
     let mut reporter = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -87,7 +93,7 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
     } else {
         Reporter::Lines { last: None }
     };
-    let report = rebuild(&settings, &store, &probe, &options, &mut reporter, &shutdown).await?;
+    let report = rebuild(&settings, &store, cache, &probe, &options, &mut reporter, &shutdown).await?;
     if let Reporter::Bar(bar) = &reporter {
         bar.finish();
     }

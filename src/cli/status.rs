@@ -53,6 +53,12 @@ fn table(all: &[ProjectionStatus]) -> String {
                 if part.stalled { "  STALLED" } else { "" }
             ));
         }
+        for w in &p.workers {
+            out.push_str(&format!(
+                "  worker {}  generation {}  metrics http://{}/metrics\n",
+                w.id, w.generation, w.metrics_addr
+            ));
+        }
         if let Some(r) = &p.rebuild {
             let (done, total) = r.position.progress();
             out.push_str(&format!(

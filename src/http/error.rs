@@ -24,6 +24,9 @@ pub enum ApiError {
     /// MongoDB is unreachable: retry later.
     #[error("read model store unavailable")]
     Unavailable,
+    /// The request outlived the server's time limit.
+    #[error("request timed out")]
+    TimedOut,
     /// Anything unexpected; details go to the log only.
     #[error("internal error")]
     Internal,
@@ -87,6 +90,11 @@ impl IntoResponse for ApiError {
                 "/problems/unavailable",
                 "Service unavailable",
             ),
+            ApiError::TimedOut => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "/problems/timed-out",
+                "Request timed out",
+            ),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "/problems/internal",
@@ -100,6 +108,7 @@ impl IntoResponse for ApiError {
                 applied.map_or_else(|| "none".to_owned(), |v| v.to_string())
             ),
             ApiError::Unavailable => "the read model store is unreachable; retry shortly".to_owned(),
+            ApiError::TimedOut => "the request took longer than the server allows; retry shortly".to_owned(),
             _ => detail,
         };
         let (wanted_version, applied_version) = match &self {
@@ -130,7 +139,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             }
-            ApiError::Unavailable | ApiError::Behind { .. } => {
+            ApiError::Unavailable | ApiError::TimedOut | ApiError::Behind { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

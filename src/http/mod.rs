@@ -19,7 +19,6 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
@@ -28,8 +27,14 @@ pub use worker::{serve_worker, worker_app, WorkerHealth};
 use crate::cache::{Cache, Lookup, Scope};
 use crate::mongo::{Store, StoreError};
 use crate::read_model::ReadModel;
-use crate::status::StatusProbe;
+use crate::status::{ProjectionStatus, StatusError, StatusProbe};
 use crate::telemetry;
+
+/// How long a measured projection status is shared between requests.
+const STATUS_FRESH: Duration = Duration::from_secs(1);
+
+/// How long `GET /projections` waits for a measurement.
+const STATUS_LIMIT: Duration = Duration::from_secs(3);
 
 /// How long a resolved generation pointer is trusted before re-reading it.
 const GENERATION_TTL: Duration = Duration::from_millis(250);
@@ -63,6 +68,9 @@ pub struct AppState {
     settings: ApiSettings,
     generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
     status: Option<StatusProbe>,
+    /// The last projection status and when it was measured: one
+    /// measurement at a time, shared by concurrent requests.
+    status_snapshot: Arc<tokio::sync::Mutex<Option<(Instant, Arc<Vec<ProjectionStatus>>)>>>,
 }
 
 impl AppState {
@@ -73,6 +81,7 @@ impl AppState {
             settings,
             generations: Arc::default(),
             status: None,
+            status_snapshot: Arc::default(),
         }
     }
 
@@ -80,6 +89,39 @@ impl AppState {
     pub fn with_status(mut self, probe: StatusProbe) -> Self {
         self.status = Some(probe);
         self
+    }
+
+    /// Projection status, measured at most once per `STATUS_FRESH` however
+    /// many requests ask, and within `limit` (the request waits no longer).
+    async fn projection_status(&self, limit: Duration) -> Result<Arc<Vec<ProjectionStatus>>, ApiError> {
+        let Some(probe) = &self.status else {
+            return Err(ApiError::NotFound(
+                "projection status is not enabled on this API".into(),
+            ));
+        };
+        let measure = async {
+            let mut slot = self.status_snapshot.lock().await;
+            if let Some((at, snapshot)) = slot.as_ref() {
+                if at.elapsed() < STATUS_FRESH {
+                    return Ok(Arc::clone(snapshot));
+                }
+            }
+            let fresh = Arc::new(probe.all().await?);
+            *slot = Some((Instant::now(), Arc::clone(&fresh)));
+            Ok::<_, StatusError>(fresh)
+        };
+        match tokio::time::timeout(limit, measure).await {
+            Ok(Ok(all)) => Ok(all),
+            Ok(Err(StatusError::Store(e))) => Err(e.into()),
+            Ok(Err(StatusError::Kafka(e))) => {
+                tracing::error!(error = %e, "Kafka unavailable for projection status.");
+                Err(ApiError::Unavailable)
+            }
+            Err(_) => {
+                tracing::warn!("Projection status took too long; answering 503.");
+                Err(ApiError::Unavailable)
+            }
+        }
     }
 
     /// The generation readers currently follow for this read model.
@@ -128,7 +170,7 @@ impl AppState {
         let loaded = load().await?;
         if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
             cache
-                .put(scope, epoch, suffix, loaded.as_deref().unwrap_or(ABSENT))
+                .put(scope, &epoch, suffix, loaded.as_deref().unwrap_or(ABSENT))
                 .await;
         }
         Ok(loaded)
@@ -153,7 +195,7 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(record_metrics))
         // Small bodies (a single course) cost more to gzip than they save.
         .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(middleware::from_fn_with_state(timeout, time_limit))
         .layer(TraceLayer::new_for_http())
 }
 
@@ -166,6 +208,14 @@ pub async fn serve(
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// Answers 503 problem+json when a request outlives the time limit.
+async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut.into_response(),
+    }
 }
 
 /// The API is read-only: anything but GET and HEAD is a 405 problem.

@@ -39,6 +39,11 @@ impl Params {
         match self.0.get(name).map(String::as_str) {
             Some("") => Err(ApiError::bad(name, "must not be empty")),
             Some(v) if v.len() > 200 => Err(ApiError::bad(name, "is longer than 200 characters")),
+            // MongoDB rejects NUL inside strings and regexes; control
+            // characters are never part of a name or an id.
+            Some(v) if v.chars().any(char::is_control) => {
+                Err(ApiError::bad(name, "must not contain control characters"))
+            }
             other => Ok(other),
         }
     }

@@ -12,7 +12,6 @@ use super::params::{Cursor, Params, Sort};
 use super::{json_ok, ApiError, AppState, AppStateExt};
 use crate::mongo::{PageQuery, Store};
 use crate::read_model::ReadModel;
-use crate::status::StatusError;
 use crate::telemetry;
 
 /// How often `minVersion` re-reads the applied version while waiting.
@@ -25,6 +24,9 @@ fn to_json(doc: Document) -> Value {
 fn id_param(name: &str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() || value.len() > 200 {
         return Err(ApiError::bad(name, "must be 1 to 200 characters"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::bad(name, "must not contain control characters"));
     }
     Ok(())
 }
@@ -145,6 +147,14 @@ pub async fn catalog_course(
     let collection = Store::collection_name(model.name(), generation);
     if let Some(wanted) = params.version("minVersion")? {
         wait_for_version(&state, &collection, &course_id, wanted).await?;
+        // Answer from the state waited for, never from an older cached one.
+        let view = state.store.listed_view(&collection, &course_id).await?;
+        return match view {
+            Some(v) => Ok(json_ok(&headers, serde_json::to_vec(&to_json(v)).unwrap_or_default())),
+            None => Err(ApiError::NotFound(format!(
+                "course {course_id:?} is not in the catalog"
+            ))),
+        };
     }
     let body = state
         .cached(model, generation, &format!("course:{course_id}"), || async {
@@ -181,19 +191,8 @@ async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, w
 /// watermark, lag, generation, state and rebuild progress.
 pub async fn projections(state: AppStateExt, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     Params::parse(query.as_deref(), &[])?;
-    let Some(probe) = &state.status else {
-        return Err(ApiError::NotFound(
-            "projection status is not enabled on this API".into(),
-        ));
-    };
-    match probe.all().await {
-        Ok(all) => Ok((StatusCode::OK, axum::Json(json!({"projections": all}))).into_response()),
-        Err(StatusError::Store(e)) => Err(e.into()),
-        Err(StatusError::Kafka(e)) => {
-            tracing::error!(error = %e, "Kafka unavailable for projection status.");
-            Err(ApiError::Unavailable)
-        }
-    }
+    let all = state.projection_status(super::STATUS_LIMIT).await?;
+    Ok((StatusCode::OK, axum::Json(json!({"projections": *all}))).into_response())
 }
 
 /// `GET /healthz`: the process is alive.

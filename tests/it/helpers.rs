@@ -63,14 +63,15 @@ where
 
 pub struct Worker {
     pub cancel: CancellationToken,
-    pub task: JoinHandle<Result<(), worker::WorkerError>>,
+    pub task: JoinHandle<Result<worker::Stopped, worker::WorkerError>>,
 }
 
 impl Worker {
     /// Graceful stop: finish the batch, store offsets, leave the group.
     pub async fn stop(self) {
         self.cancel.cancel();
-        self.task.await.expect("worker task").expect("worker ends cleanly");
+        let stopped = self.task.await.expect("worker task").expect("worker ends cleanly");
+        assert_eq!(stopped, worker::Stopped::Shutdown);
     }
 }
 
@@ -190,6 +191,10 @@ impl TestApp {
             batch_size: 200,
             batch_linger: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            max_record_bytes: worker::DEFAULT_MAX_RECORD_BYTES,
+            max_queue_bytes: 16 * 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            on_generation: None,
         }
     }
 
@@ -212,6 +217,7 @@ impl TestApp {
             key: event["courseId"].as_str().map(str::to_owned),
             value: Some(event.to_string()),
             headers: Vec::new(),
+            raw_headers: Vec::new(),
         })
         .await;
     }

@@ -101,6 +101,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
                     key: e["courseId"].as_str().map(str::to_owned),
                     value: Some(e.to_string()),
                     headers: Vec::new(),
+                    raw_headers: Vec::new(),
                 };
                 producer.send(&record).await.expect("produce");
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -113,14 +114,23 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
         catch_up_lag: 20,
         grace: Duration::from_secs(1),
         report_every: Duration::from_millis(100),
+        handover_timeout: Duration::from_secs(5),
     };
     let mut recorder = Recorder::default();
     let settings = app.worker_settings(ReadModel::Catalog);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let report = rebuild(&settings, &app.store, &app.probe, &options, &mut recorder, &cancel)
-        .await
-        .expect("rebuild")
-        .expect("not interrupted");
+    let report = rebuild(
+        &settings,
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &options,
+        &mut recorder,
+        &cancel,
+    )
+    .await
+    .expect("rebuild")
+    .expect("not interrupted");
     assert_eq!((report.from, report.to), (1, 2));
     assert!(!recorder.updates.is_empty(), "progress was reported");
     assert!(recorder.updates.iter().all(|(done, total)| done <= total));
@@ -436,6 +446,7 @@ fn quick(in_place: bool) -> RebuildOptions {
         catch_up_lag: 0,
         grace: Duration::from_millis(200),
         report_every: Duration::from_millis(50),
+        handover_timeout: Duration::from_secs(5),
     }
 }
 
@@ -444,6 +455,7 @@ async fn rebuild_to_end(app: &TestApp, options: &RebuildOptions, sink: &mut dyn 
     rebuild(
         &app.worker_settings(ReadModel::Catalog),
         &app.store,
+        app.cache.clone(),
         &app.probe,
         options,
         sink,
@@ -476,9 +488,17 @@ async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_ser
     let options = quick(false);
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut interrupter = CancelOnProgress(cancel.clone());
-    let first = rebuild(&settings, &app.store, &app.probe, &options, &mut interrupter, &cancel)
-        .await
-        .expect("interrupted cleanly");
+    let first = rebuild(
+        &settings,
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &options,
+        &mut interrupter,
+        &cancel,
+    )
+    .await
+    .expect("interrupted cleanly");
     assert_eq!(first, None, "interrupted");
     let pointer = app.store.pointer("catalog").await.expect("pointer");
     assert_eq!(
