@@ -1,12 +1,12 @@
 //! The Redis cache: bounded freshness, and no errors when Redis is gone.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use courseview::read_model::ReadModel;
 use serde_json::json;
 
 use crate::helpers::{event, eventually, Options, TestApp};
+use crate::peers::PrivateRedis;
 
 #[tokio::test]
 async fn a_course_updated_after_being_cached_is_served_fresh_within_one_second() {
@@ -72,43 +72,6 @@ async fn a_course_updated_after_being_cached_is_served_fresh_within_one_second()
 }
 
 /// A private redis-server, so stopping it does not disturb other tests.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        PrivateRedis { child, port }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn with_redis_stopped_the_api_answers_from_mongodb() {
     let mut private = PrivateRedis::start();

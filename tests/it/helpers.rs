@@ -84,6 +84,9 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub api_cancel: CancellationToken,
     pub probe: StatusProbe,
+    pub mongodb_uri: String,
+    /// The broker this app's topics live on.
+    pub brokers: String,
 }
 
 impl Drop for TestApp {
@@ -94,6 +97,11 @@ impl Drop for TestApp {
 
 pub struct Options {
     pub redis_url: Option<String>,
+    /// The broker of this app (the suite's by default).
+    pub brokers: Option<String>,
+    /// Brokers the API's status probe asks (the app's broker by default).
+    pub status_brokers: Option<String>,
+    pub request_timeout: Duration,
     pub mongodb_uri: String,
     pub min_version_wait: Duration,
     pub stall_after: Duration,
@@ -103,6 +111,9 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             redis_url: Some(redis_url()),
+            brokers: None,
+            status_brokers: None,
+            request_timeout: Duration::from_secs(10),
             mongodb_uri: mongodb_uri(),
             min_version_wait: Duration::from_secs(2),
             stall_after: Duration::from_secs(60),
@@ -138,9 +149,11 @@ impl TestApp {
         });
         let mut topics: Vec<String> = TYPES.iter().map(|t| format!("{id}.{t}")).collect();
         topics.push(format!("{id}.outbox.event.Course"));
-        create_topics(&brokers(), &topics, 2).await.expect("topics created");
+        let kafka = options.brokers.clone().unwrap_or_else(brokers);
+        create_topics(&kafka, &topics, 2).await.expect("topics created");
         let settings = ApiSettings {
             min_version_wait: options.min_version_wait,
+            request_timeout: options.request_timeout,
             ..ApiSettings::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -148,7 +161,7 @@ impl TestApp {
         let api_cancel = CancellationToken::new();
         let probe = StatusProbe::new(
             store.clone(),
-            &brokers(),
+            &options.status_brokers.clone().unwrap_or_else(|| kafka.clone()),
             &format!(r"^{id}\.(Course.*Event|outbox\.event\.Course)$"),
             options.stall_after,
         )
@@ -156,7 +169,8 @@ impl TestApp {
         let state = AppState::new(store.clone(), cache.clone(), settings).with_status(probe.clone());
         tokio::spawn(http::serve(listener, state, api_cancel.clone()));
         TestApp {
-            producer: Producer::new(&brokers()).expect("producer"),
+            producer: Producer::new(&kafka).expect("producer"),
+            brokers: kafka.clone(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -167,6 +181,7 @@ impl TestApp {
             base_url,
             api_cancel,
             probe,
+            mongodb_uri: options.mongodb_uri.clone(),
         }
     }
 
@@ -182,7 +197,7 @@ impl TestApp {
         WorkerSettings {
             model,
             kafka: ConsumerSettings {
-                brokers: brokers(),
+                brokers: self.brokers.clone(),
                 topics: self.topics_regex(),
                 group_id: format!("{}.{}", self.id, model.name()),
                 metadata_refresh: Duration::from_secs(1),
@@ -249,6 +264,11 @@ impl TestApp {
             .expect("request")
     }
 
+    /// The status of a GET to any URL (another process's endpoint).
+    pub async fn get_raw(&self, url: &str) -> u16 {
+        self.http.get(url).send().await.map_or(0, |r| r.status().as_u16())
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let response = self.get(path).await;
         let status = response.status().as_u16();
@@ -303,6 +323,88 @@ impl TestApp {
         )
         .await;
     }
+}
+
+impl TestApp {
+    /// The global settings a `courseview` command of this app would use.
+    pub fn global(&self) -> courseview::cli::Global {
+        courseview::cli::Global {
+            topics: self.topics_regex(),
+            stall_after: Duration::from_secs(60),
+            kafka_brokers: self.brokers.clone(),
+            mongodb_uri: self.mongodb_uri.clone(),
+            mongodb_database: self.store.database_name().to_owned(),
+            mongodb_timeout: Duration::from_secs(2),
+            redis_url: redis_url(),
+            redis_prefix: format!("cvtest:{}", self.id),
+            redis_timeout: Duration::from_millis(200),
+            log_format: courseview::telemetry::LogFormat::Text,
+        }
+    }
+
+    /// A `courseview project <model>` process of this app with JSON logs on
+    /// a pipe; `env` adds or overrides settings.
+    pub fn worker_process(&self, model: ReadModel, env: &[(&str, &str)]) -> Reaped {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_courseview"));
+        command
+            .args(["project", model.name()])
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("MONGODB_URI", &self.mongodb_uri)
+            .env("MONGODB_DATABASE", self.store.database_name())
+            .env("REDIS_URL", redis_url())
+            .env("COURSEVIEW_REDIS_PREFIX", format!("cvtest:{}", self.id))
+            .env("COURSEVIEW_TOPICS", self.topics_regex())
+            .env("COURSEVIEW_GROUP_PREFIX", &self.id)
+            .env("COURSEVIEW_SESSION_TIMEOUT", "6s")
+            .env("COURSEVIEW_METADATA_REFRESH", "1s")
+            .env("COURSEVIEW_BATCH_SIZE", "50")
+            .env("COURSEVIEW_STATUS_INTERVAL", "500ms")
+            .env("COURSEVIEW_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env_remove("COURSEVIEW_METRICS_LISTEN");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("worker process starts");
+        Reaped(child)
+    }
+}
+
+/// Collects a process's JSON log lines (its stderr) as they come.
+pub fn log_lines(child: &mut Reaped) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let (Ok(v), Ok(mut all)) = (serde_json::from_str::<Value>(&line), sink.lock()) {
+                all.push(v);
+            }
+        }
+    });
+    lines
+}
+
+/// Whether any collected log line has this message.
+pub fn logged(lines: &std::sync::Mutex<Vec<Value>>, message: &str) -> bool {
+    lines
+        .lock()
+        .map(|all| all.iter().any(|l| l["message"] == message))
+        .unwrap_or(false)
+}
+
+/// Sends a signal to a process (`kill -s`), as an operator or supervisor does.
+pub fn signal(child: &Reaped, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args(["-s", name, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -s {name}");
 }
 
 /// The catalog that `events` give on a fresh app: what every other way of

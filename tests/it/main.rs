@@ -4,9 +4,13 @@
 //! key prefix, so tests run in parallel and can be re-run.
 
 mod api;
+mod broker;
 mod cache;
+mod chaos;
+mod faults;
 mod helpers;
 mod mongo_compat;
 mod operations;
 mod outage;
+mod peers;
 mod pipeline;

@@ -65,7 +65,7 @@ async fn events_in_order_shuffled_across_topics_and_duplicated_give_the_same_ans
 
 /// The scenario as a Debezium outbox router would publish it, rotating
 /// through every value/key/header variant DESIGN §1 lists.
-fn as_outbox(app: &TestApp, events: &[Value]) -> Vec<Outgoing> {
+pub fn as_outbox(app: &TestApp, events: &[Value]) -> Vec<Outgoing> {
     events
         .iter()
         .enumerate()

@@ -1,0 +1,856 @@
+//! The fault suite (docs/RELIABILITY.md): real processes, real faults, real
+//! peers. Each scenario compares the read model, document by document, with
+//! a clean replay of the very records in the log (a fresh worker, a fresh
+//! database, no faults), and reports lost, differing, regressed and stalled.
+//!
+//! `scripts/test` runs each at a small scale; `scripts/chaos` runs them at
+//! full scale (`CHAOS_SCALE=full`) and writes the table from the rows each
+//! scenario appends to `CHAOS_REPORT`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bson::Document;
+use courseview::kafka::Outgoing;
+use courseview::mongo::Store;
+use courseview::read_model::ReadModel;
+use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions};
+use courseview::status::StatusProbe;
+use courseview::worker::{self, WorkerSettings};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{event, eventually, log_lines, logged, signal, unique, Options, Reaped, TestApp};
+use crate::peers::{PrivateBroker, PrivateMongo, PrivateRedis};
+use crate::pipeline::as_outbox;
+
+/// How big a run is: small in `scripts/test`, full in `scripts/chaos`.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    /// Courses in the mixed corpus (about 6.5 records each).
+    courses: usize,
+    kills: usize,
+    full: bool,
+}
+
+impl Scale {
+    fn from_env() -> Scale {
+        if std::env::var("CHAOS_SCALE").as_deref() == Ok("full") {
+            Scale {
+                courses: 4_000,
+                kills: 8,
+                full: true,
+            }
+        } else {
+            Scale {
+                courses: 300,
+                kills: 3,
+                full: false,
+            }
+        }
+    }
+}
+
+/// What one scenario measured: one row of docs/RELIABILITY.md.
+#[derive(Debug, Default, serde::Serialize)]
+struct Row {
+    scenario: &'static str,
+    records: usize,
+    faults: String,
+    courses: usize,
+    lost: usize,
+    differing: usize,
+    regressed: usize,
+    stalled: bool,
+    notes: String,
+    seconds: f64,
+}
+
+impl Row {
+    /// Appends the row to `CHAOS_REPORT` (if set), then holds it to zero.
+    fn finish(self, started: Instant) {
+        let row = Row {
+            seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            ..self
+        };
+        eprintln!("chaos row: {}", serde_json::to_string(&row).unwrap_or_default());
+        if let Ok(path) = std::env::var("CHAOS_REPORT") {
+            use std::io::Write as _;
+            if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = writeln!(file, "{}", serde_json::to_string(&row).unwrap_or_default());
+            }
+        }
+        assert_eq!(
+            (row.lost, row.differing, row.regressed, row.stalled),
+            (0, 0, 0, false),
+            "{}: {row:?}",
+            row.scenario
+        );
+    }
+}
+
+/// Courses whose events are per-type records, duplicated, snake_case,
+/// outbox-routed in every variant, and interleaved with garbage.
+fn mixed_corpus(app: &TestApp, prefix: &str, courses: usize, seed: u64) -> Vec<Outgoing> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for c in 0..courses {
+        let id = format!("{prefix}{c:05}");
+        let mut history = vec![
+            event(
+                "CourseCreatedEvent",
+                &id,
+                1,
+                json!({"name": format!("Course {c}"), "teacherId": format!("t{}", c % 13),
+                       "description": "new", "thumbnail": format!("https://img/{c}.png"),
+                       "registeredAt": "2026-11-20T08:00:00Z"}),
+            ),
+            event("CoursePostedEvent", &id, 2, json!({})),
+            event(
+                "CourseUpdatedEvent",
+                &id,
+                3,
+                json!({"description": format!("v3 of {c}")}),
+            ),
+        ];
+        match c % 6 {
+            0 => history.push(event("CourseDeletedEvent", &id, 4, json!({}))),
+            1 => history.push(event("CourseUnpostedEvent", &id, 4, json!({}))),
+            2 => history.push(event(
+                "CourseUpdatedEvent",
+                &id,
+                4,
+                json!({"name": format!("Renamed {c}")}),
+            )),
+            _ => {}
+        }
+        if c % 4 == 0 {
+            // The outbox relay, in its four shapes.
+            out.extend(as_outbox(app, &history));
+            continue;
+        }
+        for e in &history {
+            let mut e = e.clone();
+            if c % 4 == 1 {
+                // The course table's snake_case names.
+                let obj = e.as_object_mut().expect("object");
+                if let Some(v) = obj.remove("courseId") {
+                    obj.insert("course_id".into(), v);
+                }
+                if let Some(v) = obj.remove("teacherId") {
+                    obj.insert("teacher_id".into(), v);
+                }
+            }
+            let record = Outgoing {
+                topic: app.topic(e["eventType"].as_str().expect("type")),
+                key: Some(id.clone()),
+                value: Some(e.to_string()),
+                ..Outgoing::default()
+            };
+            if rng.gen_bool(0.1) {
+                out.push(record.clone());
+            }
+            out.push(record);
+        }
+    }
+    // Shuffle within a window: types travel on different topics anyway.
+    for i in 0..out.len() {
+        let j = (i + rng.gen_range(0..20)).min(out.len() - 1);
+        out.swap(i, j);
+    }
+    out
+}
+
+/// Garbage: bad JSON, unknown types, missing course ids.
+fn garbage(app: &TestApp, n: usize) -> Vec<Outgoing> {
+    (0..n)
+        .map(|i| {
+            let value = match i % 3 {
+                0 => "{not json".to_owned(),
+                1 => json!({"eventType": "CourseExplodedEvent", "courseId": "x", "eventId": i}).to_string(),
+                _ => json!({"eventType": "CoursePostedEvent", "version": 1}).to_string(),
+            };
+            Outgoing {
+                topic: app.topic("CourseUpdatedEvent"),
+                key: None,
+                value: Some(value),
+                ..Outgoing::default()
+            }
+        })
+        .collect()
+}
+
+/// Sends records in concurrent chunks, retrying each until the broker
+/// takes it (a broker restart makes sends fail for a while).
+async fn produce(app: &TestApp, records: &[Outgoing], rate_per_sec: Option<u64>) {
+    for chunk in records.chunks(200) {
+        let started = Instant::now();
+        let sends = chunk.iter().map(|r| async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while app.producer.send(r).await.is_err() {
+                assert!(Instant::now() < deadline, "the broker never took a record");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        futures::future::join_all(sends).await;
+        if let Some(rate) = rate_per_sec {
+            let budget = Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
+            if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                tokio::time::sleep(rest).await;
+            }
+        }
+    }
+}
+
+/// Waits until `model`'s serving generation has applied everything in the
+/// log; `false` if it did not within `timeout` (stalled).
+async fn caught_up(app: &TestApp, model: ReadModel, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(generation) = app.store.serving_generation(model.name()).await {
+            if let Ok(status) = app.probe.generation(model, generation).await {
+                if status.lag_events == 0 && !status.partitions.is_empty() {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// The read model a clean run over the same log gives: a fresh database and
+/// consumer group, no faults. `limit` is the record size limit used.
+async fn clean_replay_of_log(app: &TestApp, model: ReadModel, limit: usize) -> Vec<Document> {
+    let store = Store::connect(
+        &crate::helpers::mongodb_uri(),
+        &format!("cv_{}", unique("clean")),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("store");
+    let mut settings: WorkerSettings = app.worker_settings(model);
+    settings.kafka.group_id = unique("clean-");
+    settings.max_record_bytes = limit;
+    settings.batch_size = 1_000;
+    let probe = StatusProbe::new(
+        store.clone(),
+        &app.brokers,
+        &app.topics_regex(),
+        Duration::from_secs(60),
+    )
+    .expect("probe");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(worker::run(settings, store.clone(), None, cancel.clone()));
+    eventually("the clean replay to finish", Duration::from_secs(600), || async {
+        let status = probe.generation(model, 1).await.ok()?;
+        (status.lag_events == 0 && !status.partitions.is_empty()).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    task.await.expect("task").expect("clean replay");
+    store
+        .dump(&Store::collection_name(model.name(), 1))
+        .await
+        .expect("dump")
+}
+
+/// (lost, differing): documents of `expected` missing from or unequal in `got`.
+fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
+    let by_id = |docs: &[Document]| -> HashMap<String, Document> {
+        docs.iter()
+            .map(|d| (d.get_str("_id").unwrap_or_default().to_owned(), d.clone()))
+            .collect()
+    };
+    let (got, expected) = (by_id(got), by_id(expected));
+    let lost = expected.keys().filter(|id| !got.contains_key(*id)).count();
+    let extra = got.keys().filter(|id| !expected.contains_key(*id)).count();
+    let differing = expected
+        .iter()
+        .filter(|(id, d)| got.get(*id).is_some_and(|g| g != *d))
+        .count();
+    (lost, differing + extra)
+}
+
+/// Compares the app's serving read model with a clean replay of its log.
+async fn verdict(app: &TestApp, row: &mut Row, limit: usize) {
+    let got = app.dump(ReadModel::Catalog).await;
+    let expected = clean_replay_of_log(app, ReadModel::Catalog, limit).await;
+    row.courses = expected.len();
+    (row.lost, row.differing) = compare(&got, &expected);
+}
+
+#[tokio::test]
+async fn chaos_sigkill_of_the_worker_at_random_instants() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let mut records = mixed_corpus(&app, "k", scale.courses, 7);
+    records.extend(garbage(&app, records.len() / 50));
+    let producing = {
+        let records = records.clone();
+        let app = &app;
+        async move { produce(app, &records, Some(if scale.full { 3_000 } else { 1_500 })).await }
+    };
+    let killing = async {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..scale.kills {
+            let worker = app.worker_process(ReadModel::Catalog, &[]);
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(700..2_500))).await;
+            drop(worker); // SIGKILL
+        }
+    };
+    futures::join!(producing, killing);
+    let mut last = app.worker_process(ReadModel::Catalog, &[]);
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&last, "TERM");
+    let _ = last.0.wait();
+    let mut row = Row {
+        scenario: "SIGKILL of the worker at random instants, restarted each time",
+        records: records.len(),
+        faults: format!("{} × SIGKILL", scale.kills),
+        stalled,
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_two_workers_of_one_projection_one_killed_mid_stream() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let records = mixed_corpus(&app, "w", scale.courses, 8);
+    let first = app.worker_process(ReadModel::Catalog, &[]);
+    let mut second = app.worker_process(ReadModel::Catalog, &[]);
+    let (head, tail) = records.split_at(records.len() / 2);
+    produce(&app, head, None).await;
+    eventually("some progress", Duration::from_secs(60), || async {
+        let offsets = app.store.load_offsets("catalog", 1).await.ok()?;
+        (offsets.values().sum::<i64>() > 50).then_some(())
+    })
+    .await;
+    drop(first); // SIGKILL
+    produce(&app, tail, None).await;
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&second, "TERM");
+    let _ = second.0.wait();
+    let mut row = Row {
+        scenario: "two workers of one projection, one killed mid-stream",
+        records: records.len(),
+        faults: "1 × SIGKILL, survivor takes over".into(),
+        stalled,
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_broker_killed_and_restarted_mid_stream() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let mut broker = PrivateBroker::start();
+    let app = TestApp::with(Options {
+        brokers: Some(broker.brokers()),
+        ..Options::default()
+    })
+    .await;
+    let records = mixed_corpus(&app, "b", scale.courses, 9);
+    let mut worker = app.worker_process(ReadModel::Catalog, &[]);
+    let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
+    let faulting = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker.kill();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        broker.restart();
+    };
+    futures::join!(producing, faulting);
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&worker, "TERM");
+    let _ = worker.0.wait();
+    let mut row = Row {
+        scenario: "broker killed and restarted mid-stream (durable store)",
+        records: records.len(),
+        faults: "SIGKILL of the broker 2 s in, back 5 s later".into(),
+        stalled,
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_mongodb_killed_and_restarted_mid_stream() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let mut mongo = PrivateMongo::start();
+    let app = TestApp::with(Options {
+        mongodb_uri: mongo.uri(),
+        ..Options::default()
+    })
+    .await;
+    let records = mixed_corpus(&app, "m", scale.courses, 10);
+    let mut worker = app.worker_process(ReadModel::Catalog, &[("MONGODB_TIMEOUT", "500ms")]);
+    let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
+    let faulting = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        mongo.kill();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        mongo.restart();
+    };
+    futures::join!(producing, faulting);
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&worker, "TERM");
+    let _ = worker.0.wait();
+    let mut row = Row {
+        scenario: "MongoDB killed and restarted mid-stream",
+        records: records.len(),
+        faults: "SIGKILL of MongoDB 2 s in, back 4 s later".into(),
+        stalled,
+        ..Row::default()
+    };
+    let got = app.dump(ReadModel::Catalog).await;
+    let expected = clean_replay_of_log(&app, ReadModel::Catalog, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.courses = expected.len();
+    (row.lost, row.differing) = compare(&got, &expected);
+    row.finish(started);
+}
+
+/// Freezes a process (SIGSTOP) until dropped (SIGCONT): a server that
+/// accepts connections and answers nothing, as in a long GC pause or a
+/// network partition.
+struct Frozen<'a>(&'a Reaped);
+
+impl<'a> Frozen<'a> {
+    fn new(process: &'a Reaped) -> Self {
+        signal(process, "STOP");
+        Frozen(process)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[tokio::test]
+async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild_switch() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let mongo = PrivateMongo::start();
+    let app = TestApp::with(Options {
+        mongodb_uri: mongo.uri(),
+        ..Options::default()
+    })
+    .await;
+    let records = mixed_corpus(&app, "a", scale.courses / 2, 12);
+    let (head, tail) = records.split_at(records.len() / 2);
+    let mut worker = app.worker_process(ReadModel::Catalog, &[("MONGODB_TIMEOUT", "500ms")]);
+    let logs = log_lines(&mut worker);
+    produce(&app, head, None).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await);
+
+    // Rebuild to generation 2 and switch; no handover wait, so the live
+    // worker's assignment in generation 2 is what follows.
+    let mut options = quick_rebuild();
+    options.handover_timeout = Duration::ZERO;
+    rebuild(
+        &app.worker_settings(ReadModel::Catalog),
+        &app.store,
+        None,
+        &app.probe,
+        &options,
+        &mut Quiet,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild")
+    .expect("switched");
+    let before = log_count(&logs, "Subscribed.");
+    eventually("the live worker to resubscribe", Duration::from_secs(30), || async {
+        (log_count(&logs, "Subscribed.") > before).then_some(())
+    })
+    .await;
+    {
+        let _frozen = Frozen::new(mongo.process());
+        tokio::time::sleep(Duration::from_secs(8)).await;
+    }
+    produce(&app, tail, None).await;
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    let refused = logged(&logs, "Rejoining the group with a fresh consumer.");
+    signal(&worker, "TERM");
+    let _ = worker.0.wait();
+    let mut row = Row {
+        scenario: "MongoDB unreachable while partitions are assigned right after a rebuild switch",
+        records: records.len(),
+        faults: "SIGSTOP of MongoDB for 8 s as the worker rejoins".into(),
+        stalled,
+        notes: if refused {
+            "assignment refused, then rejoined".into()
+        } else {
+            "assignment completed before the freeze".into()
+        },
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}
+
+fn log_count(lines: &Mutex<Vec<Value>>, message: &str) -> usize {
+    lines
+        .lock()
+        .map(|all| all.iter().filter(|l| l["message"] == message).count())
+        .unwrap_or(0)
+}
+
+struct Quiet;
+
+impl ProgressSink for Quiet {
+    fn progress(&mut self, _done: i64, _total: i64) {}
+    fn phase(&mut self, _message: &str) {}
+}
+
+fn quick_rebuild() -> RebuildOptions {
+    RebuildOptions {
+        in_place: false,
+        catch_up_lag: 50,
+        grace: Duration::from_secs(2),
+        report_every: Duration::from_millis(100),
+        handover_timeout: Duration::from_secs(20),
+    }
+}
+
+#[tokio::test]
+async fn chaos_rebuild_under_a_steady_stream_with_readers_polling() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let courses = if scale.full { 2_000 } else { 200 };
+    // Tracked courses: created and posted, then only updated, so every
+    // answer for them must be a 200 whose version never goes down.
+    let tracked: Vec<String> = (0..40).map(|i| format!("r{i:03}")).collect();
+    let mut initial = Vec::new();
+    for id in &tracked {
+        initial.push(event(
+            "CourseCreatedEvent",
+            id,
+            1,
+            json!({"name": id, "teacherId": "tr"}),
+        ));
+        initial.push(event("CoursePostedEvent", id, 2, json!({})));
+    }
+    let to_records = |events: &[Value]| -> Vec<Outgoing> {
+        events
+            .iter()
+            .map(|e| Outgoing {
+                topic: app.topic(e["eventType"].as_str().expect("type")),
+                key: e["courseId"].as_str().map(str::to_owned),
+                value: Some(e.to_string()),
+                ..Outgoing::default()
+            })
+            .collect()
+    };
+    let mut background = mixed_corpus(&app, "x", courses, 13);
+    background.extend(to_records(&initial));
+    let worker = app.worker_process(ReadModel::Catalog, &[]);
+    produce(&app, &background, None).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
+    let regressions = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut readers = Vec::new();
+    for r in 0..3 {
+        let (http, base, stop, failures, seen, regressions, tracked) = (
+            app.http.clone(),
+            app.base_url.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&failures),
+            Arc::clone(&seen),
+            Arc::clone(&regressions),
+            tracked.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0_usize;
+            let mut i = r;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (path, single) = if i % 4 == 0 {
+                    ("/catalog/courses?teacherId=tr&sort=name&limit=100".to_owned(), false)
+                } else {
+                    (format!("/catalog/courses/{}", tracked[i % tracked.len()]), true)
+                };
+                let response = http.get(format!("{base}{path}")).send().await;
+                reads += 1;
+                let body: Value = match response {
+                    Ok(r) if r.status() == 200 => r.json().await.unwrap_or(Value::Null),
+                    Ok(r) => {
+                        failures.lock().expect("lock").push(format!("{path}: {}", r.status()));
+                        continue;
+                    }
+                    Err(e) => {
+                        failures.lock().expect("lock").push(format!("{path}: {e}"));
+                        continue;
+                    }
+                };
+                let items: Vec<Value> = if single {
+                    vec![body]
+                } else {
+                    body["items"].as_array().cloned().unwrap_or_default()
+                };
+                if !single && items.len() < tracked.len() {
+                    failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{path}: {} items", items.len()));
+                }
+                for item in items {
+                    let (Some(id), Some(v)) = (item["id"].as_str(), item["version"].as_i64()) else {
+                        continue;
+                    };
+                    let mut seen = seen.lock().expect("lock");
+                    let best = seen.entry(id.to_owned()).or_insert(v);
+                    if v < *best {
+                        regressions
+                            .lock()
+                            .expect("lock")
+                            .push(format!("{id}: v{v} after v{best}"));
+                    }
+                    *best = (*best).max(v);
+                }
+            }
+            reads
+        }));
+    }
+    // Steady updates of the tracked courses through the whole rebuild.
+    let writer = {
+        let updates: Vec<Value> = (3..(if scale.full { 60 } else { 25 }))
+            .flat_map(|v| {
+                tracked
+                    .iter()
+                    .map(move |id| event("CourseUpdatedEvent", id, v, json!({"description": format!("v{v}")})))
+            })
+            .collect();
+        let records = to_records(&updates);
+        let app = &app;
+        async move { produce(app, &records, Some(400)).await }
+    };
+    let (settings, options, cancel) = (
+        app.worker_settings(ReadModel::Catalog),
+        quick_rebuild(),
+        CancellationToken::new(),
+    );
+    let mut quiet = Quiet;
+    let rebuilding = rebuild(
+        &settings,
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &options,
+        &mut quiet,
+        &cancel,
+    );
+    let (_, report) = futures::join!(writer, rebuilding);
+    let report = report.expect("rebuild").expect("switched");
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.expect("reader");
+    }
+    let mut worker = worker;
+    signal(&worker, "TERM");
+    let _ = worker.0.wait();
+    let failures = failures.lock().expect("lock").clone();
+    let regressions = regressions.lock().expect("lock").clone();
+    let mut row = Row {
+        scenario: "rebuild under a steady stream, readers polling known courses and list pages",
+        records: background.len(),
+        faults: format!("rebuild g{} → g{}, 400 events/s, {reads} reads", report.from, report.to),
+        regressed: regressions.len(),
+        stalled,
+        notes: format!(
+            "{} failed reads {:?} {:?}",
+            failures.len(),
+            failures.first(),
+            regressions.first()
+        ),
+        ..Row::default()
+    };
+    row.lost = failures.len();
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_redis_killed_mid_run() {
+    let started = Instant::now();
+    let mut redis = PrivateRedis::start();
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    eventually("private redis", Duration::from_secs(10), || async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        client.get_multiplexed_async_connection().await.ok().map(|_| ())
+    })
+    .await;
+    let app = TestApp::with(Options {
+        redis_url: Some(url),
+        ..Options::default()
+    })
+    .await;
+    let records = mixed_corpus(&app, "c", 200, 14);
+    let worker = app.start_worker(ReadModel::Catalog);
+    produce(&app, &records, None).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await);
+    let paths: Vec<String> = (1..200)
+        .step_by(3)
+        .map(|c| format!("/catalog/courses/c{c:05}"))
+        .chain([
+            "/catalog/courses?limit=20".to_owned(),
+            "/catalog/courses?sort=name".to_owned(),
+        ])
+        .collect();
+    let mut slowest = Duration::ZERO;
+    let mut failed = 0;
+    for round in 0..6 {
+        if round == 2 {
+            redis.child.kill().expect("kill redis");
+            let _ = redis.child.wait();
+        }
+        for path in &paths {
+            let t = Instant::now();
+            let (status, _) = app.get_json(path).await;
+            if ![200, 404].contains(&status) {
+                failed += 1;
+            }
+            if round >= 2 {
+                slowest = slowest.max(t.elapsed());
+            }
+        }
+    }
+    worker.stop().await;
+    // REDIS_TIMEOUT is 200 ms in the tests; a MongoDB read is well under 100 ms.
+    let bound = Duration::from_millis(500);
+    let row = Row {
+        scenario: "Redis killed mid-run: every answer within REDIS_TIMEOUT plus the MongoDB read",
+        records: records.len(),
+        faults: "SIGKILL of Redis".into(),
+        lost: failed,
+        regressed: usize::from(slowest > bound),
+        notes: format!(
+            "slowest answer after the kill {} ms (bound {} ms)",
+            slowest.as_millis(),
+            bound.as_millis()
+        ),
+        ..Row::default()
+    };
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_poison_records_are_dead_lettered_once_and_nothing_stalls() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let mut records = mixed_corpus(&app, "p", scale.courses / 2, 15);
+    let valid = records.len();
+    let mut bad = garbage(&app, valid / 10);
+    for i in 0..20 {
+        bad.push(Outgoing {
+            topic: app.topic("CourseCreatedEvent"),
+            key: Some(format!("hdr{i}")),
+            value: Some(event("CourseCreatedEvent", &format!("hdr{i}"), 1, json!({"name": "h"})).to_string()),
+            raw_headers: vec![(vec![0xc3, 0x28, i], b"x".to_vec())],
+            ..Outgoing::default()
+        });
+        bad.push(Outgoing {
+            topic: app.topic("CourseUpdatedEvent"),
+            key: Some(format!("big{i}")),
+            value: Some(
+                event(
+                    "CourseUpdatedEvent",
+                    &format!("big{i}"),
+                    2,
+                    json!({"description": "z".repeat(40_000)}),
+                )
+                .to_string(),
+            ),
+            ..Outgoing::default()
+        });
+    }
+    let bad_count = bad.len();
+    records.extend(bad);
+    let limit = 30_000;
+    let mut worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_MAX_RECORD_BYTES", "30000")]);
+    produce(&app, &records, None).await;
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&worker, "TERM");
+    let _ = worker.0.wait();
+    let letters = app.store.dead_letters(Some("catalog"), 100_000).await.expect("letters");
+    let ids: HashSet<&String> = letters.iter().map(|(id, _)| id).collect();
+    let mut row = Row {
+        scenario: "poison: non-UTF-8 header keys, records over the size limit, 10 % garbage",
+        records: records.len(),
+        faults: format!("{bad_count} bad records"),
+        stalled,
+        notes: format!("{} dead letters for {bad_count} bad records", letters.len()),
+        ..Row::default()
+    };
+    verdict(&app, &mut row, limit).await;
+    row.lost += bad_count.abs_diff(letters.len()) + (letters.len() - ids.len());
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_sigterm_with_mongodb_down() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let mut mongo = PrivateMongo::start();
+    let app = TestApp::with(Options {
+        mongodb_uri: mongo.uri(),
+        ..Options::default()
+    })
+    .await;
+    let records = mixed_corpus(&app, "t", scale.courses / 3, 16);
+    let (head, tail) = records.split_at(records.len() / 2);
+    let env = [("COURSEVIEW_SHUTDOWN_TIMEOUT", "3s"), ("MONGODB_TIMEOUT", "500ms")];
+    let mut worker = app.worker_process(ReadModel::Catalog, &env);
+    let logs = log_lines(&mut worker);
+    produce(&app, head, None).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await);
+    mongo.kill();
+    produce(&app, tail, None).await;
+    eventually("a batch retrying", Duration::from_secs(30), || async {
+        logged(&logs, "Transient failure; retrying without advancing offsets.").then_some(())
+    })
+    .await;
+    let asked = Instant::now();
+    signal(&worker, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.0.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exited_after = asked.elapsed();
+    mongo.restart();
+    let mut again = app.worker_process(ReadModel::Catalog, &env);
+    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&again, "TERM");
+    let _ = again.0.wait();
+    let mut row = Row {
+        scenario: "SIGTERM with MongoDB down, then a fresh start",
+        records: records.len(),
+        faults: "MongoDB SIGKILLed, then SIGTERM to the worker (shutdown timeout 3 s)".into(),
+        stalled,
+        regressed: usize::from(exited_after > Duration::from_secs(6)),
+        notes: format!("exited {:.1} s after SIGTERM", exited_after.as_secs_f64()),
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}
