@@ -64,6 +64,23 @@ pub struct ConsumerSettings {
     pub session_timeout: Duration,
 }
 
+/// What the reader hands the worker, in log order per partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    Record(Record),
+    /// The consumer's position moved past offsets that are never delivered
+    /// (transaction commit/abort markers, aborted records): everything
+    /// before `next` has been handed over, so it may be stored as read.
+    Advance {
+        topic: String,
+        partition: i32,
+        next: i64,
+    },
+}
+
+/// How often an idle reader looks for positions that moved past markers.
+const ADVANCE_EVERY: Duration = Duration::from_millis(500);
+
 /// Why the reader thread stopped. Each calls for something different from
 /// the worker: nothing (it asked), or a fresh consumer (assignment failed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,7 +297,7 @@ impl Consumer {
     /// the rebalance handler there, which must not run on an async thread.
     pub fn spawn_reader(
         &self,
-        tx: mpsc::Sender<Record>,
+        tx: mpsc::Sender<Feed>,
         budget: Arc<ByteBudget>,
         cancel: CancellationToken,
     ) -> std::thread::JoinHandle<ReaderExit> {
@@ -290,6 +307,8 @@ impl Consumer {
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
             .spawn(move || {
+                let mut advanced: HashMap<(String, i32), i64> = HashMap::new();
+                let mut last_check = std::time::Instant::now();
                 let exit = loop {
                     if cancel.is_cancelled() {
                         break ReaderExit::Cancelled;
@@ -299,13 +318,21 @@ impl Consumer {
                         break ReaderExit::AssignmentFailed(reason);
                     }
                     match polled {
+                        None if last_check.elapsed() >= ADVANCE_EVERY => {
+                            last_check = std::time::Instant::now();
+                            let moved = positions_moved(&consumer, &mut advanced);
+                            if moved.into_iter().any(|feed| tx.blocking_send(feed).is_err()) {
+                                break ReaderExit::ReceiverGone;
+                            }
+                        }
                         None => {}
                         Some(Ok(message)) => {
                             let record = to_record(&message);
+                            advanced.insert((record.topic.clone(), record.partition), record.offset + 1);
                             if !budget.acquire(record.size(), &cancel) {
                                 break ReaderExit::Cancelled;
                             }
-                            if tx.blocking_send(record).is_err() {
+                            if tx.blocking_send(Feed::Record(record)).is_err() {
                                 break ReaderExit::ReceiverGone;
                             }
                         }
@@ -349,6 +376,31 @@ impl Consumer {
     pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaClientError> {
         Ok(self.inner.fetch_watermarks(topic, partition, Duration::from_secs(2))?)
     }
+}
+
+/// Partitions whose consumer position is past the last offset handed over
+/// (or last reported): librdkafka advances it over transaction markers
+/// without delivering anything, and only the position tells.
+fn positions_moved(consumer: &BaseConsumer<AssignContext>, advanced: &mut HashMap<(String, i32), i64>) -> Vec<Feed> {
+    let Ok(positions) = consumer.position() else {
+        return Vec::new();
+    };
+    let mut moved = Vec::new();
+    for elem in positions.elements() {
+        let Offset::Offset(next) = elem.offset() else {
+            continue;
+        };
+        let key = (elem.topic().to_owned(), elem.partition());
+        if advanced.get(&key).is_none_or(|seen| next > *seen) {
+            advanced.insert(key, next);
+            moved.push(Feed::Advance {
+                topic: elem.topic().to_owned(),
+                partition: elem.partition(),
+                next,
+            });
+        }
+    }
+    moved
 }
 
 /// `^regex` subscribes by pattern; anything else is a list of names.

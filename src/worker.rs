@@ -22,7 +22,7 @@ use tracing::{debug, error, info, instrument, warn, Instrument};
 use crate::cache::{Cache, Scope};
 use crate::dead_letter::DeadLetter;
 use crate::decode::decode;
-use crate::kafka::{ByteBudget, Consumer, ConsumerSettings, KafkaClientError, OffsetSource, ReaderExit};
+use crate::kafka::{ByteBudget, Consumer, ConsumerSettings, Feed, KafkaClientError, OffsetSource, ReaderExit};
 use crate::mongo::{DocWrite, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
 use crate::record::Record;
@@ -161,8 +161,18 @@ impl Applier {
 
     /// Decodes, applies and writes a batch, then stores its offsets. Safe to
     /// call again with the same records after any failure.
-    #[instrument(skip_all, fields(projection = self.model.name(), records = records.len()))]
     pub async fn apply_batch(&self, records: &[Record]) -> Result<BatchOutcome, StoreError> {
+        self.apply_batch_and_advance(records, &[]).await
+    }
+
+    /// As [`Applier::apply_batch`], also storing `advanced` next-offsets of
+    /// partitions whose position moved past undelivered offsets.
+    #[instrument(skip_all, fields(projection = self.model.name(), records = records.len()))]
+    pub async fn apply_batch_and_advance(
+        &self,
+        records: &[Record],
+        advanced: &[(String, i32, i64)],
+    ) -> Result<BatchOutcome, StoreError> {
         let started = Instant::now();
         let projection = self.model.name();
         let mut events: Vec<CourseEvent> = Vec::with_capacity(records.len());
@@ -191,7 +201,7 @@ impl Applier {
             self.store.put_dead_letters(&dead).await?;
             telemetry::dead_letters(projection, dead.len() as u64);
         }
-        let offsets = next_offsets(records);
+        let offsets = merge_offsets(next_offsets(records), advanced);
         self.store.store_offsets(projection, self.generation, &offsets).await?;
         for event in &events {
             telemetry::event_applied(projection, event.kind.type_name());
@@ -323,6 +333,18 @@ fn next_offsets(records: &[Record]) -> Vec<(String, i32, i64)> {
         *slot = (*slot).max(r.offset + 1);
     }
     let mut out: Vec<_> = next.into_iter().map(|((t, p), o)| (t.to_owned(), p, o)).collect();
+    out.sort();
+    out
+}
+
+/// `next` plus `more`, keeping the higher offset per partition.
+fn merge_offsets(next: Vec<(String, i32, i64)>, more: &[(String, i32, i64)]) -> Vec<(String, i32, i64)> {
+    let mut all: HashMap<(String, i32), i64> = next.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+    for (t, p, o) in more {
+        let slot = all.entry((t.clone(), *p)).or_insert(*o);
+        *slot = (*slot).max(*o);
+    }
+    let mut out: Vec<_> = all.into_iter().map(|((t, p), o)| (t, p, o)).collect();
     out.sort();
     out
 }
@@ -462,7 +484,7 @@ pub async fn run_generation(
             runtime: Handle::current(),
         });
         let consumer = Consumer::subscribe(&settings.kafka, offsets)?;
-        let (tx, mut rx) = mpsc::channel::<Record>(settings.batch_size * 2);
+        let (tx, mut rx) = mpsc::channel::<Feed>(settings.batch_size * 2);
         let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
         let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
@@ -494,12 +516,12 @@ pub async fn run_generation(
                     other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
                 });
             };
-            let batch = collect_batch(first, &mut rx, settings.batch_size, settings.batch_linger).await;
+            let (batch, advanced) = collect_batch(first, &mut rx, settings.batch_size, settings.batch_linger).await;
             let bytes: usize = batch.iter().map(Record::size).sum();
             // The batch in hand is finished even if shutdown starts now, but
             // only until the shutdown deadline.
             let outcome = tokio::select! {
-                r = retry_transient("apply batch", &hard, settings.max_backoff, || applier.apply_batch(&batch)) => r,
+                r = retry_transient("apply batch", &hard, settings.max_backoff, || applier.apply_batch_and_advance(&batch, &advanced)) => r,
                 () = hard.cancelled() => Ok(None),
             };
             budget.release(bytes);
@@ -552,21 +574,35 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panicked".to_owned())
 }
 
-/// Takes `first` plus whatever arrives within `linger`, up to `max` records.
-async fn collect_batch(first: Record, rx: &mut mpsc::Receiver<Record>, max: usize, linger: Duration) -> Vec<Record> {
-    let mut batch = vec![first];
+/// Takes `first` plus whatever arrives within `linger`, up to `max`
+/// records; position advances travel alongside.
+async fn collect_batch(
+    first: Feed,
+    rx: &mut mpsc::Receiver<Feed>,
+    max: usize,
+    linger: Duration,
+) -> (Vec<Record>, Vec<(String, i32, i64)>) {
+    fn take(feed: Feed, batch: &mut Vec<Record>, advanced: &mut Vec<(String, i32, i64)>) {
+        match feed {
+            Feed::Record(r) => batch.push(r),
+            Feed::Advance { topic, partition, next } => advanced.push((topic, partition, next)),
+        }
+    }
+    let (mut batch, mut advanced) = (Vec::new(), Vec::new());
+    take(first, &mut batch, &mut advanced);
+    // An advance alone is a batch at once: nothing else is coming.
     let deadline = tokio::time::Instant::now() + linger;
-    while batch.len() < max {
+    while batch.len() < max && !(batch.is_empty() && !advanced.is_empty()) {
         match rx.try_recv() {
-            Ok(r) => batch.push(r),
+            Ok(feed) => take(feed, &mut batch, &mut advanced),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(r)) => batch.push(r),
+                Ok(Some(feed)) => take(feed, &mut batch, &mut advanced),
                 Ok(None) | Err(_) => break,
             },
         }
     }
-    batch
+    (batch, advanced)
 }
 
 /// Retries `op` while it fails transiently, backing off up to `max_backoff`.
@@ -624,13 +660,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn advanced_positions_raise_the_stored_offsets_only_upwards() {
+        let merged = merge_offsets(
+            next_offsets(&[rec("a", 0, 5), rec("b", 0, 1)]),
+            &[("a".into(), 0, 4), ("b".into(), 0, 3), ("c".into(), 1, 7)],
+        );
+        assert_eq!(merged, vec![("a".into(), 0, 6), ("b".into(), 0, 3), ("c".into(), 1, 7)]);
+    }
+
     #[tokio::test]
     async fn a_batch_lingers_for_more_records_but_not_past_its_size() {
         let (tx, mut rx) = mpsc::channel(10);
         for i in 1..5 {
-            tx.send(rec("a", 0, i)).await.expect("send");
+            tx.send(Feed::Record(rec("a", 0, i))).await.expect("send");
         }
-        let batch = collect_batch(rec("a", 0, 0), &mut rx, 3, Duration::from_millis(10)).await;
+        let (batch, _) = collect_batch(Feed::Record(rec("a", 0, 0)), &mut rx, 3, Duration::from_millis(10)).await;
         assert_eq!(batch.len(), 3);
     }
 }

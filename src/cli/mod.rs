@@ -163,6 +163,18 @@ mod tests {
     }
 
     #[test]
+    fn topics_given_after_the_subcommand_are_the_ones_used() {
+        for args in [
+            ["courseview", "project", "catalog", "--topics", "^x$"],
+            ["courseview", "rebuild", "catalog", "--topics", "^x$"],
+            ["courseview", "--topics", "^x$", "project", "catalog"],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            assert_eq!(cli.global.topics, "^x$", "{args:?}");
+        }
+    }
+
+    #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
