@@ -607,13 +607,15 @@ async fn with_redis_full_under_noeviction_answers_stay_fresh() {
 #[tokio::test]
 async fn after_transactional_writes_the_commit_marker_leaves_no_lag_and_nothing_stalls() {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+    let broker = crate::peers::PrivateBroker::start();
     let app = TestApp::with(Options {
         stall_after: Duration::from_secs(3),
+        brokers: Some(broker.brokers()),
         ..Options::default()
     })
     .await;
     let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", broker.brokers())
         .set("transactional.id", unique("txn-"))
         .create()
         .expect("transactional producer");

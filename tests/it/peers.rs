@@ -195,8 +195,9 @@ impl PrivateBroker {
         let log = std::fs::File::create(self.dir.join("broker.log")).expect("log file");
         let child = Command::new(&self.binary)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .arg("--storage-engine")
-            .arg(format!("sqlite://{}", self.dir.join("nisshi.db").display()))
+            // nisshi reads the SQLite path relative to its working directory.
+            .args(["--storage-engine", "sqlite://nisshi.db"])
+            .current_dir(&self.dir)
             .args(["--group-initial-rebalance-delay", "0s"])
             .stdout(Stdio::null())
             .stderr(log)
