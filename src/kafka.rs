@@ -49,7 +49,16 @@ impl From<KafkaError> for KafkaClientError {
 /// Where a projection's stored offsets come from at assignment time.
 pub trait OffsetSource: Send + Sync + 'static {
     /// Next offset to read for every (topic, partition) the projection has stored.
-    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, String>;
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable>;
+}
+
+/// Stored offsets could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetsUnavailable {
+    pub reason: String,
+    /// Whether asking again soon may succeed (MongoDB blinked), or not (the
+    /// call came from a thread that cannot wait for it).
+    pub retry: bool,
 }
 
 /// Consumer settings shared by every projection worker.
@@ -213,9 +222,9 @@ impl AssignContext {
             attempt += 1;
             match self.offsets.stored_offsets() {
                 Ok(map) => return Ok(map),
-                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(e) if !e.retry || std::time::Instant::now() >= deadline => return Err(e.reason),
                 Err(e) => {
-                    warn!(group = %self.group, attempt, error = %e, "Cannot load stored offsets; retrying.");
+                    warn!(group = %self.group, attempt, error = %e.reason, "Cannot load stored offsets; retrying.");
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
@@ -313,18 +322,21 @@ impl Consumer {
                     if cancel.is_cancelled() {
                         break ReaderExit::Cancelled;
                     }
+                    // Here, before the next poll, every record polled so far
+                    // is on the channel, so a position read now is never
+                    // ahead of what was sent. (After a poll it could be.)
+                    if last_check.elapsed() >= ADVANCE_EVERY {
+                        last_check = std::time::Instant::now();
+                        let moved = positions_moved(&consumer, &mut advanced);
+                        if moved.into_iter().any(|feed| tx.blocking_send(feed).is_err()) {
+                            break ReaderExit::ReceiverGone;
+                        }
+                    }
                     let polled = consumer.poll(Duration::from_millis(100));
                     if let Some(reason) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                         break ReaderExit::AssignmentFailed(reason);
                     }
                     match polled {
-                        None if last_check.elapsed() >= ADVANCE_EVERY => {
-                            last_check = std::time::Instant::now();
-                            let moved = positions_moved(&consumer, &mut advanced);
-                            if moved.into_iter().any(|feed| tx.blocking_send(feed).is_err()) {
-                                break ReaderExit::ReceiverGone;
-                            }
-                        }
                         None => {}
                         Some(Ok(message)) => {
                             let record = to_record(&message);
@@ -391,7 +403,10 @@ fn positions_moved(consumer: &BaseConsumer<AssignContext>, advanced: &mut HashMa
             continue;
         };
         let key = (elem.topic().to_owned(), elem.partition());
-        if advanced.get(&key).is_none_or(|seen| next > *seen) {
+        // Any change, not only growth: after a partition moves away and
+        // back it may restart lower (storing lower is a no-op; offsets
+        // never move backwards).
+        if advanced.get(&key) != Some(&next) {
             advanced.insert(key, next);
             moved.push(Feed::Advance {
                 topic: elem.topic().to_owned(),

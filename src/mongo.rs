@@ -139,6 +139,18 @@ pub struct Pointer {
     /// generation's leftovers cannot mix into a new one).
     pub highest: u32,
     pub rebuild: Option<RebuildProgress>,
+    /// A rebuild about to switch asks live workers of the serving
+    /// generation to pause, so the serving generation stops moving while
+    /// the new one reaches it: (generation handed to, deadline in Unix ms).
+    /// Past the deadline (a rebuild that died) workers ignore it.
+    pub handover: Option<(u32, i64)>,
+}
+
+impl Pointer {
+    /// The generation a live handover hands to, if one is under way now.
+    pub fn handing_over(&self, now_ms: i64) -> Option<u32> {
+        self.handover.filter(|(_, until)| now_ms < *until).map(|(to, _)| to)
+    }
 }
 
 impl Default for Pointer {
@@ -148,6 +160,7 @@ impl Default for Pointer {
             building: None,
             highest: 1,
             rebuild: None,
+            handover: None,
         }
     }
 }
@@ -163,6 +176,7 @@ impl Pointer {
                 .get_document("rebuild")
                 .ok()
                 .and_then(|r| bson::from_document(r.clone()).ok()),
+            handover: int("handoverTo").filter(|to| *to > 0).zip(get_int(d, "handoverUntil")),
         }
     }
 }
@@ -332,6 +346,31 @@ impl Store {
         Ok(())
     }
 
+    /// Asks live workers of `from` to pause until `until` (Unix ms) while
+    /// the rebuild of `to` closes the gap. Returns whether it was set.
+    #[instrument(skip_all, fields(projection, from, to))]
+    pub async fn request_handover(&self, projection: &str, from: u32, to: u32, until: i64) -> Result<bool> {
+        let reply = self
+            .docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection, "generation": i64::from(from), "building": i64::from(to)},
+                doc! {"$set": {"handoverTo": i64::from(to), "handoverUntil": until}},
+            )
+            .await?;
+        Ok(reply.matched_count == 1)
+    }
+
+    /// Withdraws a handover request (the rebuild stopped before switching).
+    pub async fn cancel_handover(&self, projection: &str) -> Result<()> {
+        self.docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection},
+                doc! {"$set": {"handoverTo": 0_i64, "handoverUntil": 0_i64}},
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Atomically points readers at `to` if `from` is still served and `to`
     /// is the generation being built. Returns whether it switched.
     #[instrument(skip_all, fields(projection, from, to))]
@@ -340,7 +379,7 @@ impl Store {
             .docs(POINTERS)
             .update_one(
                 doc! {"_id": projection, "generation": i64::from(from), "building": i64::from(to)},
-                doc! {"$set": {"generation": i64::from(to), "building": 0_i64, "previous": i64::from(from), "switchedAt": bson::DateTime::now()}},
+                doc! {"$set": {"generation": i64::from(to), "building": 0_i64, "previous": i64::from(from), "switchedAt": bson::DateTime::now(), "handoverTo": 0_i64, "handoverUntil": 0_i64}},
             )
             .await?;
         Ok(reply.modified_count == 1)
@@ -614,6 +653,7 @@ impl Store {
                 id: text("_id"),
                 projection: text("projection"),
                 generation: u32::try_from(generation).unwrap_or_default(),
+                applying: d.get_bool("applying").unwrap_or(false),
                 metrics_addr: text("metricsAddr"),
                 host: text("host"),
                 pid: u32::try_from(pid).unwrap_or_default(),
@@ -740,6 +780,9 @@ pub struct WorkerEntry {
     pub projection: String,
     /// The generation it applies to (0 before it has started one).
     pub generation: u32,
+    /// Whether it is consuming now (partitions assigned); false while it
+    /// joins, or pauses for a rebuild's handover.
+    pub applying: bool,
     pub metrics_addr: String,
     pub host: String,
     pub pid: u32,
@@ -764,6 +807,7 @@ impl WorkerEntry {
             id: format!("{host}/{pid}/{projection}"),
             projection: projection.to_owned(),
             generation: 0,
+            applying: false,
             metrics_addr,
             host,
             pid,

@@ -11,6 +11,7 @@
 //! hold it. An interrupted rebuild resumes its generation from its stored
 //! offsets and never touches the serving one.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::Cache;
 use crate::mongo::{RebuildProgress, Store, StoreError};
+use crate::read_model::ReadModel;
 use crate::status::{StatusError, StatusProbe};
 use crate::worker::{run_generation, GenerationEnd, WorkerError, WorkerSettings};
 
@@ -34,14 +36,14 @@ pub struct RebuildOptions {
     pub grace: Duration,
     /// How often progress is measured and reported.
     pub report_every: Duration,
-    /// After the switch, how long the rebuild keeps applying at most while
-    /// it waits for the live workers to follow.
+    /// How long live workers may pause before the switch, and how long
+    /// the rebuild keeps applying after it while they follow (each, at most).
     pub handover_timeout: Duration,
 }
 
-/// After every live worker reports the new generation, the rebuild keeps
-/// applying this much longer: the time for their consumers to rejoin.
-const HANDOVER_LINGER: Duration = Duration::from_secs(3);
+/// After every live worker consumes the new generation, the rebuild keeps
+/// applying this much longer, while their first batches land.
+const HANDOVER_LINGER: Duration = Duration::from_secs(1);
 
 /// Receives progress (a terminal bar, log lines, or a test's recorder).
 pub trait ProgressSink: Send {
@@ -135,13 +137,26 @@ pub async fn rebuild(
 
     let mut worker_settings = settings.clone();
     worker_settings.kafka.group_id = format!("{}.rebuild.g{to}", settings.kafka.group_id);
-    worker_settings.on_generation = None;
+    worker_settings.on_phase = None;
     let mut worker = {
         let cancel = cancel.child_token();
         let (store, token) = (store.clone(), cancel.clone());
         // With the cache: once readers switch, its batches must invalidate
         // what they cached of this generation.
-        let task = tokio::spawn(async move { run_generation(&worker_settings, store, cache, to, token).await });
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match run_generation(&worker_settings, store.clone(), cache.clone(), to, token.clone()).await {
+                    // MongoDB was unreachable at assignment: rejoin, as live workers do.
+                    Ok(GenerationEnd::AssignmentFailed(reason)) if !token.is_cancelled() => {
+                        warn!(error = %reason, retry_in = ?backoff, "Rebuild worker rejoining the group.");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(worker_settings.max_backoff);
+                    }
+                    other => return other,
+                }
+            }
+        });
         RebuildWorker {
             cancel,
             task: Some(task),
@@ -198,16 +213,30 @@ pub async fn rebuild(
         if options.in_place {
             break done;
         }
-        match reached_serving(store, name, from, to).await {
+        match reached_serving(store, probe, model, from, to).await {
             Ok(true) => break done,
             Ok(false) => {}
             Err(e) => warn!(projection = name, error = %e, "Cannot compare generations; retrying."),
         }
     };
 
-    if !options.in_place && !store.switch_generation(name, from, to).await? {
-        worker.stop().await?;
-        return Err(RebuildError::PointerMoved(name));
+    if !options.in_place {
+        // Close the gap: live workers pause, so the serving generation stops
+        // moving; then switch once the new one has reached it exactly.
+        sink.phase("pausing live workers to close the gap");
+        let handover = Handover::request(store, name, from, to, options.handover_timeout).await?;
+        handover.wait_paused(store, from, cancel).await;
+        if !handover.wait_reached(store, probe, model, from, to, cancel).await {
+            handover.withdraw(store).await;
+            worker.stop().await?;
+            sink.phase("interrupted before the switch; run the same command again to resume");
+            return Ok(None);
+        }
+        if !store.switch_generation(name, from, to).await? {
+            handover.withdraw(store).await;
+            worker.stop().await?;
+            return Err(RebuildError::PointerMoved(name));
+        }
     }
     let elapsed = started.elapsed();
     sink.phase(&format!("switched readers of {name} to generation {to}"));
@@ -241,35 +270,125 @@ pub async fn rebuild(
     }))
 }
 
-/// Whether generation `to` has stored, on every partition, at least the
-/// offset the serving generation `from` has: switching then shows readers
-/// nothing older than they saw.
-async fn reached_serving(store: &Store, name: &str, from: u32, to: u32) -> Result<bool, StoreError> {
-    // Serving first: it only moves forward, so what `to` has read after
-    // this is compared with a value that is at most current.
-    let serving = store.load_offsets(name, from).await?;
-    let building = store.load_offsets(name, to).await?;
-    let behind: Vec<_> = serving
+/// Whether generation `to` has reached, on every partition, the offset the
+/// serving generation `from` has stored: switching then shows readers
+/// nothing older than they saw (once the serving generation is paused, see
+/// [`Handover`]). A partition counts as reached when the new generation's
+/// position there (its stored offset, or the low watermark when retention
+/// emptied it) is at least the serving one, or when the partition is no
+/// longer among the projection's topics.
+async fn reached_serving(
+    store: &Store,
+    probe: &StatusProbe,
+    model: ReadModel,
+    from: u32,
+    to: u32,
+) -> Result<bool, RebuildError> {
+    let serving = store.load_offsets(model.name(), from).await?;
+    let building = probe.generation(model, to).await?;
+    let position: HashMap<(&str, i32), i64> = building
+        .partitions
         .iter()
-        .filter(|(tp, offset)| building.get(*tp).is_none_or(|b| b < *offset))
+        .map(|p| ((p.topic.as_str(), p.partition), p.stored_offset))
         .collect();
-    if !behind.is_empty() {
+    let behind = serving
+        .iter()
+        .filter(|((topic, partition), offset)| {
+            position
+                .get(&(topic.as_str(), *partition))
+                .is_some_and(|at| at < *offset)
+        })
+        .count();
+    if behind > 0 {
         debug!(
-            projection = name,
-            partitions = behind.len(),
+            projection = model.name(),
+            partitions = behind,
             "New generation not yet at the serving offsets."
         );
     }
-    Ok(behind.is_empty())
+    Ok(behind == 0)
 }
 
-/// Waits until every live worker of the projection reports generation `to`
-/// (then a little longer, for their consumers to rejoin), or `timeout`.
+/// A handover request on the generation pointer: live workers of the
+/// serving generation pause until the switch, or until its deadline (so a
+/// rebuild that dies mid-way cannot stop them for longer).
+struct Handover {
+    name: &'static str,
+    deadline: tokio::time::Instant,
+}
+
+impl Handover {
+    async fn request(
+        store: &Store,
+        name: &'static str,
+        from: u32,
+        to: u32,
+        timeout: Duration,
+    ) -> Result<Handover, RebuildError> {
+        let until = chrono::Utc::now().timestamp_millis() + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        if !store.request_handover(name, from, to, until).await? {
+            return Err(RebuildError::PointerMoved(name));
+        }
+        Ok(Handover {
+            name,
+            deadline: tokio::time::Instant::now() + timeout,
+        })
+    }
+
+    /// Waits until no live worker applies to `from` any more.
+    async fn wait_paused(&self, store: &Store, from: u32, cancel: &CancellationToken) {
+        while tokio::time::Instant::now() < self.deadline && !cancel.is_cancelled() {
+            match store.live_workers(Some(self.name)).await {
+                Ok(workers) if workers.iter().all(|w| w.generation != from || !w.applying) => return,
+                Ok(_) => {}
+                Err(e) => warn!(projection = self.name, error = %e, "Cannot read the worker registry."),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        warn!(
+            projection = self.name,
+            "Live workers did not pause in time; switching on the offsets they stored."
+        );
+    }
+
+    /// Waits until the new generation has reached the (now still) serving
+    /// offsets; false if cancelled first.
+    async fn wait_reached(
+        &self,
+        store: &Store,
+        probe: &StatusProbe,
+        model: ReadModel,
+        from: u32,
+        to: u32,
+        cancel: &CancellationToken,
+    ) -> bool {
+        loop {
+            match reached_serving(store, probe, model, from, to).await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => warn!(projection = self.name, error = %e, "Cannot compare generations; retrying."),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    async fn withdraw(&self, store: &Store) {
+        if let Err(e) = store.cancel_handover(self.name).await {
+            warn!(projection = self.name, error = %e, "Cannot withdraw the handover; it expires on its own.");
+        }
+    }
+}
+
+/// Waits until every live worker of the projection consumes generation
+/// `to` (then a little longer, for their first batches), or `timeout`.
 async fn hand_over(store: &Store, name: &str, to: u32, timeout: Duration, cancel: &CancellationToken) {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match store.live_workers(Some(name)).await {
-            Ok(workers) if workers.iter().all(|w| w.generation == to) => {
+            Ok(workers) if workers.iter().all(|w| w.generation == to && w.applying) => {
                 let linger = if workers.is_empty() {
                     Duration::ZERO
                 } else {

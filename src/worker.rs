@@ -22,7 +22,9 @@ use tracing::{debug, error, info, instrument, warn, Instrument};
 use crate::cache::{Cache, Scope};
 use crate::dead_letter::DeadLetter;
 use crate::decode::decode;
-use crate::kafka::{ByteBudget, Consumer, ConsumerSettings, Feed, KafkaClientError, OffsetSource, ReaderExit};
+use crate::kafka::{
+    ByteBudget, Consumer, ConsumerSettings, Feed, KafkaClientError, OffsetSource, OffsetsUnavailable, ReaderExit,
+};
 use crate::mongo::{DocWrite, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
 use crate::record::Record;
@@ -55,16 +57,33 @@ pub struct WorkerSettings {
     /// After shutdown starts, how long the batch in hand may keep retrying
     /// before it is abandoned (its offsets are then not stored).
     pub shutdown_timeout: Duration,
-    /// Told the generation this worker applies to, each time it changes.
-    pub on_generation: Option<Arc<tokio::sync::watch::Sender<u32>>>,
+    /// Told what this worker is doing, each time it changes (the worker
+    /// registry publishes it; a rebuild's handover waits on it).
+    pub on_phase: Option<Arc<tokio::sync::watch::Sender<Phase>>>,
+}
+
+/// What a worker is doing: the generation it follows, and whether it is
+/// consuming (false while it joins the group or pauses for a handover).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phase {
+    pub generation: u32,
+    pub applying: bool,
+}
+
+fn report(settings: &WorkerSettings, generation: u32, applying: bool) {
+    if let Some(tx) = &settings.on_phase {
+        tx.send_replace(Phase { generation, applying });
+    }
 }
 
 /// Default record size limit: Kafka's own default `message.max.bytes`.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 
-/// The record limit may not exceed this: a course document holds its
-/// fields twice (state and view), and a MongoDB document is at most 16 MiB.
-pub const MAX_RECORD_BYTES_CAP: usize = 4 * 1024 * 1024;
+/// The record limit may not exceed this. A course document holds its text
+/// fields twice (state and view), each from possibly a different event, and
+/// a MongoDB document is at most 16 MiB: three fields of 1 MiB, twice, plus
+/// ids, stay well inside it.
+pub const MAX_RECORD_BYTES_CAP: usize = 1024 * 1024;
 
 /// Why a worker stopped (`Ok` side of [`run`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,16 +377,22 @@ struct StoredOffsets {
 }
 
 impl OffsetSource for StoredOffsets {
-    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, String> {
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable> {
         // librdkafka may call back from whichever thread drops or closes the
         // consumer; `block_on` there, on an async thread, would abort the
         // process. Failing makes the assignment wait for a fresh consumer.
         if Handle::try_current().is_ok() {
-            return Err("stored offsets requested on an async runtime thread".into());
+            return Err(OffsetsUnavailable {
+                reason: "stored offsets requested on an async runtime thread".into(),
+                retry: false,
+            });
         }
         self.runtime
             .block_on(self.store.load_offsets(self.projection, self.generation))
-            .map_err(|e| e.to_string())
+            .map_err(|e| OffsetsUnavailable {
+                reason: e.to_string(),
+                retry: true,
+            })
     }
 }
 
@@ -392,9 +417,7 @@ pub async fn run(
         else {
             return Ok(Stopped::Shutdown);
         };
-        if let Some(tx) = &settings.on_generation {
-            tx.send_replace(generation);
-        }
+        report(&settings, generation, false);
         let moved = cancel.child_token();
         let watcher = tokio::spawn(watch_pointer(store.clone(), projection, generation, moved.clone()));
         let end = run_generation(&settings, store.clone(), cache.clone(), generation, moved).await;
@@ -403,10 +426,15 @@ pub async fn run(
             GenerationEnd::Cancelled if cancel.is_cancelled() => return Ok(Stopped::Shutdown),
             GenerationEnd::Abandoned if cancel.is_cancelled() => return Ok(Stopped::ShutdownAbandonedBatch),
             GenerationEnd::Cancelled | GenerationEnd::Abandoned => {
+                backoff = Duration::from_millis(200);
+                report(&settings, generation, false);
+                if pause_for_handover(&store, projection, generation, &cancel).await {
+                    return Ok(Stopped::Shutdown);
+                }
                 info!(
                     projection,
                     from = generation,
-                    "Serving generation switched; following it."
+                    "Generation switched or handed over; following the pointer."
                 );
             }
             GenerationEnd::AssignmentFailed(reason) => {
@@ -423,18 +451,50 @@ pub async fn run(
     }
 }
 
-/// Cancels `moved` once the serving generation is no longer `generation`.
+/// Cancels `moved` once the serving generation is no longer `generation`,
+/// or a rebuild asks this generation's workers to pause for its handover.
 async fn watch_pointer(store: Store, projection: &'static str, generation: u32, moved: CancellationToken) {
     loop {
         tokio::select! {
             () = moved.cancelled() => return,
             () = tokio::time::sleep(POINTER_POLL) => {}
         }
-        if let Ok(current) = store.serving_generation(projection).await {
-            if current != generation {
+        if let Ok(pointer) = store.pointer(projection).await {
+            let now = chrono::Utc::now().timestamp_millis();
+            if pointer.generation != generation || pointer.handing_over(now).is_some_and(|to| to != generation) {
                 moved.cancel();
                 return;
             }
+        }
+    }
+}
+
+/// While a rebuild hands over from `generation` (still serving), applies
+/// nothing: the serving generation must stop moving so the new one can
+/// reach it. Returns when the pointer switched, the handover was withdrawn
+/// or expired; `true` if shutdown came first.
+async fn pause_for_handover(
+    store: &Store,
+    projection: &'static str,
+    generation: u32,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut announced = false;
+    loop {
+        match store.pointer(projection).await {
+            Ok(p) if p.generation == generation && p.handing_over(chrono::Utc::now().timestamp_millis()).is_some() => {
+                if !announced {
+                    info!(projection, generation, "Pausing for a rebuild's handover.");
+                    announced = true;
+                }
+            }
+            Ok(_) => return false,
+            // MongoDB unreachable: the next generation start retries it.
+            Err(_) => return false,
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return true,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
 }
@@ -493,6 +553,7 @@ pub async fn run_generation(
         let applier = Applier::new(model, store, cache, generation).with_record_limit(settings.max_record_bytes);
         let hard = deadline_after(&cancel, settings.shutdown_timeout);
         let mut epoch_pending = false;
+        let mut reported = false;
         let result = loop {
             let first = tokio::select! {
                 biased;
@@ -516,6 +577,11 @@ pub async fn run_generation(
                     other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
                 });
             };
+            if !reported {
+                // Something arrived, so partitions are assigned: consuming.
+                report(settings, generation, true);
+                reported = true;
+            }
             let (batch, advanced) = collect_batch(first, &mut rx, settings.batch_size, settings.batch_linger).await;
             let bytes: usize = batch.iter().map(Record::size).sum();
             // The batch in hand is finished even if shutdown starts now, but
@@ -528,7 +594,10 @@ pub async fn run_generation(
             match outcome {
                 Ok(Some(outcome)) => {
                     consumer.commit(&outcome.offsets);
-                    epoch_pending = !applier.bump_cache().await;
+                    // A batch of position advances only changed no document.
+                    if !batch.is_empty() {
+                        epoch_pending = !applier.bump_cache().await;
+                    }
                     debug!(
                         applied = outcome.applied,
                         dead = outcome.dead_letters,

@@ -107,7 +107,7 @@ impl WorkerArgs {
             max_record_bytes: self.max_record_bytes.clamp(1, worker::MAX_RECORD_BYTES_CAP),
             max_queue_bytes: self.max_queue_bytes.max(1),
             shutdown_timeout: self.shutdown_timeout,
-            on_generation: None,
+            on_phase: None,
         }
     }
 }
@@ -134,8 +134,8 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
     let mut workers = JoinSet::new();
     for model in models {
         let mut settings = args.worker.settings(&global, model);
-        let (generation_tx, generation_rx) = tokio::sync::watch::channel(0_u32);
-        settings.on_generation = Some(Arc::new(generation_tx));
+        let (generation_tx, generation_rx) = tokio::sync::watch::channel(worker::Phase::default());
+        settings.on_phase = Some(Arc::new(generation_tx));
         services.spawn(heartbeat(
             store.clone(),
             WorkerEntry::new(model.name(), metrics_addr.to_string(), args.status_interval),
@@ -198,11 +198,12 @@ async fn bind_metrics(given: Option<SocketAddr>) -> anyhow::Result<tokio::net::T
 async fn heartbeat(
     store: Store,
     mut entry: WorkerEntry,
-    mut generation: tokio::sync::watch::Receiver<u32>,
+    mut generation: tokio::sync::watch::Receiver<worker::Phase>,
     shutdown: CancellationToken,
 ) {
     loop {
-        entry.generation = *generation.borrow_and_update();
+        let phase = *generation.borrow_and_update();
+        (entry.generation, entry.applying) = (phase.generation, phase.applying);
         entry.heartbeat_at = chrono::Utc::now().timestamp_millis();
         if let Err(e) = store.put_worker(&entry).await {
             warn!(error = %e, "Cannot record this worker in the registry.");

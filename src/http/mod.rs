@@ -30,6 +30,9 @@ use crate::read_model::ReadModel;
 use crate::status::{ProjectionStatus, StatusError, StatusProbe};
 use crate::telemetry;
 
+/// The last projection status measured (`None`: it failed) and when.
+type StatusSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Option<Arc<Vec<ProjectionStatus>>>)>>>;
+
 /// How long a measured projection status is shared between requests.
 const STATUS_FRESH: Duration = Duration::from_secs(1);
 
@@ -70,7 +73,7 @@ pub struct AppState {
     status: Option<StatusProbe>,
     /// The last projection status and when it was measured: one
     /// measurement at a time, shared by concurrent requests.
-    status_snapshot: Arc<tokio::sync::Mutex<Option<(Instant, Arc<Vec<ProjectionStatus>>)>>>,
+    status_snapshot: StatusSnapshot,
 }
 
 impl AppState {
@@ -99,24 +102,34 @@ impl AppState {
                 "projection status is not enabled on this API".into(),
             ));
         };
-        let measure = async {
-            let mut slot = self.status_snapshot.lock().await;
+        // Detached, so a measurement outliving one request still lands for
+        // the next; the lock keeps it to one at a time, and a failure is
+        // remembered as briefly as a success so callers do not re-measure.
+        let (slot, probe) = (Arc::clone(&self.status_snapshot), probe.clone());
+        let measure = tokio::spawn(async move {
+            let mut slot = slot.lock().await;
             if let Some((at, snapshot)) = slot.as_ref() {
                 if at.elapsed() < STATUS_FRESH {
-                    return Ok(Arc::clone(snapshot));
+                    return snapshot.clone();
                 }
             }
-            let fresh = Arc::new(probe.all().await?);
-            *slot = Some((Instant::now(), Arc::clone(&fresh)));
-            Ok::<_, StatusError>(fresh)
-        };
+            let fresh = match probe.all().await {
+                Ok(all) => Some(Arc::new(all)),
+                Err(StatusError::Store(e)) => {
+                    tracing::error!(error = %e, "MongoDB unavailable for projection status.");
+                    None
+                }
+                Err(StatusError::Kafka(e)) => {
+                    tracing::error!(error = %e, "Kafka unavailable for projection status.");
+                    None
+                }
+            };
+            *slot = Some((Instant::now(), fresh.clone()));
+            fresh
+        });
         match tokio::time::timeout(limit, measure).await {
-            Ok(Ok(all)) => Ok(all),
-            Ok(Err(StatusError::Store(e))) => Err(e.into()),
-            Ok(Err(StatusError::Kafka(e))) => {
-                tracing::error!(error = %e, "Kafka unavailable for projection status.");
-                Err(ApiError::Unavailable)
-            }
+            Ok(Ok(Some(all))) => Ok(all),
+            Ok(Ok(None) | Err(_)) => Err(ApiError::Unavailable),
             Err(_) => {
                 tracing::warn!("Projection status took too long; answering 503.");
                 Err(ApiError::Unavailable)

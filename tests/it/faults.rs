@@ -64,9 +64,12 @@ struct FlakyOffsets {
 }
 
 impl OffsetSource for FlakyOffsets {
-    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, String> {
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, courseview::kafka::OffsetsUnavailable> {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
-            Err("MongoDB unreachable (injected)".into())
+            Err(courseview::kafka::OffsetsUnavailable {
+                reason: "MongoDB unreachable (injected)".into(),
+                retry: true,
+            })
         } else {
             Ok(self.offsets.clone())
         }

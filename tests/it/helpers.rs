@@ -209,7 +209,7 @@ impl TestApp {
             max_record_bytes: worker::DEFAULT_MAX_RECORD_BYTES,
             max_queue_bytes: 16 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
-            on_generation: None,
+            on_phase: None,
         }
     }
 
