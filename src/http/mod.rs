@@ -34,7 +34,7 @@ use crate::telemetry;
 type StatusSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Option<Arc<Vec<ProjectionStatus>>>)>>>;
 
 /// How long a measured projection status is shared between requests.
-const STATUS_FRESH: Duration = Duration::from_secs(1);
+const STATUS_FRESH: Duration = Duration::from_millis(250);
 
 /// How long `GET /projections` waits for a measurement.
 const STATUS_LIMIT: Duration = Duration::from_secs(3);

@@ -228,3 +228,27 @@ async fn committed_offsets_are_kept_per_group_and_read_back() {
         "another group has its own offsets"
     );
 }
+
+/// A gap of the peer, pinned so that it cannot go unnoticed: nisshi 0.8.1
+/// refuses transactional producers (and rejects client-written control
+/// batches), so no test here can put a transaction commit marker in a log.
+/// courseview's handling of markers (an idle reader stores the consumer
+/// position past them, `kafka::positions_moved`) is therefore exercised on
+/// Apache Kafka only. When this starts failing, the peer has transactions:
+/// add the end-to-end test of DESIGN's "lag reaches 0 after a transaction".
+#[tokio::test]
+async fn the_peer_refuses_transactional_producers_so_commit_markers_are_not_tested_here() {
+    use rdkafka::producer::FutureProducer;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("txn-"))
+        .create()
+        .expect("producer");
+    let refused = producer.init_transactions(Duration::from_secs(10));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("authorization failed")),
+        "the broker now accepts transactions ({refused:?}): test commit markers end to end"
+    );
+}

@@ -444,8 +444,12 @@ async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild
     let scale = Scale::from_env();
     let started = Instant::now();
     let mongo = PrivateMongo::start();
+    // Kafka's default initial rebalance delay: the assignment comes 3 s
+    // after the worker subscribes, which is when MongoDB will be frozen.
+    let broker = PrivateBroker::with_rebalance_delay("3s");
     let app = TestApp::with(Options {
         mongodb_uri: mongo.uri(),
+        brokers: Some(broker.brokers()),
         ..Options::default()
     })
     .await;
@@ -456,31 +460,26 @@ async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild
     produce(&app, head, None).await;
     assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await);
 
-    // Rebuild to generation 2 and switch; no handover wait, so the live
-    // worker's assignment in generation 2 is what follows.
-    let mut options = quick_rebuild();
-    options.handover_timeout = Duration::ZERO;
-    rebuild(
-        &app.worker_settings(ReadModel::Catalog),
-        &app.store,
-        None,
-        &app.probe,
-        &options,
-        &mut Quiet,
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("rebuild")
-    .expect("switched");
+    // Rebuild to generation 2; the moment the live worker subscribes to
+    // generation 2, MongoDB freezes, so its assignment cannot read offsets.
     let before = log_count(&logs, "Subscribed.");
-    eventually("the live worker to resubscribe", Duration::from_secs(30), || async {
-        (log_count(&logs, "Subscribed.") > before).then_some(())
-    })
-    .await;
-    {
+    let (settings, options, cancel) = (
+        app.worker_settings(ReadModel::Catalog),
+        quick_rebuild(),
+        CancellationToken::new(),
+    );
+    let mut quiet = Quiet;
+    let rebuilding = rebuild(&settings, &app.store, None, &app.probe, &options, &mut quiet, &cancel);
+    let freezing = async {
+        eventually("the live worker to resubscribe", Duration::from_secs(60), || async {
+            (log_count(&logs, "Subscribed.") > before).then_some(())
+        })
+        .await;
         let _frozen = Frozen::new(mongo.process());
         tokio::time::sleep(Duration::from_secs(8)).await;
-    }
+    };
+    let (rebuilt, ()) = futures::join!(rebuilding, freezing);
+    rebuilt.expect("rebuild").expect("switched");
     produce(&app, tail, None).await;
     let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
     let refused = logged(&logs, "Rejoining the group with a fresh consumer.");
@@ -564,20 +563,21 @@ async fn chaos_rebuild_under_a_steady_stream_with_readers_polling() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seen: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
     let regressions = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut readers = Vec::new();
     for r in 0..3 {
-        let (http, base, stop, failures, seen, regressions, tracked) = (
+        let (http, base, stop, failures, regressions, tracked) = (
             app.http.clone(),
             app.base_url.clone(),
             Arc::clone(&stop),
             Arc::clone(&failures),
-            Arc::clone(&seen),
             Arc::clone(&regressions),
             tracked.clone(),
         );
         readers.push(tokio::spawn(async move {
+            // Per reader: what it saw, in the order it saw it. (Across
+            // concurrent readers, an answer issued earlier may land later.)
+            let mut seen: BTreeMap<String, i64> = BTreeMap::new();
             let mut reads = 0_usize;
             let mut i = r;
             while !stop.load(Ordering::Relaxed) {
@@ -615,7 +615,6 @@ async fn chaos_rebuild_under_a_steady_stream_with_readers_polling() {
                     let (Some(id), Some(v)) = (item["id"].as_str(), item["version"].as_i64()) else {
                         continue;
                     };
-                    let mut seen = seen.lock().expect("lock");
                     let best = seen.entry(id.to_owned()).or_insert(v);
                     if v < *best {
                         regressions

@@ -165,6 +165,9 @@ impl Drop for PrivateRedis {
 /// topics, records, watermarks and committed offsets.
 pub struct PrivateBroker {
     binary: PathBuf,
+    /// Kafka's `group.initial.rebalance.delay.ms`: how long a new group's
+    /// first rebalance waits for more members.
+    rebalance_delay: &'static str,
     dir: PathBuf,
     pub port: u16,
     process: Option<Reaped>,
@@ -172,11 +175,17 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub fn start() -> PrivateBroker {
+        PrivateBroker::with_rebalance_delay("0s")
+    }
+
+    /// With Kafka's default of 3 s, assignments come seconds after a join.
+    pub fn with_rebalance_delay(rebalance_delay: &'static str) -> PrivateBroker {
         let binary = installed("nisshi/bin/nisshi");
         let dir = std::env::temp_dir().join(unique("courseview-broker-"));
         std::fs::create_dir_all(&dir).expect("broker dir");
         let mut broker = PrivateBroker {
             binary,
+            rebalance_delay,
             dir,
             port: free_port(),
             process: None,
@@ -198,7 +207,7 @@ impl PrivateBroker {
             // nisshi reads the SQLite path relative to its working directory.
             .args(["--storage-engine", "sqlite://nisshi.db"])
             .current_dir(&self.dir)
-            .args(["--group-initial-rebalance-delay", "0s"])
+            .args(["--group-initial-rebalance-delay", self.rebalance_delay])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
