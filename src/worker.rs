@@ -660,8 +660,9 @@ async fn collect_batch(
     let (mut batch, mut advanced) = (Vec::new(), Vec::new());
     take(first, &mut batch, &mut advanced);
     // An advance alone is a batch at once: nothing else is coming.
+    let advance_only = !advanced.is_empty();
     let deadline = tokio::time::Instant::now() + linger;
-    while batch.len() < max && !(batch.is_empty() && !advanced.is_empty()) {
+    while !advance_only && batch.len() < max {
         match rx.try_recv() {
             Ok(feed) => take(feed, &mut batch, &mut advanced),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
