@@ -75,14 +75,9 @@ async fn a_course_updated_after_being_cached_is_served_fresh_within_one_second()
 #[tokio::test]
 async fn with_redis_stopped_the_api_answers_from_mongodb() {
     let mut private = PrivateRedis::start();
-    let url = format!("redis://127.0.0.1:{}", private.port);
-    eventually("private redis", Duration::from_secs(10), || async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        client.get_multiplexed_async_connection().await.ok().map(|_| ())
-    })
-    .await;
+    private.ready().await;
     let app = TestApp::with(Options {
-        redis_url: Some(url),
+        redis_url: Some(private.url()),
         ..Options::default()
     })
     .await;

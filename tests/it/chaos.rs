@@ -258,6 +258,15 @@ async fn clean_replay_of_log(app: &TestApp, model: ReadModel, limit: usize) -> V
         .expect("dump")
 }
 
+/// Waits for the worker process to catch up with the log, then stops it
+/// with SIGTERM; true if it stalled.
+async fn settle(app: &TestApp, mut worker: Reaped) -> bool {
+    let stalled = !caught_up(app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    signal(&worker, "TERM");
+    let _ = worker.0.wait();
+    stalled
+}
+
 /// (lost, differing): documents of `expected` missing from or unequal in `got`.
 fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
     let by_id = |docs: &[Document]| -> HashMap<String, Document> {
@@ -273,6 +282,12 @@ fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
         .filter(|(id, d)| got.get(*id).is_some_and(|g| g != *d))
         .count();
     (lost, differing + extra)
+}
+
+/// Compares with a clean replay, records the row and holds it to zero.
+async fn judge(app: &TestApp, mut row: Row, limit: usize, started: Instant) {
+    verdict(app, &mut row, limit).await;
+    row.finish(started);
 }
 
 /// Compares the app's serving read model with a clean replay of its log.
@@ -304,19 +319,16 @@ async fn chaos_sigkill_of_the_worker_at_random_instants() {
         }
     };
     futures::join!(producing, killing);
-    let mut last = app.worker_process(ReadModel::Catalog, &[]);
-    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    signal(&last, "TERM");
-    let _ = last.0.wait();
-    let mut row = Row {
+    let last = app.worker_process(ReadModel::Catalog, &[]);
+    let stalled = settle(&app, last).await;
+    let row = Row {
         scenario: "SIGKILL of the worker at random instants, restarted each time",
         records: records.len(),
         faults: format!("{} × SIGKILL", scale.kills),
         stalled,
         ..Row::default()
     };
-    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
 
 #[tokio::test]
@@ -326,7 +338,7 @@ async fn chaos_two_workers_of_one_projection_one_killed_mid_stream() {
     let app = TestApp::spawn().await;
     let records = mixed_corpus(&app, "w", scale.courses, 8);
     let first = app.worker_process(ReadModel::Catalog, &[]);
-    let mut second = app.worker_process(ReadModel::Catalog, &[]);
+    let second = app.worker_process(ReadModel::Catalog, &[]);
     let (head, tail) = records.split_at(records.len() / 2);
     produce(&app, head, None).await;
     eventually("some progress", Duration::from_secs(60), || async {
@@ -336,18 +348,15 @@ async fn chaos_two_workers_of_one_projection_one_killed_mid_stream() {
     .await;
     drop(first); // SIGKILL
     produce(&app, tail, None).await;
-    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    signal(&second, "TERM");
-    let _ = second.0.wait();
-    let mut row = Row {
+    let stalled = settle(&app, second).await;
+    let row = Row {
         scenario: "two workers of one projection, one killed mid-stream",
         records: records.len(),
         faults: "1 × SIGKILL, survivor takes over".into(),
         stalled,
         ..Row::default()
     };
-    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
 
 #[tokio::test]
@@ -361,7 +370,7 @@ async fn chaos_broker_killed_and_restarted_mid_stream() {
     })
     .await;
     let records = mixed_corpus(&app, "b", scale.courses, 9);
-    let mut worker = app.worker_process(ReadModel::Catalog, &[]);
+    let worker = app.worker_process(ReadModel::Catalog, &[]);
     let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
     let faulting = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -370,18 +379,15 @@ async fn chaos_broker_killed_and_restarted_mid_stream() {
         broker.restart();
     };
     futures::join!(producing, faulting);
-    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    signal(&worker, "TERM");
-    let _ = worker.0.wait();
-    let mut row = Row {
+    let stalled = settle(&app, worker).await;
+    let row = Row {
         scenario: "broker killed and restarted mid-stream (durable store)",
         records: records.len(),
         faults: "SIGKILL of the broker 2 s in, back 5 s later".into(),
         stalled,
         ..Row::default()
     };
-    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
 
 #[tokio::test]
@@ -395,7 +401,7 @@ async fn chaos_mongodb_killed_and_restarted_mid_stream() {
     })
     .await;
     let records = mixed_corpus(&app, "m", scale.courses, 10);
-    let mut worker = app.worker_process(ReadModel::Catalog, &[("MONGODB_TIMEOUT", "500ms")]);
+    let worker = app.worker_process(ReadModel::Catalog, &[("MONGODB_TIMEOUT", "500ms")]);
     let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
     let faulting = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -404,9 +410,7 @@ async fn chaos_mongodb_killed_and_restarted_mid_stream() {
         mongo.restart();
     };
     futures::join!(producing, faulting);
-    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    signal(&worker, "TERM");
-    let _ = worker.0.wait();
+    let stalled = settle(&app, worker).await;
     let mut row = Row {
         scenario: "MongoDB killed and restarted mid-stream",
         records: records.len(),
@@ -485,7 +489,7 @@ async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild
     let refused = logged(&logs, "Rejoining the group with a fresh consumer.");
     signal(&worker, "TERM");
     let _ = worker.0.wait();
-    let mut row = Row {
+    let row = Row {
         scenario: "MongoDB unreachable while partitions are assigned right after a rebuild switch",
         records: records.len(),
         faults: "SIGSTOP of MongoDB for 8 s as the worker rejoins".into(),
@@ -497,8 +501,7 @@ async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild
         },
         ..Row::default()
     };
-    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
 
 fn log_count(lines: &Mutex<Vec<Value>>, message: &str) -> usize {
@@ -684,22 +687,16 @@ async fn chaos_rebuild_under_a_steady_stream_with_readers_polling() {
         ..Row::default()
     };
     row.lost = failures.len();
-    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
 
 #[tokio::test]
 async fn chaos_redis_killed_mid_run() {
     let started = Instant::now();
     let mut redis = PrivateRedis::start();
-    let url = format!("redis://127.0.0.1:{}", redis.port);
-    eventually("private redis", Duration::from_secs(10), || async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        client.get_multiplexed_async_connection().await.ok().map(|_| ())
-    })
-    .await;
+    redis.ready().await;
     let app = TestApp::with(Options {
-        redis_url: Some(url),
+        redis_url: Some(redis.url()),
         ..Options::default()
     })
     .await;
@@ -786,11 +783,9 @@ async fn chaos_poison_records_are_dead_lettered_once_and_nothing_stalls() {
     let bad_count = bad.len();
     records.extend(bad);
     let limit = 30_000;
-    let mut worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_MAX_RECORD_BYTES", "30000")]);
+    let worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_MAX_RECORD_BYTES", "30000")]);
     produce(&app, &records, None).await;
-    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    signal(&worker, "TERM");
-    let _ = worker.0.wait();
+    let stalled = settle(&app, worker).await;
     let letters = app.store.dead_letters(Some("catalog"), 100_000).await.expect("letters");
     let ids: HashSet<&String> = letters.iter().map(|(id, _)| id).collect();
     let mut row = Row {
@@ -837,11 +832,9 @@ async fn chaos_sigterm_with_mongodb_down() {
     }
     let exited_after = asked.elapsed();
     mongo.restart();
-    let mut again = app.worker_process(ReadModel::Catalog, &env);
-    let stalled = !caught_up(&app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    signal(&again, "TERM");
-    let _ = again.0.wait();
-    let mut row = Row {
+    let again = app.worker_process(ReadModel::Catalog, &env);
+    let stalled = settle(&app, again).await;
+    let row = Row {
         scenario: "SIGTERM with MongoDB down, then a fresh start",
         records: records.len(),
         faults: "MongoDB SIGKILLed, then SIGTERM to the worker (shutdown timeout 3 s)".into(),
@@ -850,6 +843,5 @@ async fn chaos_sigterm_with_mongodb_down() {
         notes: format!("exited {:.1} s after SIGTERM", exited_after.as_secs_f64()),
         ..Row::default()
     };
-    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }

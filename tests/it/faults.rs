@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{brokers, clean_replay, event, eventually, log_lines, logged, signal, unique, Options, TestApp};
-use crate::peers::{free_port, PrivateMongo, PrivateRedis};
+use crate::peers::{free_port, silent_listener, PrivateMongo, PrivateRedis};
 use crate::pipeline::big_history;
 
 #[tokio::test]
@@ -408,14 +408,7 @@ async fn with_redis_unreachable_or_silent_every_answer_stays_within_the_redis_ti
     assert_answers_within(&refused, Duration::from_millis(700), 8).await;
 
     // Something accepts and never answers: every call hits the timeout.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = silent.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in silent.incoming().map_while(Result::ok) {
-            held.push(stream);
-        }
-    });
+    let port = silent_listener();
     let mute = TestApp::with(Options {
         redis_url: Some(format!("redis://127.0.0.1:{port}")),
         ..Options::default()
@@ -428,14 +421,7 @@ async fn with_redis_unreachable_or_silent_every_answer_stays_within_the_redis_ti
 #[tokio::test]
 async fn concurrent_status_requests_with_kafka_unreachable_are_answered_503_within_the_limit() {
     // A broker address that accepts and never answers.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = silent.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in silent.incoming().map_while(Result::ok) {
-            held.push(stream);
-        }
-    });
+    let port = silent_listener();
     let app = TestApp::with(Options {
         status_brokers: Some(format!("127.0.0.1:{port}")),
         ..Options::default()

@@ -12,7 +12,7 @@ use courseview::read_model::ReadModel;
 use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions, RebuildReport};
 use serde_json::{json, Value};
 
-use crate::helpers::{brokers, clean_replay, eventually, mongodb_uri, Options, Reaped, TestApp};
+use crate::helpers::{clean_replay, eventually, Options, Reaped, TestApp};
 use crate::pipeline::big_history;
 
 #[derive(Default)]
@@ -154,34 +154,14 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
     assert!(collections.contains(&"catalog_g2".to_owned()));
 }
 
-/// A `courseview project catalog` process of this app, logging JSON to a pipe.
+/// A `courseview project catalog` process of this app on a known metrics port.
 fn spawn_worker_process(app: &TestApp) -> (Reaped, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_courseview"))
-        .args(["project", "catalog"])
-        .env("KAFKA_BROKERS", brokers())
-        .env("MONGODB_URI", mongodb_uri())
-        .env("MONGODB_DATABASE", app.store.database_name())
-        .env("REDIS_URL", crate::helpers::redis_url())
-        .env("COURSEVIEW_REDIS_PREFIX", format!("cvtest:{}", app.id))
-        .env("COURSEVIEW_TOPICS", app.topics_regex())
-        .env("COURSEVIEW_GROUP_PREFIX", &app.id)
-        .env("COURSEVIEW_SESSION_TIMEOUT", "6s")
-        .env("COURSEVIEW_METADATA_REFRESH", "1s")
-        .env("COURSEVIEW_BATCH_SIZE", "50")
-        .env("COURSEVIEW_STATUS_INTERVAL", "500ms")
-        .env("COURSEVIEW_METRICS_LISTEN", format!("127.0.0.1:{port}"))
-        .env("COURSEVIEW_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("worker process starts");
-    (Reaped(child), port)
+    let port = crate::peers::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    (
+        app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_METRICS_LISTEN", listen.as_str())]),
+        port,
+    )
 }
 
 /// Partition counts this process logged at each assignment.

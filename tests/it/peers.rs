@@ -16,6 +16,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A port that accepts connections and never answers: a peer that hangs.
+pub fn silent_listener() -> u16 {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().map_while(Result::ok) {
+            held.push(stream);
+        }
+    });
+    port
+}
+
 /// Where `scripts/services` caches the peers it installed.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("COURSEVIEW_CACHE").map_or_else(
@@ -126,6 +139,20 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
         PrivateRedis::start_with(&[])
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until it answers, and returns a connection to it.
+    pub async fn ready(&self) -> redis::aio::MultiplexedConnection {
+        let url = self.url();
+        crate::helpers::eventually("private redis", Duration::from_secs(10), || async {
+            let client = redis::Client::open(url.as_str()).ok()?;
+            client.get_multiplexed_async_connection().await.ok()
+        })
+        .await
     }
 
     /// With extra `redis-server` arguments (`--maxmemory 4mb`, …).
