@@ -446,7 +446,8 @@ fn to_record(m: &BorrowedMessage<'_>) -> Record {
 
 /// Header keys and values as bytes. rdkafka's own accessors unwrap the key
 /// as UTF-8 and panic on anything else, which would let one bad record kill
-/// the reader; so this asks librdkafka for the raw bytes itself.
+/// the reader; so this asks librdkafka for the raw bytes itself. (A key
+/// with a NUL byte inside is cut there: librdkafka gives keys as C strings.)
 #[allow(unsafe_code)]
 fn raw_headers(headers: &BorrowedHeaders) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let native = std::ptr::from_ref(headers).cast::<rdkafka::types::RDKafkaHeaders>();
@@ -542,15 +543,20 @@ fn add_raw_header(headers: &OwnedHeaders, key: &[u8], value: &[u8]) {
     let native = std::ptr::from_ref(headers.as_borrowed())
         .cast::<rdkafka::types::RDKafkaHeaders>()
         .cast_mut();
+    // An empty slice's pointer dangles; C's memcpy wants a real one even
+    // for zero bytes.
+    let one = [0_u8; 1];
+    let ptr = |b: &[u8]| if b.is_empty() { one.as_ptr() } else { b.as_ptr() };
     // SAFETY: `headers` is ours and not yet handed to librdkafka; its
     // borrowed view is the `rd_kafka_headers_t` itself (see `raw_headers`).
-    // librdkafka copies `key` and `value` (lengths given, no NUL needed).
+    // librdkafka copies `key` and `value` (lengths given, no NUL needed),
+    // and both pointers are valid for their lengths.
     unsafe {
         rdkafka::bindings::rd_kafka_header_add(
             native,
-            key.as_ptr().cast(),
+            ptr(key).cast(),
             key.len() as isize,
-            value.as_ptr().cast(),
+            ptr(value).cast(),
             value.len() as isize,
         );
     }

@@ -24,6 +24,8 @@ const POINTERS: &str = "projections";
 const CHECKPOINTS: &str = "checkpoints";
 const DEAD_LETTERS: &str = "dead_letters";
 const WORKERS: &str = "workers";
+/// Server-side time limit (`maxTimeMS`) of every query the API makes.
+pub const API_QUERY_TIME_LIMIT: Duration = Duration::from_secs(2);
 /// Bytes of statements per `update` command: well under the 16 MiB a
 /// command document may hold, whatever the batch.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
@@ -37,6 +39,7 @@ const TRANSIENT_CODES: &[i32] = &[
     89,    // NetworkTimeout
     91,    // ShutdownInProgress
     189,   // PrimarySteppedDown
+    50,    // MaxTimeMSExpired (a query over its time limit)
     262,   // ExceededTimeLimit
     9001,  // SocketException
     10107, // NotWritablePrimary
@@ -458,6 +461,9 @@ impl Store {
                 // Top-level so reading it needs no dotted projection (the
                 // test peer flattens those; see COMPATIBILITY.md).
                 "version": s.version,
+                // The pages' tie-break: a copy of `_id` that indexes may
+                // hold (the test peer rejects `_id` in compound keys).
+                "sortId": &w.id,
             };
             updates.push(doc! {
                 "q": {"_id": &w.id, "_rev": w.expected_rev},
@@ -473,20 +479,29 @@ impl Store {
             .collect())
     }
 
-    /// Creates the indexes the API's queries on this read model need. No key
-    /// includes `_id` (the test peer rejects that); the sort's `_id`
-    /// tie-break then resolves within the few equal keys.
+    /// The indexes the API's queries on this read model need: for each page
+    /// query, its equality fields first, then its sort keys in sort order
+    /// with the `sortId` tie-break, so MongoDB walks the index in order and
+    /// needs no in-memory sort (docs/COMPATIBILITY.md lists each query).
+    pub fn index_keys(model: ReadModel) -> Vec<Document> {
+        match model {
+            ReadModel::Catalog => vec![
+                doc! {"listed": 1, "postedAt": -1, "sortId": -1},
+                doc! {"listed": 1, "name": 1, "sortId": 1},
+                doc! {"listed": 1, "teacherId": 1, "postedAt": -1, "sortId": -1},
+                doc! {"listed": 1, "teacherId": 1, "name": 1, "sortId": 1},
+            ],
+            ReadModel::TeacherCourses => vec![
+                doc! {"listed": 1, "teacherId": 1, "registeredAt": -1, "sortId": -1},
+                doc! {"listed": 1, "teacherId": 1, "name": 1, "sortId": 1},
+            ],
+        }
+    }
+
+    /// Creates [`Store::index_keys`] on a generation's collection.
     #[instrument(skip_all, fields(collection))]
     pub async fn ensure_indexes(&self, collection: &str, model: ReadModel) -> Result<()> {
-        let keys = match model {
-            ReadModel::Catalog => vec![
-                doc! {"listed": 1, "postedAt": -1},
-                doc! {"listed": 1, "name": 1},
-                doc! {"listed": 1, "teacherId": 1, "postedAt": -1},
-            ],
-            ReadModel::TeacherCourses => vec![doc! {"listed": 1, "teacherId": 1, "registeredAt": -1}],
-        };
-        let models: Vec<IndexModel> = keys
+        let models: Vec<IndexModel> = Self::index_keys(model)
             .into_iter()
             .map(|k| {
                 IndexModel::builder()
@@ -674,6 +689,7 @@ impl Store {
             .docs(collection)
             .find_one(doc! {"_id": id, "listed": true})
             .projection(doc! {"view": 1})
+            .max_time(API_QUERY_TIME_LIMIT)
             .await?;
         Ok(found.and_then(|d| d.get_document("view").ok().cloned()))
     }
@@ -684,6 +700,7 @@ impl Store {
             .docs(collection)
             .find_one(doc! {"_id": id})
             .projection(doc! {"version": 1})
+            .max_time(API_QUERY_TIME_LIMIT)
             .await?;
         Ok(found.and_then(|d| get_int(&d, "version")))
     }
@@ -707,13 +724,14 @@ impl Store {
         if let Some((value, id)) = &q.after {
             clauses.push(doc! {"$or": [
                 {q.sort_field: {cmp: value.clone()}},
-                {q.sort_field: value.clone(), "_id": {cmp: id}},
+                {q.sort_field: value.clone(), "sortId": {cmp: id}},
             ]});
         }
         let options = FindOptions::builder()
-            .sort(doc! {q.sort_field: dir, "_id": dir})
+            .sort(doc! {q.sort_field: dir, "sortId": dir})
             .limit(q.limit + 1)
             .projection(doc! {"view": 1, q.sort_field: 1})
+            .max_time(API_QUERY_TIME_LIMIT)
             .build();
         let mut cursor = self
             .docs(collection)
