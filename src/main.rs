@@ -32,5 +32,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rebuild(args) => cli::rebuild::run(cli.global, args, token).await,
         Command::Status(args) => cli::status::run(cli.global, args).await,
         Command::Produce(args) => cli::produce::run(cli.global, args, token).await,
+        Command::Token(args) => cli::token::run(&args),
     }
 }

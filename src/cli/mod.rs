@@ -6,6 +6,7 @@ pub mod project;
 pub mod rebuild;
 pub mod serve;
 pub mod status;
+pub mod token;
 
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Produce a demo stream of course events (for docker compose and trying things out).
     Produce(produce::ProduceArgs),
+    /// Mint an HS256 teacher-dashboard token with the API's shared secret (demos, development).
+    Token(token::TokenArgs),
 }
 
 /// Connection settings every subcommand shares.

@@ -1,15 +1,16 @@
 //! `courseview serve`: the read-only query API.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{humantime_duration, Global};
-use crate::http::{self, ApiSettings, AppState};
+use crate::http::{self, ApiSettings, AppState, DashboardAuth, JwtSettings};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -28,6 +29,51 @@ pub struct ServeArgs {
     /// Longest wait of `?minVersion=` before answering 409.
     #[arg(long, env = "COURSEVIEW_MIN_VERSION_WAIT", default_value = "2s", value_parser = humantime_duration)]
     pub min_version_wait: Duration,
+    /// Teacher dashboard tokens: HS256 shared secret (at least 16 bytes).
+    #[arg(long, env = "COURSEVIEW_JWT_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// Teacher dashboard tokens: a PEM public key file (RSA → RS256, EC P-256 → ES256).
+    #[arg(long, env = "COURSEVIEW_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Teacher dashboard tokens: a JWKS file (`{"keys":[…]}`), keys picked by `kid`.
+    #[arg(long, env = "COURSEVIEW_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required `iss` of dashboard tokens.
+    #[arg(long, env = "COURSEVIEW_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of dashboard tokens.
+    #[arg(long, env = "COURSEVIEW_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The token claim that names the teacher.
+    #[arg(long, env = "COURSEVIEW_JWT_TEACHER_CLAIM", default_value = "sub")]
+    pub jwt_teacher_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[arg(long, env = "COURSEVIEW_JWT_LEEWAY", default_value = "30s", value_parser = humantime_duration)]
+    pub jwt_leeway: Duration,
+    /// DEVELOPMENT ONLY: serve every teacher's dashboard, drafts included, without a token.
+    #[arg(long, env = "COURSEVIEW_DASHBOARD_PUBLIC")]
+    pub dashboard_public: bool,
+}
+
+impl ServeArgs {
+    /// The dashboard guard these settings describe.
+    pub fn dashboard_auth(&self) -> anyhow::Result<DashboardAuth> {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let settings = JwtSettings {
+            hs256_secret: self.jwt_hs256_secret.clone(),
+            public_key_pem: self.jwt_public_key.as_ref().map(read).transpose()?,
+            jwks_json: self
+                .jwt_jwks
+                .as_ref()
+                .map(|p| read(p).map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .transpose()?,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            teacher_claim: self.jwt_teacher_claim.clone(),
+            leeway: self.jwt_leeway,
+        };
+        Ok(DashboardAuth::from_settings(settings, self.dashboard_public)?)
+    }
 }
 
 pub async fn run(global: Global, args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -43,7 +89,17 @@ pub async fn run(global: Global, args: ServeArgs, shutdown: CancellationToken) -
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(listen = %args.listen, "API listening.");
-    let state = AppState::new(store.clone(), cache, settings).with_status(global.status_probe(&store)?);
+    let auth = args.dashboard_auth()?;
+    match &auth {
+        DashboardAuth::Off => warn!("Teacher dashboard off: no token key configured (see --help)."),
+        DashboardAuth::Public => {
+            warn!("Teacher dashboard PUBLIC: every teacher's drafts are readable (development only).")
+        }
+        DashboardAuth::Jwt(_) => info!("Teacher dashboard requires bearer tokens."),
+    }
+    let state = AppState::new(store.clone(), cache, settings)
+        .with_status(global.status_probe(&store)?)
+        .with_auth(auth);
     http::serve(listener, state, shutdown).await?;
     info!("API stopped.");
     Ok(())

@@ -24,6 +24,15 @@ pub enum ApiError {
     /// MongoDB is unreachable: retry later.
     #[error("read model store unavailable")]
     Unavailable,
+    /// No valid bearer token for a private resource.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token, for someone else's resource.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The teacher dashboard has no key configured.
+    #[error("the teacher dashboard is off")]
+    DashboardOff,
     /// The request outlived the server's time limit.
     #[error("request timed out")]
     TimedOut,
@@ -75,6 +84,9 @@ impl IntoResponse for ApiError {
         let (status, kind, title) = match &self {
             ApiError::BadParameter { .. } => (StatusCode::BAD_REQUEST, "/problems/bad-parameter", "Bad parameter"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "/problems/not-found", "Not found"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "/problems/unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "/problems/forbidden", "Forbidden"),
+            ApiError::DashboardOff => (StatusCode::NOT_FOUND, "/problems/dashboard-off", "Not found"),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "/problems/method-not-allowed",
@@ -109,6 +121,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Unavailable => "the read model store is unreachable; retry shortly".to_owned(),
             ApiError::TimedOut => "the request took longer than the server allows; retry shortly".to_owned(),
+            ApiError::DashboardOff => "the teacher dashboard needs a token key: start the API with --jwt-hs256-secret, --jwt-public-key or --jwt-jwks (or --dashboard-public, for development only)".to_owned(),
             _ => detail,
         };
         let (wanted_version, applied_version) = match &self {
@@ -138,6 +151,12 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"courseview\""),
+                );
             }
             ApiError::Unavailable | ApiError::TimedOut | ApiError::Behind { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

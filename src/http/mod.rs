@@ -1,6 +1,7 @@
 //! HTTP: the read-only query API (DESIGN §4). [`app`] builds the router so
 //! tests can drive it without a socket; [`serve`] runs it until shutdown.
 
+mod auth;
 mod error;
 mod params;
 mod routes;
@@ -21,6 +22,7 @@ use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove}
 use tower_http::compression::CompressionLayer;
 use tower_http::trace::TraceLayer;
 
+pub use auth::{AuthConfigError, DashboardAuth, JwtSettings, JwtVerifier};
 pub use error::ApiError;
 pub use worker::{serve_worker, worker_app, WorkerHealth};
 
@@ -71,6 +73,7 @@ pub struct AppState {
     settings: ApiSettings,
     generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
     status: Option<StatusProbe>,
+    auth: DashboardAuth,
     /// The last projection status and when it was measured: one
     /// measurement at a time, shared by concurrent requests.
     status_snapshot: StatusSnapshot,
@@ -84,8 +87,15 @@ impl AppState {
             settings,
             generations: Arc::default(),
             status: None,
+            auth: DashboardAuth::Off,
             status_snapshot: Arc::default(),
         }
+    }
+
+    /// Guards the teacher dashboard.
+    pub fn with_auth(mut self, auth: DashboardAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Enables `GET /projections`.

@@ -69,6 +69,8 @@ pub async fn teacher_courses(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     id_param("teacherId", &teacher_id)?;
+    // Before anything is read: drafts are private.
+    state.auth.authorize(&headers, &teacher_id)?;
     let params = Params::parse(query.as_deref(), &["sort", "limit", "cursor"])?;
     let sort = params.sort()?;
     let page = PageQuery {

@@ -102,6 +102,8 @@ pub struct Options {
     /// Brokers the API's status probe asks (the app's broker by default).
     pub status_brokers: Option<String>,
     pub request_timeout: Duration,
+    /// How the teacher dashboard is guarded (public in most tests).
+    pub dashboard: courseview::http::DashboardAuth,
     pub mongodb_uri: String,
     pub min_version_wait: Duration,
     pub stall_after: Duration,
@@ -114,6 +116,7 @@ impl Default for Options {
             brokers: None,
             status_brokers: None,
             request_timeout: Duration::from_secs(10),
+            dashboard: courseview::http::DashboardAuth::Public,
             mongodb_uri: mongodb_uri(),
             min_version_wait: Duration::from_secs(2),
             stall_after: Duration::from_secs(60),
@@ -166,7 +169,9 @@ impl TestApp {
             options.stall_after,
         )
         .expect("probe");
-        let state = AppState::new(store.clone(), cache.clone(), settings).with_status(probe.clone());
+        let state = AppState::new(store.clone(), cache.clone(), settings)
+            .with_status(probe.clone())
+            .with_auth(options.dashboard.clone());
         tokio::spawn(http::serve(listener, state, api_cancel.clone()));
         TestApp {
             producer: Producer::new(&kafka).expect("producer"),

@@ -4,6 +4,7 @@
 //! key prefix, so tests run in parallel and can be re-run.
 
 mod api;
+mod auth;
 mod broker;
 mod cache;
 mod chaos;
