@@ -173,6 +173,16 @@ impl Cache {
         }
     }
 
+    /// Whether Redis answers a PING within the cache's timeout.
+    pub async fn ping(&self) -> bool {
+        let pong: Option<String> = self
+            .call("ping", |mut conn| async move {
+                redis::cmd("PING").query_async(&mut conn).await
+            })
+            .await;
+        pong.is_some()
+    }
+
     /// Looks up `suffix` under the scope's current epoch.
     #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn get(&self, scope: Scope<'_>, suffix: &str) -> Lookup {

@@ -30,7 +30,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => cli::serve::run(cli.global, args, token).await,
         Command::Dlq(command) => cli::dlq::run(cli.global, command).await,
         Command::Rebuild(args) => cli::rebuild::run(cli.global, args, token).await,
-        Command::Status(args) => cli::status::run(cli.global, args).await,
+        Command::Status(args) => cli::status::run(cli.global, args, token).await,
         Command::Produce(args) => cli::produce::run(cli.global, args, token).await,
         Command::Token(args) => cli::token::run(&args),
     }

@@ -614,6 +614,16 @@ impl Store {
         Ok(out)
     }
 
+    /// One dead letter by id.
+    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let Some(doc) = self.docs(DEAD_LETTERS).find_one(doc! {"_id": id}).await? else {
+            return Ok(None);
+        };
+        bson::from_document(doc)
+            .map(Some)
+            .map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))
+    }
+
     pub async fn remove_dead_letter(&self, id: &str) -> Result<()> {
         self.docs(DEAD_LETTERS).delete_one(doc! {"_id": id}).await?;
         Ok(())

@@ -87,6 +87,8 @@ pub struct ProjectionStatus {
     /// Live worker processes of this projection: where their metrics are,
     /// and which generation each applies to.
     pub workers: Vec<WorkerEntry>,
+    /// Records of this projection waiting in the dead-letter store.
+    pub dead_letters: u64,
 }
 
 /// Computes status from MongoDB checkpoints and Kafka watermarks.
@@ -148,12 +150,14 @@ impl StatusProbe {
             State::Live
         };
         let workers = self.store.live_workers(Some(model.name())).await?;
+        let dead_letters = self.store.count_dead_letters(model.name()).await?;
         Ok(ProjectionStatus {
             projection: model.name(),
             state,
             serving,
             rebuild,
             workers,
+            dead_letters,
         })
     }
 

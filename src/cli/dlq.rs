@@ -1,4 +1,6 @@
-//! `courseview dlq list|replay`: inspect and replay dead-lettered records.
+//! `courseview dlq list|show|replay`: inspect and replay dead-lettered
+//! records. `list` prints a table on a terminal and JSON lines when piped,
+//! as Kafka's own tools do.
 //!
 //! Replay decodes the stored record again (a fixed decoder or a fixed
 //! producer bug may now accept it) and applies it to the serving generation
@@ -7,7 +9,12 @@
 //! Projections converge whatever the order, so a replayed event lands
 //! correctly even after later events of the same course.
 
+use std::io::IsTerminal;
+
+use anyhow::bail;
 use clap::{Args, Subcommand};
+
+use crate::dead_letter::DeadLetter;
 
 use super::Global;
 use crate::decode::decode;
@@ -16,10 +23,24 @@ use crate::worker::Applier;
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum DlqCommand {
-    /// Print dead letters as JSON lines, oldest first.
+    /// List dead letters, oldest first: a table on a terminal, JSON lines when piped.
     List(DlqFilter),
+    /// Print one dead letter whole (JSON), by id.
+    Show {
+        /// The letter's id, as `list` prints it (projection/topic/partition/offset).
+        id: String,
+    },
     /// Decode and apply dead letters again; those that now apply are removed.
-    Replay(DlqFilter),
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Only this letter.
+    #[arg(long, conflicts_with_all = ["projection", "limit"])]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub filter: DlqFilter,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -39,15 +60,31 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
             let letters = store
                 .dead_letters(filter.projection.map(ReadModel::name), filter.limit)
                 .await?;
-            for (id, letter) in letters {
-                println!("{}", letter.to_json(&id));
+            if std::io::stdout().is_terminal() {
+                print!("{}", table(&letters));
+            } else {
+                for (id, letter) in letters {
+                    println!("{}", letter.to_json(&id));
+                }
             }
         }
-        DlqCommand::Replay(filter) => {
+        DlqCommand::Show { id } => match store.dead_letter(&id).await? {
+            Some(letter) => println!("{}", serde_json::to_string_pretty(&letter.to_json(&id))?),
+            None => bail!("no dead letter {id:?}"),
+        },
+        DlqCommand::Replay(ReplayArgs { id, filter }) => {
             let cache = global.cache(std::time::Duration::from_secs(60))?;
-            let letters = store
-                .dead_letters(filter.projection.map(ReadModel::name), filter.limit)
-                .await?;
+            let letters = match &id {
+                Some(id) => match store.dead_letter(id).await? {
+                    Some(letter) => vec![(id.clone(), letter)],
+                    None => bail!("no dead letter {id:?}"),
+                },
+                None => {
+                    store
+                        .dead_letters(filter.projection.map(ReadModel::name), filter.limit)
+                        .await?
+                }
+            };
             let (mut replayed, mut failing) = (0, 0);
             for (id, letter) in letters {
                 let Ok(model) = letter.projection.parse::<ReadModel>() else {
@@ -82,4 +119,50 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Dead letters as a table for people: id, when, error, value preview.
+fn table(letters: &[(String, DeadLetter)]) -> String {
+    let mut out = format!("{:<60} {:<20} {:<50} {}\n", "ID", "DEAD AT", "ERROR", "VALUE");
+    for (id, letter) in letters {
+        let when = letter
+            .dead_at
+            .map(|d| d.try_to_rfc3339_string().unwrap_or_default())
+            .unwrap_or_default();
+        let value = letter
+            .value
+            .as_deref()
+            .map(|v| String::from_utf8_lossy(v).chars().take(40).collect::<String>())
+            .unwrap_or_default()
+            .replace(['\n', '\r'], " ");
+        let error: String = letter.error.chars().take(50).collect();
+        out.push_str(&format!(
+            "{id:<60} {:<20} {error:<50} {value}\n",
+            when.get(..19).unwrap_or(&when)
+        ));
+    }
+    out.push_str(&format!("{} dead letter(s)\n", letters.len()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Record;
+
+    #[test]
+    fn the_table_shows_one_row_per_letter_with_its_error_and_a_value_preview() {
+        let record = Record {
+            topic: "CourseCreatedEvent".into(),
+            offset: 3,
+            value: Some(b"{not json\nat all".to_vec()),
+            ..Record::default()
+        };
+        let letter = DeadLetter::new("catalog", &record, "value is not valid JSON");
+        let text = table(&[(letter.id(), letter)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[1].starts_with("catalog/CourseCreatedEvent/0/3"));
+        assert!(lines[1].contains("value is not valid JSON") && lines[1].contains("{not json at all"));
+    }
 }

@@ -1,9 +1,13 @@
 //! `courseview status`: per projection and topic-partition, the stored
 //! offset, high watermark and lag; generation, state, rebuild progress.
 
-use clap::Args;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
-use super::Global;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::{humantime_duration, Global};
 use crate::status::ProjectionStatus;
 
 #[derive(Debug, Clone, Args)]
@@ -11,20 +15,38 @@ pub struct StatusArgs {
     /// Print JSON (the body of `GET /projections`) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Refresh every this often until interrupted (in place on a terminal).
+    #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime_duration)]
+    pub watch: Option<Duration>,
 }
 
-pub async fn run(global: Global, args: StatusArgs) -> anyhow::Result<()> {
+pub async fn run(global: Global, args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = global.store().await?;
-    let all = global.status_probe(&store)?.all().await?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"projections": all}))?
-        );
-    } else {
-        print!("{}", table(&all));
+    let probe = global.status_probe(&store)?;
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let text = match probe.all().await {
+            Ok(all) if args.json => serde_json::to_string_pretty(&serde_json::json!({"projections": all}))? + "\n",
+            Ok(all) => table(&all),
+            Err(e) if args.watch.is_some() => format!("status unavailable: {e}\n"),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(every) = args.watch else {
+            print!("{text}");
+            return Ok(());
+        };
+        if terminal {
+            // Clear and home: the table refreshes in place.
+            print!("\x1b[2J\x1b[H{}\n{text}", chrono::Utc::now().format("%H:%M:%S"));
+        } else {
+            print!("{text}\n");
+        }
+        std::io::stdout().flush()?;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(every) => {}
+        }
     }
-    Ok(())
 }
 
 fn table(all: &[ProjectionStatus]) -> String {

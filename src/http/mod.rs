@@ -209,6 +209,7 @@ pub fn app(state: AppState) -> Router {
         .route("/catalog/courses/{course_id}", get(routes::catalog_course))
         .route("/teachers/{teacher_id}/courses", get(routes::teacher_courses))
         .route("/projections", get(routes::projections))
+        .route("/status", get(routes::status_page))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))

@@ -14,6 +14,8 @@ use crate::mongo::{PageQuery, Store};
 use crate::read_model::ReadModel;
 use crate::telemetry;
 
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// How often `minVersion` re-reads the applied version while waiting.
 const VERSION_POLL: Duration = Duration::from_millis(25);
 
@@ -194,7 +196,29 @@ async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, w
 pub async fn projections(state: AppStateExt, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     Params::parse(query.as_deref(), &[])?;
     let all = state.projection_status(super::STATUS_LIMIT).await?;
-    Ok((StatusCode::OK, axum::Json(json!({"projections": *all}))).into_response())
+    let cache = match &state.cache {
+        None => "disabled",
+        Some(cache) if cache.ping().await => "up",
+        Some(_) => "down",
+    };
+    Ok((
+        StatusCode::OK,
+        axum::Json(json!({"projections": *all, "cache": {"state": cache}})),
+    )
+        .into_response())
+}
+
+/// `GET /status`: the operators' page. Static HTML and script compiled into
+/// the binary (no build step, no CDN) that polls `GET /projections`.
+pub async fn status_page() -> Response {
+    let mut response = STATUS_PAGE.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// `GET /healthz`: the process is alive.

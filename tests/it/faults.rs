@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courseview::cli::dlq::{self, DlqCommand, DlqFilter};
+use courseview::cli::dlq::{self, DlqCommand, DlqFilter, ReplayArgs};
 use courseview::kafka::{create_topics, ByteBudget, Consumer, ConsumerSettings, OffsetSource, Outgoing, ReaderExit};
 use courseview::read_model::ReadModel;
 use courseview::worker::Applier;
@@ -362,12 +362,26 @@ async fn a_dead_letter_replayed_during_a_rebuild_lands_in_the_generation_being_b
         ..Default::default()
     };
     let letter = courseview::dead_letter::DeadLetter::new("catalog", &record, "simulated");
-    app.store.put_dead_letters(&[letter]).await.expect("stored");
-    let filter = DlqFilter {
-        projection: Some(ReadModel::Catalog),
-        limit: 10,
+    let other = courseview::dead_letter::DeadLetter::new(
+        "catalog",
+        &courseview::record::Record {
+            offset: 99,
+            ..record.clone()
+        },
+        "left alone",
+    );
+    app.store
+        .put_dead_letters(&[letter.clone(), other])
+        .await
+        .expect("stored");
+    let replay = ReplayArgs {
+        id: Some(letter.id()),
+        filter: DlqFilter {
+            projection: None,
+            limit: 1000,
+        },
     };
-    dlq::run(app.global(), DlqCommand::Replay(filter))
+    dlq::run(app.global(), DlqCommand::Replay(replay))
         .await
         .expect("replay");
 
@@ -376,6 +390,9 @@ async fn a_dead_letter_replayed_during_a_rebuild_lands_in_the_generation_being_b
         let version = app.store.applied_version(&collection, "r1").await.expect("read");
         assert_eq!(version, Some(2), "generation {generation} has the replayed event");
     }
+    let left = app.store.dead_letters(None, 10).await.expect("letters");
+    assert_eq!(left.len(), 1, "--id replays that letter only");
+    assert_eq!(left[0].1.error, "left alone");
 }
 
 /// Answers every request of `app` within `bound`, `rounds` times over.

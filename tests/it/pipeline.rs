@@ -263,7 +263,7 @@ async fn a_garbage_record_is_dead_lettered_and_later_events_still_apply() {
 
 #[tokio::test]
 async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course() {
-    use courseview::cli::dlq::{self, DlqCommand, DlqFilter};
+    use courseview::cli::dlq::{self, DlqCommand, DlqFilter, ReplayArgs};
     use courseview::dead_letter::DeadLetter;
     use courseview::record::Record;
 
@@ -310,7 +310,8 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
         projection: Some(ReadModel::Catalog),
         limit: 10,
     };
-    dlq::run(global, DlqCommand::Replay(filter)).await.expect("replay");
+    let replay = ReplayArgs { id: None, filter };
+    dlq::run(global, DlqCommand::Replay(replay)).await.expect("replay");
 
     let (status, course) = app.get_json("/catalog/courses/d1").await;
     assert_eq!(status, 200, "posted by the replayed letter");

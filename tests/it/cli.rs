@@ -1,0 +1,119 @@
+//! The operator commands as an operator runs them: the real binary, its
+//! output read from a pipe.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use courseview::read_model::ReadModel;
+use serde_json::{json, Value};
+
+use crate::helpers::{event, redis_url, signal, Reaped, TestApp};
+
+fn courseview(app: &TestApp, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courseview"));
+    command
+        .args(args)
+        .env("KAFKA_BROKERS", &app.brokers)
+        .env("MONGODB_URI", &app.mongodb_uri)
+        .env("MONGODB_DATABASE", app.store.database_name())
+        .env("REDIS_URL", redis_url())
+        .env("COURSEVIEW_REDIS_PREFIX", format!("cvtest:{}", app.id))
+        .env("COURSEVIEW_TOPICS", app.topics_regex())
+        .env("RUST_LOG", "warn");
+    command
+}
+
+#[tokio::test]
+async fn dlq_list_prints_json_lines_when_piped_and_show_prints_one_letter_whole() {
+    let app = TestApp::spawn().await;
+    app.send(courseview::kafka::Outgoing {
+        topic: app.topic("CourseCreatedEvent"),
+        key: Some("bad".into()),
+        value: Some("{broken".into()),
+        ..Default::default()
+    })
+    .await;
+    app.project_all(
+        ReadModel::Catalog,
+        &[event(
+            "CourseCreatedEvent",
+            "ok",
+            1,
+            json!({"name": "Fine", "teacherId": "t"}),
+        )],
+    )
+    .await;
+    let output = courseview(&app, &["dlq", "list"]).output().expect("dlq list runs");
+    assert!(output.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["value"], "{broken");
+    let id = lines[0]["id"].as_str().expect("id");
+
+    let output = courseview(&app, &["dlq", "show", id]).output().expect("dlq show runs");
+    assert!(output.status.success());
+    let letter: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(letter["key"].as_str(), Some("bad"));
+    assert!(letter["error"].as_str().is_some_and(|e| e.contains("not valid JSON")));
+
+    let missing = courseview(&app, &["dlq", "show", "catalog/nope/0/0"])
+        .output()
+        .expect("runs");
+    assert!(!missing.status.success(), "an unknown id is an error");
+}
+
+#[tokio::test]
+async fn status_watch_prints_a_fresh_status_each_interval_until_interrupted() {
+    let app = TestApp::spawn().await;
+    app.project_all(
+        ReadModel::Catalog,
+        &[event(
+            "CourseCreatedEvent",
+            "w1",
+            1,
+            json!({"name": "W", "teacherId": "t"}),
+        )],
+    )
+    .await;
+    let child = courseview(&app, &["status", "--json", "--watch", "300ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("status --watch runs");
+    let mut child = Reaped(child);
+    let stdout = child.stdout.take().expect("piped");
+    let reports = tokio::task::spawn_blocking(move || {
+        // Pretty JSON documents, one per refresh, each ending in "}".
+        let mut documents = 0;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line == "}" {
+                documents += 1;
+                if documents == 3 {
+                    break;
+                }
+            }
+        }
+        documents
+    });
+    let documents = tokio::time::timeout(Duration::from_secs(30), reports)
+        .await
+        .expect("three refreshes in time")
+        .expect("reader");
+    assert_eq!(documents, 3);
+    signal(&child, "INT");
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(status) = child.0.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("exits on Ctrl-C");
+    assert!(status.success());
+}
