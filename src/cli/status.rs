@@ -39,7 +39,7 @@ pub async fn run(global: Global, args: StatusArgs, shutdown: CancellationToken) 
             // Clear and home: the table refreshes in place.
             print!("\x1b[2J\x1b[H{}\n{text}", chrono::Utc::now().format("%H:%M:%S"));
         } else {
-            print!("{text}\n");
+            println!("{text}");
         }
         std::io::stdout().flush()?;
         tokio::select! {
