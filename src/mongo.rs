@@ -185,7 +185,7 @@ impl Pointer {
 }
 
 /// How far a rebuild has come.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildProgress {
     pub generation: u32,
@@ -800,7 +800,7 @@ fn chunk_by_size(docs: Vec<Document>, max_bytes: usize, max_count: usize) -> Vec
 }
 
 /// A worker process's entry in the registry, per projection it runs.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerEntry {
     #[serde(rename = "_id")]

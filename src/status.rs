@@ -24,7 +24,7 @@ pub enum StatusError {
 }
 
 /// One topic-partition of one projection generation.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PartitionStatus {
     pub topic: String,
@@ -41,7 +41,7 @@ pub struct PartitionStatus {
 }
 
 /// One generation's position over all its partitions.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GenerationStatus {
     pub generation: u32,
@@ -59,7 +59,7 @@ impl GenerationStatus {
 }
 
 /// A rebuild under way.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildStatus {
     #[serde(flatten)]
@@ -68,7 +68,7 @@ pub struct RebuildStatus {
     pub eta_seconds: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Live,
@@ -76,7 +76,7 @@ pub enum State {
     Stalled,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectionStatus {
     pub projection: &'static str,

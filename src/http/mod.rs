@@ -3,6 +3,7 @@
 
 mod auth;
 mod error;
+mod openapi;
 mod params;
 mod routes;
 mod worker;
@@ -15,7 +16,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
@@ -24,6 +24,7 @@ use tower_http::trace::TraceLayer;
 
 pub use auth::{AuthConfigError, DashboardAuth, JwtSettings, JwtVerifier};
 pub use error::ApiError;
+pub use routes::QUERY_PARAMETERS;
 pub use worker::{serve_worker, worker_app, WorkerHealth};
 
 use crate::cache::{Cache, Lookup, Scope};
@@ -74,6 +75,8 @@ pub struct AppState {
     generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
     status: Option<StatusProbe>,
     auth: DashboardAuth,
+    /// This API's OpenAPI document as JSON (set when the router is built).
+    openapi: Arc<Vec<u8>>,
     /// The last projection status and when it was measured: one
     /// measurement at a time, shared by concurrent requests.
     status_snapshot: StatusSnapshot,
@@ -88,6 +91,7 @@ impl AppState {
             generations: Arc::default(),
             status: None,
             auth: DashboardAuth::Off,
+            openapi: Arc::default(),
             status_snapshot: Arc::default(),
         }
     }
@@ -200,19 +204,47 @@ impl AppState {
     }
 }
 
+/// The routes and the OpenAPI document, from the same annotations.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(routes::catalog_list))
+        .routes(routes!(routes::catalog_course))
+        .routes(routes!(routes::teacher_courses))
+        .routes(routes!(routes::projections))
+        .routes(routes!(routes::status_page))
+        .routes(routes!(routes::healthz))
+        .routes(routes!(routes::readyz))
+        .routes(routes!(routes::metrics))
+        .routes(routes!(routes::openapi))
+        .split_for_parts();
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        utoipa::openapi::security::SecurityScheme::Http(
+            utoipa::openapi::security::HttpBuilder::new()
+                .scheme(utoipa::openapi::security::HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .build(),
+        ),
+    );
+    (router, doc)
+}
+
+/// The OpenAPI document of this API.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
 /// The API router with every layer, ready to serve or to `oneshot`.
-pub fn app(state: AppState) -> Router {
+pub fn app(mut state: AppState) -> Router {
     telemetry::prometheus();
     let timeout = state.settings.request_timeout;
-    Router::new()
-        .route("/catalog/courses", get(routes::catalog_list))
-        .route("/catalog/courses/{course_id}", get(routes::catalog_course))
-        .route("/teachers/{teacher_id}/courses", get(routes::teacher_courses))
-        .route("/projections", get(routes::projections))
-        .route("/status", get(routes::status_page))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
+    let (router, doc) = routes();
+    state.openapi = Arc::new(doc.to_json().map(String::into_bytes).unwrap_or_default());
+    router
         .fallback(routes::not_found)
         .with_state(state)
         .layer(middleware::from_fn(read_only))

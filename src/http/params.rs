@@ -107,7 +107,7 @@ impl Params {
 }
 
 /// List orders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Sort {
     /// Most recently posted (catalog) or registered (dashboard) first.

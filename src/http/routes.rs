@@ -16,6 +16,21 @@ use crate::telemetry;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
+/// The query parameters each route accepts; anything else is a 400. The
+/// OpenAPI test holds these and the document to the same lists.
+pub const CATALOG_LIST_QUERY: &[&str] = &["teacherId", "q", "sort", "limit", "cursor"];
+pub const TEACHER_COURSES_QUERY: &[&str] = &["sort", "limit", "cursor"];
+pub const CATALOG_COURSE_QUERY: &[&str] = &["minVersion"];
+
+/// Route templates (as in the OpenAPI document) and the query parameters
+/// their handlers accept.
+pub const QUERY_PARAMETERS: &[(&str, &[&str])] = &[
+    ("/catalog/courses", CATALOG_LIST_QUERY),
+    ("/catalog/courses/{courseId}", CATALOG_COURSE_QUERY),
+    ("/teachers/{teacherId}/courses", TEACHER_COURSES_QUERY),
+    ("/projections", &[]),
+];
+
 /// How often `minVersion` re-reads the applied version while waiting.
 const VERSION_POLL: Duration = Duration::from_millis(25);
 
@@ -34,12 +49,26 @@ fn id_param(name: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// `GET /catalog/courses?teacherId=&q=&sort=newest|name&limit=&cursor=`
+#[utoipa::path(get, path = "/catalog/courses", tag = "catalog",
+    params(
+        ("teacherId" = Option<String>, Query, description = "Only this teacher's courses"),
+        ("q" = Option<String>, Query, description = "Case-insensitive literal match on name and description (at most 200 characters)"),
+        ("sort" = Option<super::params::Sort>, Query, description = "newest (default): last posted first; name: by name"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "Items per page (default 20; larger values are capped at 100)"),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of posted courses", body = super::openapi::CatalogPage),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "A bad parameter", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable, or the request took too long", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn catalog_list(
     state: AppStateExt,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = Params::parse(query.as_deref(), &["teacherId", "q", "sort", "limit", "cursor"])?;
+    let params = Params::parse(query.as_deref(), CATALOG_LIST_QUERY)?;
     let sort = params.sort()?;
     let sort_field = match sort {
         Sort::Newest => "postedAt",
@@ -64,6 +93,23 @@ pub async fn catalog_list(
 
 /// `GET /teachers/{teacherId}/courses?sort=newest|name&limit=&cursor=`:
 /// every non-deleted course of the teacher, drafts included.
+#[utoipa::path(get, path = "/teachers/{teacherId}/courses", tag = "teachers",
+    params(
+        ("teacherId" = String, Path, description = "The teacher"),
+        ("sort" = Option<super::params::Sort>, Query, description = "newest (default): last registered first; name: by name"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "Items per page (default 20; capped at 100)"),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every non-deleted course of the teacher, drafts included", body = super::openapi::TeacherPage),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "A bad parameter", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token names another teacher", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The dashboard is off (no token key configured)", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable, or the request took too long", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn teacher_courses(
     state: AppStateExt,
     Path(teacher_id): Path<String>,
@@ -73,7 +119,7 @@ pub async fn teacher_courses(
     id_param("teacherId", &teacher_id)?;
     // Before anything is read: drafts are private.
     state.auth.authorize(&headers, &teacher_id)?;
-    let params = Params::parse(query.as_deref(), &["sort", "limit", "cursor"])?;
+    let params = Params::parse(query.as_deref(), TEACHER_COURSES_QUERY)?;
     let sort = params.sort()?;
     let page = PageQuery {
         filter: vec![("teacherId".to_owned(), teacher_id.clone())],
@@ -138,6 +184,19 @@ async fn list(
 }
 
 /// `GET /catalog/courses/{courseId}[?minVersion=N]`
+#[utoipa::path(get, path = "/catalog/courses/{courseId}", tag = "catalog",
+    params(
+        ("courseId" = String, Path, description = "The course"),
+        ("minVersion" = Option<i64>, Query, minimum = 0, description = "Wait (bounded) until the projection has applied this version of the course"),
+    ),
+    responses(
+        (status = 200, description = "The course", body = super::openapi::CatalogCourse),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "A bad parameter", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not posted, deleted or unknown", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The projection has not applied minVersion in time", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unreachable, or the request took too long", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn catalog_course(
     state: AppStateExt,
     Path(course_id): Path<String>,
@@ -145,7 +204,7 @@ pub async fn catalog_course(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     id_param("courseId", &course_id)?;
-    let params = Params::parse(query.as_deref(), &["minVersion"])?;
+    let params = Params::parse(query.as_deref(), CATALOG_COURSE_QUERY)?;
     let model = ReadModel::Catalog;
     let generation = state.generation(model).await?;
     let collection = Store::collection_name(model.name(), generation);
@@ -193,6 +252,13 @@ async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, w
 
 /// `GET /projections`: per projection and partition, stored offset, high
 /// watermark, lag, generation, state and rebuild progress.
+#[utoipa::path(get, path = "/projections", tag = "operations",
+    responses(
+        (status = 200, description = "Per projection: state, generation, partitions, lag, rebuild, workers; and the cache's state", body = super::openapi::Projections),
+        (status = 400, description = "A bad parameter", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Status is not enabled on this API", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB or Kafka unreachable, or too slow", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn projections(state: AppStateExt, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     Params::parse(query.as_deref(), &[])?;
     let all = state.projection_status(super::STATUS_LIMIT).await?;
@@ -210,6 +276,8 @@ pub async fn projections(state: AppStateExt, RawQuery(query): RawQuery) -> Resul
 
 /// `GET /status`: the operators' page. Static HTML and script compiled into
 /// the binary (no build step, no CDN) that polls `GET /projections`.
+#[utoipa::path(get, path = "/status", tag = "operations",
+    responses((status = 200, description = "The operators' status page", content_type = "text/html", body = String)))]
 pub async fn status_page() -> Response {
     let mut response = STATUS_PAGE.into_response();
     let headers = response.headers_mut();
@@ -222,23 +290,43 @@ pub async fn status_page() -> Response {
 }
 
 /// `GET /healthz`: the process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = super::openapi::Health)))]
 pub async fn healthz() -> Response {
     (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
 }
 
 /// `GET /readyz`: MongoDB answers, so reads can be served.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "MongoDB answers", body = super::openapi::Health),
+        (status = 503, description = "MongoDB unreachable", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn readyz(state: AppStateExt) -> Result<Response, ApiError> {
     state.store.ping().await?;
     Ok((StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response())
 }
 
 /// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics() -> Response {
     let mut response = telemetry::prometheus().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
+    response
+}
+
+/// `GET /openapi.json`: this document, generated from the code.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object)))]
+pub async fn openapi(state: AppStateExt) -> Response {
+    let mut response = state.openapi.as_ref().clone().into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 

@@ -9,6 +9,7 @@ mod broker;
 mod cache;
 mod chaos;
 mod cli;
+mod contract;
 mod faults;
 mod helpers;
 mod mongo_compat;
