@@ -9,6 +9,39 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+// Metric names: stable (dashboards and alerts depend on them), documented
+// in the README, and held to docs/grafana/courseview.json by a test.
+const EVENTS_APPLIED_TOTAL: &str = "courseview_events_applied_total";
+const DEAD_LETTERS_TOTAL: &str = "courseview_dead_letters_total";
+const BATCH_SIZE: &str = "courseview_batch_size";
+const BATCH_SECONDS: &str = "courseview_batch_seconds";
+const WRITE_CONFLICTS_TOTAL: &str = "courseview_write_conflicts_total";
+const TRANSIENT_ERRORS_TOTAL: &str = "courseview_transient_errors_total";
+const CONSUMER_LAG_EVENTS: &str = "courseview_consumer_lag_events";
+const CONSUMER_LAG_SECONDS: &str = "courseview_consumer_lag_seconds";
+const PROJECTION_STALLED: &str = "courseview_projection_stalled";
+const CACHE_LOOKUPS_TOTAL: &str = "courseview_cache_lookups_total";
+const CACHE_ERRORS_TOTAL: &str = "courseview_cache_errors_total";
+const HTTP_REQUESTS_TOTAL: &str = "courseview_http_requests_total";
+const HTTP_REQUEST_SECONDS: &str = "courseview_http_request_seconds";
+
+/// Every metric courseview emits.
+pub const METRIC_NAMES: &[&str] = &[
+    EVENTS_APPLIED_TOTAL,
+    DEAD_LETTERS_TOTAL,
+    BATCH_SIZE,
+    BATCH_SECONDS,
+    WRITE_CONFLICTS_TOTAL,
+    TRANSIENT_ERRORS_TOTAL,
+    CONSUMER_LAG_EVENTS,
+    CONSUMER_LAG_SECONDS,
+    PROJECTION_STALLED,
+    CACHE_LOOKUPS_TOTAL,
+    CACHE_ERRORS_TOTAL,
+    HTTP_REQUESTS_TOTAL,
+    HTTP_REQUEST_SECONDS,
+];
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -55,26 +88,26 @@ pub fn prometheus() -> &'static PrometheusHandle {
 }
 
 pub fn event_applied(projection: &'static str, event_type: &'static str) {
-    counter!("courseview_events_applied_total", "projection" => projection, "type" => event_type).increment(1);
+    counter!(EVENTS_APPLIED_TOTAL, "projection" => projection, "type" => event_type).increment(1);
 }
 
 pub fn dead_letters(projection: &'static str, count: u64) {
-    counter!("courseview_dead_letters_total", "projection" => projection).increment(count);
+    counter!(DEAD_LETTERS_TOTAL, "projection" => projection).increment(count);
 }
 
 pub fn batch(projection: &'static str, size: usize, elapsed: Duration) {
-    histogram!("courseview_batch_size", "projection" => projection).record(size as f64);
-    histogram!("courseview_batch_seconds", "projection" => projection).record(elapsed.as_secs_f64());
+    histogram!(BATCH_SIZE, "projection" => projection).record(size as f64);
+    histogram!(BATCH_SECONDS, "projection" => projection).record(elapsed.as_secs_f64());
 }
 
 pub fn write_conflicts(projection: &'static str, count: usize) {
-    counter!("courseview_write_conflicts_total", "projection" => projection).increment(count as u64);
+    counter!(WRITE_CONFLICTS_TOTAL, "projection" => projection).increment(count as u64);
 }
 
 /// A transient failure retried: which system, and which operation (a fixed
 /// set of names in the code, so the labels stay bounded).
 pub fn transient_error(system: &'static str, op: &'static str) {
-    counter!("courseview_transient_errors_total", "system" => system, "op" => op).increment(1);
+    counter!(TRANSIENT_ERRORS_TOTAL, "system" => system, "op" => op).increment(1);
 }
 
 pub fn consumer_lag(projection: &'static str, topic: &str, partition: i32, events: i64, seconds: f64) {
@@ -83,25 +116,67 @@ pub fn consumer_lag(projection: &'static str, topic: &str, partition: i32, event
         ("topic", topic.to_owned()),
         ("partition", partition.to_string()),
     ];
-    gauge!("courseview_consumer_lag_events", &labels).set(events as f64);
-    gauge!("courseview_consumer_lag_seconds", &labels).set(seconds);
+    gauge!(CONSUMER_LAG_EVENTS, &labels).set(events as f64);
+    gauge!(CONSUMER_LAG_SECONDS, &labels).set(seconds);
 }
 
 pub fn stalled(projection: &'static str, stalled: bool) {
-    gauge!("courseview_projection_stalled", "projection" => projection).set(if stalled { 1.0 } else { 0.0 });
+    gauge!(PROJECTION_STALLED, "projection" => projection).set(if stalled { 1.0 } else { 0.0 });
 }
 
 pub fn cache_lookup(hit: bool) {
     let result = if hit { "hit" } else { "miss" };
-    counter!("courseview_cache_lookups_total", "result" => result).increment(1);
+    counter!(CACHE_LOOKUPS_TOTAL, "result" => result).increment(1);
 }
 
 pub fn cache_error(op: &'static str) {
-    counter!("courseview_cache_errors_total", "op" => op).increment(1);
+    counter!(CACHE_ERRORS_TOTAL, "op" => op).increment(1);
 }
 
 pub fn http_request(route: String, status: u16, elapsed: Duration) {
     let labels = [("route", route), ("status", status.to_string())];
-    counter!("courseview_http_requests_total", &labels).increment(1);
-    histogram!("courseview_http_request_seconds", &labels).record(elapsed.as_secs_f64());
+    counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
+    histogram!(HTTP_REQUEST_SECONDS, &labels).record(elapsed.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::METRIC_NAMES;
+
+    /// `courseview_…` names in a text, without histogram suffixes.
+    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+        regex::Regex::new(r"courseview_[a-z_]+")
+            .expect("regex")
+            .find_iter(text)
+            .map(|m| {
+                let name = m.as_str();
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_metrics_courseview_emits() {
+        let dashboard = include_str!("../docs/grafana/courseview.json");
+        let json: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
+        assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+        for name in mentioned(dashboard) {
+            assert!(
+                METRIC_NAMES.contains(&name.as_str()),
+                "the dashboard uses unknown metric {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_metric_is_documented_in_the_readme() {
+        let readme = mentioned(include_str!("../README.md"));
+        for name in METRIC_NAMES {
+            assert!(readme.contains(*name), "{name} is not documented in the README");
+        }
+    }
 }
