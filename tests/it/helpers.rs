@@ -370,19 +370,26 @@ impl TestApp {
         for (k, v) in env {
             command.env(k, v);
         }
-        let child = command
+        let mut child = command
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("worker process starts");
+        drain_logs(&mut child);
         Reaped(child)
     }
 }
 
-/// Collects a process's JSON log lines (its stderr) as they come.
-pub fn log_lines(child: &mut Reaped) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+/// Log lines of the worker processes tests started, by pid.
+type Logs = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+static PROCESS_LOGS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, Logs>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Reads a child's stderr (JSON log lines) into memory from the start, so
+/// the pipe never fills and blocks the process.
+fn drain_logs(child: &mut std::process::Child) {
     use std::io::BufRead;
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = Logs::default();
     let stderr = child.stderr.take().expect("stderr piped");
     let sink = std::sync::Arc::clone(&lines);
     std::thread::spawn(move || {
@@ -392,7 +399,19 @@ pub fn log_lines(child: &mut Reaped) -> std::sync::Arc<std::sync::Mutex<Vec<Valu
             }
         }
     });
-    lines
+    if let Ok(mut all) = PROCESS_LOGS.lock() {
+        all.insert(child.id(), lines);
+    }
+}
+
+/// The JSON log lines a worker process of [`TestApp::worker_process`] has
+/// written so far (and will write).
+pub fn log_lines(child: &mut Reaped) -> Logs {
+    PROCESS_LOGS
+        .lock()
+        .ok()
+        .and_then(|all| all.get(&child.id()).cloned())
+        .expect("a process started by TestApp::worker_process")
 }
 
 /// Whether any collected log line has this message.

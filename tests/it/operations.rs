@@ -2,7 +2,6 @@
 //! processes, stall detection, metrics.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -165,22 +164,18 @@ fn spawn_worker_process(app: &TestApp) -> (Reaped, u16) {
 }
 
 /// Partition counts this process logged at each assignment.
-fn watch_assignments(child: &mut Reaped) -> Arc<std::sync::Mutex<Vec<i64>>> {
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().expect("stderr piped");
-    let sink = Arc::clone(&seen);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["message"] == "Partitions assigned at stored offsets." {
-                    if let (Some(n), Ok(mut s)) = (v["partitions"].as_i64(), sink.lock()) {
-                        s.push(n);
-                    }
-                }
-            }
-        }
-    });
-    seen
+fn watch_assignments(child: &mut Reaped) -> impl Fn() -> Vec<i64> {
+    let logs = crate::helpers::log_lines(child);
+    move || {
+        logs.lock()
+            .map(|all| {
+                all.iter()
+                    .filter(|v| v["message"] == "Partitions assigned at stored offsets.")
+                    .filter_map(|v| v["partitions"].as_i64())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 #[tokio::test]
@@ -195,8 +190,8 @@ async fn two_worker_processes_split_partitions_and_a_killed_one_loses_nothing() 
 
     // Both processes hold a share of the partitions before any event flows.
     eventually("the group to split the partitions", Duration::from_secs(60), || async {
-        let a = first_log.lock().ok()?.last().copied()?;
-        let b = second_log.lock().ok()?.last().copied()?;
+        let a = first_log().last().copied()?;
+        let b = second_log().last().copied()?;
         (a > 0 && b > 0 && a + b == total_partitions).then_some(())
     })
     .await;
@@ -213,7 +208,7 @@ async fn two_worker_processes_split_partitions_and_a_killed_one_loses_nothing() 
     app.publish_all(&events[half..]).await;
     // The survivor takes every partition over after the session timeout.
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
-    assert_eq!(second_log.lock().expect("log").last().copied(), Some(total_partitions));
+    assert_eq!(second_log().last().copied(), Some(total_partitions));
 
     let ready = app
         .http
