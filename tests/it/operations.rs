@@ -408,7 +408,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_with_events() {
     assert!(
         after
             .iter()
-            .any(|(k, _)| k.contains(r#"route="/catalog/courses/{course_id}""#)),
+            .any(|(k, _)| k.contains(r#"route="/catalog/courses/{courseId}""#)),
         "HTTP metrics use the route template, never a course id"
     );
 }
