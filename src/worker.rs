@@ -33,8 +33,8 @@ use crate::telemetry;
 /// How often a live worker checks whether readers moved to another generation.
 const POINTER_POLL: Duration = Duration::from_millis(500);
 
-/// Course states a worker remembers between batches (about 1 KiB each).
-const RECENT_STATES: usize = 4_096;
+/// Bytes of course states a worker remembers between batches.
+const RECENT_STATE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How many times a batch retries revision conflicts before backing off.
 const MAX_CONFLICT_ROUNDS: usize = 16;
@@ -138,12 +138,13 @@ pub struct Applier {
     cache: Option<Cache>,
     generation: u32,
     max_record_bytes: usize,
-    /// Recently written states with their revisions. A course's events live
-    /// on several topics and so arrive in different batches; remembering what
-    /// we wrote saves re-reading it. A stale entry (another worker wrote the
-    /// course since) is harmless: the revision guard rejects the write, and
-    /// the course is reloaded and reapplied.
-    recent: Arc<std::sync::Mutex<HashMap<String, Stored>>>,
+    /// Recently written states with their revisions, least recently used
+    /// evicted first, bounded by bytes. A course's events live on several
+    /// topics and so arrive in different batches; remembering what we wrote
+    /// saves re-reading it. A stale entry (another worker wrote the course
+    /// since) is harmless: the revision guard rejects the write, and the
+    /// course is reloaded and reapplied.
+    recent: Arc<quick_cache::sync::Cache<String, Stored, StateBytes>>,
 }
 
 impl Applier {
@@ -154,7 +155,11 @@ impl Applier {
             cache,
             generation,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
-            recent: Arc::default(),
+            recent: Arc::new(quick_cache::sync::Cache::with_weighter(
+                16 * 1024,
+                RECENT_STATE_BYTES,
+                StateBytes,
+            )),
         }
     }
 
@@ -167,11 +172,6 @@ impl Applier {
 
     pub fn generation(&self) -> u32 {
         self.generation
-    }
-
-    fn recent(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
-        // Poisoning only means a batch panicked; the map holds no invariant.
-        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn collection(&self) -> String {
@@ -252,13 +252,8 @@ impl Applier {
 
     /// Keeps what is now stored; conflicted courses are reloaded next round.
     fn remember(&self, writes: Vec<DocWrite>, unchanged: Vec<Stored>, conflicts: &[String]) {
-        let mut recent = self.recent();
-        if recent.len() + writes.len() > RECENT_STATES {
-            // Crude but bounded: a full map starts over rather than tracking age.
-            recent.clear();
-        }
         for w in writes.into_iter().filter(|w| !conflicts.contains(&w.id)) {
-            recent.insert(
+            self.recent.insert(
                 w.id,
                 Stored {
                     state: w.state,
@@ -267,7 +262,7 @@ impl Applier {
             );
         }
         for s in unchanged {
-            recent.insert(s.state.course_id.clone(), s);
+            self.recent.insert(s.state.course_id.clone(), s);
         }
     }
 
@@ -286,15 +281,14 @@ impl Applier {
             }
             let mut stored: HashMap<String, Stored> = HashMap::with_capacity(pending.len());
             let mut missing = Vec::new();
-            {
-                let mut recent = self.recent();
-                for id in &pending {
-                    match recent.remove(id) {
-                        Some(known) => {
-                            stored.insert(id.clone(), known);
-                        }
-                        None => missing.push(id.clone()),
+            for id in &pending {
+                // Taken out while in flight: a failed write must not leave a
+                // state behind that the store does not have.
+                match self.recent.remove(id) {
+                    Some((_, known)) => {
+                        stored.insert(id.clone(), known);
                     }
+                    None => missing.push(id.clone()),
                 }
             }
             stored.extend(self.store.load_states(&collection, &missing).await?);
@@ -354,6 +348,28 @@ fn next_offsets(records: &[Record]) -> Vec<(String, i32, i64)> {
     let mut out: Vec<_> = next.into_iter().map(|((t, p), o)| (t.to_owned(), p, o)).collect();
     out.sort();
     out
+}
+
+/// Weighs a remembered state by the bytes it holds (an estimate: its text
+/// fields plus a fixed overhead), so the cache is bounded in memory, not
+/// in entries.
+#[derive(Debug, Clone, Copy)]
+struct StateBytes;
+
+impl quick_cache::Weighter<String, Stored> for StateBytes {
+    fn weight(&self, key: &String, value: &Stored) -> u64 {
+        let s = &value.state;
+        let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+        let bytes = key.len()
+            + s.course_id.len()
+            + s.name.as_ref().map_or(0, |n| n.value.len())
+            + s.teacher_id.as_ref().map_or(0, |t| t.value.len())
+            + s.thumbnail.as_ref().map_or(0, |t| text(&t.value))
+            + s.description.as_ref().map_or(0, |d| text(&d.value))
+            // Stamps (event ids), flags, numbers and the map's own overhead.
+            + 512;
+        bytes as u64
+    }
 }
 
 /// `next` plus `more`, keeping the higher offset per partition.
@@ -728,6 +744,37 @@ mod tests {
             next_offsets(&records),
             vec![("a".into(), 0, 6), ("a".into(), 1, 10), ("b".into(), 0, 1)]
         );
+    }
+
+    #[test]
+    fn remembered_states_are_bounded_by_bytes_not_entries() {
+        use quick_cache::Weighter as _;
+        let big = |i: usize| {
+            let value = serde_json::json!({
+                "eventId": format!("e{i}"), "eventType": "CourseUpdatedEvent", "courseId": format!("c{i}"),
+                "version": 1, "description": "x".repeat(1 << 20),
+            });
+            let record = Record {
+                topic: "CourseUpdatedEvent".into(),
+                value: Some(value.to_string().into_bytes()),
+                ..Record::default()
+            };
+            let mut state = CourseState::new(format!("c{i}").as_str());
+            state.apply(&decode(&record).expect("event"));
+            (format!("c{i}"), Stored { state, rev: 1 })
+        };
+        let (key, value) = big(0);
+        assert!(
+            StateBytes.weight(&key, &value) > 1 << 20,
+            "a 1 MiB description weighs over 1 MiB"
+        );
+        let cache = quick_cache::sync::Cache::with_weighter(64, 8 << 20, StateBytes);
+        for i in 0..40 {
+            let (k, v) = big(i);
+            cache.insert(k, v);
+        }
+        assert!(cache.weight() <= 8 << 20, "40 MiB of states kept within 8 MiB");
+        assert!(cache.len() >= 4, "but not emptied either");
     }
 
     #[test]
