@@ -584,7 +584,7 @@ async fn main() {
     let cpu_ns = criterion_ns_per_event(common::corpus(1_000).len());
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     let mut table = String::new();
-    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`), MongoDB peer nx-27017, Kafka peer Tansu, Redis 7.\n\n", machine()));
+    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`), MongoDB peer nx-27017, Kafka peer nisshi 0.8.1, Redis 7.\n\n", machine()));
     table.push_str(
         "| # | figure | measured | raw limit (same run) | ratio | target | |\n|---|---|---|---|---|---|---|\n",
     );
