@@ -42,6 +42,22 @@ if not found then return {epoch} end
 return {epoch, found}
 ";
 
+/// Stores an answer unless the key already holds a *different* one: two
+/// answers under one epoch mean the store changed between two reads before
+/// the worker's bump arrived, and whichever was put last could be the older.
+/// The key then holds a marker (`CONFLICT`) that answers as a miss and takes
+/// no puts, so until the bump everyone reads MongoDB, which never goes back.
+const PUT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
+end
+return 0
+";
+
+/// The value of a key whose epoch saw two different answers.
+const CONFLICT: &[u8] = b"!conflict";
+
 /// A cache lookup's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -69,6 +85,7 @@ struct Inner {
     /// Unix millis until which Redis is skipped.
     skip_until: AtomicU64,
     lookup: Script,
+    put: Script,
 }
 
 impl std::fmt::Debug for Cache {
@@ -107,6 +124,7 @@ impl Cache {
                 ttl,
                 skip_until: AtomicU64::new(0),
                 lookup: Script::new(LOOKUP),
+                put: Script::new(PUT),
             }),
         })
     }
@@ -209,6 +227,11 @@ impl Cache {
         let bytes = if found.len() == 2 { found.pop() } else { None };
         let epoch = found.pop().map(|e| String::from_utf8_lossy(&e).into_owned());
         match (epoch, bytes) {
+            // Two answers met under this epoch: read the store until the bump.
+            (Some(epoch), Some(bytes)) if bytes == CONFLICT => {
+                telemetry::cache_lookup(false);
+                Lookup::Miss { epoch }
+            }
             (Some(_), Some(bytes)) => {
                 telemetry::cache_lookup(true);
                 Lookup::Hit(bytes)
@@ -226,8 +249,17 @@ impl Cache {
     pub async fn put(&self, scope: Scope<'_>, epoch: &str, suffix: &str, bytes: &[u8]) {
         let key = format!("{}:e{epoch}:{suffix}", self.base(scope));
         let ttl = self.inner.ttl.as_secs().max(1);
-        let _: Option<()> = self
-            .call("put", |mut conn| async move { conn.set_ex(key, bytes, ttl).await })
+        let script = &self.inner.put;
+        let _: Option<i64> = self
+            .call("put", |mut conn| async move {
+                script
+                    .key(key)
+                    .arg(bytes)
+                    .arg(ttl)
+                    .arg(CONFLICT)
+                    .invoke_async(&mut conn)
+                    .await
+            })
             .await;
     }
 

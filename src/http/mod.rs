@@ -160,11 +160,25 @@ impl AppState {
                 }
             }
         }
-        let generation = self.store.serving_generation(model.name()).await?;
-        if let Ok(mut known) = self.generations.lock() {
-            known.insert(model, (generation, Instant::now()));
+        let read = self.store.serving_generation(model.name()).await?;
+        Ok(self.remember_generation(model, read))
+    }
+
+    /// Records a generation read from the pointer and returns the one to
+    /// serve: never an older one than this API has served already. (Two
+    /// requests race: one that read the pointer just before a switch must
+    /// not put the old generation back after another saw the new one; the
+    /// old one is frozen, so readers would go back in time.) Generations
+    /// only grow, and an in-place rebuild keeps its number.
+    fn remember_generation(&self, model: ReadModel, read: u32) -> u32 {
+        let Ok(mut known) = self.generations.lock() else {
+            return read;
+        };
+        let entry = known.entry(model).or_insert((read, Instant::now()));
+        if read >= entry.0 {
+            *entry = (read, Instant::now());
         }
-        Ok(generation)
+        entry.0
     }
 
     /// Serves a JSON answer from the cache, or computes and caches it.
@@ -329,3 +343,25 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// `State` re-exported for route modules.
 type AppStateExt = State<AppState>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pointer_read_from_before_a_switch_never_brings_the_old_generation_back() {
+        // The driver connects lazily: nothing here talks to a server.
+        let store = Store::connect("mongodb://127.0.0.1:1", "unused", Duration::from_millis(10))
+            .await
+            .expect("store");
+        let state = AppState::new(store, None, ApiSettings::default());
+        assert_eq!(state.remember_generation(ReadModel::Catalog, 1), 1);
+        assert_eq!(state.remember_generation(ReadModel::Catalog, 2), 2);
+        assert_eq!(
+            state.remember_generation(ReadModel::Catalog, 1),
+            2,
+            "a slow request's read of the old pointer"
+        );
+        assert_eq!(state.remember_generation(ReadModel::TeacherCourses, 1), 1);
+    }
+}

@@ -110,3 +110,37 @@ async fn with_redis_stopped_the_api_answers_from_mongodb() {
     assert_eq!(app.get_json("/catalog/courses/r1").await.1["name"], "Still served");
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache() {
+    use courseview::cache::{Cache, Lookup, Scope};
+    let cache = Cache::new(
+        &crate::helpers::redis_url(),
+        &crate::helpers::unique("cvtest:conflict"),
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+    )
+    .expect("cache");
+    let scope = Scope {
+        projection: "catalog",
+        generation: 1,
+    };
+    let Lookup::Miss { epoch } = cache.get(scope, "course:c1").await else {
+        panic!("a fresh key misses")
+    };
+    // Two requests read MongoDB on either side of a write the worker has
+    // not announced yet; the older answer is put last.
+    cache.put(scope, &epoch, "course:c1", b"v59").await;
+    cache.put(scope, &epoch, "course:c1", b"v57").await;
+    assert!(
+        matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }),
+        "neither answer is served: the store is read until the bump"
+    );
+    cache.put(scope, &epoch, "course:c1", b"v59").await;
+    assert!(matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }));
+
+    // The same answer twice is no conflict.
+    cache.put(scope, &epoch, "course:c2", b"same").await;
+    cache.put(scope, &epoch, "course:c2", b"same").await;
+    assert_eq!(cache.get(scope, "course:c2").await, Lookup::Hit(b"same".to_vec()));
+}
