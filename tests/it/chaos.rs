@@ -30,7 +30,7 @@ use crate::pipeline::as_outbox;
 /// How big a run is: small in `scripts/test`, full in `scripts/chaos`.
 #[derive(Debug, Clone, Copy)]
 struct Scale {
-    /// Courses in the mixed corpus (about 6.5 records each).
+    /// Courses in the mixed corpus (about 3.8 records each).
     courses: usize,
     kills: usize,
     full: bool,
@@ -40,7 +40,8 @@ impl Scale {
     fn from_env() -> Scale {
         if std::env::var("CHAOS_SCALE").as_deref() == Ok("full") {
             Scale {
-                courses: 4_000,
+                // ≥ 25,000 records in the SIGKILL row.
+                courses: 7_000,
                 kills: 8,
                 full: true,
             }
