@@ -9,6 +9,7 @@ use crate::Projection;
 
 /// One course as a student sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CatalogCourse {
     pub id: String,
@@ -17,10 +18,13 @@ pub struct CatalogCourse {
     pub description: Option<String>,
     pub teacher_id: String,
     #[serde(serialize_with = "crate::time::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub registered_at: Millis,
     #[serde(serialize_with = "crate::time::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub posted_at: Millis,
     #[serde(serialize_with = "crate::time::rfc3339_opt")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub last_updated_at: Option<Millis>,
     pub version: Option<i64>,
 }

@@ -9,6 +9,7 @@ use crate::Projection;
 
 /// Where a course stands for its teacher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Draft,
@@ -17,6 +18,7 @@ pub enum Status {
 
 /// One course on the teacher's dashboard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TeacherCourse {
     pub id: String,
@@ -26,10 +28,13 @@ pub struct TeacherCourse {
     pub teacher_id: String,
     pub status: Status,
     #[serde(serialize_with = "crate::time::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub registered_at: Millis,
     #[serde(serialize_with = "crate::time::rfc3339_opt")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub posted_at: Option<Millis>,
     #[serde(serialize_with = "crate::time::rfc3339_opt")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub last_updated_at: Option<Millis>,
     pub version: Option<i64>,
 }

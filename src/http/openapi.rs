@@ -2,10 +2,11 @@
 //! annotations and these schema types. The router is built from the same
 //! annotations (utoipa-axum), so a route cannot exist without its entry.
 //!
-//! The course schemas mirror the projections' views (`courseview-projections`,
-//! which stays free of HTTP concerns); Schemathesis checks every response
-//! against them in `scripts/test`, so a drift fails the suite.
+//! The course schemas are the projections' own view types (their `openapi`
+//! feature derives the schema); Schemathesis checks every response against
+//! the document in `scripts/test`.
 
+pub use courseview_projections::{CatalogCourse, TeacherCourse};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -29,52 +30,6 @@ pub struct Problem {
     /// The version the projection has applied (409), if any.
     #[serde(rename = "appliedVersion", skip_serializing_if = "Option::is_none")]
     pub applied_version: Option<i64>,
-}
-
-/// One course as a student sees it.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-pub struct CatalogCourse {
-    pub id: String,
-    pub name: String,
-    pub thumbnail: Option<String>,
-    pub description: Option<String>,
-    pub teacher_id: String,
-    /// RFC 3339.
-    pub registered_at: String,
-    /// RFC 3339.
-    pub posted_at: String,
-    /// RFC 3339.
-    pub last_updated_at: Option<String>,
-    /// The highest event version applied to this course.
-    pub version: Option<i64>,
-}
-
-/// Draft or posted.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum CourseStatus {
-    Draft,
-    Posted,
-}
-
-/// One course on its teacher's dashboard.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-pub struct TeacherCourse {
-    pub id: String,
-    pub name: String,
-    pub thumbnail: Option<String>,
-    pub description: Option<String>,
-    pub teacher_id: String,
-    pub status: CourseStatus,
-    pub registered_at: String,
-    pub posted_at: Option<String>,
-    pub last_updated_at: Option<String>,
-    pub version: Option<i64>,
 }
 
 /// A page of the catalog.
