@@ -126,9 +126,13 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
 
     // Unreadable for longer than an assignment may wait: nothing is read.
     let (consumer, reader, mut rx) = read_with(usize::MAX);
-    let exit = tokio::task::spawn_blocking(move || reader.join().expect("reader ran"))
-        .await
-        .expect("joined");
+    let exit = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || reader.join().expect("reader ran")),
+    )
+    .await
+    .expect("the reader gives up on the assignment instead of reading from elsewhere")
+    .expect("joined");
     assert!(matches!(exit, ReaderExit::AssignmentFailed(_)), "{exit:?}");
     while let Ok(feed) = rx.try_recv() {
         assert!(
