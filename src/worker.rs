@@ -496,16 +496,24 @@ async fn pause_for_handover(
     cancel: &CancellationToken,
 ) -> bool {
     let mut announced = false;
+    // Until when the last pointer read asked us to pause: a failed read
+    // (MongoDB slow or away) must not end the pause early and let the
+    // serving generation move under a rebuild that is closing the gap.
+    let mut paused_until: Option<i64> = None;
     loop {
+        let now = chrono::Utc::now().timestamp_millis();
         match store.pointer(projection).await {
-            Ok(p) if p.generation == generation && p.handing_over(chrono::Utc::now().timestamp_millis()).is_some() => {
+            Ok(p) if p.generation == generation && p.handing_over(now).is_some() => {
+                paused_until = p.handover.map(|(_, until)| until);
                 if !announced {
                     info!(projection, generation, "Pausing for a rebuild's handover.");
                     announced = true;
                 }
             }
             Ok(_) => return false,
-            // MongoDB unreachable: the next generation start retries it.
+            Err(_) if paused_until.is_some_and(|until| now < until) => {}
+            // MongoDB unreachable and no handover known: the next
+            // generation start retries it.
             Err(_) => return false,
         }
         tokio::select! {

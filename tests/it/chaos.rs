@@ -476,10 +476,12 @@ async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild
     let mut quiet = Quiet;
     let rebuilding = rebuild(&settings, &app.store, None, &app.probe, &options, &mut quiet, &cancel);
     let freezing = async {
-        eventually("the live worker to resubscribe", Duration::from_secs(60), || async {
-            (log_count(&logs, "Subscribed.") > before).then_some(())
-        })
-        .await;
+        // Polled tightly: the freeze must land before the assignment.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while log_count(&logs, "Subscribed.") <= before {
+            assert!(Instant::now() < deadline, "the live worker never resubscribed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _frozen = Frozen::new(mongo.process());
         tokio::time::sleep(Duration::from_secs(8)).await;
     };
