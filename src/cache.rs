@@ -23,15 +23,23 @@ use tracing::{debug, instrument, warn};
 
 use crate::telemetry;
 
+/// How long a writer's announcement holds if it never ends it (a crash).
+const WRITE_LEASE: Duration = Duration::from_secs(30);
+
 /// How long to skip Redis after it failed.
 const BACKOFF: Duration = Duration::from_millis(500);
 
-/// Reads the epoch and the entry under it in one round trip. A missing
+/// Reads the epoch and the entry under it in one round trip. While a worker
+/// is writing a batch (a live lease in the writers set) it answers nothing:
+/// the caller reads MongoDB and stores nothing. A missing
 /// epoch (never set, or evicted under `maxmemory`) is replaced by a fresh
 /// random one, so entries cached under any earlier epoch stay unreachable.
 /// Epochs are random rather than counted for exactly that reason: a
 /// counter that restarts after eviction would revive old entries.
 const LOOKUP: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('ZCOUNT', KEYS[2], now, '+inf') > 0 then return {} end
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   redis.call('SET', KEYS[1], ARGV[3])
@@ -206,6 +214,7 @@ impl Cache {
     pub async fn get(&self, scope: Scope<'_>, suffix: &str) -> Lookup {
         let base = self.base(scope);
         let epoch_key = format!("{base}:epoch");
+        let writers_key = format!("{base}:writers");
         let head = format!("{base}:e");
         let tail = format!(":{suffix}");
         let script = &self.inner.lookup;
@@ -214,6 +223,7 @@ impl Cache {
             .call("get", |mut conn| async move {
                 script
                     .key(epoch_key)
+                    .key(writers_key)
                     .arg(head)
                     .arg(tail)
                     .arg(fresh)
@@ -263,6 +273,25 @@ impl Cache {
             .await;
     }
 
+    /// Announces that `writer` is about to write a batch of the scope: until
+    /// its [`Cache::bump_epoch`] (or `WRITE_LEASE` passes, if it dies), the
+    /// API neither serves nor stores cached answers of the scope. Without
+    /// it, keys filled before the write and keys filled after it could be
+    /// served side by side for the moment until the bump, and a reader
+    /// could see a course at v59 on a list page and then at v57 by id.
+    #[instrument(skip_all, fields(projection = scope.projection))]
+    pub async fn begin_write(&self, scope: Scope<'_>, writer: &str) -> bool {
+        let key = format!("{}:writers", self.base(scope));
+        let until = now_millis() + WRITE_LEASE.as_millis() as u64;
+        let added: Option<i64> = self
+            .call(
+                "begin write",
+                |mut conn| async move { conn.zadd(key, writer, until).await },
+            )
+            .await;
+        added.is_some()
+    }
+
     /// Makes every cached answer of the scope obsolete; a projector calls it
     /// after each committed batch. Returns whether Redis took it.
     ///
@@ -271,7 +300,14 @@ impl Cache {
     /// set one bypass the cache, so freshness holds even then.
     #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn bump_epoch(&self, scope: Scope<'_>) -> bool {
+        self.bump_epoch_for(scope, None).await
+    }
+
+    /// [`Cache::bump_epoch`], then ends `writer`'s write (in that order: the
+    /// new epoch is in place before answers may be cached again).
+    pub async fn bump_epoch_for(&self, scope: Scope<'_>, writer: Option<&str>) -> bool {
         let key = format!("{}:epoch", self.base(scope));
+        let writers = format!("{}:writers", self.base(scope));
         let epoch = new_epoch();
         let set: Option<()> = self
             .call("bump", |mut conn| {
@@ -281,6 +317,11 @@ impl Cache {
             .await;
         if set.is_some() {
             debug!(epoch, "Cache epoch bumped.");
+            if let Some(writer) = writer {
+                let _: Option<i64> = self
+                    .call("end write", |mut conn| async move { conn.zrem(writers, writer).await })
+                    .await;
+            }
             return true;
         }
         // Skip the backoff window: this is the call that must get through.

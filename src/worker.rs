@@ -138,6 +138,8 @@ pub struct Applier {
     cache: Option<Cache>,
     generation: u32,
     max_record_bytes: usize,
+    /// This applier's name in the cache's writers set.
+    writer: String,
     /// Recently written states with their revisions, least recently used
     /// evicted first, bounded by bytes. A course's events live on several
     /// topics and so arrive in different batches; remembering what we wrote
@@ -155,6 +157,7 @@ impl Applier {
             cache,
             generation,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            writer: format!("{:016x}", rand::random::<u64>()),
             recent: Arc::new(quick_cache::sync::Cache::with_weighter(
                 16 * 1024,
                 RECENT_STATE_BYTES,
@@ -238,15 +241,15 @@ impl Applier {
     /// did not take it (the caller retries).
     pub async fn bump_cache(&self) -> bool {
         match &self.cache {
-            Some(cache) => {
-                cache
-                    .bump_epoch(Scope {
-                        projection: self.model.name(),
-                        generation: self.generation,
-                    })
-                    .await
-            }
+            Some(cache) => cache.bump_epoch_for(self.scope(), Some(&self.writer)).await,
             None => true,
+        }
+    }
+
+    fn scope(&self) -> Scope<'static> {
+        Scope {
+            projection: self.model.name(),
+            generation: self.generation,
         }
     }
 
@@ -269,6 +272,10 @@ impl Applier {
     /// Applies events to their courses' documents; returns documents written.
     pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, StoreError> {
         let collection = self.collection();
+        if let (Some(cache), false) = (&self.cache, events.is_empty()) {
+            // Readers bypass the cache from now until this batch's bump.
+            cache.begin_write(self.scope(), &self.writer).await;
+        }
         let mut by_course: HashMap<&str, Vec<&CourseEvent>> = HashMap::new();
         for event in events {
             by_course.entry(event.course_id.as_str()).or_default().push(event);

@@ -144,3 +144,40 @@ async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache()
     cache.put(scope, &epoch, "course:c2", b"same").await;
     assert_eq!(cache.get(scope, "course:c2").await, Lookup::Hit(b"same".to_vec()));
 }
+
+#[tokio::test]
+async fn while_a_batch_is_being_written_nothing_is_served_or_stored_from_the_cache() {
+    use courseview::cache::{Cache, Lookup, Scope};
+    let cache = Cache::new(
+        &crate::helpers::redis_url(),
+        &crate::helpers::unique("cvtest:writing"),
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+    )
+    .expect("cache");
+    let scope = Scope {
+        projection: "catalog",
+        generation: 1,
+    };
+    let Lookup::Miss { epoch } = cache.get(scope, "course:c1").await else {
+        panic!("a fresh key misses")
+    };
+    cache.put(scope, &epoch, "course:c1", b"v57").await;
+    assert_eq!(cache.get(scope, "course:c1").await, Lookup::Hit(b"v57".to_vec()));
+
+    assert!(cache.begin_write(scope, "worker-a").await);
+    assert_eq!(
+        cache.get(scope, "course:c1").await,
+        Lookup::Unavailable,
+        "during the write every reader goes to MongoDB"
+    );
+    // Two workers: the first one's bump does not end the second one's write.
+    assert!(cache.begin_write(scope, "worker-b").await);
+    assert!(cache.bump_epoch_for(scope, Some("worker-a")).await);
+    assert_eq!(cache.get(scope, "course:c1").await, Lookup::Unavailable);
+    assert!(cache.bump_epoch_for(scope, Some("worker-b")).await);
+    assert!(
+        matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }),
+        "after the last bump, a new epoch: the old entry is gone"
+    );
+}
