@@ -60,7 +60,8 @@ impl ProgressSink for Quiet {
 #[tokio::test]
 async fn the_status_page_shows_state_lag_partitions_and_a_running_rebuild_in_a_browser() {
     let app = TestApp::spawn().await;
-    let events = big_history("s", 500);
+    // Enough that the rebuild below (one record per batch) runs for minutes.
+    let events = big_history("s", 1500);
     app.project_all(ReadModel::Catalog, &events).await;
     app.send(courseview::kafka::Outgoing {
         topic: app.topic("CourseCreatedEvent"),
