@@ -173,10 +173,6 @@ impl Applier {
         self
     }
 
-    pub fn generation(&self) -> u32 {
-        self.generation
-    }
-
     fn collection(&self) -> String {
         Store::collection_name(self.model.name(), self.generation)
     }
@@ -223,7 +219,7 @@ impl Applier {
             self.store.put_dead_letters(&dead).await?;
             telemetry::dead_letters(projection, dead.len() as u64);
         }
-        let offsets = merge_offsets(next_offsets(records), advanced);
+        let offsets = next_offsets(records, advanced);
         self.store.store_offsets(projection, self.generation, &offsets).await?;
         for event in &events {
             telemetry::event_applied(projection, event.kind.type_name());
@@ -345,12 +341,18 @@ impl Applier {
     }
 }
 
-/// The next offset to read per partition after this batch.
-fn next_offsets(records: &[Record]) -> Vec<(String, i32, i64)> {
+/// The next offset to read per partition after this batch: one past its
+/// highest record, or a position `advanced` past undelivered offsets,
+/// whichever is higher.
+fn next_offsets(records: &[Record], advanced: &[(String, i32, i64)]) -> Vec<(String, i32, i64)> {
+    let positions = records
+        .iter()
+        .map(|r| (r.topic.as_str(), r.partition, r.offset + 1))
+        .chain(advanced.iter().map(|(t, p, o)| (t.as_str(), *p, *o)));
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-    for r in records {
-        let slot = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
-        *slot = (*slot).max(r.offset + 1);
+    for (topic, partition, offset) in positions {
+        let slot = next.entry((topic, partition)).or_insert(offset);
+        *slot = (*slot).max(offset);
     }
     let mut out: Vec<_> = next.into_iter().map(|((t, p), o)| (t.to_owned(), p, o)).collect();
     out.sort();
@@ -377,18 +379,6 @@ impl quick_cache::Weighter<String, Stored> for StateBytes {
             + 512;
         bytes as u64
     }
-}
-
-/// `next` plus `more`, keeping the higher offset per partition.
-fn merge_offsets(next: Vec<(String, i32, i64)>, more: &[(String, i32, i64)]) -> Vec<(String, i32, i64)> {
-    let mut all: HashMap<(String, i32), i64> = next.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
-    for (t, p, o) in more {
-        let slot = all.entry((t.clone(), *p)).or_insert(*o);
-        *slot = (*slot).max(*o);
-    }
-    let mut out: Vec<_> = all.into_iter().map(|((t, p), o)| (t, p, o)).collect();
-    out.sort();
-    out
 }
 
 /// Reads stored offsets from MongoDB on the Kafka reader thread.
@@ -756,7 +746,7 @@ mod tests {
     fn next_offsets_are_one_past_the_highest_offset_per_partition() {
         let records = [rec("a", 0, 5), rec("a", 0, 3), rec("a", 1, 9), rec("b", 0, 0)];
         assert_eq!(
-            next_offsets(&records),
+            next_offsets(&records, &[]),
             vec![("a".into(), 0, 6), ("a".into(), 1, 10), ("b".into(), 0, 1)]
         );
     }
@@ -794,8 +784,8 @@ mod tests {
 
     #[test]
     fn advanced_positions_raise_the_stored_offsets_only_upwards() {
-        let merged = merge_offsets(
-            next_offsets(&[rec("a", 0, 5), rec("b", 0, 1)]),
+        let merged = next_offsets(
+            &[rec("a", 0, 5), rec("b", 0, 1)],
             &[("a".into(), 0, 4), ("b".into(), 0, 3), ("c".into(), 1, 7)],
         );
         assert_eq!(merged, vec![("a".into(), 0, 6), ("b".into(), 0, 3), ("c".into(), 1, 7)]);
