@@ -113,18 +113,8 @@ async fn with_redis_stopped_the_api_answers_from_mongodb() {
 
 #[tokio::test]
 async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache() {
-    use courseview::cache::{Cache, Lookup, Scope};
-    let cache = Cache::new(
-        &crate::helpers::redis_url(),
-        &crate::helpers::unique("cvtest:conflict"),
-        Duration::from_millis(200),
-        Duration::from_secs(60),
-    )
-    .expect("cache");
-    let scope = Scope {
-        projection: "catalog",
-        generation: 1,
-    };
+    use courseview::cache::Lookup;
+    let (cache, scope) = isolated_cache();
     let Lookup::Miss { epoch } = cache.get(scope, "course:c1").await else {
         panic!("a fresh key misses")
     };
@@ -147,18 +137,8 @@ async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache()
 
 #[tokio::test]
 async fn while_a_batch_is_being_written_nothing_is_served_or_stored_from_the_cache() {
-    use courseview::cache::{Cache, Lookup, Scope};
-    let cache = Cache::new(
-        &crate::helpers::redis_url(),
-        &crate::helpers::unique("cvtest:writing"),
-        Duration::from_millis(200),
-        Duration::from_secs(60),
-    )
-    .expect("cache");
-    let scope = Scope {
-        projection: "catalog",
-        generation: 1,
-    };
+    use courseview::cache::Lookup;
+    let (cache, scope) = isolated_cache();
     let Lookup::Miss { epoch } = cache.get(scope, "course:c1").await else {
         panic!("a fresh key misses")
     };
@@ -180,4 +160,20 @@ async fn while_a_batch_is_being_written_nothing_is_served_or_stored_from_the_cac
         matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }),
         "after the last bump, a new epoch: the old entry is gone"
     );
+}
+
+/// A cache client with a key prefix of its own, and a scope in it.
+fn isolated_cache() -> (courseview::cache::Cache, courseview::cache::Scope<'static>) {
+    let cache = courseview::cache::Cache::new(
+        &crate::helpers::redis_url(),
+        &crate::helpers::unique("cvtest:cache"),
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+    )
+    .expect("cache");
+    let scope = courseview::cache::Scope {
+        projection: "catalog",
+        generation: 1,
+    };
+    (cache, scope)
 }
