@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::kafka::{Inspector, KafkaClientError};
+use crate::kafka::{Inspector, KafkaClientError, PartitionLog};
 use crate::mongo::{RebuildProgress, Store, StoreError, WorkerEntry};
 use crate::read_model::ReadModel;
 
@@ -91,6 +91,11 @@ pub struct ProjectionStatus {
     pub dead_letters: u64,
 }
 
+/// How long the age of the oldest unapplied event is looked for; a
+/// partition whose record does not arrive in time shows no age (0) and is
+/// judged stalled by its last progress alone.
+const LAG_AGE_BUDGET: Duration = Duration::from_millis(600);
+
 /// Computes status from MongoDB checkpoints and Kafka watermarks.
 #[derive(Debug, Clone)]
 pub struct StatusProbe {
@@ -114,21 +119,35 @@ impl StatusProbe {
         })
     }
 
-    /// Status of every projection.
+    /// Status of every projection. The broker's partitions and watermarks
+    /// are read once for all of them, and the projections are measured
+    /// concurrently: `GET /projections` answers within its time bound even
+    /// when the broker or MongoDB is slow to answer each call.
     pub async fn all(&self) -> Result<Vec<ProjectionStatus>, StatusError> {
-        let mut out = Vec::new();
-        for model in ReadModel::ALL {
-            out.push(self.projection(model).await?);
-        }
-        Ok(out)
+        let logs = self.logs().await?;
+        futures::future::try_join_all(ReadModel::ALL.map(|model| self.projection_in(model, &logs))).await
     }
 
     pub async fn projection(&self, model: ReadModel) -> Result<ProjectionStatus, StatusError> {
+        let logs = self.logs().await?;
+        self.projection_in(model, &logs).await
+    }
+
+    /// Every partition the projections read, with its watermarks.
+    async fn logs(&self) -> Result<Vec<PartitionLog>, StatusError> {
+        let inspector = Arc::clone(&self.inspector);
+        let topics = self.topics.clone();
+        Ok(tokio::task::spawn_blocking(move || inspector.logs(&topics))
+            .await
+            .map_err(|e| KafkaClientError::Request(e.to_string()))??)
+    }
+
+    async fn projection_in(&self, model: ReadModel, logs: &[PartitionLog]) -> Result<ProjectionStatus, StatusError> {
         let pointer = self.store.pointer(model.name()).await?;
-        let serving = self.generation(model, pointer.generation).await?;
+        let serving = self.generation_in(model, pointer.generation, logs).await?;
         let rebuild = match pointer.building {
             Some(building) => {
-                let position = self.generation(model, building).await?;
+                let position = self.generation_in(model, building, logs).await?;
                 let eta_seconds = pointer
                     .rebuild
                     .as_ref()
@@ -164,15 +183,20 @@ impl StatusProbe {
     /// Lag of one generation: checkpoints against watermarks; a partition
     /// with a backlog and no progress for `stall_after` is stalled.
     pub async fn generation(&self, model: ReadModel, generation: u32) -> Result<GenerationStatus, StatusError> {
+        let logs = self.logs().await?;
+        self.generation_in(model, generation, &logs).await
+    }
+
+    async fn generation_in(
+        &self,
+        model: ReadModel,
+        generation: u32,
+        logs: &[PartitionLog],
+    ) -> Result<GenerationStatus, StatusError> {
         let checkpoints = self.store.load_checkpoints(model.name(), generation).await?;
-        let inspector = Arc::clone(&self.inspector);
-        let topics = self.topics.clone();
-        let logs = tokio::task::spawn_blocking(move || inspector.logs(&topics))
-            .await
-            .map_err(|e| KafkaClientError::Request(e.to_string()))??;
         let mut lagging = Vec::new();
         let mut partitions = Vec::with_capacity(logs.len());
-        for log in &logs {
+        for log in logs {
             let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
             let stored = checkpoint.map_or(log.low, |c| c.offset.max(log.low));
             let lag = (log.high - stored).max(0);
@@ -192,7 +216,7 @@ impl StatusProbe {
         }
         let inspector = Arc::clone(&self.inspector);
         let positions = lagging.clone();
-        let oldest = tokio::task::spawn_blocking(move || inspector.timestamps_at(&positions, Duration::from_secs(2)))
+        let oldest = tokio::task::spawn_blocking(move || inspector.timestamps_at(&positions, LAG_AGE_BUDGET))
             .await
             .map_err(|e| KafkaClientError::Request(e.to_string()))??;
         let now = now_millis();
