@@ -32,20 +32,32 @@ pub async fn run(global: Global, args: StatusArgs, shutdown: CancellationToken) 
             Err(e) => return Err(e.into()),
         };
         let Some(every) = args.watch else {
-            print!("{text}");
-            return Ok(());
+            return print_or_stop(&text).map(drop);
         };
-        if terminal {
+        let shown = if terminal {
             // Clear and home: the table refreshes in place.
-            print!("\x1b[2J\x1b[H{}\n{text}", chrono::Utc::now().format("%H:%M:%S"));
+            format!("\x1b[2J\x1b[H{}\n{text}", chrono::Utc::now().format("%H:%M:%S"))
         } else {
-            println!("{text}");
+            format!("{text}\n")
+        };
+        if !print_or_stop(&shown)? {
+            return Ok(());
         }
-        std::io::stdout().flush()?;
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// Writes to stdout; false when the reader went away (`status --watch |
+/// head`), which ends the command quietly rather than with a panic.
+fn print_or_stop(text: &str) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -89,23 +89,44 @@ async fn status_watch_prints_a_fresh_status_each_interval_until_interrupted() {
     let reports = tokio::task::spawn_blocking(move || {
         // Pretty JSON documents, one per refresh, each ending in "}".
         let mut documents = 0;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line == "}" {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        while documents < 3 && reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if line.trim_end() == "}" {
                 documents += 1;
-                if documents == 3 {
-                    break;
-                }
             }
+            line.clear();
         }
-        documents
+        // Still reading: the command ends on Ctrl-C, not on a closed pipe.
+        (documents, reader)
     });
-    let documents = tokio::time::timeout(Duration::from_secs(30), reports)
+    let (documents, _still_reading) = tokio::time::timeout(Duration::from_secs(30), reports)
         .await
         .expect("three refreshes in time")
         .expect("reader");
     assert_eq!(documents, 3);
     signal(&child, "INT");
-    let status = tokio::time::timeout(Duration::from_secs(10), async {
+    let status = exited(&mut child).await.expect("exits on Ctrl-C");
+    assert!(status.success());
+
+    // A reader that goes away (`status --watch | head -1`) ends it quietly.
+    let mut child = Reaped(
+        courseview(&app, &["status", "--json", "--watch", "300ms"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("status --watch runs"),
+    );
+    let stdout = child.stdout.take().expect("piped");
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).expect("a first line");
+    let status = exited(&mut child).await.expect("exits once nobody reads");
+    assert!(status.success(), "a closed pipe is no failure: {status:?}");
+}
+
+/// The child's exit status, if it exits within 10 s.
+async fn exited(child: &mut Reaped) -> Result<std::process::ExitStatus, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Some(status) = child.0.try_wait().expect("wait") {
                 return status;
@@ -114,6 +135,4 @@ async fn status_watch_prints_a_fresh_status_each_interval_until_interrupted() {
         }
     })
     .await
-    .expect("exits on Ctrl-C");
-    assert!(status.success());
 }
