@@ -86,6 +86,17 @@ fn free_port() -> u16 {
 }
 
 /// Peak resident set (VmHWM) of a live process, in MiB.
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // Linux reports in USER_HZ, 100 on every platform we run on.
+    Some(ticks / 100.0)
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -344,7 +355,7 @@ fn redis_benchmark_get() -> f64 {
 }
 
 /// Produce-to-visible delay at a steady `rate` events/s for `seconds`.
-async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, seconds: u64) -> (f64, f64, usize) {
+async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, seconds: u64) -> Freshness {
     let client = reqwest::Client::new();
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -392,7 +403,19 @@ async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, second
         delays.push(p.await.expect("probe"));
     }
     delays.sort_by(f64::total_cmp);
-    (percentile(&delays, 0.5), percentile(&delays, 0.99), delays.len())
+    Freshness {
+        p50_ms: percentile(&delays, 0.5),
+        p99_ms: percentile(&delays, 0.99),
+        max_ms: delays.last().copied().unwrap_or(f64::NAN),
+        probes: delays.len(),
+    }
+}
+
+struct Freshness {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    probes: usize,
 }
 
 /// The criterion figure written by `cargo bench --bench projection`.
@@ -400,6 +423,15 @@ fn criterion_ns_per_event(events_per_iter: usize) -> Option<f64> {
     let path = "target/criterion/projection/decode_apply_view_per_event/new/estimates.json";
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     Some(v["mean"]["point_estimate"].as_f64()? / events_per_iter as f64)
+}
+
+/// The corpus size a run is filed under: 20k, 200k, 1M, or its count.
+fn size_label(events: usize) -> String {
+    match events {
+        1_000_000 => "1M".into(),
+        n if n % 1000 == 0 => format!("{}k", n / 1000),
+        n => n.to_string(),
+    }
 }
 
 fn machine() -> String {
@@ -508,6 +540,7 @@ async fn main() {
         .expect("store");
     let worker = env.courseview(&["project", "catalog"], &[]);
     let (took, worker_rss) = wait_caught_up(&store, 1, n as i64, worker.0.id()).await;
+    let worker_cpu = cpu_seconds(worker.0.id()).unwrap_or(f64::NAN);
     let project_rate = n as f64 / took.as_secs_f64();
     eprintln!("e2e: project {project_rate:.0} events/s, peak RSS {worker_rss:.1} MiB");
 
@@ -575,8 +608,11 @@ async fn main() {
         by_id.errors + listing.errors + miss.errors
     );
 
-    let (fresh_p50, fresh_p99, fresh_n) = freshness(&env, &producer, &base, 5_000, 10).await;
-    eprintln!("e2e: freshness p50 {fresh_p50:.0} ms p99 {fresh_p99:.0} ms");
+    let fresh = freshness(&env, &producer, &base, 5_000, 10).await;
+    eprintln!(
+        "e2e: freshness p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+        fresh.p50_ms, fresh.p99_ms, fresh.max_ms
+    );
     stop(api);
     stop(api_nocache);
     stop(worker);
@@ -590,21 +626,27 @@ async fn main() {
     );
     if let Some(ns) = cpu_ns {
         table.push_str(&format!(
-            "| 1 | decode + apply + view, per event (criterion) | {ns:.0} ns | — | — | ≤ 2 µs | {} |\n",
-            verdict(ns <= 2000.0)
+            "| 1 | decode + apply + view, per event (criterion) | {ns:.0} ns | — | — | ≤ 1.5 µs | {} |\n",
+            verdict(ns <= 1500.0)
         ));
     }
     let r = project_rate / upsert_rate;
-    table.push_str(&format!("| 2 | `project catalog` from offset 0 | {project_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s; broker consume {consume_rate:.0} events/s | {:.0} % of upsert | ≥ 80 % | {} |\n", r * 100.0, verdict(r >= 0.8)));
+    table.push_str(&format!("| 2 | `project catalog` from offset 0 | {project_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s; broker consume {consume_rate:.0} events/s | {:.0} % of upsert | ≥ 85 % | {} |\n", r * 100.0, verdict(r >= 0.85)));
     let r = rebuild_rate / upsert_rate;
-    table.push_str(&format!("| 3 | `rebuild catalog` (start to switch) | {rebuild_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s | {:.0} % | ≥ 80 % | {} |\n", r * 100.0, verdict(r >= 0.8)));
+    table.push_str(&format!("| 3 | `rebuild catalog` (start to switch) | {rebuild_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s | {:.0} % | ≥ 85 % | {} |\n", r * 100.0, verdict(r >= 0.85)));
+    if let Some(ns) = cpu_ns {
+        let per_core = n as f64 / worker_cpu;
+        table.push_str(&format!("| 3b | `project catalog`, events per CPU-second of the worker | {per_core:.0} events/s per core ({worker_cpu:.1} CPU-s for {n} events) | in-memory projection {:.0} events/s per core (row 1) | {:.0} % | reported | |\n", 1e9 / ns, per_core / (1e9 / ns) * 100.0));
+    }
     let r = by_id.rps / redis_get;
-    table.push_str(&format!("| 4a | cached `GET /catalog/courses/{{id}}`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 50 % | {} |\n", by_id.rps, by_id.p50_ms, by_id.p99_ms, r * 100.0, verdict(r >= 0.5)));
-    table.push_str(&format!("| 4b | cached `GET /catalog/courses?limit=20`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | — | |\n", listing.rps, listing.p50_ms, listing.p99_ms, listing.rps / redis_get * 100.0));
-    table.push_str(&format!("| 4c | cache-miss `GET /catalog/courses/{{id}}` (no Redis), 8 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | driver `find_one` alone, 8 tasks: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× raw | p99 ≤ 5 ms | {} |\n", miss.rps, miss.p50_ms, miss.p99_ms, raw_miss.rps, raw_miss.p50_ms, raw_miss.p99_ms, miss.p99_ms / raw_miss.p99_ms, verdict(miss.p99_ms <= 5.0)));
-    table.push_str(&format!("| 5 | produce → visible through the API at 5 k events/s ({fresh_n} probes) | p50 {fresh_p50:.0} ms, p99 {fresh_p99:.0} ms | — | — | p99 ≤ 300 ms | {} |\n", verdict(fresh_p99 <= 300.0)));
+    table.push_str(&format!("| 4a | cached `GET /catalog/courses/{{id}}`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 100 % | {} |\n", by_id.rps, by_id.p50_ms, by_id.p99_ms, r * 100.0, verdict(r >= 1.0)));
+    let r = listing.rps / redis_get;
+    table.push_str(&format!("| 4b | cached `GET /catalog/courses?limit=20`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 50 % | {} |\n", listing.rps, listing.p50_ms, listing.p99_ms, r * 100.0, verdict(r >= 0.5)));
+    table.push_str(&format!("| 4c | cache-miss `GET /catalog/courses/{{id}}` (no Redis), 8 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | driver `find_one` alone, 8 tasks: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× raw | — | |\n", miss.rps, miss.p50_ms, miss.p99_ms, raw_miss.rps, raw_miss.p50_ms, raw_miss.p99_ms, miss.p99_ms / raw_miss.p99_ms));
+    table.push_str(&format!("| 5 | produce → visible through the API at 5 k events/s ({} probes) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | — | — | p99 ≤ 250 ms, max ≤ 1 s | {} |\n", fresh.probes, fresh.p50_ms, fresh.p99_ms, fresh.max_ms, verdict(fresh.p99_ms <= 250.0 && fresh.max_ms <= 1000.0)));
     table.push_str(&format!(
-        "| 6a | peak RSS, worker (`project`, {n} events) | {worker_rss:.1} MiB | — | — | — | |\n"
+        "| 6a | peak RSS, worker (`project`, {n} events) | {worker_rss:.1} MiB | — | — | ≤ 64 MiB | {} |\n",
+        verdict(worker_rss <= 64.0)
     ));
     table.push_str(&format!(
         "| 6b | peak RSS, rebuild process ({n} events) | {rebuild_rss:.1} MiB | — | — | ≤ 64 MiB | {} |\n",
@@ -616,13 +658,16 @@ async fn main() {
     ));
     println!("{table}");
     let previous = std::fs::read_to_string(&out).unwrap_or_default();
-    let marker = "<!-- bench-table -->";
+    // One table per corpus size, so the document shows how cost grows.
+    let marker = format!("<!-- bench-table {} -->", size_label(events));
+    let marker = marker.as_str();
     let doc = match previous.split_once(marker) {
         Some((head, tail)) => {
             let rest = tail.split_once(marker).map_or("", |(_, r)| r);
             format!("{head}{marker}\n{table}{marker}{rest}")
         }
-        None => format!("# Performance\n\n{marker}\n{table}{marker}\n"),
+        None if previous.is_empty() => format!("# Performance\n\n{marker}\n{table}{marker}\n"),
+        None => format!("{previous}\n{marker}\n{table}{marker}\n"),
     };
     std::fs::write(&out, doc).expect("write the table");
 

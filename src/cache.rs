@@ -8,6 +8,11 @@
 //! obsolete. After the bump no response comes from an older entry: the
 //! bound is the bump's round trip, far inside DESIGN's 1 s.
 //!
+//! API processes may also keep answers in memory ([`crate::local_cache`]):
+//! workers publish a notice on the scope's channel when they begin a write
+//! and when they bump, and [`Cache::follow_notices`] applies them, fenced
+//! so that a lost subscription turns the memory layer off.
+//!
 //! Redis is an optimisation: every failure here is logged, counted and
 //! answered as a miss, and after a failure the cache is bypassed for a
 //! moment so a dead Redis does not add a timeout to each request.
@@ -16,11 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
+use crate::local_cache::{LocalCache, FENCE_EVERY};
 use crate::telemetry;
 
 /// How long a writer's announcement holds if it never ends it (a crash).
@@ -50,18 +58,50 @@ if not found then return {epoch} end
 return {epoch, found}
 ";
 
-/// Stores an answer unless the key already holds a *different* one: two
-/// answers under one epoch mean the store changed between two reads before
-/// the worker's bump arrived, and whichever was put last could be the older.
-/// The key then holds a marker (`CONFLICT`) that answers as a miss and takes
-/// no puts, so until the bump everyone reads MongoDB, which never goes back.
+/// Stores an answer read under `epoch` (ARGV[4]), unless the epoch has
+/// moved or a worker is writing (-1: the answer may be newer or older than
+/// the epoch's, so it is not kept), or the key already holds a *different*
+/// answer (0): two answers under one epoch mean the store changed between
+/// two reads before the worker's bump arrived, and whichever was put last
+/// could be the older. The key then holds a marker (`CONFLICT`) that
+/// answers as a miss and takes no puts, so until the bump everyone reads
+/// MongoDB, which never goes back. 1: the key holds this answer.
 const PUT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
+if redis.call('ZCOUNT', KEYS[3], now, '+inf') > 0 then return -1 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
-end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
 return 0
 ";
+
+/// A writer's lease, announced to subscribed API processes.
+const BEGIN_WRITE: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 1
+";
+
+/// A new epoch, then the end of the writer's lease (if any), announced.
+const BUMP: &str = r"
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return 1
+";
+
+/// The bump under `noeviction` when the `SET` is refused: no epoch at all.
+const DROP_EPOCH: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return 1
+";
+
+/// A subscription whose own fences stop coming back for this long is
+/// presumed dead and replaced.
+const SILENT_SUBSCRIPTION: Duration = Duration::from_secs(2);
 
 /// The value of a key whose epoch saw two different answers.
 const CONFLICT: &[u8] = b"!conflict";
@@ -74,7 +114,22 @@ pub enum Lookup {
     Miss {
         epoch: String,
     },
+    /// A worker is writing this scope: go to MongoDB and do not store.
+    Writing,
     /// Redis is not answering; go to MongoDB and do not store.
+    Unavailable,
+}
+
+/// What became of an answer offered to the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The key holds this answer.
+    Stored,
+    /// The key holds a different one (it now answers as a miss).
+    Conflict,
+    /// The epoch moved or a worker is writing: the answer was not kept,
+    /// and answers of this scope held elsewhere may be stale.
+    Stale,
     Unavailable,
 }
 
@@ -94,6 +149,9 @@ struct Inner {
     skip_until: AtomicU64,
     lookup: Script,
     put: Script,
+    begin_write: Script,
+    bump: Script,
+    drop_epoch: Script,
 }
 
 impl std::fmt::Debug for Cache {
@@ -133,12 +191,21 @@ impl Cache {
                 skip_until: AtomicU64::new(0),
                 lookup: Script::new(LOOKUP),
                 put: Script::new(PUT),
+                begin_write: Script::new(BEGIN_WRITE),
+                bump: Script::new(BUMP),
+                drop_epoch: Script::new(DROP_EPOCH),
             }),
         })
     }
 
-    fn base(&self, scope: Scope<'_>) -> String {
+    /// The key prefix of a scope; also its name in notices.
+    pub fn base(&self, scope: Scope<'_>) -> String {
         format!("{}:{}:g{}", self.inner.prefix, scope.projection, scope.generation)
+    }
+
+    /// The channel of write notices and fences.
+    fn notices(&self) -> String {
+        format!("{}:notices", self.inner.prefix)
     }
 
     async fn connection(&self) -> Option<ConnectionManager> {
@@ -234,20 +301,23 @@ impl Cache {
         let Some(mut found) = found else {
             return Lookup::Unavailable;
         };
+        if found.is_empty() {
+            return Lookup::Writing;
+        }
         let bytes = if found.len() == 2 { found.pop() } else { None };
         let epoch = found.pop().map(|e| String::from_utf8_lossy(&e).into_owned());
         match (epoch, bytes) {
             // Two answers met under this epoch: read the store until the bump.
             (Some(epoch), Some(bytes)) if bytes == CONFLICT => {
-                telemetry::cache_lookup(false);
+                telemetry::cache_lookup("redis", false);
                 Lookup::Miss { epoch }
             }
             (Some(_), Some(bytes)) => {
-                telemetry::cache_lookup(true);
+                telemetry::cache_lookup("redis", true);
                 Lookup::Hit(bytes)
             }
             (Some(epoch), None) => {
-                telemetry::cache_lookup(false);
+                telemetry::cache_lookup("redis", false);
                 Lookup::Miss { epoch }
             }
             (None, _) => Lookup::Unavailable,
@@ -256,21 +326,31 @@ impl Cache {
 
     /// Stores an answer read after `epoch` was observed.
     #[instrument(skip_all, fields(projection = scope.projection))]
-    pub async fn put(&self, scope: Scope<'_>, epoch: &str, suffix: &str, bytes: &[u8]) {
-        let key = format!("{}:e{epoch}:{suffix}", self.base(scope));
+    pub async fn put(&self, scope: Scope<'_>, epoch: &str, suffix: &str, bytes: &[u8]) -> Put {
+        let base = self.base(scope);
+        let key = format!("{base}:e{epoch}:{suffix}");
         let ttl = self.inner.ttl.as_secs().max(1);
         let script = &self.inner.put;
-        let _: Option<i64> = self
+        let outcome: Option<i64> = self
             .call("put", |mut conn| async move {
                 script
                     .key(key)
+                    .key(format!("{base}:epoch"))
+                    .key(format!("{base}:writers"))
                     .arg(bytes)
                     .arg(ttl)
                     .arg(CONFLICT)
+                    .arg(epoch)
                     .invoke_async(&mut conn)
                     .await
             })
             .await;
+        match outcome {
+            Some(1) => Put::Stored,
+            Some(0) => Put::Conflict,
+            Some(_) => Put::Stale,
+            None => Put::Unavailable,
+        }
     }
 
     /// Announces that `writer` is about to write a batch of the scope: until
@@ -281,13 +361,21 @@ impl Cache {
     /// could see a course at v59 on a list page and then at v57 by id.
     #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn begin_write(&self, scope: Scope<'_>, writer: &str) -> bool {
-        let key = format!("{}:writers", self.base(scope));
+        let base = self.base(scope);
         let until = now_millis() + WRITE_LEASE.as_millis() as u64;
+        let script = &self.inner.begin_write;
+        let channel = self.notices();
         let added: Option<i64> = self
-            .call(
-                "begin write",
-                |mut conn| async move { conn.zadd(key, writer, until).await },
-            )
+            .call("begin write", |mut conn| async move {
+                script
+                    .key(format!("{base}:writers"))
+                    .key(channel)
+                    .arg(until)
+                    .arg(writer)
+                    .arg(format!("w {base}"))
+                    .invoke_async(&mut conn)
+                    .await
+            })
             .await;
         added.is_some()
     }
@@ -306,27 +394,116 @@ impl Cache {
     /// [`Cache::bump_epoch`], then ends `writer`'s write (in that order: the
     /// new epoch is in place before answers may be cached again).
     pub async fn bump_epoch_for(&self, scope: Scope<'_>, writer: Option<&str>) -> bool {
-        let key = format!("{}:epoch", self.base(scope));
-        let writers = format!("{}:writers", self.base(scope));
+        let base = self.base(scope);
+        let key = format!("{base}:epoch");
+        let channel = self.notices();
+        let notice = format!("b {base}");
         let epoch = new_epoch();
-        let set: Option<()> = self
+        let script = &self.inner.bump;
+        let set: Option<i64> = self
             .call("bump", |mut conn| {
-                let (key, epoch) = (key.clone(), epoch.clone());
-                async move { conn.set(key, epoch).await }
+                let (key, channel, notice, epoch) = (key.clone(), channel.clone(), notice.clone(), epoch.clone());
+                async move {
+                    script
+                        .key(key)
+                        .key(format!("{base}:writers"))
+                        .key(channel)
+                        .arg(epoch)
+                        .arg(writer.unwrap_or(""))
+                        .arg(notice)
+                        .invoke_async(&mut conn)
+                        .await
+                }
             })
             .await;
         if set.is_some() {
             debug!(epoch, "Cache epoch bumped.");
-            if let Some(writer) = writer {
-                let _: Option<i64> = self
-                    .call("end write", |mut conn| async move { conn.zrem(writers, writer).await })
-                    .await;
-            }
             return true;
         }
         // Skip the backoff window: this is the call that must get through.
         self.inner.skip_until.store(0, Ordering::Relaxed);
-        let deleted: Option<()> = self.call("bump", |mut conn| async move { conn.del(key).await }).await;
+        let script = &self.inner.drop_epoch;
+        let deleted: Option<i64> = self
+            .call("bump", |mut conn| async move {
+                script.key(key).key(channel).arg(notice).invoke_async(&mut conn).await
+            })
+            .await;
         deleted.is_some()
+    }
+}
+
+impl Cache {
+    /// Keeps `local` in step with the workers' notices until `cancel`:
+    /// subscribes, fences the subscription every `FENCE_EVERY`, and
+    /// resubscribes (a new era) when it ends or its fences stop coming
+    /// back. While it is down `local` serves nothing.
+    pub async fn follow_notices(&self, local: Arc<LocalCache>, cancel: CancellationToken) {
+        let me = format!("{:016x}", rand::random::<u64>());
+        let channel = self.notices();
+        while !cancel.is_cancelled() {
+            local.distrust();
+            let subscribe = async {
+                let mut pubsub = self.inner.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = match tokio::time::timeout(self.inner.timeout, subscribe).await {
+                Ok(Ok(pubsub)) => pubsub,
+                failed => {
+                    let error = failed.map_or_else(|_| "timed out".to_owned(), |r| format!("{:?}", r.err()));
+                    warn!(error, "Cannot subscribe to cache notices; memory layer off.");
+                    telemetry::cache_error("subscribe");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(BACKOFF) => continue,
+                    }
+                }
+            };
+            // Notices sent while unsubscribed are lost: forget everything.
+            local.new_era();
+            debug!("Following cache notices.");
+            let mut messages = pubsub.into_on_message();
+            let mut fence = tokio::time::interval(FENCE_EVERY);
+            fence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut heard = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = fence.tick() => {
+                        if heard.elapsed() > SILENT_SUBSCRIPTION {
+                            warn!("Cache notices went silent; resubscribing.");
+                            telemetry::cache_error("notices");
+                            break;
+                        }
+                        let payload = format!("f {me} {}", local.now_ms());
+                        let channel = channel.clone();
+                        let _: Option<i64> = self
+                            .call("fence", |mut conn| async move { conn.publish(channel, payload).await })
+                            .await;
+                    }
+                    message = messages.next() => {
+                        let Some(message) = message else {
+                            warn!("Cache notices subscription closed; resubscribing.");
+                            break;
+                        };
+                        let payload = String::from_utf8_lossy(message.get_payload_bytes());
+                        match payload.split_once(' ') {
+                            Some(("f", rest)) => {
+                                if let Some((who, sent)) = rest.split_once(' ') {
+                                    if who == me {
+                                        if let Ok(sent) = sent.parse() {
+                                            local.fenced(sent);
+                                            heard = std::time::Instant::now();
+                                        }
+                                    }
+                                }
+                            }
+                            Some((_, scope)) => local.notice(scope),
+                            None => {}
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod http;
 pub mod kafka;
+pub mod local_cache;
 pub mod mongo;
 pub mod read_model;
 pub mod rebuild;

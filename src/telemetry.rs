@@ -124,9 +124,10 @@ pub fn stalled(projection: &'static str, stalled: bool) {
     gauge!(PROJECTION_STALLED, "projection" => projection).set(if stalled { 1.0 } else { 0.0 });
 }
 
-pub fn cache_lookup(hit: bool) {
+/// A lookup in one cache layer: `memory` (this process) or `redis`.
+pub fn cache_lookup(layer: &'static str, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
-    counter!(CACHE_LOOKUPS_TOTAL, "result" => result).increment(1);
+    counter!(CACHE_LOOKUPS_TOTAL, "layer" => layer, "result" => result).increment(1);
 }
 
 pub fn cache_error(op: &'static str) {

@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// Lifetime of a cache entry; freshness does not depend on it (see README).
     #[arg(long, env = "COURSEVIEW_CACHE_TTL", default_value = "60s", value_parser = humantime_duration)]
     pub cache_ttl: Duration,
+    /// Bytes of answers each API process keeps in memory in front of Redis
+    /// (0: none). Kept fresh by Redis pub/sub notices from the workers.
+    #[arg(long, env = "COURSEVIEW_LOCAL_CACHE_BYTES", default_value_t = 8 << 20)]
+    pub local_cache_bytes: u64,
     /// Items per page when `limit` is absent.
     #[arg(long, env = "COURSEVIEW_DEFAULT_LIMIT", default_value_t = 20)]
     pub default_limit: i64,
@@ -99,7 +103,8 @@ pub async fn run(global: Global, args: ServeArgs, shutdown: CancellationToken) -
     }
     let state = AppState::new(store.clone(), cache, settings)
         .with_status(global.status_probe(&store)?)
-        .with_auth(auth);
+        .with_auth(auth)
+        .with_local_cache(args.local_cache_bytes);
     http::serve(listener, state, shutdown).await?;
     info!("API stopped.");
     Ok(())

@@ -8,6 +8,7 @@ mod params;
 mod routes;
 mod worker;
 
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +28,8 @@ pub use error::ApiError;
 pub use routes::QUERY_PARAMETERS;
 pub use worker::{serve_worker, worker_app, WorkerHealth};
 
-use crate::cache::{Cache, Lookup, Scope};
+use crate::cache::{Cache, Lookup, Put, Scope};
+use crate::local_cache::LocalCache;
 use crate::mongo::{Store, StoreError};
 use crate::read_model::ReadModel;
 use crate::status::{ProjectionStatus, StatusError, StatusProbe};
@@ -71,6 +73,8 @@ impl Default for ApiSettings {
 pub struct AppState {
     store: Store,
     cache: Option<Cache>,
+    /// Answers in process memory, in front of `cache` (which keeps it fresh).
+    local: Option<Arc<LocalCache>>,
     settings: ApiSettings,
     generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
     status: Option<StatusProbe>,
@@ -87,6 +91,7 @@ impl AppState {
         AppState {
             store,
             cache,
+            local: None,
             settings,
             generations: Arc::default(),
             status: None,
@@ -100,6 +105,18 @@ impl AppState {
     pub fn with_auth(mut self, auth: DashboardAuth) -> Self {
         self.auth = auth;
         self
+    }
+
+    /// Keeps up to `max_bytes` of answers in process memory (0: none). Only
+    /// with Redis, whose notices keep them fresh; [`serve`] follows them.
+    pub fn with_local_cache(mut self, max_bytes: u64) -> Self {
+        self.local = (max_bytes > 0 && self.cache.is_some()).then(|| LocalCache::new(max_bytes));
+        self
+    }
+
+    /// The in-process cache, if on.
+    pub fn local_cache(&self) -> Option<Arc<LocalCache>> {
+        self.local.clone()
     }
 
     /// Enables `GET /projections`.
@@ -189,32 +206,70 @@ impl AppState {
         generation: u32,
         suffix: &str,
         load: F,
-    ) -> Result<Option<Vec<u8>>, ApiError>
+    ) -> Result<Option<Bytes>, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Option<Vec<u8>>, ApiError>>,
     {
         const ABSENT: &[u8] = b"-";
+        let answer = |bytes: Bytes| (bytes != ABSENT).then_some(bytes);
+        let Some(cache) = &self.cache else {
+            return Ok(load().await?.map(Bytes::from));
+        };
         let scope = Scope {
             projection: model.name(),
             generation,
         };
-        let epoch = match &self.cache {
-            None => None,
-            Some(cache) => match cache.get(scope, suffix).await {
-                Lookup::Hit(bytes) if bytes == ABSENT => return Ok(None),
-                Lookup::Hit(bytes) => return Ok(Some(bytes)),
-                Lookup::Miss { epoch } => Some(epoch),
-                Lookup::Unavailable => None,
-            },
+        let base = cache.base(scope);
+        // Taken before Redis is asked, so a notice arriving meanwhile
+        // keeps what Redis answers out of memory.
+        let local = self.local.as_deref().and_then(|l| Some((l, l.stamp(&base)?)));
+        if let Some((local, stamp)) = local {
+            if let Some(bytes) = local.get(&base, suffix, stamp) {
+                telemetry::cache_lookup("memory", true);
+                return Ok(answer(bytes));
+            }
+            telemetry::cache_lookup("memory", false);
+        }
+        let epoch = match cache.get(scope, suffix).await {
+            Lookup::Hit(bytes) => {
+                let bytes = Bytes::from(bytes);
+                if let Some((local, stamp)) = local {
+                    local.insert(&base, suffix, stamp, bytes.clone());
+                }
+                return Ok(answer(bytes));
+            }
+            Lookup::Miss { epoch } => Some(epoch),
+            Lookup::Writing => {
+                // What MongoDB answers now may be newer than what memory
+                // holds: stop serving memory before serving it.
+                self.forget(&base);
+                None
+            }
+            Lookup::Unavailable => None,
         };
-        let loaded = load().await?;
-        if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
-            cache
-                .put(scope, &epoch, suffix, loaded.as_deref().unwrap_or(ABSENT))
-                .await;
+        let loaded = load().await?.map(Bytes::from);
+        if let Some(epoch) = epoch {
+            let bytes = loaded.clone().unwrap_or_else(|| Bytes::from_static(ABSENT));
+            match cache.put(scope, &epoch, suffix, &bytes).await {
+                Put::Stored => {
+                    if let Some((local, stamp)) = local {
+                        local.insert(&base, suffix, stamp, bytes);
+                    }
+                }
+                // A write began or ended since the lookup: as above.
+                Put::Stale => self.forget(&base),
+                Put::Conflict | Put::Unavailable => {}
+            }
         }
         Ok(loaded)
+    }
+
+    /// Serves nothing of the scope from memory until the next lookup.
+    fn forget(&self, base: &str) {
+        if let Some(local) = &self.local {
+            local.notice(base);
+        }
     }
 }
 
@@ -275,6 +330,10 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    if let (Some(cache), Some(local)) = (&state.cache, &state.local) {
+        let (cache, local, cancel) = (cache.clone(), Arc::clone(local), shutdown.clone());
+        tokio::spawn(async move { cache.follow_notices(local, cancel).await });
+    }
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -312,7 +371,8 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 /// A JSON 200 with a strong ETag over the body, or a 304 when the client
 /// already holds it. `no-cache`: clients may keep it but must revalidate,
 /// which the ETag makes cheap.
-fn json_ok(request_headers: &HeaderMap, body: Vec<u8>) -> Response {
+fn json_ok(request_headers: &HeaderMap, body: impl Into<Bytes>) -> Response {
+    let body: Bytes = body.into();
     let etag = format!("\"{:016x}\"", fnv1a(&body));
     let matches = request_headers
         .get(header::IF_NONE_MATCH)

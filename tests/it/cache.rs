@@ -6,7 +6,7 @@ use courseview::read_model::ReadModel;
 use serde_json::json;
 
 use crate::helpers::{event, eventually, Options, TestApp};
-use crate::peers::PrivateRedis;
+use crate::peers::{FreezingProxy, PrivateRedis};
 
 #[tokio::test]
 async fn a_course_updated_after_being_cached_is_served_fresh_within_one_second() {
@@ -113,15 +113,15 @@ async fn with_redis_stopped_the_api_answers_from_mongodb() {
 
 #[tokio::test]
 async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache() {
-    use courseview::cache::Lookup;
+    use courseview::cache::{Lookup, Put};
     let (cache, scope) = isolated_cache();
     let Lookup::Miss { epoch } = cache.get(scope, "course:c1").await else {
         panic!("a fresh key misses")
     };
     // Two requests read MongoDB on either side of a write the worker has
     // not announced yet; the older answer is put last.
-    cache.put(scope, &epoch, "course:c1", b"v59").await;
-    cache.put(scope, &epoch, "course:c1", b"v57").await;
+    assert_eq!(cache.put(scope, &epoch, "course:c1", b"v59").await, Put::Stored);
+    assert_eq!(cache.put(scope, &epoch, "course:c1", b"v57").await, Put::Conflict);
     assert!(
         matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }),
         "neither answer is served: the store is read until the bump"
@@ -130,14 +130,14 @@ async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache()
     assert!(matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }));
 
     // The same answer twice is no conflict.
-    cache.put(scope, &epoch, "course:c2", b"same").await;
-    cache.put(scope, &epoch, "course:c2", b"same").await;
+    assert_eq!(cache.put(scope, &epoch, "course:c2", b"same").await, Put::Stored);
+    assert_eq!(cache.put(scope, &epoch, "course:c2", b"same").await, Put::Stored);
     assert_eq!(cache.get(scope, "course:c2").await, Lookup::Hit(b"same".to_vec()));
 }
 
 #[tokio::test]
 async fn while_a_batch_is_being_written_nothing_is_served_or_stored_from_the_cache() {
-    use courseview::cache::Lookup;
+    use courseview::cache::{Lookup, Put};
     let (cache, scope) = isolated_cache();
     let Lookup::Miss { epoch } = cache.get(scope, "course:c1").await else {
         panic!("a fresh key misses")
@@ -147,18 +147,28 @@ async fn while_a_batch_is_being_written_nothing_is_served_or_stored_from_the_cac
 
     assert!(cache.begin_write(scope, "worker-a").await);
     assert_eq!(
+        cache.put(scope, &epoch, "course:c2", b"read during the write").await,
+        Put::Stale,
+        "an answer read while a worker writes is not kept"
+    );
+    assert_eq!(
         cache.get(scope, "course:c1").await,
-        Lookup::Unavailable,
+        Lookup::Writing,
         "during the write every reader goes to MongoDB"
     );
     // Two workers: the first one's bump does not end the second one's write.
     assert!(cache.begin_write(scope, "worker-b").await);
     assert!(cache.bump_epoch_for(scope, Some("worker-a")).await);
-    assert_eq!(cache.get(scope, "course:c1").await, Lookup::Unavailable);
+    assert_eq!(cache.get(scope, "course:c1").await, Lookup::Writing);
     assert!(cache.bump_epoch_for(scope, Some("worker-b")).await);
     assert!(
         matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }),
         "after the last bump, a new epoch: the old entry is gone"
+    );
+    assert_eq!(
+        cache.put(scope, &epoch, "course:c1", b"read under the old epoch").await,
+        Put::Stale,
+        "an answer read under an epoch that has moved is not kept"
     );
 }
 
@@ -176,4 +186,147 @@ fn isolated_cache() -> (courseview::cache::Cache, courseview::cache::Scope<'stat
         generation: 1,
     };
     (cache, scope)
+}
+
+/// Scripts Redis has run: each one is an API lookup or put (or a worker's
+/// announcement).
+async fn scripts_run(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .expect("info");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Creates and posts a course, and waits until the worker has applied it.
+async fn posted(app: &TestApp, course: &str, name: &str, version: i64) {
+    app.publish(&event(
+        "CourseCreatedEvent",
+        course,
+        version,
+        json!({"name": name, "teacherId": "t"}),
+    ))
+    .await;
+    app.publish(&event("CoursePostedEvent", course, version + 1, json!({})))
+        .await;
+}
+
+/// Waits until MongoDB holds `name` for the course; returns that instant.
+async fn committed(app: &TestApp, name: &str) -> Instant {
+    eventually("the update in MongoDB", Duration::from_secs(30), || async {
+        let dump = app.dump(ReadModel::Catalog).await;
+        dump.iter()
+            .any(|d| d.get_document("view").ok().and_then(|v| v.get_str("name").ok()) == Some(name))
+            .then_some(())
+    })
+    .await;
+    Instant::now()
+}
+
+/// Until the API's memory layer holds the course's answer.
+async fn held_in_memory(app: &TestApp, course: &str) {
+    let local = app.local.clone().expect("the memory layer is on");
+    let generation = app.store.serving_generation("catalog").await.expect("pointer");
+    let base = app.cache.as_ref().expect("redis").base(courseview::cache::Scope {
+        projection: "catalog",
+        generation,
+    });
+    let suffix = format!("course:{course}");
+    eventually("the course held in memory", Duration::from_secs(10), || async {
+        assert_eq!(app.get_json(&format!("/catalog/courses/{course}")).await.0, 200);
+        let stamp = local.stamp(&base)?;
+        local.get(&base, &suffix, stamp).map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cached_course_is_served_from_process_memory_and_a_worker_notice_refreshes_it() {
+    let private = PrivateRedis::start();
+    let mut redis = private.ready().await;
+    let app = TestApp::with(Options {
+        redis_url: Some(private.url()),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    posted(&app, "m1", "In memory", 1).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    held_in_memory(&app, "m1").await;
+
+    let before = scripts_run(&mut redis).await;
+    for _ in 0..100 {
+        assert_eq!(app.get_json("/catalog/courses/m1").await.1["name"], "In memory");
+    }
+    let asked = scripts_run(&mut redis).await - before;
+    // A fence delayed past its trust window sends a request to Redis; a
+    // layer that is not there sends all 100.
+    assert!(asked <= 10, "{asked} of 100 cached reads went to Redis");
+
+    app.publish(&event("CourseUpdatedEvent", "m1", 3, json!({"name": "Renamed"})))
+        .await;
+    let at = committed(&app, "Renamed").await;
+    eventually("the new name through memory", Duration::from_secs(1), || async {
+        (app.get_json("/catalog/courses/m1").await.1["name"] == "Renamed").then_some(())
+    })
+    .await;
+    assert!(at.elapsed() <= Duration::from_secs(1));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_notice_subscription_stops_memory_answers_within_the_freshness_bound() {
+    // The API reaches Redis through a proxy that will stall; the worker
+    // reaches it directly, so its notices are published but never arrive.
+    let redis_port: u16 = crate::helpers::redis_url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("redis port");
+    let proxy = FreezingProxy::start(redis_port).await;
+    let app = TestApp::with(Options {
+        redis_url: Some(proxy.url()),
+        ..Options::default()
+    })
+    .await;
+    let direct = courseview::cache::Cache::new(
+        &crate::helpers::redis_url(),
+        &format!("cvtest:{}", app.id),
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+    )
+    .expect("cache");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(courseview::worker::run(
+        app.worker_settings(ReadModel::Catalog),
+        app.store.clone(),
+        Some(direct),
+        cancel.clone(),
+    ));
+    posted(&app, "s1", "Before the stall", 1).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    held_in_memory(&app, "s1").await;
+
+    proxy.freeze();
+    app.publish(&event(
+        "CourseUpdatedEvent",
+        "s1",
+        3,
+        json!({"name": "After the stall"}),
+    ))
+    .await;
+    let at = committed(&app, "After the stall").await;
+    eventually(
+        "the new name despite the lost notice",
+        Duration::from_secs(1),
+        || async { (app.get_json("/catalog/courses/s1").await.1["name"] == "After the stall").then_some(()) },
+    )
+    .await;
+    assert!(at.elapsed() <= Duration::from_secs(1));
+    cancel.cancel();
+    let _ = worker.await;
 }

@@ -87,6 +87,8 @@ pub struct TestApp {
     pub mongodb_uri: String,
     /// The broker this app's topics live on.
     pub brokers: String,
+    /// The API's in-process cache, if on.
+    pub local: Option<std::sync::Arc<courseview::local_cache::LocalCache>>,
 }
 
 impl Drop for TestApp {
@@ -107,6 +109,8 @@ pub struct Options {
     pub mongodb_uri: String,
     pub min_version_wait: Duration,
     pub stall_after: Duration,
+    /// The API's in-process cache (on, as deployed).
+    pub local_cache_bytes: u64,
 }
 
 impl Default for Options {
@@ -120,6 +124,7 @@ impl Default for Options {
             mongodb_uri: mongodb_uri(),
             min_version_wait: Duration::from_secs(2),
             stall_after: Duration::from_secs(60),
+            local_cache_bytes: 8 << 20,
         }
     }
 }
@@ -171,7 +176,9 @@ impl TestApp {
         .expect("probe");
         let state = AppState::new(store.clone(), cache.clone(), settings)
             .with_status(probe.clone())
-            .with_auth(options.dashboard.clone());
+            .with_auth(options.dashboard.clone())
+            .with_local_cache(options.local_cache_bytes);
+        let local = state.local_cache();
         tokio::spawn(http::serve(listener, state, api_cancel.clone()));
         TestApp {
             producer: Producer::new(&kafka).expect("producer"),
@@ -187,6 +194,7 @@ impl TestApp {
             api_cancel,
             probe,
             mongodb_uri: options.mongodb_uri.clone(),
+            local,
         }
     }
 
