@@ -32,7 +32,7 @@ use crate::local_cache::{LocalCache, FENCE_EVERY};
 use crate::telemetry;
 
 /// How long a writer's announcement holds if it never ends it (a crash).
-const WRITE_LEASE: Duration = Duration::from_secs(30);
+pub const WRITE_LEASE: Duration = Duration::from_secs(30);
 
 /// How long to skip Redis after it failed.
 const BACKOFF: Duration = Duration::from_millis(500);
@@ -77,9 +77,12 @@ redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
 return 0
 ";
 
-/// A writer's lease, announced to subscribed API processes.
+/// A writer's lease (ARGV[1] ms from now on Redis' clock, the clock the
+/// lookups compare it with), announced to subscribed API processes.
 const BEGIN_WRITE: &str = r"
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + ARGV[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
 ";
@@ -109,11 +112,10 @@ const CONFLICT: &[u8] = b"!conflict";
 /// A cache lookup's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    Hit(Vec<u8>),
+    /// Cached under the scope's current `epoch`.
+    Hit { epoch: String, bytes: Vec<u8> },
     /// Not cached; store the answer under this epoch.
-    Miss {
-        epoch: String,
-    },
+    Miss { epoch: String },
     /// A worker is writing this scope: go to MongoDB and do not store.
     Writing,
     /// Redis is not answering; go to MongoDB and do not store.
@@ -312,9 +314,9 @@ impl Cache {
                 telemetry::cache_lookup("redis", false);
                 Lookup::Miss { epoch }
             }
-            (Some(_), Some(bytes)) => {
+            (Some(epoch), Some(bytes)) => {
                 telemetry::cache_lookup("redis", true);
-                Lookup::Hit(bytes)
+                Lookup::Hit { epoch, bytes }
             }
             (Some(epoch), None) => {
                 telemetry::cache_lookup("redis", false);
@@ -362,7 +364,7 @@ impl Cache {
     #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn begin_write(&self, scope: Scope<'_>, writer: &str) -> bool {
         let base = self.base(scope);
-        let until = now_millis() + WRITE_LEASE.as_millis() as u64;
+        let lease = WRITE_LEASE.as_millis() as u64;
         let script = &self.inner.begin_write;
         let channel = self.notices();
         let added: Option<i64> = self
@@ -370,9 +372,9 @@ impl Cache {
                 script
                     .key(format!("{base}:writers"))
                     .key(channel)
-                    .arg(until)
+                    .arg(lease)
                     .arg(writer)
-                    .arg(format!("w {base}"))
+                    .arg(format!("w {writer} {base}"))
                     .invoke_async(&mut conn)
                     .await
             })
@@ -397,7 +399,7 @@ impl Cache {
         let base = self.base(scope);
         let key = format!("{base}:epoch");
         let channel = self.notices();
-        let notice = format!("b {base}");
+        let notice = format!("b {} {base}", writer.unwrap_or("-"));
         let epoch = new_epoch();
         let script = &self.inner.bump;
         let set: Option<i64> = self
@@ -487,23 +489,35 @@ impl Cache {
                             break;
                         };
                         let payload = String::from_utf8_lossy(message.get_payload_bytes());
-                        match payload.split_once(' ') {
-                            Some(("f", rest)) => {
-                                if let Some((who, sent)) = rest.split_once(' ') {
-                                    if who == me {
-                                        if let Ok(sent) = sent.parse() {
-                                            local.fenced(sent);
-                                            heard = std::time::Instant::now();
-                                        }
-                                    }
+                        // "<kind> <who> <rest>": a fence's rest is when it
+                        // was sent; a notice's is its scope.
+                        let mut parts = payload.splitn(3, ' ');
+                        match (parts.next(), parts.next(), parts.next()) {
+                            (Some("f"), Some(who), Some(sent)) if who == me => {
+                                if let Ok(sent) = sent.parse() {
+                                    local.fenced(sent);
+                                    heard = std::time::Instant::now();
                                 }
                             }
-                            Some((_, scope)) => local.notice(scope),
-                            None => {}
+                            (Some("f"), _, _) => {}
+                            (Some("w"), Some(writer), Some(scope)) => local.write_began(scope, writer),
+                            (Some("b"), Some(writer), Some(scope)) => {
+                                local.bumped(scope, (writer != "-").then_some(writer));
+                            }
+                            // Unknown: assume the worst for any scope it names.
+                            (_, _, Some(scope)) => local.notice(scope),
+                            _ => {}
                         }
                     }
                 }
             }
         }
+    }
+}
+
+impl Cache {
+    /// How long an entry lives in Redis.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
     }
 }

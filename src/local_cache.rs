@@ -17,6 +17,15 @@
 //!   DESIGN's 1 s) in every state of the subscription.
 //! - A (re)subscription starts a new era: notices sent while it was down
 //!   are lost, so nothing stored before it is served again.
+//! - A request that learns of a change before its notice arrives (Redis
+//!   shows another epoch, a writer, a conflict, or cannot be asked) moves
+//!   the stamp itself before it serves what MongoDB says, so one process
+//!   never serves a newer answer and then an older one.
+//! - While a worker has announced a write and not yet its bump, the scope
+//!   is served and stored from nothing here (even if Redis lost the
+//!   lease); an announcement never ended expires with the lease.
+//! - Entries live no longer than the Redis entries' TTL, so a bump that
+//!   never reached Redis leaves memory no staler than Redis.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,22 +53,33 @@ struct Stamps {
     era: u64,
     /// Notices seen per scope in this era.
     seqs: HashMap<String, u64>,
+    /// The Redis epoch each scope's current stamp goes with.
+    epochs: HashMap<String, String>,
+    /// Writes announced and not yet ended, per scope: writer → until (ms).
+    writing: HashMap<String, HashMap<String, u64>>,
 }
 
 /// Weighs an entry by its bytes, so the layer is bounded in memory.
 #[derive(Debug, Clone, Copy)]
 struct EntryBytes;
 
-impl quick_cache::Weighter<String, (Stamp, Bytes)> for EntryBytes {
-    fn weight(&self, key: &String, value: &(Stamp, Bytes)) -> u64 {
+/// An answer, the stamp it was stored under, and when (ms).
+type Entry = (Stamp, Bytes, u64);
+
+impl quick_cache::Weighter<String, Entry> for EntryBytes {
+    fn weight(&self, key: &String, value: &Entry) -> u64 {
         (key.len() + value.1.len() + 64) as u64
     }
 }
 
 /// In-process answers, keyed by scope and request; cheap to share.
 pub struct LocalCache {
-    entries: quick_cache::sync::Cache<String, (Stamp, Bytes), EntryBytes>,
+    entries: quick_cache::sync::Cache<String, Entry, EntryBytes>,
     stamps: Mutex<Stamps>,
+    /// Oldest entry served (ms).
+    max_age: u64,
+    /// How long an announced write holds without its end (ms).
+    lease: u64,
     /// Millis since `origin` until which entries may be served.
     trusted_until: AtomicU64,
     origin: Instant,
@@ -74,9 +94,10 @@ impl std::fmt::Debug for LocalCache {
 }
 
 impl LocalCache {
-    /// A layer holding at most about `max_bytes` of answers. It serves
-    /// nothing until its subscription has delivered a fence.
-    pub fn new(max_bytes: u64) -> Arc<LocalCache> {
+    /// A layer holding at most about `max_bytes` of answers, each for at
+    /// most `max_age`. It serves nothing until its subscription has
+    /// delivered a fence.
+    pub fn new(max_bytes: u64, max_age: Duration) -> Arc<LocalCache> {
         Arc::new(LocalCache {
             entries: quick_cache::sync::Cache::with_weighter(
                 (max_bytes / 1024).max(16) as usize,
@@ -84,6 +105,8 @@ impl LocalCache {
                 EntryBytes,
             ),
             stamps: Mutex::new(Stamps::default()),
+            max_age: max_age.as_millis() as u64,
+            lease: crate::cache::WRITE_LEASE.as_millis() as u64,
             trusted_until: AtomicU64::new(0),
             // Back-dated, so no fence time is ever near zero (see `fenced`).
             origin: Instant::now()
@@ -105,10 +128,17 @@ impl LocalCache {
     /// The scope's stamp, if the layer may serve now; take it *before* the
     /// Redis call whose answer is to be stored.
     pub fn stamp(&self, scope: &str) -> Option<Stamp> {
-        if self.now_ms() >= self.trusted_until.load(Ordering::Acquire) {
+        let now = self.now_ms();
+        if now >= self.trusted_until.load(Ordering::Acquire) {
             return None;
         }
-        let stamps = self.stamps();
+        let mut stamps = self.stamps();
+        if let Some(writers) = stamps.writing.get_mut(scope) {
+            writers.retain(|_, until| *until > now);
+            if !writers.is_empty() {
+                return None;
+            }
+        }
         Some(Stamp {
             era: stamps.era,
             seq: stamps.seqs.get(scope).copied().unwrap_or(0),
@@ -121,15 +151,57 @@ impl LocalCache {
 
     /// The answer stored for `suffix` under the scope's current stamp.
     pub fn get(&self, scope: &str, suffix: &str, stamp: Stamp) -> Option<Bytes> {
-        let (stored, bytes) = self.entries.get(&Self::key(scope, suffix))?;
-        (stored == stamp).then_some(bytes)
+        let (stored, bytes, at) = self.entries.get(&Self::key(scope, suffix))?;
+        (stored == stamp && self.now_ms().saturating_sub(at) < self.max_age).then_some(bytes)
     }
 
     /// Stores an answer that was current when `stamp` was taken. A notice
     /// that arrived since has moved the scope's stamp, so the entry is
     /// never served.
     pub fn insert(&self, scope: &str, suffix: &str, stamp: Stamp, bytes: Bytes) {
-        self.entries.insert(Self::key(scope, suffix), (stamp, bytes));
+        self.entries
+            .insert(Self::key(scope, suffix), (stamp, bytes, self.now_ms()));
+    }
+
+    /// Redis answered under `epoch`: if that is not the epoch the scope's
+    /// stamp goes with, a change happened whose notice has not arrived yet,
+    /// and the stamp moves now.
+    pub fn observe_epoch(&self, scope: &str, epoch: &str) {
+        let mut stamps = self.stamps();
+        match stamps.epochs.get(scope) {
+            Some(known) if known == epoch => {}
+            Some(_) => {
+                *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
+                stamps.epochs.insert(scope.to_owned(), epoch.to_owned());
+            }
+            // First sight in this era: entries, if any, were stored under it.
+            None => {
+                stamps.epochs.insert(scope.to_owned(), epoch.to_owned());
+            }
+        }
+    }
+
+    /// `writer` announced a write of the scope: nothing is served or
+    /// stored for it until the write ends or its lease runs out.
+    pub fn write_began(&self, scope: &str, writer: &str) {
+        let until = self.now_ms() + self.lease;
+        let mut stamps = self.stamps();
+        *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
+        stamps
+            .writing
+            .entry(scope.to_owned())
+            .or_default()
+            .insert(writer.to_owned(), until);
+    }
+
+    /// The scope's epoch was bumped, ending `writer`'s write if named.
+    pub fn bumped(&self, scope: &str, writer: Option<&str>) {
+        let mut stamps = self.stamps();
+        *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
+        stamps.epochs.remove(scope);
+        if let (Some(writer), Some(writers)) = (writer, stamps.writing.get_mut(scope)) {
+            writers.remove(writer);
+        }
     }
 
     /// A worker began or ended a write of the scope (or a request learned
@@ -144,6 +216,8 @@ impl LocalCache {
         let mut stamps = self.stamps();
         stamps.era += 1;
         stamps.seqs.clear();
+        stamps.epochs.clear();
+        stamps.writing.clear();
         drop(stamps);
         self.entries.clear();
     }
@@ -171,14 +245,14 @@ mod tests {
     use super::*;
 
     fn fenced_cache() -> Arc<LocalCache> {
-        let cache = LocalCache::new(1 << 20);
+        let cache = LocalCache::new(1 << 20, Duration::from_secs(60));
         cache.fenced(cache.now_ms());
         cache
     }
 
     #[test]
     fn nothing_is_served_before_the_first_fence() {
-        let cache = LocalCache::new(1 << 20);
+        let cache = LocalCache::new(1 << 20, Duration::from_secs(60));
         assert_eq!(cache.stamp("catalog:g1"), None);
         cache.fenced(cache.now_ms());
         assert!(cache.stamp("catalog:g1").is_some());
@@ -230,7 +304,7 @@ mod tests {
 
     #[test]
     fn trust_lapses_when_fences_stop_coming_back() {
-        let cache = LocalCache::new(1 << 20);
+        let cache = LocalCache::new(1 << 20, Duration::from_secs(60));
         // A fence sent longer than TRUST ago proves nothing about now.
         let long_ago = cache.now_ms() - TRUST.as_millis() as u64 - 1;
         cache.fenced(long_ago);
@@ -242,8 +316,43 @@ mod tests {
     }
 
     #[test]
+    fn an_epoch_seen_in_redis_before_its_notice_moves_the_stamp() {
+        let cache = fenced_cache();
+        cache.observe_epoch("s", "e1");
+        let stamp = cache.stamp("s").expect("trusted");
+        cache.insert("s", "page", stamp, Bytes::from_static(b"v57"));
+        cache.observe_epoch("s", "e1");
+        assert_eq!(cache.stamp("s"), Some(stamp), "the same epoch changes nothing");
+        // Another request's lookup shows the bump; its notice is late.
+        cache.observe_epoch("s", "e2");
+        let now = cache.stamp("s").expect("trusted");
+        assert_eq!(cache.get("s", "page", now), None);
+    }
+
+    #[test]
+    fn an_announced_write_stops_the_scope_until_its_bump() {
+        let cache = fenced_cache();
+        cache.write_began("s", "w1");
+        cache.write_began("s", "w2");
+        assert_eq!(cache.stamp("s"), None);
+        cache.bumped("s", Some("w1"));
+        assert_eq!(cache.stamp("s"), None, "w2 still writes");
+        cache.bumped("s", Some("w2"));
+        assert!(cache.stamp("s").is_some());
+    }
+
+    #[test]
+    fn entries_older_than_the_max_age_are_not_served() {
+        let cache = LocalCache::new(1 << 20, Duration::ZERO);
+        cache.fenced(cache.now_ms());
+        let stamp = cache.stamp("s").expect("trusted");
+        cache.insert("s", "k", stamp, Bytes::from_static(b"x"));
+        assert_eq!(cache.get("s", "k", stamp), None);
+    }
+
+    #[test]
     fn the_layer_is_bounded_by_bytes() {
-        let cache = LocalCache::new(64 * 1024);
+        let cache = LocalCache::new(64 * 1024, Duration::from_secs(60));
         let stamp = cache.stamp("s");
         let stamp = stamp.unwrap_or(Stamp { era: 0, seq: 0 });
         for i in 0..1000 {

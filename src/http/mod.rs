@@ -110,7 +110,10 @@ impl AppState {
     /// Keeps up to `max_bytes` of answers in process memory (0: none). Only
     /// with Redis, whose notices keep them fresh; [`serve`] follows them.
     pub fn with_local_cache(mut self, max_bytes: u64) -> Self {
-        self.local = (max_bytes > 0 && self.cache.is_some()).then(|| LocalCache::new(max_bytes));
+        self.local = match &self.cache {
+            Some(cache) if max_bytes > 0 => Some(LocalCache::new(max_bytes, cache.ttl())),
+            _ => None,
+        };
         self
     }
 
@@ -232,21 +235,27 @@ impl AppState {
             telemetry::cache_lookup("memory", false);
         }
         let epoch = match cache.get(scope, suffix).await {
-            Lookup::Hit(bytes) => {
+            Lookup::Hit { epoch, bytes } => {
                 let bytes = Bytes::from(bytes);
                 if let Some((local, stamp)) = local {
+                    local.observe_epoch(&base, &epoch);
                     local.insert(&base, suffix, stamp, bytes.clone());
                 }
                 return Ok(answer(bytes));
             }
-            Lookup::Miss { epoch } => Some(epoch),
-            Lookup::Writing => {
-                // What MongoDB answers now may be newer than what memory
-                // holds: stop serving memory before serving it.
+            Lookup::Miss { epoch } => {
+                if let Some((local, _)) = local {
+                    local.observe_epoch(&base, &epoch);
+                }
+                Some(epoch)
+            }
+            // What MongoDB answers now may be newer than what memory holds
+            // (a write under way, or Redis cannot tell): stop serving
+            // memory before serving it.
+            Lookup::Writing | Lookup::Unavailable => {
                 self.forget(&base);
                 None
             }
-            Lookup::Unavailable => None,
         };
         let loaded = load().await?.map(Bytes::from);
         if let Some(epoch) = epoch {
@@ -257,9 +266,9 @@ impl AppState {
                         local.insert(&base, suffix, stamp, bytes);
                     }
                 }
-                // A write began or ended since the lookup: as above.
-                Put::Stale => self.forget(&base),
-                Put::Conflict | Put::Unavailable => {}
+                // The store changed since the lookup (a write began or
+                // ended, two answers met), or Redis cannot tell: as above.
+                Put::Stale | Put::Conflict | Put::Unavailable => self.forget(&base),
             }
         }
         Ok(loaded)
@@ -269,6 +278,17 @@ impl AppState {
     fn forget(&self, base: &str) {
         if let Some(local) = &self.local {
             local.notice(base);
+        }
+    }
+
+    /// An answer read from MongoDB outside the cache (`minVersion`) may be
+    /// newer than what memory holds for the generation.
+    fn forget_generation(&self, model: ReadModel, generation: u32) {
+        if let Some(cache) = &self.cache {
+            self.forget(&cache.base(Scope {
+                projection: model.name(),
+                generation,
+            }));
         }
     }
 }

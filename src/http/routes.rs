@@ -212,6 +212,7 @@ pub async fn catalog_course(
         wait_for_version(&state, &collection, &course_id, wanted).await?;
         // Answer from the state waited for, never from an older cached one.
         let view = state.store.listed_view(&collection, &course_id).await?;
+        state.forget_generation(model, generation);
         return match view {
             Some(v) => Ok(json_ok(&headers, serde_json::to_vec(&to_json(v)).unwrap_or_default())),
             None => Err(ApiError::NotFound(format!(

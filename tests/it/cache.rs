@@ -132,7 +132,7 @@ async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache()
     // The same answer twice is no conflict.
     assert_eq!(cache.put(scope, &epoch, "course:c2", b"same").await, Put::Stored);
     assert_eq!(cache.put(scope, &epoch, "course:c2", b"same").await, Put::Stored);
-    assert_eq!(cache.get(scope, "course:c2").await, Lookup::Hit(b"same".to_vec()));
+    assert!(matches!(cache.get(scope, "course:c2").await, Lookup::Hit { bytes, .. } if bytes == b"same"));
 }
 
 #[tokio::test]
@@ -143,7 +143,7 @@ async fn while_a_batch_is_being_written_nothing_is_served_or_stored_from_the_cac
         panic!("a fresh key misses")
     };
     cache.put(scope, &epoch, "course:c1", b"v57").await;
-    assert_eq!(cache.get(scope, "course:c1").await, Lookup::Hit(b"v57".to_vec()));
+    assert!(matches!(cache.get(scope, "course:c1").await, Lookup::Hit { bytes, .. } if bytes == b"v57"));
 
     assert!(cache.begin_write(scope, "worker-a").await);
     assert_eq!(
