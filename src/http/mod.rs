@@ -44,6 +44,9 @@ const STATUS_FRESH: Duration = Duration::from_millis(250);
 /// How long `GET /projections` waits for a measurement.
 const STATUS_LIMIT: Duration = Duration::from_secs(3);
 
+/// Bytes of gzipped bodies kept for reuse.
+const GZIP_MEMO_BYTES: u64 = 2 << 20;
+
 /// How long a resolved generation pointer is trusted before re-reading it.
 const GENERATION_TTL: Duration = Duration::from_millis(250);
 
@@ -75,6 +78,7 @@ pub struct AppState {
     cache: Option<Cache>,
     /// Answers in process memory, in front of `cache` (which keeps it fresh).
     local: Option<Arc<LocalCache>>,
+    gzipped: Arc<GzipMemo>,
     settings: ApiSettings,
     generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
     status: Option<StatusProbe>,
@@ -92,6 +96,7 @@ impl AppState {
             store,
             cache,
             local: None,
+            gzipped: Arc::new(GzipMemo::new(GZIP_MEMO_BYTES)),
             settings,
             generations: Arc::default(),
             status: None,
@@ -274,6 +279,11 @@ impl AppState {
         Ok(loaded)
     }
 
+    /// [`json_ok`] with compressed bodies memoized.
+    fn json(&self, request_headers: &HeaderMap, body: Bytes) -> Response {
+        json_response(request_headers, body, Some(&self.gzipped))
+    }
+
     /// Serves nothing of the scope from memory until the next lookup.
     fn forget(&self, base: &str) {
         if let Some(local) = &self.local {
@@ -392,8 +402,81 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 /// already holds it. `no-cache`: clients may keep it but must revalidate,
 /// which the ETag makes cheap.
 fn json_ok(request_headers: &HeaderMap, body: impl Into<Bytes>) -> Response {
-    let body: Bytes = body.into();
-    let etag = format!("\"{:016x}\"", fnv1a(&body));
+    json_response(request_headers, body.into(), None)
+}
+
+/// Bodies at least this large are gzipped when the client accepts it
+/// (a single course, ~400 bytes, costs more to compress than it saves).
+const GZIP_ABOVE: usize = 1024;
+
+/// Whether `Accept-Encoding` admits gzip.
+fn accepts_gzip(request_headers: &HeaderMap) -> bool {
+    request_headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"));
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+/// Gzipped bodies by content: a hot page is compressed once, not on every
+/// request. Bounded by bytes; the identity body is kept to rule out a
+/// hash collision.
+pub(crate) struct GzipMemo(quick_cache::sync::Cache<u64, (Bytes, Bytes), GzipBytes>);
+
+#[derive(Clone, Copy)]
+pub(crate) struct GzipBytes;
+
+impl quick_cache::Weighter<u64, (Bytes, Bytes)> for GzipBytes {
+    fn weight(&self, _: &u64, value: &(Bytes, Bytes)) -> u64 {
+        (value.0.len() + value.1.len() + 64) as u64
+    }
+}
+
+impl GzipMemo {
+    fn new(max_bytes: u64) -> Self {
+        GzipMemo(quick_cache::sync::Cache::with_weighter(
+            (max_bytes / 4096).max(16) as usize,
+            max_bytes.max(1),
+            GzipBytes,
+        ))
+    }
+
+    fn gzip(&self, hash: u64, body: &Bytes) -> Bytes {
+        if let Some((identity, gzipped)) = self.0.get(&hash) {
+            if identity == *body {
+                return gzipped;
+            }
+        }
+        use std::io::Write as _;
+        let mut encoder =
+            flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+        // Writing to a Vec cannot fail.
+        let _ = encoder.write_all(body);
+        let gzipped = Bytes::from(encoder.finish().unwrap_or_default());
+        self.0.insert(hash, (body.clone(), gzipped.clone()));
+        gzipped
+    }
+}
+
+impl std::fmt::Debug for GzipMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GzipMemo").field("bytes", &self.0.weight()).finish()
+    }
+}
+
+/// A JSON 200 with a strong ETag over the body, or a 304 when the client
+/// already holds it; gzipped (from `memo`, if given) when large and
+/// accepted. `no-cache`: clients may keep it but must revalidate, which
+/// the ETag makes cheap.
+fn json_response(request_headers: &HeaderMap, body: Bytes, memo: Option<&GzipMemo>) -> Response {
+    let hash = fnv1a(&body);
+    let etag = format!("\"{hash:016x}\"");
     let matches = request_headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -401,9 +484,21 @@ fn json_ok(request_headers: &HeaderMap, body: impl Into<Bytes>) -> Response {
     let mut response = if matches {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        let mut r = (StatusCode::OK, body).into_response();
+        let gzip = body.len() >= GZIP_ABOVE && accepts_gzip(request_headers);
+        let mut r = match (gzip, memo) {
+            (true, Some(memo)) => {
+                let mut r = (StatusCode::OK, memo.gzip(hash, &body)).into_response();
+                // The compression layer leaves encoded bodies alone.
+                r.headers_mut()
+                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                r
+            }
+            _ => (StatusCode::OK, body).into_response(),
+        };
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r.headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
         r
     };
     let headers = response.headers_mut();

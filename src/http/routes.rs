@@ -180,7 +180,7 @@ async fn list(
         })
         .await?
         .unwrap_or_default();
-    Ok(json_ok(headers, body))
+    Ok(state.json(headers, body))
 }
 
 /// `GET /catalog/courses/{courseId}[?minVersion=N]`
@@ -227,7 +227,7 @@ pub async fn catalog_course(
         })
         .await?;
     match body {
-        Some(body) => Ok(json_ok(&headers, body)),
+        Some(body) => Ok(state.json(&headers, body)),
         None => Err(ApiError::NotFound(format!(
             "course {course_id:?} is not in the catalog"
         ))),

@@ -177,8 +177,9 @@ async fn mongodb_unreachable_is_503_and_health_stays_up() {
 }
 
 #[tokio::test]
-async fn etag_revalidation_answers_304_and_responses_gzip() {
-    let app = seeded(2).await;
+async fn etag_revalidation_answers_304_and_large_responses_gzip_when_accepted() {
+    use std::io::Read as _;
+    let app = seeded(12).await;
     let first = app.get("/catalog/courses/p01").await;
     assert_eq!(first.headers()["cache-control"], "no-cache");
     let etag = first.headers()["etag"].to_str().expect("etag").to_owned();
@@ -190,17 +191,42 @@ async fn etag_revalidation_answers_304_and_responses_gzip() {
         .await
         .expect("request");
     assert_eq!(again.status().as_u16(), 304);
-    let list = app
-        .http
-        .get(format!("{}/catalog/courses?limit=100", app.base_url))
-        .header("accept-encoding", "gzip")
+
+    // A client that shows the encoding as sent.
+    let raw = reqwest::Client::builder().no_gzip().build().expect("client");
+    let url = format!("{}/catalog/courses?limit=100", app.base_url);
+    let plain = raw.get(&url).send().await.expect("request");
+    assert!(
+        plain.headers().get("content-encoding").is_none(),
+        "gzip only when accepted"
+    );
+    let plain_etag = plain.headers()["etag"].clone();
+    let plain: Value = plain.json().await.expect("json");
+    assert_eq!(plain["items"].as_array().map(Vec::len), Some(12));
+    // Twice: the second is compressed once already (memoized).
+    for _ in 0..2 {
+        let zipped = raw
+            .get(&url)
+            .header("accept-encoding", "br;q=1.0, gzip;q=0.8")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(zipped.headers()["content-encoding"], "gzip");
+        assert_eq!(zipped.headers()["etag"], plain_etag, "one ETag per content");
+        let bytes = zipped.bytes().await.expect("body");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_string(&mut text)
+            .expect("valid gzip");
+        assert_eq!(serde_json::from_str::<Value>(&text).expect("json"), plain);
+    }
+    let refused = raw
+        .get(&url)
+        .header("accept-encoding", "gzip;q=0")
         .send()
         .await
         .expect("request");
-    assert_eq!(list.status().as_u16(), 200);
-    // reqwest decompresses transparently; the body parsing proves it was valid gzip.
-    let body: Value = list.json().await.expect("json");
-    assert_eq!(body["items"].as_array().map(Vec::len), Some(2));
+    assert!(refused.headers().get("content-encoding").is_none(), "q=0 refuses gzip");
 }
 
 #[tokio::test]
