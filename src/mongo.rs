@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bson::{doc, Bson, Document};
+use bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawBson, RawDocumentBuf};
 use courseview_projections::CourseState;
 use futures::TryStreamExt;
 use mongodb::error::{Error as MongoError, ErrorKind};
@@ -121,8 +121,8 @@ pub struct DocWrite {
     pub id: String,
     pub expected_rev: i64,
     pub state: CourseState,
-    /// The API document; `None` when the course is not listed.
-    pub view: Option<Document>,
+    /// The API document, encoded; `None` when the course is not listed.
+    pub view: Option<RawDocumentBuf>,
 }
 
 /// A stored offset (the next one to read) and when it last moved.
@@ -254,15 +254,21 @@ impl Store {
     /// Runs the `update` command with many statements, in as few round
     /// trips as the command size limit allows, and returns the indexes of
     /// statements that hit a duplicate key.
-    async fn update_many_statements(&self, collection: &str, updates: Vec<Document>) -> Result<Vec<usize>> {
+    async fn update_many_statements(&self, collection: &str, updates: Vec<RawDocumentBuf>) -> Result<Vec<usize>> {
         let mut duplicates = Vec::new();
         let mut start = 0;
         for chunk in chunk_by_size(updates, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS) {
             let len = chunk.len();
-            let reply = self
-                .db
-                .run_command(doc! {"update": collection, "updates": chunk, "ordered": false})
-                .await?;
+            let mut statements = RawArrayBuf::new();
+            for statement in chunk {
+                statements.push(statement);
+            }
+            // `update` first: a command is named by its first field.
+            let mut command = RawDocumentBuf::new();
+            command.append("update", collection);
+            command.append("updates", statements);
+            command.append("ordered", false);
+            let reply = self.db.run_raw_command(command).await?;
             if let Ok(errors) = reply.get_array("writeErrors") {
                 for error in errors.iter().filter_map(Bson::as_document) {
                     let code = error.get_i32("code").unwrap_or_default();
@@ -299,11 +305,11 @@ impl Store {
         // first start cannot reset a switched generation.
         self.update_many_statements(
             POINTERS,
-            vec![doc! {
+            encoded(vec![doc! {
                 "q": {"_id": projection},
                 "u": {"$setOnInsert": {"generation": 1_i64, "building": 0_i64, "highest": 1_i64}},
                 "upsert": true,
-            }],
+            }])?,
         )
         .await?;
         let found = pointers.find_one(doc! {"_id": projection}).await?;
@@ -440,36 +446,36 @@ impl Store {
     /// reapplies those, which is safe because applying is idempotent.
     #[instrument(skip_all, fields(collection, docs = writes.len()))]
     pub async fn write_states(&self, collection: &str, writes: &[DocWrite]) -> Result<Vec<String>> {
+        fn or_null<T: Into<RawBson>>(value: Option<T>) -> RawBson {
+            value.map_or(RawBson::Null, Into::into)
+        }
         let mut updates = Vec::with_capacity(writes.len());
         for w in writes {
-            let view = match &w.view {
-                Some(v) => Bson::Document(v.clone()),
-                None => Bson::Null,
-            };
             let s = &w.state;
+            // Built as encoded BSON: a batch of `Document` trees held
+            // about 20 KiB per course at its peak (heaptrack).
+            let mut replacement = RawDocumentBuf::new();
+            replacement.append("_id", w.id.as_str());
+            replacement.append("_rev", w.expected_rev + 1);
+            replacement.append("state", bson::to_raw_document_buf(s)?);
             // Top-level copies of what the API filters and sorts on.
-            let replacement = doc! {
-                "_id": &w.id,
-                "_rev": w.expected_rev + 1,
-                "state": bson::to_document(s)?,
-                "listed": w.view.is_some(),
-                "view": view,
-                "teacherId": s.teacher_id.as_ref().map(|t| t.value.clone()),
-                "name": s.name.as_ref().map(|n| n.value.clone()),
-                "postedAt": s.posted_at(),
-                "registeredAt": s.registered_at.as_ref().map(|r| r.value),
-                // Top-level so reading it needs no dotted projection (the
-                // test peer flattens those; see COMPATIBILITY.md).
-                "version": s.version,
-                // The pages' tie-break: a copy of `_id` that indexes may
-                // hold (the test peer rejects `_id` in compound keys).
-                "sortId": &w.id,
-            };
-            updates.push(doc! {
-                "q": {"_id": &w.id, "_rev": w.expected_rev},
-                "u": replacement,
-                "upsert": true,
-            });
+            replacement.append("listed", w.view.is_some());
+            replacement.append("view", or_null(w.view.clone()));
+            replacement.append("teacherId", or_null(s.teacher_id.as_ref().map(|t| t.value.as_str())));
+            replacement.append("name", or_null(s.name.as_ref().map(|n| n.value.as_str())));
+            replacement.append("postedAt", or_null(s.posted_at()));
+            replacement.append("registeredAt", or_null(s.registered_at.as_ref().map(|r| r.value)));
+            // Top-level so reading it needs no dotted projection (the
+            // test peer flattens those; see COMPATIBILITY.md).
+            replacement.append("version", or_null(s.version));
+            // The pages' tie-break: a copy of `_id` that indexes may
+            // hold (the test peer rejects `_id` in compound keys).
+            replacement.append("sortId", w.id.as_str());
+            let mut statement = RawDocumentBuf::new();
+            statement.append("q", rawdoc! {"_id": w.id.as_str(), "_rev": w.expected_rev});
+            statement.append("u", replacement);
+            statement.append("upsert", true);
+            updates.push(statement);
         }
         let conflicts = self.update_many_statements(collection, updates).await?;
         Ok(conflicts
@@ -576,7 +582,7 @@ impl Store {
             })
             .collect();
         // A duplicate key means a newer offset is already stored: nothing to do.
-        self.update_many_statements(CHECKPOINTS, updates).await?;
+        self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
         Ok(())
     }
 
@@ -591,7 +597,7 @@ impl Store {
             body.insert("deadAt", now);
             updates.push(doc! {"q": {"_id": letter.id()}, "u": {"$set": body}, "upsert": true});
         }
-        self.update_many_statements(DEAD_LETTERS, updates).await?;
+        self.update_many_statements(DEAD_LETTERS, encoded(updates)?).await?;
         Ok(())
     }
 
@@ -644,7 +650,9 @@ impl Store {
         body.remove("_id");
         self.update_many_statements(
             WORKERS,
-            vec![doc! {"q": {"_id": &entry.id}, "u": {"$set": body}, "upsert": true}],
+            encoded(vec![
+                doc! {"q": {"_id": &entry.id}, "u": {"$set": body}, "upsert": true},
+            ])?,
         )
         .await?;
         Ok(())
@@ -779,13 +787,12 @@ impl Store {
 
 /// Splits statements into runs of at most `max_bytes` (encoded) and
 /// `max_count` statements; a single larger statement goes alone.
-fn chunk_by_size(docs: Vec<Document>, max_bytes: usize, max_count: usize) -> Vec<Vec<Document>> {
+fn chunk_by_size(docs: Vec<RawDocumentBuf>, max_bytes: usize, max_count: usize) -> Vec<Vec<RawDocumentBuf>> {
     let mut chunks = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
     for d in docs {
-        // Encoded size; a document that cannot be encoded fails in the command.
-        let size = bson::to_vec(&d).map_or(0, |v| v.len());
+        let size = d.as_bytes().len();
         if !current.is_empty() && (bytes + size > max_bytes || current.len() == max_count) {
             chunks.push(std::mem::take(&mut current));
             bytes = 0;
@@ -871,6 +878,15 @@ fn escape_regex(text: &str) -> String {
     out
 }
 
+/// Statements built as `Document`s, encoded for [`Store::update_many_statements`].
+fn encoded(docs: Vec<Document>) -> Result<Vec<RawDocumentBuf>> {
+    docs.iter()
+        .map(|d| {
+            RawDocumentBuf::from_document(d).map_err(|e| StoreError::Failed(format!("unencodable statement: {e}")))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,10 +894,10 @@ mod tests {
     #[test]
     fn statements_are_split_so_no_command_nears_the_document_limit() {
         let big = "x".repeat(3 * 1024 * 1024);
-        let docs: Vec<Document> = (0..7).map(|i| doc! {"i": i, "pad": &big}).collect();
+        let docs = (0..7).map(|i| rawdoc! {"i": i, "pad": big.as_str()}).collect();
         let chunks = chunk_by_size(docs, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS);
         assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
-        let many: Vec<Document> = (0..25_001).map(|i| doc! {"i": i}).collect();
+        let many = (0..25_001).map(|i| rawdoc! {"i": i}).collect();
         assert_eq!(chunk_by_size(many, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS).len(), 3);
     }
 

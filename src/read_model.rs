@@ -23,9 +23,11 @@ impl ReadModel {
 
     /// The document the API serves for this course, or `None` if unlisted.
     /// Straight to BSON: it is stored as is, and served from the store.
-    pub fn view(self, state: &CourseState) -> Option<bson::Document> {
-        fn document<P: Projection>(state: &CourseState) -> Option<bson::Document> {
-            P::view(state).and_then(|v| bson::to_document(&v).ok())
+    pub fn view(self, state: &CourseState) -> Option<bson::RawDocumentBuf> {
+        // Straight to encoded BSON: a `Document` tree costs an order of
+        // magnitude more memory and time, and the writer only sends bytes.
+        fn document<P: Projection>(state: &CourseState) -> Option<bson::RawDocumentBuf> {
+            P::view(state).and_then(|v| bson::to_raw_document_buf(&v).ok())
         }
         match self {
             ReadModel::Catalog => document::<Catalog>(state),

@@ -147,6 +147,12 @@ pub struct Applier {
     /// since) is harmless: the revision guard rejects the write, and the
     /// course is reloaded and reapplied.
     recent: Arc<quick_cache::sync::Cache<String, Stored, StateBytes>>,
+    /// Whether courses missing from `recent` are presumed absent from the
+    /// store (written as new, no load) rather than loaded first. Guessing
+    /// wrong costs one refused statement and a reload, never a lost event:
+    /// the write is guarded by revision 0. Set after each batch from how
+    /// often the guess was right.
+    presume_absent: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Applier {
@@ -163,6 +169,7 @@ impl Applier {
                 RECENT_STATE_BYTES,
                 StateBytes,
             )),
+            presume_absent: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -278,7 +285,11 @@ impl Applier {
         }
         let mut pending: Vec<String> = by_course.keys().map(|id| (*id).to_owned()).collect();
         let mut written = 0;
-        for _round in 0..MAX_CONFLICT_ROUNDS {
+        // Courses written as new without a load, and how many of those the
+        // store refused (they existed after all).
+        let mut presumed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut presumed_wrong = 0;
+        for round in 0..MAX_CONFLICT_ROUNDS {
             if pending.is_empty() {
                 break;
             }
@@ -294,7 +305,15 @@ impl Applier {
                     None => missing.push(id.clone()),
                 }
             }
-            stored.extend(self.store.load_states(&collection, &missing).await?);
+            // One round trip per batch in the common case: courses seen
+            // recently come from memory, and unseen ones are presumed new
+            // (a replay from zero, a rebuild) while that keeps being true.
+            // Refused ones come back as conflicts and are loaded next round.
+            if round == 0 && self.presume_absent.load(std::sync::atomic::Ordering::Relaxed) {
+                presumed = missing.into_iter().collect();
+            } else {
+                stored.extend(self.store.load_states(&collection, &missing).await?);
+            }
             let mut writes = Vec::with_capacity(pending.len());
             let mut unchanged = Vec::new();
             for id in &pending {
@@ -319,6 +338,9 @@ impl Applier {
                 });
             }
             let conflicts = self.store.write_states(&collection, &writes).await?;
+            if round == 0 && !presumed.is_empty() {
+                presumed_wrong = conflicts.iter().filter(|id| presumed.contains(*id)).count();
+            }
             written += writes.len() - conflicts.len();
             self.remember(writes, unchanged, &conflicts);
             if !conflicts.is_empty() {
@@ -329,6 +351,18 @@ impl Applier {
                 );
             }
             pending = conflicts;
+        }
+        if !presumed.is_empty() || presumed_wrong > 0 {
+            // Keep presuming while at most a quarter of the guesses miss.
+            self.presume_absent.store(
+                presumed_wrong * 4 <= presumed.len(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        } else if !self.presume_absent.load(std::sync::atomic::Ordering::Relaxed) && written > 0 {
+            // Loading first: try presuming again now and then, so a worker
+            // that met existing courses once does not load forever.
+            self.presume_absent
+                .store(rand::random::<u8>() < 8, std::sync::atomic::Ordering::Relaxed);
         }
         if pending.is_empty() {
             Ok(written)

@@ -617,3 +617,53 @@ async fn with_redis_full_under_noeviction_answers_stay_fresh() {
     }
     worker.stop().await;
 }
+
+/// A record of `event` on its type's topic.
+fn record_of(event: &Value, offset: i64) -> courseview::record::Record {
+    courseview::record::Record {
+        topic: event["eventType"].as_str().expect("type").to_owned(),
+        partition: 0,
+        offset,
+        key: None,
+        value: Some(event.to_string().into_bytes()),
+        headers: Vec::new(),
+        timestamp: None,
+    }
+}
+
+#[tokio::test]
+async fn a_course_presumed_new_but_written_by_another_worker_is_reloaded_and_nothing_is_lost() {
+    let app = TestApp::spawn().await;
+    let generation = app.store.serving_generation("catalog").await.expect("pointer");
+    let first = Applier::new(ReadModel::Catalog, app.store.clone(), None, generation);
+    let created = event(
+        "CourseCreatedEvent",
+        "n1",
+        1,
+        json!({"name": "Created", "teacherId": "t9"}),
+    );
+    let posted = event("CoursePostedEvent", "n1", 2, json!({}));
+    first
+        .apply_batch(&[record_of(&created, 0), record_of(&posted, 0)])
+        .await
+        .expect("first worker");
+    // A second worker has never seen the course: it writes it as new
+    // without loading, the store refuses that (revision 0 is taken), and it
+    // reloads the course and reapplies its event.
+    let second = Applier::new(ReadModel::Catalog, app.store.clone(), None, generation);
+    let renamed = event("CourseUpdatedEvent", "n1", 3, json!({"name": "Renamed"}));
+    let outcome = second
+        .apply_batch(&[record_of(&renamed, 0)])
+        .await
+        .expect("second worker");
+    assert_eq!(outcome.documents_written, 1);
+    let (status, course) = app.get_json("/catalog/courses/n1").await;
+    assert_eq!(status, 200, "{course}");
+    assert_eq!(course["name"], "Renamed");
+    assert_eq!(course["teacherId"], "t9", "the first worker's fields survive");
+    assert_eq!(course["version"], 3);
+    assert_eq!(
+        app.dump(ReadModel::Catalog).await,
+        clean_replay(&[created, posted, renamed]).await
+    );
+}
