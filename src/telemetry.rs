@@ -2,10 +2,12 @@
 //! in one place. Labels are bounded: projection, event type, topic,
 //! partition, route, status class — never a course id.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -126,18 +128,45 @@ pub fn stalled(projection: &'static str, stalled: bool) {
 
 /// A lookup in one cache layer: `memory` (this process) or `redis`.
 pub fn cache_lookup(layer: &'static str, hit: bool) {
-    let result = if hit { "hit" } else { "miss" };
-    counter!(CACHE_LOOKUPS_TOTAL, "layer" => layer, "result" => result).increment(1);
+    // On every API request: the handle is looked up once per thread, not
+    // built and hashed from its labels each time.
+    thread_local! {
+        static HANDLES: RefCell<HashMap<(&'static str, bool), Counter>> = RefCell::default();
+    }
+    HANDLES.with_borrow_mut(|handles| {
+        handles
+            .entry((layer, hit))
+            .or_insert_with(|| {
+                let result = if hit { "hit" } else { "miss" };
+                counter!(CACHE_LOOKUPS_TOTAL, "layer" => layer, "result" => result)
+            })
+            .increment(1);
+    });
 }
 
 pub fn cache_error(op: &'static str) {
     counter!(CACHE_ERRORS_TOTAL, "op" => op).increment(1);
 }
 
-pub fn http_request(route: String, status: u16, elapsed: Duration) {
-    let labels = [("route", route), ("status", status.to_string())];
-    counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
-    histogram!(HTTP_REQUEST_SECONDS, &labels).record(elapsed.as_secs_f64());
+/// The request counter and latency histogram of one (route, status).
+type RequestHandles = (Counter, Histogram);
+
+/// A request answered; `route` is its template (bounded, no ids).
+pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
+    thread_local! {
+        static HANDLES: RefCell<HashMap<(&'static str, u16), RequestHandles>> = RefCell::default();
+    }
+    HANDLES.with_borrow_mut(|handles| {
+        let (requests, seconds) = handles.entry((route, status)).or_insert_with(|| {
+            let labels = [("route", route.to_owned()), ("status", status.to_string())];
+            (
+                counter!(HTTP_REQUESTS_TOTAL, &labels),
+                histogram!(HTTP_REQUEST_SECONDS, &labels),
+            )
+        });
+        requests.increment(1);
+        seconds.record(elapsed.as_secs_f64());
+    });
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use tower_http::trace::TraceLayer;
 
 pub use auth::{AuthConfigError, DashboardAuth, JwtSettings, JwtVerifier};
 pub use error::ApiError;
-pub use routes::QUERY_PARAMETERS;
+pub use routes::{template as route_template, QUERY_PARAMETERS};
 pub use worker::{serve_worker, worker_app, WorkerHealth};
 
 use crate::cache::{Cache, Lookup, Put, Scope};
@@ -392,7 +392,7 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map_or("unmatched", |p| routes::template(p.as_str()));
     let response = next.run(request).await;
     telemetry::http_request(route, response.status().as_u16(), started.elapsed());
     response

@@ -31,6 +31,24 @@ pub const QUERY_PARAMETERS: &[(&str, &[&str])] = &[
     ("/projections", &[]),
 ];
 
+/// Every route template this API serves, for metric labels.
+const TEMPLATES: &[&str] = &[
+    "/catalog/courses",
+    "/catalog/courses/{courseId}",
+    "/teachers/{teacherId}/courses",
+    "/projections",
+    "/status",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+];
+
+/// The static name of a matched route template.
+pub fn template(matched: &str) -> &'static str {
+    TEMPLATES.iter().find(|t| **t == matched).copied().unwrap_or("other")
+}
+
 /// How often `minVersion` re-reads the applied version while waiting.
 const VERSION_POLL: Duration = Duration::from_millis(25);
 

@@ -31,6 +31,11 @@ async fn every_route_and_query_parameter_is_in_the_document_and_the_other_way_ro
     // Every documented path is routed (the fallback's "no such resource"
     // would answer otherwise), and answers as documented.
     for (path, item) in paths {
+        assert_ne!(
+            courseview::http::route_template(path),
+            "other",
+            "{path} has no metrics label of its own"
+        );
         let concrete = path.replace("{courseId}", "c1").replace("{teacherId}", "t1");
         let response = app.get(&concrete).await;
         let code = response.status().as_u16();
