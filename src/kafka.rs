@@ -284,8 +284,10 @@ impl Consumer {
             // The kbytes bound counts payloads only; each queued message also
             // carries a librdkafka op of a few hundred bytes, and the default
             // of 100,000 messages per partition made those the largest heap
-            // consumer (heaptrack). Two batches per partition is plenty.
-            .set("queued.min.messages", "2000")
+            // consumer (heaptrack). Queues fill to this only when the log
+            // holds more, so it made RSS grow with the log up to the cap;
+            // 1,000 per partition keeps a whole batch ready on each.
+            .set("queued.min.messages", "1000")
             .set("fetch.max.bytes", "4194304")
             .create_with_context(context)?;
         let topics = topic_subscription(&settings.topics);

@@ -72,6 +72,10 @@ pub struct WorkerArgs {
     /// Bytes of consumed records waiting to be applied, at most.
     #[arg(long, env = "COURSEVIEW_MAX_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_queue_bytes: usize,
+    /// Bytes of recently written course states kept in memory, so their
+    /// next events need no load (an estimate of their size).
+    #[arg(long, env = "COURSEVIEW_STATE_CACHE_BYTES", default_value_t = worker::DEFAULT_STATE_CACHE_BYTES)]
+    pub state_cache_bytes: u64,
     /// On SIGTERM/SIGINT, how long the batch in hand may still retry
     /// (MongoDB down) before the process exits without storing its offsets.
     #[arg(long, env = "COURSEVIEW_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
@@ -106,6 +110,7 @@ impl WorkerArgs {
             max_backoff: self.max_backoff,
             max_record_bytes: self.max_record_bytes.clamp(1, worker::MAX_RECORD_BYTES_CAP),
             max_queue_bytes: self.max_queue_bytes.max(1),
+            state_cache_bytes: self.state_cache_bytes,
             shutdown_timeout: self.shutdown_timeout,
             on_phase: None,
         }
