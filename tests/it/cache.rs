@@ -330,3 +330,36 @@ async fn a_stalled_notice_subscription_stops_memory_answers_within_the_freshness
     cancel.cancel();
     let _ = worker.await;
 }
+
+/// What the memory layer's fences rest on: Redis delivers one channel's
+/// messages to a subscriber in the order it executed the PUBLISHes, even
+/// when they come from different connections. A notice published before
+/// a fence is therefore never received after it.
+#[tokio::test]
+async fn redis_delivers_one_channels_messages_in_publish_order_across_connections() {
+    use futures::StreamExt as _;
+    use redis::AsyncCommands as _;
+    let client = redis::Client::open(crate::helpers::redis_url()).expect("client");
+    let channel = crate::helpers::unique("cvtest:order");
+    let mut subscriber = client.get_async_pubsub().await.expect("pubsub");
+    subscriber.subscribe(&channel).await.expect("subscribe");
+    let mut messages = subscriber.into_on_message();
+    let mut worker = client.get_multiplexed_async_connection().await.expect("worker");
+    let mut api = client.get_multiplexed_async_connection().await.expect("api");
+    const ROUNDS: usize = 500;
+    for i in 0..ROUNDS {
+        // The "worker" publishes, then (after Redis answered) the "API" fences.
+        let _: i64 = worker.publish(&channel, format!("n {i}")).await.expect("notice");
+        let _: i64 = api.publish(&channel, format!("f {i}")).await.expect("fence");
+    }
+    let mut received = Vec::with_capacity(2 * ROUNDS);
+    while received.len() < 2 * ROUNDS {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("every message arrives")
+            .expect("subscription open");
+        received.push(String::from_utf8_lossy(message.get_payload_bytes()).into_owned());
+    }
+    let expected: Vec<String> = (0..ROUNDS).flat_map(|i| [format!("n {i}"), format!("f {i}")]).collect();
+    assert_eq!(received, expected);
+}
