@@ -287,6 +287,7 @@ impl Applier {
 
     /// Applies events to their courses' documents; returns documents written.
     pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let collection = self.collection();
         if let (Some(cache), false) = (&self.cache, events.is_empty()) {
             // Readers bypass the cache from now until this batch's bump.
@@ -322,7 +323,7 @@ impl Applier {
             // recently come from memory, and unseen ones are presumed new
             // (a replay from zero, a rebuild) while that keeps being true.
             // Refused ones come back as conflicts and are loaded next round.
-            if round == 0 && self.presume_absent.load(std::sync::atomic::Ordering::Relaxed) {
+            if round == 0 && self.presume_absent.load(Relaxed) {
                 presumed = missing.into_iter().collect();
             } else {
                 stored.extend(self.store.load_states(&collection, &missing).await?);
@@ -334,12 +335,13 @@ impl Applier {
                     Some(s) => (s.state.clone(), s.rev),
                     None => (CourseState::new(id.as_str()), 0),
                 };
-                let before = state.clone();
+                // Only a stored course can be left unchanged.
+                let before = (rev > 0).then(|| state.clone());
                 for event in by_course.get(id.as_str()).into_iter().flatten() {
                     state.apply(event);
                 }
                 // A replayed or duplicate event changes nothing: skip the write.
-                if rev > 0 && state == before {
+                if before.as_ref() == Some(&state) {
                     unchanged.push(Stored { state, rev });
                     continue;
                 }
@@ -351,7 +353,7 @@ impl Applier {
                 });
             }
             let conflicts = self.store.write_states(&collection, &writes).await?;
-            if round == 0 && !presumed.is_empty() {
+            if round == 0 {
                 presumed_wrong = conflicts.iter().filter(|id| presumed.contains(*id)).count();
             }
             written += writes.len() - conflicts.len();
@@ -365,17 +367,13 @@ impl Applier {
             }
             pending = conflicts;
         }
-        if !presumed.is_empty() || presumed_wrong > 0 {
+        if !presumed.is_empty() {
             // Keep presuming while at most a quarter of the guesses miss.
-            self.presume_absent.store(
-                presumed_wrong * 4 <= presumed.len(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        } else if !self.presume_absent.load(std::sync::atomic::Ordering::Relaxed) && written > 0 {
+            self.presume_absent.store(presumed_wrong * 4 <= presumed.len(), Relaxed);
+        } else if !self.presume_absent.load(Relaxed) && written > 0 {
             // Loading first: try presuming again now and then, so a worker
             // that met existing courses once does not load forever.
-            self.presume_absent
-                .store(rand::random::<u8>() < 8, std::sync::atomic::Ordering::Relaxed);
+            self.presume_absent.store(rand::random::<u8>() < 8, Relaxed);
         }
         if pending.is_empty() {
             Ok(written)

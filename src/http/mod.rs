@@ -279,7 +279,7 @@ impl AppState {
         Ok(loaded)
     }
 
-    /// [`json_ok`] with compressed bodies memoized.
+    /// A JSON 200 (or 304), compressed bodies memoized.
     fn json(&self, request_headers: &HeaderMap, body: Bytes) -> Response {
         json_response(request_headers, body, Some(&self.gzipped))
     }
@@ -396,13 +396,6 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     telemetry::http_request(route, response.status().as_u16(), started.elapsed());
     response
-}
-
-/// A JSON 200 with a strong ETag over the body, or a 304 when the client
-/// already holds it. `no-cache`: clients may keep it but must revalidate,
-/// which the ETag makes cheap.
-fn json_ok(request_headers: &HeaderMap, body: impl Into<Bytes>) -> Response {
-    json_response(request_headers, body.into(), None)
 }
 
 /// Bodies at least this large are gzipped when the client accepts it

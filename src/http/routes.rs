@@ -9,7 +9,7 @@ use bson::{Bson, Document};
 use serde_json::{json, Value};
 
 use super::params::{Cursor, Params, Sort};
-use super::{json_ok, ApiError, AppState, AppStateExt};
+use super::{ApiError, AppState, AppStateExt};
 use crate::mongo::{PageQuery, Store};
 use crate::read_model::ReadModel;
 use crate::telemetry;
@@ -232,7 +232,7 @@ pub async fn catalog_course(
         let view = state.store.listed_view(&collection, &course_id).await?;
         state.forget_generation(model, generation);
         return match view {
-            Some(v) => Ok(json_ok(&headers, serde_json::to_vec(&to_json(v)).unwrap_or_default())),
+            Some(v) => Ok(state.json(&headers, serde_json::to_vec(&to_json(v)).unwrap_or_default().into())),
             None => Err(ApiError::NotFound(format!(
                 "course {course_id:?} is not in the catalog"
             ))),
