@@ -623,6 +623,9 @@ impl Inspector {
             .set("queued.min.messages", "1")
             .set("fetch.max.bytes", "1048576")
             .set("max.partition.fetch.bytes", "65536")
+            // Lag ages are looked for within a short budget: do not let the
+            // broker hold a fetch for librdkafka's default 500 ms.
+            .set("fetch.wait.max.ms", "50")
             .create()?;
         Ok(Inspector {
             inner: std::sync::Mutex::new(consumer),
