@@ -10,6 +10,7 @@
 //! - [`kafka`], [`mongo`], [`cache`] (Redis), [`http`]: one module per external system.
 //! - [`cli`]: one file per subcommand; [`shutdown`], [`telemetry`]: cross-cutting.
 
+pub mod align;
 pub mod cache;
 pub mod cli;
 pub mod dead_letter;

@@ -430,11 +430,13 @@ impl Store {
             .with_options(options)
             .await?;
         while let Some(doc) = cursor.try_next().await? {
-            let state_doc = doc
-                .get_document("state")
-                .map_err(|e| StoreError::Failed(format!("document without state in {collection}: {e}")))?;
-            let state: CourseState = bson::from_document(state_doc.clone())
-                .map_err(|e| StoreError::Failed(format!("unreadable state in {collection}: {e}")))?;
+            let state: CourseState = match doc.get("state") {
+                Some(Bson::String(json)) => serde_json::from_str(json).map_err(|e| e.to_string()),
+                // As written before states were stored encoded.
+                Some(Bson::Document(state)) => bson::from_document(state.clone()).map_err(|e| e.to_string()),
+                _ => return Err(StoreError::Failed(format!("document without state in {collection}"))),
+            }
+            .map_err(|e| StoreError::Failed(format!("unreadable state in {collection}: {e}")))?;
             let rev = get_int(&doc, "_rev").unwrap_or_default();
             found.insert(state.course_id.clone(), Stored { state, rev });
         }
@@ -457,7 +459,14 @@ impl Store {
             let mut replacement = RawDocumentBuf::new();
             replacement.append("_id", w.id.as_str());
             replacement.append("_rev", w.expected_rev + 1);
-            replacement.append("state", bson::to_raw_document_buf(s)?);
+            // The state is the projector's private bookkeeping (a stamp per
+            // field); nothing queries inside it, so it is stored as one
+            // JSON string, which the store keeps without parsing ~30 nested
+            // fields: the test peer writes such documents a third faster
+            // (PERFORMANCE.md). A string rather than BSON binary: the peer
+            // fails to report a duplicate key on a document holding binary.
+            let state = serde_json::to_string(s).map_err(|e| StoreError::Failed(format!("unencodable state: {e}")))?;
+            replacement.append("state", state);
             // Top-level copies of what the API filters and sorts on.
             replacement.append("listed", w.view.is_some());
             replacement.append("view", or_null(w.view.clone()));

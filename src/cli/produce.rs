@@ -95,8 +95,7 @@ pub fn demo_history(rng: &mut impl Rng, prefix: &str, index: usize) -> Vec<Outgo
                 topic: format!("{prefix}{event_type}"),
                 key: Some(course.clone()),
                 value: Some(value.to_string()),
-                headers: Vec::new(),
-                raw_headers: Vec::new(),
+                ..Outgoing::default()
             }
         })
         .collect()

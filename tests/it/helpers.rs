@@ -247,6 +247,7 @@ impl TestApp {
             value: Some(event.to_string()),
             headers: Vec::new(),
             raw_headers: Vec::new(),
+            timestamp: None,
         })
         .await;
     }

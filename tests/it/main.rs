@@ -17,4 +17,5 @@ mod operations;
 mod outage;
 mod peers;
 mod pipeline;
+mod reader;
 mod status_page;

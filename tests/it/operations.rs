@@ -101,6 +101,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
                     value: Some(e.to_string()),
                     headers: Vec::new(),
                     raw_headers: Vec::new(),
+                    timestamp: None,
                 };
                 producer.send(&record).await.expect("produce");
                 tokio::time::sleep(Duration::from_millis(5)).await;

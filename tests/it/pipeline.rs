@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use courseview::kafka::Outgoing;
+use courseview::mongo::Store;
 use courseview::read_model::ReadModel;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -12,11 +13,17 @@ use crate::helpers::{clean_replay, event, eventually, scenario, TestApp};
 
 /// Publishes `events` and waits until both projections applied them.
 async fn run_to_completion(app: &TestApp, events: &[Value]) -> Value {
+    run_until(app, events, events.len()).await
+}
+
+/// Publishes `events` and waits until both projections applied `total`
+/// records of this app's topics (earlier runs included).
+async fn run_until(app: &TestApp, events: &[Value], total: usize) -> Value {
     let catalog = app.start_worker(ReadModel::Catalog);
     let teachers = app.start_worker(ReadModel::TeacherCourses);
     app.publish_all(events).await;
-    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
-    app.wait_applied(ReadModel::TeacherCourses, events.len() as i64).await;
+    app.wait_applied(ReadModel::Catalog, total as i64).await;
+    app.wait_applied(ReadModel::TeacherCourses, total as i64).await;
     catalog.stop().await;
     teachers.stop().await;
     let (_, courses, teacher_ids) = scenario();
@@ -116,6 +123,7 @@ pub fn as_outbox(app: &TestApp, events: &[Value]) -> Vec<Outgoing> {
                 value: Some(value),
                 headers,
                 raw_headers: Vec::new(),
+                timestamp: None,
             }
         })
         .collect()
@@ -217,6 +225,7 @@ async fn a_garbage_record_is_dead_lettered_and_later_events_still_apply() {
         value: Some("{this is not json".into()),
         headers: vec![("source".into(), "test".into())],
         raw_headers: Vec::new(),
+        timestamp: None,
     };
     app.send(garbage).await;
     let missing_name = event("CourseCreatedEvent", "g2", 1, json!({"teacherId": "t"}));
@@ -324,4 +333,40 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
         0,
         "replayed letters are removed"
     );
+}
+
+#[tokio::test]
+async fn states_stored_as_documents_by_earlier_releases_are_read_and_carried_on() {
+    // Earlier releases stored a course's state as an embedded document; it
+    // is now one encoded value. A read model written by an old release must
+    // carry on under the new one without a rebuild.
+    let (events, _, _) = scenario();
+    let expected = run_to_completion(&TestApp::spawn().await, &events).await;
+
+    let app = TestApp::spawn().await;
+    let (first, rest) = events.split_at(events.len() / 2);
+    run_to_completion(&app, first).await;
+    let client = mongodb::Client::with_uri_str(&app.mongodb_uri).await.expect("client");
+    let db = client.database(app.store.database_name());
+    let mut rewritten = 0;
+    for model in [ReadModel::Catalog, ReadModel::TeacherCourses] {
+        let generation = app.store.serving_generation(model.name()).await.expect("generation");
+        let name = Store::collection_name(model.name(), generation);
+        for doc in app.store.dump(&name).await.expect("dump") {
+            let encoded = doc.get_str("state").expect("state stored encoded");
+            let state: courseview_projections::CourseState = serde_json::from_str(encoded).expect("a state");
+            let state = bson::to_document(&state).expect("as a document");
+            db.collection::<bson::Document>(&name)
+                .update_one(
+                    bson::doc! {"_id": doc.get("_id").cloned()},
+                    bson::doc! {"$set": {"state": state}},
+                )
+                .await
+                .expect("rewritten the old way");
+            rewritten += 1;
+        }
+    }
+    assert!(rewritten > 0, "nothing to rewrite");
+
+    assert_eq!(run_until(&app, rest, events.len()).await, expected);
 }
