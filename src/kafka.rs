@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use crate::align::{self, Aligner};
 use crate::record::Record;
 
 /// Kafka client errors. Broker trouble is transient; configuration is not.
@@ -163,20 +162,12 @@ struct AssignContext {
     patience: Duration,
     /// Set when an assignment could not be made; the reader stops on it.
     failed: Arc<std::sync::Mutex<Option<String>>>,
-    /// Counts rebalances, so the reader knows its pause plan is stale.
-    rebalances: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClientContext for AssignContext {}
 
 impl ConsumerContext for AssignContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        // librdkafka keeps an application's pause across assignments: clear
-        // the reader's, and tell it its plan is stale.
-        if let Err(e) = consumer.resume(tpl) {
-            debug!(group = %self.group, error = %e, "Resume on rebalance failed.");
-        }
-        self.rebalances.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let stored = match self.load_offsets_patiently() {
@@ -246,7 +237,6 @@ pub struct Consumer {
     inner: Arc<BaseConsumer<AssignContext>>,
     group: String,
     failed: Arc<std::sync::Mutex<Option<String>>>,
-    rebalances: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -262,14 +252,12 @@ impl Consumer {
         offsets: Arc<dyn OffsetSource>,
     ) -> Result<Consumer, KafkaClientError> {
         let failed = Arc::new(std::sync::Mutex::new(None));
-        let rebalances = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
             // Well inside the rebalance timeout, so the group never waits on us.
             patience: settings.session_timeout / 2,
             failed: Arc::clone(&failed),
-            rebalances: Arc::clone(&rebalances),
         };
         let consumer: BaseConsumer<AssignContext> = ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
@@ -301,8 +289,8 @@ impl Consumer {
             // 1,000 per partition keeps a whole batch ready on each.
             .set("queued.min.messages", "1000")
             // A partition whose queue filled waits this long before its next
-            // fetch (default 1 s); a resumed partition (see `align`) waited
-            // that whole second before delivering again.
+            // fetch; with queues this short librdkafka's default (1 s) can
+            // leave one empty meanwhile (its documentation says as much).
             .set("fetch.queue.backoff.ms", "20")
             .set("fetch.max.bytes", "4194304")
             .create_with_context(context)?;
@@ -314,7 +302,6 @@ impl Consumer {
             inner: Arc::new(consumer),
             group: settings.group_id.clone(),
             failed,
-            rebalances,
         })
     }
 
@@ -331,18 +318,12 @@ impl Consumer {
     ) -> std::thread::JoinHandle<ReaderExit> {
         let consumer = Arc::clone(&self.inner);
         let failed = Arc::clone(&self.failed);
-        let rebalances = Arc::clone(&self.rebalances);
         let group = self.group.clone();
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
             .spawn(move || {
                 let mut advanced: HashMap<(String, i32), i64> = HashMap::new();
                 let mut last_check = std::time::Instant::now();
-                let mut aligner = Aligner::new(align::SLACK, align::IDLE);
-                // Time spent waiting on the broker: the aligner's clock.
-                let mut waited = Duration::ZERO;
-                let mut seen_rebalances = 0;
-                let (mut since_plan, mut last_plan) = (0_u32, std::time::Instant::now());
                 let exit = loop {
                     if cancel.is_cancelled() {
                         break ReaderExit::Cancelled;
@@ -357,30 +338,14 @@ impl Consumer {
                             break ReaderExit::ReceiverGone;
                         }
                     }
-                    let poll_started = std::time::Instant::now();
                     let polled = consumer.poll(Duration::from_millis(100));
-                    waited += poll_started.elapsed();
                     if let Some(reason) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                         break ReaderExit::AssignmentFailed(reason);
-                    }
-                    let rebalanced = rebalances.load(std::sync::atomic::Ordering::SeqCst);
-                    if rebalanced != seen_rebalances {
-                        seen_rebalances = rebalanced;
-                        let assigned = consumer.assignment().map(|tpl| partitions(&tpl)).unwrap_or_default();
-                        let paused = aligner.assigned(assigned, waited);
-                        // The rebalance resumed what it revoked and assigned;
-                        // with an incremental protocol that is not all.
-                        if !paused.is_empty() {
-                            if let Err(e) = consumer.resume(&partition_list(&paused)) {
-                                debug!(error = %e, "Resume after rebalance failed.");
-                            }
-                        }
                     }
                     match polled {
                         None => {}
                         Some(Ok(message)) => {
                             let record = to_record(&message);
-                            aligner.delivered(&record.topic, record.partition, record.timestamp, waited);
                             advanced.insert((record.topic.clone(), record.partition), record.offset + 1);
                             if !budget.acquire(record.size(), &cancel) {
                                 break ReaderExit::Cancelled;
@@ -390,14 +355,6 @@ impl Consumer {
                             }
                         }
                         Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
-                    }
-                    // Often enough that a partition overshoots by a few dozen
-                    // records at most; seldom enough to cost nothing.
-                    since_plan += 1;
-                    if since_plan >= 32 || last_plan.elapsed() >= Duration::from_millis(1) {
-                        since_plan = 0;
-                        last_plan = std::time::Instant::now();
-                        align_partitions(&consumer, &mut aligner, waited);
                     }
                 };
                 // Leave the group here, on the thread that serves callbacks.
@@ -422,82 +379,21 @@ impl Consumer {
 
     /// Currently assigned (topic, partition) pairs.
     pub fn assignment(&self) -> Vec<(String, i32)> {
-        self.inner.assignment().map(|tpl| partitions(&tpl)).unwrap_or_default()
+        self.inner
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Low and high watermarks of a partition (blocking network call).
     pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaClientError> {
         Ok(self.inner.fetch_watermarks(topic, partition, Duration::from_secs(2))?)
     }
-}
-
-/// Pauses partitions that run ahead in time and resumes those the others
-/// caught up with (see `align`). A failed call only costs alignment.
-fn align_partitions(consumer: &BaseConsumer<AssignContext>, aligner: &mut Aligner, waited: Duration) {
-    // The position, not the last record delivered: it moves past
-    // transaction markers, which are never delivered.
-    let positions: HashMap<(String, i32), i64> = consumer
-        .position()
-        .map(|tpl| {
-            tpl.elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let plan = aligner.plan(waited, |topic, partition| {
-        let position = positions.get(&(topic.to_owned(), partition))?;
-        Some(cached_end_offset(consumer, topic, partition)? - position)
-    });
-    if !plan.pause.is_empty() {
-        if let Err(e) = consumer.pause(&partition_list(&plan.pause)) {
-            debug!(error = %e, "Pause failed.");
-        }
-    }
-    if !plan.resume.is_empty() {
-        if let Err(e) = consumer.resume(&partition_list(&plan.resume)) {
-            debug!(error = %e, "Resume failed.");
-        }
-    }
-}
-
-fn partition_list(partitions: &[align::Partition]) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    for (topic, partition) in partitions {
-        tpl.add_partition(topic, *partition);
-    }
-    tpl
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<align::Partition> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_owned(), e.partition()))
-        .collect()
-}
-
-/// The partition's end offset as the client last saw it in a fetch reply
-/// (no network call); None before the first reply.
-#[allow(unsafe_code)]
-fn cached_end_offset(consumer: &BaseConsumer<AssignContext>, topic: &str, partition: i32) -> Option<i64> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1_i64, -1_i64);
-    // SAFETY: the client handle is valid while `consumer` lives; librdkafka
-    // reads the NUL-terminated topic name and writes the two integers, and
-    // keeps no pointer to either after returning.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// Partitions whose consumer position is past the last offset handed over

@@ -10,7 +10,6 @@
 //! - [`kafka`], [`mongo`], [`cache`] (Redis), [`http`]: one module per external system.
 //! - [`cli`]: one file per subcommand; [`shutdown`], [`telemetry`]: cross-cutting.
 
-pub mod align;
 pub mod cache;
 pub mod cli;
 pub mod dead_letter;

@@ -17,5 +17,4 @@ mod operations;
 mod outage;
 mod peers;
 mod pipeline;
-mod reader;
 mod status_page;
