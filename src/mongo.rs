@@ -429,14 +429,23 @@ impl Store {
             .find(doc! {"_id": {"$in": ids}})
             .with_options(options)
             .await?;
-        while let Some(doc) = cursor.try_next().await? {
-            let state: CourseState = match doc.get("state") {
-                Some(Bson::String(json)) => serde_json::from_str(json).map_err(|e| e.to_string()),
+        while let Some(mut doc) = cursor.try_next().await? {
+            // A state that cannot be read stops the worker (Failed): skipping
+            // it would throw away the stamps that make replays converge.
+            let unreadable = |doc: &Document, what: String| {
+                let id = doc.get("_id").map_or_else(|| "?".into(), ToString::to_string);
+                StoreError::Failed(format!(
+                    "state of {id} in {collection}: {what} (rebuild the projection to rewrite it)"
+                ))
+            };
+            let state: CourseState = match doc.remove("state") {
+                Some(Bson::String(json)) => serde_json::from_str(&json).map_err(|e| unreadable(&doc, e.to_string()))?,
                 // As written before states were stored encoded.
-                Some(Bson::Document(state)) => bson::from_document(state.clone()).map_err(|e| e.to_string()),
-                _ => return Err(StoreError::Failed(format!("document without state in {collection}"))),
-            }
-            .map_err(|e| StoreError::Failed(format!("unreadable state in {collection}: {e}")))?;
+                Some(Bson::Document(state)) => {
+                    bson::from_document(state).map_err(|e| unreadable(&doc, e.to_string()))?
+                }
+                other => return Err(unreadable(&doc, format!("unexpected {other:?}"))),
+            };
             let rev = get_int(&doc, "_rev").unwrap_or_default();
             found.insert(state.course_id.clone(), Stored { state, rev });
         }

@@ -352,9 +352,11 @@ async fn states_stored_as_documents_by_earlier_releases_are_read_and_carried_on(
     for model in [ReadModel::Catalog, ReadModel::TeacherCourses] {
         let generation = app.store.serving_generation(model.name()).await.expect("generation");
         let name = Store::collection_name(model.name(), generation);
+        let mut written = std::collections::HashMap::new();
         for doc in app.store.dump(&name).await.expect("dump") {
             let encoded = doc.get_str("state").expect("state stored encoded");
             let state: courseview_projections::CourseState = serde_json::from_str(encoded).expect("a state");
+            written.insert(state.course_id.clone(), state.clone());
             let state = bson::to_document(&state).expect("as a document");
             db.collection::<bson::Document>(&name)
                 .update_one(
@@ -365,6 +367,11 @@ async fn states_stored_as_documents_by_earlier_releases_are_read_and_carried_on(
                 .expect("rewritten the old way");
             rewritten += 1;
         }
+        // Read back exactly, not merely well enough for the answers below.
+        let ids: Vec<String> = written.keys().cloned().collect();
+        let loaded = app.store.load_states(&name, &ids).await.expect("old states load");
+        let loaded: std::collections::HashMap<_, _> = loaded.into_iter().map(|(id, s)| (id, s.state)).collect();
+        assert_eq!(loaded, written, "{name}: old-form states read back as written");
     }
     assert!(rewritten > 0, "nothing to rewrite");
 
