@@ -635,6 +635,11 @@ impl Inspector {
             // Lag ages are looked for within a short budget: do not let the
             // broker hold a fetch for librdkafka's default 500 ms.
             .set("fetch.wait.max.ms", "50")
+            // With a one-message queue every fetch fills it, and librdkafka
+            // then waits this long before the partition's next fetch
+            // (default 1 s): a status read soon after another found no
+            // record within its budget, and a stalled projection looked live.
+            .set("fetch.queue.backoff.ms", "10")
             .create()?;
         Ok(Inspector {
             inner: std::sync::Mutex::new(consumer),

@@ -5,6 +5,7 @@
 //! `courseview status`, and run periodically by each worker for its lag
 //! metrics and readiness.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +104,26 @@ pub struct StatusProbe {
     inspector: Arc<Inspector>,
     topics: String,
     stall_after: Duration,
+    /// Timestamps of records already looked up, by (topic, partition,
+    /// offset): a record's timestamp never changes, and a stalled
+    /// partition asks for the same record every time, so once found its
+    /// age is known even when the broker is slow to answer again.
+    timestamps: Arc<std::sync::Mutex<HashMap<Position, i64>>>,
+}
+
+/// A record's place: (topic, partition, offset).
+type Position = (String, i32, i64);
+
+/// Remembered record timestamps; past this many the memory starts over.
+const TIMESTAMPS_KEPT: usize = 4096;
+
+impl StatusProbe {
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Position, i64>> {
+        // A poisoned lock only means a holder panicked; the map is still right.
+        self.timestamps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 fn now_millis() -> i64 {
@@ -116,6 +137,7 @@ impl StatusProbe {
             inspector: Arc::new(Inspector::new(brokers)?),
             topics: topics.to_owned(),
             stall_after,
+            timestamps: Arc::default(),
         })
     }
 
@@ -214,11 +236,32 @@ impl StatusProbe {
                 stalled: false,
             });
         }
+        let known = |position: &Position| self.remembered().get(position).copied();
+        let unknown: Vec<Position> = lagging.iter().filter(|p| known(p).is_none()).cloned().collect();
         let inspector = Arc::clone(&self.inspector);
-        let positions = lagging.clone();
-        let oldest = tokio::task::spawn_blocking(move || inspector.timestamps_at(&positions, LAG_AGE_BUDGET))
-            .await
-            .map_err(|e| KafkaClientError::Request(e.to_string()))??;
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let found = inspector.timestamps_at(&unknown, LAG_AGE_BUDGET)?;
+            // Found by (topic, partition); keep them by offset too.
+            Ok::<_, KafkaClientError>(
+                unknown
+                    .into_iter()
+                    .filter_map(|(t, p, o)| found.get(&(t.clone(), p)).map(|ts| ((t, p, o), *ts)))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .map_err(|e| KafkaClientError::Request(e.to_string()))??;
+        {
+            let mut remembered = self.remembered();
+            if remembered.len() + looked_up.len() > TIMESTAMPS_KEPT {
+                remembered.clear();
+            }
+            remembered.extend(looked_up);
+        }
+        let oldest: HashMap<(String, i32), i64> = lagging
+            .iter()
+            .filter_map(|(t, p, o)| known(&(t.clone(), *p, *o)).map(|ts| ((t.clone(), *p), ts)))
+            .collect();
         let now = now_millis();
         let stall_ms = self.stall_after.as_millis() as i64;
         for p in partitions.iter_mut().filter(|p| p.lag_events > 0) {
