@@ -433,9 +433,7 @@ async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, second
             topic: format!("{}.CourseUpdatedEvent", env.prefix),
             key: Some(course.clone()),
             value: Some(value.to_string()),
-            headers: Vec::new(),
-            raw_headers: Vec::new(),
-            timestamp: None,
+            ..Outgoing::default()
         };
         let sent = Instant::now();
         if n % 100 == 0 {
@@ -559,9 +557,7 @@ async fn main() {
                 let s = String::from_utf8_lossy(v).into_owned();
                 serde_json::from_str::<String>(&s).unwrap_or(s)
             }),
-            headers: Vec::new(),
-            raw_headers: Vec::new(),
-            timestamp: None,
+            ..Outgoing::default()
         })
         .map(|mut o| {
             if let Some(v) = o.value.as_ref().and_then(|v| serde_json::from_str::<Value>(v).ok()) {

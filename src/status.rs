@@ -117,15 +117,6 @@ type Position = (String, i32, i64);
 /// Remembered record timestamps; past this many the memory starts over.
 const TIMESTAMPS_KEPT: usize = 4096;
 
-impl StatusProbe {
-    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Position, i64>> {
-        // A poisoned lock only means a holder panicked; the map is still right.
-        self.timestamps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -200,6 +191,13 @@ impl StatusProbe {
             workers,
             dead_letters,
         })
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Position, i64>> {
+        // A poisoned lock only means a holder panicked; the map is still right.
+        self.timestamps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Lag of one generation: checkpoints against watermarks; a partition

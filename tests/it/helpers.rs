@@ -245,9 +245,7 @@ impl TestApp {
             topic: self.topic(event_type),
             key: event["courseId"].as_str().map(str::to_owned),
             value: Some(event.to_string()),
-            headers: Vec::new(),
-            raw_headers: Vec::new(),
-            timestamp: None,
+            ..Outgoing::default()
         })
         .await;
     }

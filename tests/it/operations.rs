@@ -99,9 +99,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
                     topic,
                     key: e["courseId"].as_str().map(str::to_owned),
                     value: Some(e.to_string()),
-                    headers: Vec::new(),
-                    raw_headers: Vec::new(),
-                    timestamp: None,
+                    ..courseview::kafka::Outgoing::default()
                 };
                 producer.send(&record).await.expect("produce");
                 tokio::time::sleep(Duration::from_millis(5)).await;

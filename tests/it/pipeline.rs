@@ -122,8 +122,7 @@ pub fn as_outbox(app: &TestApp, events: &[Value]) -> Vec<Outgoing> {
                 key: Some(key),
                 value: Some(value),
                 headers,
-                raw_headers: Vec::new(),
-                timestamp: None,
+                ..Outgoing::default()
             }
         })
         .collect()
@@ -224,8 +223,7 @@ async fn a_garbage_record_is_dead_lettered_and_later_events_still_apply() {
         key: Some("g1".into()),
         value: Some("{this is not json".into()),
         headers: vec![("source".into(), "test".into())],
-        raw_headers: Vec::new(),
-        timestamp: None,
+        ..Outgoing::default()
     };
     app.send(garbage).await;
     let missing_name = event("CourseCreatedEvent", "g2", 1, json!({"teacherId": "t"}));
