@@ -401,6 +401,36 @@ fn parse_wrk(text: &str) -> Option<Load> {
     })
 }
 
+/// The HTTP floor of this machine: a bare axum server with no layers, in
+/// its own two-thread runtime as the API's, answering every path with
+/// `body` from memory. What wrk gets from it bounds what any cached answer
+/// can reach, whatever the cache does.
+fn http_floor(body: bytes::Bytes, content_type: String) -> String {
+    let port = free_port();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("floor runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("floor listens");
+            let app = axum::Router::new().fallback(move || {
+                let body = body.clone();
+                let content_type = content_type.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, content_type)], body) }
+            });
+            ready_tx.send(()).expect("floor ready");
+            axum::serve(listener, app).await.expect("floor serves");
+        });
+    });
+    ready_rx.recv().expect("floor started");
+    format!("http://127.0.0.1:{port}")
+}
+
 fn redis_benchmark_get() -> f64 {
     let out = Command::new("redis-benchmark")
         .args(["-t", "get", "-n", "200000", "-c", "32", "-q"])
@@ -662,6 +692,17 @@ async fn main() {
     let by_id = load(&base, &ids, 32, 5);
     let listing = load(&base, &list, 32, 5);
     let miss = load(&miss_base, &ids, 8, 5);
+    let sample = client
+        .get(format!("{base}{}", ids[0]))
+        .send()
+        .await
+        .expect("a cached answer");
+    let content_type = sample.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .expect("type")
+        .to_owned();
+    let floor_base = http_floor(sample.bytes().await.expect("body"), content_type);
+    let floor = load(&floor_base, &ids, 32, 5);
     let raw_ids: Vec<String> = ids
         .iter()
         .map(|p| p.trim_start_matches("/catalog/courses/").to_owned())
@@ -722,6 +763,7 @@ async fn main() {
     let r = listing.rps / redis_get;
     table.push_str(&format!("| 4b | cached `GET /catalog/courses?limit=20`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 50 % | {} |\n", listing.rps, listing.p50_ms, listing.p99_ms, r * 100.0, verdict(r >= 0.5)));
     table.push_str(&format!("| 4c | cache-miss `GET /catalog/courses/{{id}}` (no Redis), 8 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | driver `find_one` alone, 8 tasks: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× raw | — | |\n", miss.rps, miss.p50_ms, miss.p99_ms, raw_miss.rps, raw_miss.p50_ms, raw_miss.p99_ms, miss.p99_ms / raw_miss.p99_ms));
+    table.push_str(&format!("| 4d | HTTP floor: bare axum, no layers, 2 threads, answering row 4a's bytes from memory; same wrk | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} %; 4a is {:.0} % of this | locates row 4a's limit | |\n", floor.rps, floor.p50_ms, floor.p99_ms, floor.rps / redis_get * 100.0, by_id.rps / floor.rps * 100.0));
     table.push_str(&format!("| 5 | produce → visible through the API at 5 k events/s ({} probes) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | — | — | p99 ≤ 250 ms, max ≤ 1 s | {} |\n", fresh.probes, fresh.p50_ms, fresh.p99_ms, fresh.max_ms, verdict(fresh.p99_ms <= 250.0 && fresh.max_ms <= 1000.0)));
     table.push_str(&format!(
         "| 6a | peak RSS, worker (`project`, {n} events) | {worker_rss:.1} MiB | — | — | ≤ 64 MiB | {} |\n",

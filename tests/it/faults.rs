@@ -16,7 +16,10 @@ use rdkafka::consumer::{CommitMode, Consumer as _};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{brokers, clean_replay, event, eventually, log_lines, logged, signal, unique, Options, TestApp};
+use crate::helpers::{
+    brokers, clean_replay, event, eventually, log_lines, logged, parse_prometheus, signal, sum_of, unique, Options,
+    TestApp,
+};
 use crate::peers::{free_port, silent_listener, PrivateMongo, PrivateRedis};
 use crate::pipeline::big_history;
 
@@ -484,11 +487,25 @@ async fn control_characters_are_400_and_a_timed_out_request_is_problem_json() {
         ..Options::default()
     })
     .await;
-    let response = slow.get("/catalog/courses/nope?minVersion=5").await;
-    assert_eq!(response.status().as_u16(), 503);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
-    let body: Value = response.json().await.expect("json");
-    assert_eq!(body["type"], "/problems/timed-out");
+    let timed_out = r#"courseview_http_requests_total{route="/catalog/courses/{courseId}",status="503"}"#;
+    let counted = || async {
+        sum_of(
+            &parse_prometheus(&slow.get("/metrics").await.text().await.expect("text")),
+            timed_out,
+        )
+    };
+    let before = counted().await;
+    for _ in 0..5 {
+        let response = slow.get("/catalog/courses/nope?minVersion=5").await;
+        assert_eq!(response.status().as_u16(), 503);
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["type"], "/problems/timed-out");
+    }
+    assert!(
+        counted().await - before >= 5.0,
+        "timed-out requests count in the request metrics"
+    );
 }
 
 #[tokio::test]

@@ -528,3 +528,25 @@ impl std::ops::DerefMut for Reaped {
         &mut self.0
     }
 }
+
+/// Parses Prometheus text exposition: every sample line is `name{labels} value`.
+pub fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let sample = regex::Regex::new(r#"^([a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})?) (-?[0-9.eE+-]+|NaN|\+Inf|-Inf)$"#).expect("regex");
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let c = sample
+                .captures(l)
+                .unwrap_or_else(|| panic!("not Prometheus text: {l:?}"));
+            (c[1].to_owned(), c[5].parse().expect("number"))
+        })
+        .collect()
+}
+
+pub fn sum_of(samples: &[(String, f64)], prefix: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}

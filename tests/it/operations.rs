@@ -11,7 +11,7 @@ use courseview::read_model::ReadModel;
 use courseview::rebuild::{rebuild, ProgressSink, RebuildOptions, RebuildReport};
 use serde_json::{json, Value};
 
-use crate::helpers::{clean_replay, eventually, Options, Reaped, TestApp};
+use crate::helpers::{clean_replay, eventually, parse_prometheus, sum_of, Options, Reaped, TestApp};
 use crate::pipeline::big_history;
 
 #[derive(Default)]
@@ -349,28 +349,6 @@ async fn a_worker_that_cannot_measure_or_make_progress_is_not_ready() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["stalledOrUnmeasured"], json!(["catalog"]));
     assert_eq!(health.status().as_u16(), 200);
-}
-
-/// Parses Prometheus text exposition: every sample line is `name{labels} value`.
-fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
-    let sample = regex::Regex::new(r#"^([a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})?) (-?[0-9.eE+-]+|NaN|\+Inf|-Inf)$"#).expect("regex");
-    text.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let c = sample
-                .captures(l)
-                .unwrap_or_else(|| panic!("not Prometheus text: {l:?}"));
-            (c[1].to_owned(), c[5].parse().expect("number"))
-        })
-        .collect()
-}
-
-fn sum_of(samples: &[(String, f64)], prefix: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| v)
-        .sum()
 }
 
 #[tokio::test]
