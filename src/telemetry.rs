@@ -82,6 +82,21 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 // Err means another recorder is installed (a test harness):
                 // we still render ours, which then stays empty.
                 let _ = metrics::set_global_recorder(recorder);
+                // Histogram samples are kept raw until drained into their
+                // buckets, which only a scrape or an upkeep does: without a
+                // scraper they grew with every request (the API's peak RSS
+                // rose with its request rate in the bench). Once a second
+                // bounds them to a second's worth.
+                let upkeep = handle.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-upkeep".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(Duration::from_secs(1));
+                        upkeep.run_upkeep();
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "metrics upkeep not started: histograms drain only when scraped");
+                }
                 handle
             }
             Err(e) => panic!("invalid Prometheus bucket configuration: {e}"),
