@@ -182,7 +182,7 @@ pub async fn rebuild(
             }
             () = tokio::time::sleep(options.report_every) => {}
         }
-        let position = match probe.generation(model, to).await {
+        let position = match probe.positions(model, to).await {
             Ok(position) => position,
             Err(e) => {
                 // MongoDB or Kafka blinked: the worker retries on its own;
@@ -285,7 +285,7 @@ async fn reached_serving(
     to: u32,
 ) -> Result<bool, RebuildError> {
     let serving = store.load_offsets(model.name(), from).await?;
-    let building = probe.generation(model, to).await?;
+    let building = probe.positions(model, to).await?;
     let position: HashMap<(&str, i32), i64> = building
         .partitions
         .iter()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::kafka::{Inspector, KafkaClientError, PartitionLog};
-use crate::mongo::{RebuildProgress, Store, StoreError, WorkerEntry};
+use crate::mongo::{Checkpoint, RebuildProgress, Store, StoreError, WorkerEntry};
 use crate::read_model::ReadModel;
 
 /// Why status could not be computed.
@@ -207,33 +207,60 @@ impl StatusProbe {
         self.generation_in(model, generation, &logs).await
     }
 
+    /// Where a generation stands in the log: its stored offsets against the
+    /// watermarks and its lag in events, without the lag's age (`lag_seconds`
+    /// stays 0 and `stalled` false). What a rebuild waits on; the age costs
+    /// a fetch from every lagging partition, each round.
+    pub async fn positions(&self, model: ReadModel, generation: u32) -> Result<GenerationStatus, StatusError> {
+        let logs = self.logs().await?;
+        Ok(self.positions_in(model, generation, &logs).await?.0)
+    }
+
+    async fn positions_in(
+        &self,
+        model: ReadModel,
+        generation: u32,
+        logs: &[PartitionLog],
+    ) -> Result<(GenerationStatus, HashMap<(String, i32), Checkpoint>), StatusError> {
+        let checkpoints = self.store.load_checkpoints(model.name(), generation).await?;
+        let partitions: Vec<PartitionStatus> = logs
+            .iter()
+            .map(|log| {
+                let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
+                let stored = checkpoint.map_or(log.low, |c| c.offset.max(log.low));
+                PartitionStatus {
+                    topic: log.topic.clone(),
+                    partition: log.partition,
+                    stored_offset: stored,
+                    low_watermark: log.low,
+                    high_watermark: log.high,
+                    lag_events: (log.high - stored).max(0),
+                    lag_seconds: 0.0,
+                    stalled: false,
+                }
+            })
+            .collect();
+        let status = GenerationStatus {
+            generation,
+            lag_events: partitions.iter().map(|p| p.lag_events).sum(),
+            partitions,
+        };
+        Ok((status, checkpoints))
+    }
+
     async fn generation_in(
         &self,
         model: ReadModel,
         generation: u32,
         logs: &[PartitionLog],
     ) -> Result<GenerationStatus, StatusError> {
-        let checkpoints = self.store.load_checkpoints(model.name(), generation).await?;
-        let mut lagging = Vec::new();
-        let mut partitions = Vec::with_capacity(logs.len());
-        for log in logs {
-            let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
-            let stored = checkpoint.map_or(log.low, |c| c.offset.max(log.low));
-            let lag = (log.high - stored).max(0);
-            if lag > 0 {
-                lagging.push((log.topic.clone(), log.partition, stored));
-            }
-            partitions.push(PartitionStatus {
-                topic: log.topic.clone(),
-                partition: log.partition,
-                stored_offset: stored,
-                low_watermark: log.low,
-                high_watermark: log.high,
-                lag_events: lag,
-                lag_seconds: 0.0,
-                stalled: false,
-            });
-        }
+        let (mut status, checkpoints) = self.positions_in(model, generation, logs).await?;
+        let lagging: Vec<Position> = status
+            .partitions
+            .iter()
+            .filter(|p| p.lag_events > 0)
+            .map(|p| (p.topic.clone(), p.partition, p.stored_offset))
+            .collect();
         let known = |position: &Position| self.remembered().get(position).copied();
         let unknown: Vec<Position> = lagging.iter().filter(|p| known(p).is_none()).cloned().collect();
         let inspector = Arc::clone(&self.inspector);
@@ -262,7 +289,7 @@ impl StatusProbe {
             .collect();
         let now = now_millis();
         let stall_ms = self.stall_after.as_millis() as i64;
-        for p in partitions.iter_mut().filter(|p| p.lag_events > 0) {
+        for p in status.partitions.iter_mut().filter(|p| p.lag_events > 0) {
             let oldest_ts = oldest.get(&(p.topic.clone(), p.partition)).copied();
             p.lag_seconds = oldest_ts.map_or(0.0, |ts| (now - ts).max(0) as f64 / 1000.0);
             let moved = checkpoints
@@ -272,10 +299,6 @@ impl StatusProbe {
             let waiting_since = moved.max(oldest_ts);
             p.stalled = waiting_since.is_some_and(|since| now - since > stall_ms);
         }
-        Ok(GenerationStatus {
-            generation,
-            lag_events: partitions.iter().map(|p| p.lag_events).sum(),
-            partitions,
-        })
+        Ok(status)
     }
 }
