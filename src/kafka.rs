@@ -287,9 +287,9 @@ impl Consumer {
             // consumer (heaptrack). Queues fill to this only when the log
             // holds more, so it made RSS grow with the log up to the cap.
             // At 1,000 per partition the queued ops and the fetch buffers
-            // they pin were still 17 of the worker's 37 MiB heap peak
-            // (heaptrack of a rebuild at 1 M events); 500 keep half a batch
-            // ready on each partition, over a second of work across them.
+            // they pin were still 17 of the rebuild process's 37 MiB heap
+            // peak (heaptrack at 200 k and 1 M events); 500 keep half a
+            // batch ready on each partition.
             .set("queued.min.messages", "500")
             // A partition whose queue filled waits this long before its next
             // fetch; with queues this short librdkafka's default (1 s) can
