@@ -255,14 +255,16 @@ impl StatusProbe {
         logs: &[PartitionLog],
     ) -> Result<GenerationStatus, StatusError> {
         let (mut status, checkpoints) = self.positions_in(model, generation, logs).await?;
-        let lagging: Vec<Position> = status
+        // The age of a partition's lag is that of the record at its stored offset.
+        let pending = |p: &PartitionStatus| (p.topic.clone(), p.partition, p.stored_offset);
+        let known = |position: &Position| self.remembered().get(position).copied();
+        let unknown: Vec<Position> = status
             .partitions
             .iter()
             .filter(|p| p.lag_events > 0)
-            .map(|p| (p.topic.clone(), p.partition, p.stored_offset))
+            .map(pending)
+            .filter(|position| known(position).is_none())
             .collect();
-        let known = |position: &Position| self.remembered().get(position).copied();
-        let unknown: Vec<Position> = lagging.iter().filter(|p| known(p).is_none()).cloned().collect();
         let inspector = Arc::clone(&self.inspector);
         let looked_up = tokio::task::spawn_blocking(move || {
             let found = inspector.timestamps_at(&unknown, LAG_AGE_BUDGET)?;
@@ -283,14 +285,10 @@ impl StatusProbe {
             }
             remembered.extend(looked_up);
         }
-        let oldest: HashMap<(String, i32), i64> = lagging
-            .iter()
-            .filter_map(|(t, p, o)| known(&(t.clone(), *p, *o)).map(|ts| ((t.clone(), *p), ts)))
-            .collect();
         let now = now_millis();
         let stall_ms = self.stall_after.as_millis() as i64;
         for p in status.partitions.iter_mut().filter(|p| p.lag_events > 0) {
-            let oldest_ts = oldest.get(&(p.topic.clone(), p.partition)).copied();
+            let oldest_ts = known(&pending(p));
             p.lag_seconds = oldest_ts.map_or(0.0, |ts| (now - ts).max(0) as f64 / 1000.0);
             let moved = checkpoints
                 .get(&(p.topic.clone(), p.partition))
