@@ -451,7 +451,7 @@ async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild
     let mongo = PrivateMongo::start();
     // Kafka's default initial rebalance delay: the assignment comes 3 s
     // after the worker subscribes, which is when MongoDB will be frozen.
-    let broker = PrivateBroker::with_rebalance_delay("3s");
+    let broker = PrivateBroker::with_rebalance_delay("3000");
     let app = TestApp::with(Options {
         mongodb_uri: mongo.uri(),
         brokers: Some(broker.brokers()),

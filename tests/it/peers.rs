@@ -188,65 +188,202 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// A private nisshi broker with a durable SQLite store, so a restart keeps
-/// topics, records, watermarks and committed offsets.
+/// Where `scripts/services` put Apache Kafka (its `lib/` classpath and
+/// log4j2 configuration), for private brokers.
+fn kafka_home() -> PathBuf {
+    installed("kafka/current")
+}
+
+/// A private Apache Kafka cluster of KRaft nodes, each a combined broker and
+/// controller on ports of its own, with logs on disk: a node restarted keeps
+/// its records, its topics and the groups' committed offsets.
 pub struct PrivateBroker {
-    binary: PathBuf,
-    /// Kafka's `group.initial.rebalance.delay.ms`: how long a new group's
-    /// first rebalance waits for more members.
-    rebalance_delay: &'static str,
     dir: PathBuf,
-    pub port: u16,
+    nodes: Vec<KafkaNode>,
+}
+
+struct KafkaNode {
+    id: u32,
+    port: u16,
     process: Option<Reaped>,
 }
 
 impl PrivateBroker {
+    /// One node, replication factor 1.
     pub fn start() -> PrivateBroker {
-        PrivateBroker::with_rebalance_delay("0s")
+        PrivateBroker::cluster(1, "0")
     }
 
-    /// With Kafka's default of 3 s, assignments come seconds after a join.
-    pub fn with_rebalance_delay(rebalance_delay: &'static str) -> PrivateBroker {
-        let binary = installed("nisshi/bin/nisshi");
-        let dir = std::env::temp_dir().join(unique("courseview-broker-"));
-        std::fs::create_dir_all(&dir).expect("broker dir");
-        let mut broker = PrivateBroker {
-            binary,
-            rebalance_delay,
-            dir,
-            port: free_port(),
-            process: None,
-        };
-        broker.restart();
+    /// One node whose new groups wait `delay_ms` for more members before
+    /// their first rebalance (Kafka's default is 3,000).
+    pub fn with_rebalance_delay(delay_ms: &'static str) -> PrivateBroker {
+        PrivateBroker::cluster(1, delay_ms)
+    }
+
+    /// `size` nodes forming one KRaft quorum; internal topics replicated to
+    /// all of them, `min.insync.replicas` 2 once there are three.
+    pub fn cluster(size: u32, rebalance_delay_ms: &str) -> PrivateBroker {
+        let home = kafka_home();
+        let dir = std::env::temp_dir().join(unique("courseview-kafka-"));
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, controller))| format!("{}@127.0.0.1:{controller}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let replication = size.min(3);
+        let min_isr = if size >= 3 { 2 } else { 1 };
+        let cluster_id = "Y291cnNldmlldy10ZXN0LQ";
+        let mut nodes = Vec::new();
+        for (i, (port, controller)) in ports.iter().enumerate() {
+            let id = u32::try_from(i).expect("few nodes") + 1;
+            let node_dir = dir.join(format!("node-{id}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let config = format!(
+                "process.roles=broker,controller\n\
+                 node.id={id}\n\
+                 controller.quorum.voters={voters}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                 controller.listener.names=CONTROLLER\n\
+                 inter.broker.listener.name=PLAINTEXT\n\
+                 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+                 log.dirs={log}\n\
+                 num.partitions=1\n\
+                 default.replication.factor={replication}\n\
+                 min.insync.replicas={min_isr}\n\
+                 offsets.topic.replication.factor={replication}\n\
+                 offsets.topic.num.partitions=3\n\
+                 transaction.state.log.replication.factor={replication}\n\
+                 transaction.state.log.min.isr={min_isr}\n\
+                 transaction.state.log.num.partitions=3\n\
+                 share.coordinator.state.topic.replication.factor={replication}\n\
+                 share.coordinator.state.topic.min.isr={min_isr}\n\
+                 group.initial.rebalance.delay.ms={rebalance_delay_ms}\n",
+                log = node_dir.join("log").display(),
+            );
+            let properties = node_dir.join("server.properties");
+            std::fs::write(&properties, config).expect("server.properties");
+            let formatted = Command::new("java")
+                .arg("-cp")
+                .arg(home.join("lib/*"))
+                .arg(log4j(&home))
+                .args(["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c"])
+                .arg(&properties)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("kafka storage tool runs");
+            assert!(formatted.success(), "formatting {} failed", node_dir.display());
+            nodes.push(KafkaNode {
+                id,
+                port: *port,
+                process: None,
+            });
+        }
+        let mut broker = PrivateBroker { dir, nodes };
+        for i in 0..broker.nodes.len() {
+            broker.spawn(i);
+        }
+        broker.wait_ready();
         broker
     }
 
+    /// Every node's address, as `bootstrap.servers`.
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
+    /// The node ids, 1-based as in Kafka's metadata.
+    pub fn node_ids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Starts every stopped node again on its ports and data.
     pub fn restart(&mut self) {
-        wait_port_free(self.port);
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.join("broker.log")).expect("log file");
-        let child = Command::new(&self.binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            // nisshi reads the SQLite path relative to its working directory.
-            .args(["--storage-engine", "sqlite://nisshi.db"])
-            .current_dir(&self.dir)
-            .args(["--group-initial-rebalance-delay", self.rebalance_delay])
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].process.is_none() {
+                self.spawn(i);
+            }
+        }
+        self.wait_ready();
+    }
+
+    /// SIGKILL of every node, as in a crash of the whole cluster.
+    pub fn kill(&mut self) {
+        for node in &mut self.nodes {
+            drop(node.process.take());
+        }
+    }
+
+    /// SIGKILL of one node (by Kafka node id).
+    pub fn kill_node(&mut self, id: u32) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.id == id) {
+            drop(node.process.take());
+        }
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let home = kafka_home();
+        let node = &self.nodes[index];
+        wait_port_free(node.port);
+        let node_dir = self.dir.join(format!("node-{}", node.id));
+        let log = std::fs::File::create(node_dir.join("broker.log")).expect("log file");
+        let child = Command::new("java")
+            .args(["-Xms128m", "-Xmx384m", "-XX:+UseG1GC", "-cp"])
+            .arg(home.join("lib/*"))
+            .arg(log4j(&home))
+            .arg("kafka.Kafka")
+            .arg(node_dir.join("server.properties"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("nisshi starts");
-        self.process = Some(Reaped(child));
-        wait_listening(self.port, "nisshi");
+            .expect("kafka starts");
+        self.nodes[index].process = Some(Reaped(child));
     }
 
-    /// SIGKILL, as in a crash.
-    pub fn kill(&mut self) {
-        drop(self.process.take());
+    /// Until every running node lists every running node in its metadata:
+    /// a socket that accepts is not yet a broker that has joined the quorum.
+    fn wait_ready(&self) {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let running: Vec<&KafkaNode> = self.nodes.iter().filter(|n| n.process.is_some()).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        for node in &running {
+            wait_listening(node.port, "kafka");
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", format!("127.0.0.1:{}", node.port))
+                .create()
+                .expect("metadata client");
+            loop {
+                let seen = consumer
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .map(|m| m.brokers().len())
+                    .unwrap_or(0);
+                if seen >= running.len() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "kafka node {} never saw {} brokers (log: {})",
+                    node.id,
+                    running.len(),
+                    self.dir.display()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     }
+}
+
+fn log4j(home: &std::path::Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from("-Dlog4j2.configurationFile=");
+    arg.push(home.join("log4j2.properties"));
+    arg
 }
 
 impl Drop for PrivateBroker {
