@@ -229,26 +229,203 @@ async fn committed_offsets_are_kept_per_group_and_read_back() {
     );
 }
 
-/// A gap of the peer, pinned so that it cannot go unnoticed: nisshi 0.8.1
-/// refuses transactional producers (and rejects client-written control
-/// batches), so no test here can put a transaction commit marker in a log.
-/// courseview's handling of markers (an idle reader stores the consumer
-/// position past them, `kafka::positions_moved`) is therefore exercised on
-/// Apache Kafka only. When this starts failing, the peer has transactions:
-/// add the end-to-end test of DESIGN's "lag reaches 0 after a transaction".
-#[tokio::test]
-async fn the_peer_refuses_transactional_producers_so_commit_markers_are_not_tested_here() {
-    use rdkafka::producer::FutureProducer;
-    let producer: FutureProducer = ClientConfig::new()
+fn admin() -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client")
+}
+
+/// A consumer that reports an out-of-range fetch instead of resetting.
+fn strict_consumer() -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("conf-"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
+        .create()
+        .expect("consumer")
+}
+
+/// Polls after assigning `topic`/0 at `offset`: the first record or error.
+fn first_outcome(consumer: &BaseConsumer, topic: &str, offset: i64) -> Option<Result<i64, rdkafka::error::KafkaError>> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset)).expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => return Some(Ok(m.offset())),
+            Some(Err(e)) => return Some(Err(e)),
+            None => {}
+        }
+    }
+    None
+}
+
+/// What a retention gap looks like on the real broker: DeleteRecords moves
+/// the log start, and a fetch below it is OFFSET_OUT_OF_RANGE (librdkafka
+/// resets silently under `auto.offset.reset=earliest`; courseview must not
+/// let that pass, the second review's item 1).
+#[tokio::test]
+async fn delete_records_moves_the_log_start_and_a_fetch_below_it_is_out_of_range() {
+    let topic = unique("conf.retention.");
+    create_topics(&brokers(), std::slice::from_ref(&topic), 1)
+        .await
+        .expect("topic");
+    produce_batched(&topic, 10, 10).await;
+    let mut upto = TopicPartitionList::new();
+    upto.add_partition_offset(&topic, 0, Offset::Offset(6)).expect("tpl");
+    let deleted = admin()
+        .delete_records(&upto, &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete records");
+    assert_eq!(deleted.elements()[0].offset(), Offset::Offset(6), "the new low watermark");
+
+    let c = strict_consumer();
+    let (low, high) = c.fetch_watermarks(&topic, 0, Duration::from_secs(5)).expect("watermarks");
+    assert_eq!((low, high), (6, 10), "the log start moved, the end did not");
+    assert_eq!(first_outcome(&c, &topic, 6).map(Result::ok), Some(Some(6)), "from the new start");
+    let below = first_outcome(&c, &topic, 3).expect("an answer below the log start");
+    assert!(
+        below
+            .as_ref()
+            .is_err_and(|e| e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset)),
+        "a fetch below the log start is out of range: {below:?}"
+    );
+}
+
+/// What a log reset looks like: a topic deleted and re-created starts again
+/// at offset 0, so a stored offset of the old log may lie beyond its end or
+/// inside records it never saw (the second review's item 2).
+#[tokio::test]
+async fn a_topic_deleted_and_re_created_starts_again_at_offset_zero() {
+    let topic = unique("conf.recreated.");
+    create_topics(&brokers(), std::slice::from_ref(&topic), 1)
+        .await
+        .expect("topic");
+    produce_batched(&topic, 20, 10).await;
+    admin()
+        .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete topic")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("topic deleted");
+        });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Creating again succeeds once the deletion has gone through.
+        match create_topics(&brokers(), std::slice::from_ref(&topic), 1).await {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "re-creating {topic}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    produce_batched(&topic, 3, 3).await;
+    let c = strict_consumer();
+    let (low, high) = c.fetch_watermarks(&topic, 0, Duration::from_secs(5)).expect("watermarks");
+    assert_eq!((low, high), (0, 3), "the new log starts again at 0");
+    let beyond = first_outcome(&c, &topic, 15).expect("an answer beyond the end");
+    assert!(beyond.is_err(), "offset 15 of the old log is out of range now: {beyond:?}");
+}
+
+/// Kafka 4's consumer group protocol (KIP-848) with librdkafka 2.12: the
+/// broker assigns partitions itself and a member gets them. courseview
+/// stays on the classic protocol (README, "Consumer groups").
+#[tokio::test]
+async fn the_consumer_group_protocol_of_kafka_4_assigns_partitions() {
+    let topic = unique("conf.kip848.");
+    create_topics(&brokers(), std::slice::from_ref(&topic), 2)
+        .await
+        .expect("topic");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("conf-"))
+        .set("group.protocol", "consumer")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[&topic]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.poll(Duration::from_millis(100));
+        if c.assignment().map(|t| t.count()).unwrap_or_default() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no assignment under group.protocol=consumer");
+    }
+}
+
+/// A transactional producer (as Debezium's exactly-once relay is) commits
+/// some transactions and aborts others: under `read_committed` the aborted
+/// events are never applied, and an idle worker's lag reaches 0 past the
+/// commit markers (which hold offsets no record is read at) without the
+/// projection ever being reported stalled.
+#[tokio::test]
+async fn aborted_transactions_are_never_applied_and_an_idle_worker_s_lag_reaches_zero_past_the_markers() {
+    use crate::helpers::{event, Options, TestApp};
+    use courseview::read_model::ReadModel;
+    use courseview::status::State;
+    use serde_json::json;
+
+    let app = TestApp::with(Options {
+        stall_after: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
         .set("transactional.id", unique("txn-"))
         .create()
-        .expect("producer");
-    let refused = producer.init_transactions(Duration::from_secs(10));
-    assert!(
-        refused
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("authorization failed")),
-        "the broker now accepts transactions ({refused:?}): test commit markers end to end"
-    );
+        .expect("transactional producer");
+    producer.init_transactions(Duration::from_secs(30)).expect("init transactions");
+    for i in 0..6 {
+        let course = format!("tx{i}");
+        producer.begin_transaction().expect("begin");
+        for e in [
+            event("CourseCreatedEvent", &course, 1, json!({"name": course, "teacherId": "t1"})),
+            event("CoursePostedEvent", &course, 2, json!({})),
+        ] {
+            let topic = app.topic(e["eventType"].as_str().expect("type"));
+            let payload = e.to_string();
+            producer
+                .send(FutureRecord::to(&topic).key(&course).payload(&payload), Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("sent in the transaction");
+        }
+        if i % 3 == 1 {
+            producer.abort_transaction(Duration::from_secs(30)).expect("abort");
+        } else {
+            producer.commit_transaction(Duration::from_secs(30)).expect("commit");
+        }
+    }
+
+    // Lag 0 on every partition, then still live for longer than stall_after.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut caught_up_at = None;
+    loop {
+        let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
+        assert_ne!(status.state, State::Stalled, "an idle worker past markers is not stalled: {status:?}");
+        if status.serving.lag_events == 0 && status.serving.partitions.iter().any(|p| p.high_watermark > 0) {
+            let since = *caught_up_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(4) {
+                break;
+            }
+        } else {
+            caught_up_at = None;
+        }
+        assert!(Instant::now() < deadline, "lag never reached 0 past the markers: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker.stop().await;
+    for i in 0..6 {
+        let (status, _) = app.get_json(&format!("/catalog/courses/tx{i}")).await;
+        let committed = i % 3 != 1;
+        assert_eq!(status, if committed { 200 } else { 404 }, "tx{i}: committed {committed}");
+    }
+    assert_eq!(app.store.count_dead_letters("catalog").await.expect("count"), 0);
 }
