@@ -576,13 +576,15 @@ fn add_raw_header(headers: &OwnedHeaders, key: &[u8], value: &[u8]) {
     }
 }
 
-/// Creates topics that do not exist yet (existing ones are left alone).
+/// Creates topics that do not exist yet (existing ones are left alone),
+/// replicated as the cluster's `default.replication.factor` says (KIP-464's
+/// -1), so a three-broker cluster gets three replicas and a single node one.
 #[instrument(skip_all)]
 pub async fn create_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), KafkaClientError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
         .collect();
     let results = admin
         .create_topics(

@@ -280,12 +280,22 @@ async fn delete_records_moves_the_log_start_and_a_fetch_below_it_is_out_of_range
         .delete_records(&upto, &rdkafka::admin::AdminOptions::new())
         .await
         .expect("delete records");
-    assert_eq!(deleted.elements()[0].offset(), Offset::Offset(6), "the new low watermark");
+    assert_eq!(
+        deleted.elements()[0].offset(),
+        Offset::Offset(6),
+        "the new low watermark"
+    );
 
     let c = strict_consumer();
-    let (low, high) = c.fetch_watermarks(&topic, 0, Duration::from_secs(5)).expect("watermarks");
+    let (low, high) = c
+        .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+        .expect("watermarks");
     assert_eq!((low, high), (6, 10), "the log start moved, the end did not");
-    assert_eq!(first_outcome(&c, &topic, 6).map(Result::ok), Some(Some(6)), "from the new start");
+    assert_eq!(
+        first_outcome(&c, &topic, 6).map(Result::ok),
+        Some(Some(6)),
+        "from the new start"
+    );
     let below = first_outcome(&c, &topic, 3).expect("an answer below the log start");
     assert!(
         below
@@ -324,10 +334,15 @@ async fn a_topic_deleted_and_re_created_starts_again_at_offset_zero() {
     }
     produce_batched(&topic, 3, 3).await;
     let c = strict_consumer();
-    let (low, high) = c.fetch_watermarks(&topic, 0, Duration::from_secs(5)).expect("watermarks");
+    let (low, high) = c
+        .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+        .expect("watermarks");
     assert_eq!((low, high), (0, 3), "the new log starts again at 0");
     let beyond = first_outcome(&c, &topic, 15).expect("an answer beyond the end");
-    assert!(beyond.is_err(), "offset 15 of the old log is out of range now: {beyond:?}");
+    assert!(
+        beyond.is_err(),
+        "offset 15 of the old log is out of range now: {beyond:?}"
+    );
 }
 
 /// Kafka 4's consumer group protocol (KIP-848) with librdkafka 2.12: the
@@ -381,18 +396,28 @@ async fn aborted_transactions_are_never_applied_and_an_idle_worker_s_lag_reaches
         .set("transactional.id", unique("txn-"))
         .create()
         .expect("transactional producer");
-    producer.init_transactions(Duration::from_secs(30)).expect("init transactions");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init transactions");
     for i in 0..6 {
         let course = format!("tx{i}");
         producer.begin_transaction().expect("begin");
         for e in [
-            event("CourseCreatedEvent", &course, 1, json!({"name": course, "teacherId": "t1"})),
+            event(
+                "CourseCreatedEvent",
+                &course,
+                1,
+                json!({"name": course, "teacherId": "t1"}),
+            ),
             event("CoursePostedEvent", &course, 2, json!({})),
         ] {
             let topic = app.topic(e["eventType"].as_str().expect("type"));
             let payload = e.to_string();
             producer
-                .send(FutureRecord::to(&topic).key(&course).payload(&payload), Duration::from_secs(10))
+                .send(
+                    FutureRecord::to(&topic).key(&course).payload(&payload),
+                    Duration::from_secs(10),
+                )
                 .await
                 .map_err(|(e, _)| e)
                 .expect("sent in the transaction");
@@ -409,7 +434,11 @@ async fn aborted_transactions_are_never_applied_and_an_idle_worker_s_lag_reaches
     let mut caught_up_at = None;
     loop {
         let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
-        assert_ne!(status.state, State::Stalled, "an idle worker past markers is not stalled: {status:?}");
+        assert_ne!(
+            status.state,
+            State::Stalled,
+            "an idle worker past markers is not stalled: {status:?}"
+        );
         if status.serving.lag_events == 0 && status.serving.partitions.iter().any(|p| p.high_watermark > 0) {
             let since = *caught_up_at.get_or_insert_with(Instant::now);
             if since.elapsed() > Duration::from_secs(4) {
@@ -418,14 +447,21 @@ async fn aborted_transactions_are_never_applied_and_an_idle_worker_s_lag_reaches
         } else {
             caught_up_at = None;
         }
-        assert!(Instant::now() < deadline, "lag never reached 0 past the markers: {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "lag never reached 0 past the markers: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     worker.stop().await;
     for i in 0..6 {
         let (status, _) = app.get_json(&format!("/catalog/courses/tx{i}")).await;
         let committed = i % 3 != 1;
-        assert_eq!(status, if committed { 200 } else { 404 }, "tx{i}: committed {committed}");
+        assert_eq!(
+            status,
+            if committed { 200 } else { 404 },
+            "tx{i}: committed {committed}"
+        );
     }
     assert_eq!(app.store.count_dead_letters("catalog").await.expect("count"), 0);
 }

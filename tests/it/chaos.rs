@@ -282,6 +282,17 @@ fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
         .iter()
         .filter(|(id, d)| got.get(*id).is_some_and(|g| g != *d))
         .count();
+    // The first few, for whoever reads a failing row.
+    for (id, d) in expected
+        .iter()
+        .filter(|(id, d)| got.get(*id).is_some_and(|g| g != *d))
+        .take(3)
+    {
+        eprintln!("differs: {id}: got {:?}, expected {d:?}", got.get(id));
+    }
+    for id in got.keys().filter(|id| !expected.contains_key(*id)).take(3) {
+        eprintln!("extra: {id}: {:?}", got.get(id));
+    }
     (lost, differing + extra)
 }
 
@@ -847,4 +858,243 @@ async fn chaos_sigterm_with_mongodb_down() {
         ..Row::default()
     };
     judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
+}
+
+/// The leader of partition `partition` of `topic`, as the cluster says.
+fn leader_of(brokers: &str, topic: &str, partition: i32) -> Option<u32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .ok()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+    let leader = metadata
+        .topics()
+        .first()?
+        .partitions()
+        .iter()
+        .find(|p| p.id() == partition)?
+        .leader();
+    u32::try_from(leader).ok()
+}
+
+#[tokio::test]
+async fn chaos_leader_of_a_busy_partition_killed_in_a_three_broker_cluster() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    // Replication factor 3, min.insync.replicas 2: acks=all survives a node.
+    let mut cluster = PrivateBroker::cluster(3, "0");
+    let app = TestApp::with(Options {
+        brokers: Some(cluster.brokers()),
+        ..Options::default()
+    })
+    .await;
+    let records = mixed_corpus(&app, "l", scale.courses, 13);
+    let worker = app.worker_process(ReadModel::Catalog, &[]);
+    let busy = app.topic("CourseCreatedEvent");
+    let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
+    let mut killed = None;
+    let faulting = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = leader_of(&app.brokers, &busy, 0).expect("a leader");
+        cluster.kill_node(leader);
+        killed = Some(leader);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        cluster.restart();
+    };
+    futures::join!(producing, faulting);
+    let stalled = settle(&app, worker).await;
+    let row = Row {
+        scenario: "three-broker cluster (RF 3, min ISR 2), the leader of a busy partition killed mid-stream",
+        records: records.len(),
+        faults: format!(
+            "SIGKILL of node {} (leader of {}/0) 2 s in, back 5 s later",
+            killed.unwrap_or_default(),
+            "CourseCreatedEvent"
+        ),
+        stalled,
+        ..Row::default()
+    };
+    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
+}
+
+/// Sends `records` as one Kafka transaction; commits or aborts it.
+async fn send_transaction(producer: &rdkafka::producer::FutureProducer, records: &[Outgoing], commit: bool) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureRecord, Producer as _};
+    producer.begin_transaction().expect("begin");
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&r.topic).headers(headers);
+        if let Some(k) = &r.key {
+            record = record.key(k.as_bytes());
+        }
+        if let Some(v) = &r.value {
+            record = record.payload(v.as_bytes());
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("sent in a transaction");
+    }
+    if commit {
+        producer.commit_transaction(Duration::from_secs(30)).expect("commit");
+    } else {
+        producer.abort_transaction(Duration::from_secs(30)).expect("abort");
+    }
+}
+
+#[tokio::test]
+async fn chaos_transactional_producer_aborting_a_tenth_of_its_transactions() {
+    use rdkafka::producer::Producer as _;
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let committed = mixed_corpus(&app, "x", scale.courses, 17);
+    // Aborted transactions carry courses of their own: none may ever show.
+    let aborted = mixed_corpus(&app, "abort", scale.courses / 10 + 1, 19);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .set("transactional.id", unique("chaos-txn-"))
+        .create()
+        .expect("transactional producer");
+    producer.init_transactions(Duration::from_secs(30)).expect("init");
+    let worker = app.worker_process(ReadModel::Catalog, &[]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let (mut commits, mut aborts) = (committed.chunks(20), aborted.chunks(20));
+    let (mut committed_txns, mut aborted_txns) = (0, 0);
+    loop {
+        let abort = rng.gen_bool(0.1);
+        match (abort, if abort { aborts.next() } else { commits.next() }) {
+            (true, Some(chunk)) => {
+                send_transaction(&producer, chunk, false).await;
+                aborted_txns += 1;
+            }
+            (false, Some(chunk)) => {
+                send_transaction(&producer, chunk, true).await;
+                committed_txns += 1;
+            }
+            (_, None) => {
+                if let Some(chunk) = commits.next() {
+                    send_transaction(&producer, chunk, true).await;
+                    committed_txns += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    let stalled = settle(&app, worker).await;
+    let got = app.dump(ReadModel::Catalog).await;
+    let visible_aborted = got
+        .iter()
+        .filter(|d| d.get_str("_id").is_ok_and(|id| id.starts_with("abort")))
+        .count();
+    let mut row = Row {
+        scenario: "transactional producer aborting 10 % of its transactions mid-stream",
+        records: committed.len(),
+        faults: format!(
+            "{aborted_txns} of {} transactions aborted",
+            aborted_txns + committed_txns
+        ),
+        stalled,
+        notes: format!(
+            "{visible_aborted} aborted courses visible; lag 0 past the commit markers: {}",
+            !stalled
+        ),
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.differing += visible_aborted;
+    row.finish(started);
+}
+
+#[tokio::test]
+async fn chaos_debezium_flow_with_connect_and_mariadb_each_killed_mid_stream() {
+    use crate::outbox::{connector_config, register, restart_until_running, CourseService, WireForm};
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let mut mariadb = crate::peers::PrivateMariaDb::start();
+    let mut connect = crate::peers::PrivateConnect::start(&app.brokers);
+    let service = CourseService::create(mariadb.port);
+    let config = connector_config(&app, &service, WireForm::StringConverter, &app.brokers);
+    let name = register(&app.http, &connect.url(), &config).await;
+    let worker = app.worker_process(ReadModel::Catalog, &[]);
+    crate::debezium::warm_up(&app, &service).await;
+
+    let events = crate::pipeline::big_history("d", if scale.full { 1_500 } else { 150 });
+    let (third, two_thirds) = (events.len() / 3, 2 * events.len() / 3);
+    let mut faults = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if i == third {
+            connect.kill();
+            faults.push("SIGKILL of the Connect worker");
+        }
+        if i == third + 40 {
+            connect.restart();
+        }
+        if i == two_thirds {
+            mariadb.kill();
+            faults.push("SIGKILL of MariaDB");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            mariadb.restart();
+        }
+        // The course service retries a transaction until it is committed; a
+        // duplicate key means the commit it lost the answer to went through.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match service.commit(e) {
+                Ok(_) => break,
+                Err(message) if message.contains("Duplicate entry") => break,
+                Err(message) => assert!(
+                    Instant::now() < deadline,
+                    "the course service never committed: {message}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let restarts = restart_until_running(&app.http, &connect.url(), &name).await;
+    crate::debezium::wait_relayed_and_applied(&app, &service, &[ReadModel::Catalog]).await;
+    let stalled = settle(&app, worker).await;
+    if std::env::var_os("CHAOS_KEEP_LOGS").is_some() {
+        eprintln!("connect log: {}", connect.log_path().display());
+    }
+    let published = crate::debezium::outbox_watermarks(&app)
+        .iter()
+        .map(|(_, h)| h)
+        .sum::<i64>();
+    // Against the events themselves, published once each to per-type topics:
+    // nothing lost in the relay, its re-sends without effect.
+    let got: Vec<Document> = app
+        .dump(ReadModel::Catalog)
+        .await
+        .into_iter()
+        .filter(|d| d.get_str("_id") != Ok("warm"))
+        .collect();
+    let expected = crate::helpers::clean_replay(&events).await;
+    let (lost, differing) = compare(&got, &expected);
+    Row {
+        scenario: "Debezium outbox flow (MariaDB -> Connect -> Kafka), Connect and MariaDB each killed mid-stream",
+        records: events.len(),
+        faults: faults.join(", "),
+        courses: expected.len(),
+        lost,
+        differing,
+        stalled,
+        notes: format!(
+            "{published} records on the outbox topic for {} events (re-sent after the Connect kill, warm-ups included); failed task restarted {restarts} times",
+            events.len()
+        ),
+        ..Row::default()
+    }
+    .finish(started);
 }

@@ -217,18 +217,28 @@ pub fn connector_config(app: &TestApp, service: &CourseService, form: WireForm, 
 /// Registers a connector and waits until it and its task run.
 pub async fn register(http: &reqwest::Client, connect: &str, config: &Value) -> String {
     let name = config["name"].as_str().expect("name").to_owned();
-    let response = http
-        .post(format!("{connect}/connectors"))
-        .json(config)
-        .send()
-        .await
-        .expect("Connect answers");
-    let status = response.status();
-    assert!(
-        status.is_success(),
-        "registering {name}: {status} {}",
-        response.text().await.unwrap_or_default()
-    );
+    // A worker that is starting or rebalancing answers 404, 409 or 500 for a while.
+    eventually(
+        &format!("Connect to take connector {name}"),
+        Duration::from_secs(120),
+        || async {
+            let response = http
+                .post(format!("{connect}/connectors"))
+                .json(config)
+                .send()
+                .await
+                .ok()?;
+            let status = response.status();
+            if status.as_u16() == 400 || status.as_u16() == 422 {
+                panic!(
+                    "connector {name} refused: {}",
+                    response.text().await.unwrap_or_default()
+                );
+            }
+            status.is_success().then_some(())
+        },
+    )
+    .await;
     wait_running(http, connect, &name).await;
     name
 }
@@ -258,4 +268,36 @@ pub async fn wait_running(http: &reqwest::Client, connect: &str, name: &str) {
 
 pub async fn unregister(http: &reqwest::Client, connect: &str, name: &str) {
     let _ = http.delete(format!("{connect}/connectors/{name}")).send().await;
+}
+
+/// As an operator's automation does: restarts the connector's failed tasks
+/// (Debezium stops its task when the database goes away at the wrong
+/// moment) until they run; returns how many restarts it took.
+pub async fn restart_until_running(http: &reqwest::Client, connect: &str, name: &str) -> u32 {
+    let mut restarts = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let status: Value = match http.get(format!("{connect}/connectors/{name}/status")).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        let task = status["tasks"][0]["state"].as_str().unwrap_or("");
+        if status["connector"]["state"] == "RUNNING" && task == "RUNNING" {
+            return restarts;
+        }
+        if task == "FAILED" || status["connector"]["state"] == "FAILED" {
+            let _ = http
+                .post(format!(
+                    "{connect}/connectors/{name}/restart?includeTasks=true&onlyFailed=true"
+                ))
+                .send()
+                .await;
+            restarts += 1;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connector {name} never ran again: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

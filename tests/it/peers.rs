@@ -299,11 +299,6 @@ impl PrivateBroker {
             .join(",")
     }
 
-    /// The node ids, 1-based as in Kafka's metadata.
-    pub fn node_ids(&self) -> Vec<u32> {
-        self.nodes.iter().map(|n| n.id).collect()
-    }
-
     /// Starts every stopped node again on its ports and data.
     pub fn restart(&mut self) {
         for i in 0..self.nodes.len() {
@@ -455,5 +450,175 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// A private MariaDB with the binlog Debezium reads, its data kept across
+/// restarts, and the `courseview` user of `scripts/services`.
+pub struct PrivateMariaDb {
+    dir: PathBuf,
+    pub port: u16,
+    process: Option<Reaped>,
+}
+
+impl PrivateMariaDb {
+    pub fn start() -> PrivateMariaDb {
+        let dir = std::env::temp_dir().join(unique("courseview-mariadb-"));
+        std::fs::create_dir_all(dir.join("data")).expect("data dir");
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let installed = Command::new("mariadb-install-db")
+            .arg(format!("--user={user}"))
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg("--auth-root-authentication-method=normal")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("mariadb-install-db runs");
+        assert!(installed.success(), "mariadb-install-db in {}", dir.display());
+        let mut db = PrivateMariaDb {
+            dir,
+            port: free_port(),
+            process: None,
+        };
+        db.restart();
+        let created = Command::new("mariadb")
+            .arg(format!("--socket={}", db.socket().display()))
+            .args(["-uroot", "-e"])
+            .arg(
+                "CREATE USER 'courseview'@'%' IDENTIFIED BY 'courseview';
+                 CREATE USER 'courseview'@'localhost' IDENTIFIED BY 'courseview';
+                 GRANT ALL PRIVILEGES ON *.* TO 'courseview'@'%';
+                 GRANT ALL PRIVILEGES ON *.* TO 'courseview'@'localhost';",
+            )
+            .status()
+            .expect("mariadb client runs");
+        assert!(created.success(), "the courseview user");
+        db
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("mariadb.sock")
+    }
+
+    /// Starts the server on the same port and data, and waits until it listens.
+    pub fn restart(&mut self) {
+        wait_port_free(self.port);
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let log = std::fs::File::create(self.dir.join("server.log")).expect("log file");
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--user={user}"))
+            .arg(format!("--datadir={}", self.dir.join("data").display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["--server-id=1", "--binlog-format=ROW", "--binlog-row-image=FULL"])
+            .arg(format!("--log-bin={}", self.dir.join("data/binlog").display()))
+            .args(["--innodb-buffer-pool-size=32M", "--performance-schema=OFF"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mariadbd starts");
+        self.process = Some(Reaped(child));
+        wait_listening(self.port, "mariadb");
+    }
+
+    /// SIGKILL, as in a crash of the course service's database.
+    pub fn kill(&mut self) {
+        drop(self.process.take());
+    }
+}
+
+impl Drop for PrivateMariaDb {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private Kafka Connect worker (distributed mode, its own group and
+/// internal topics) with `scripts/services`' plugin path, for tests that
+/// kill it.
+pub struct PrivateConnect {
+    dir: PathBuf,
+    pub port: u16,
+    process: Option<Reaped>,
+}
+
+impl PrivateConnect {
+    pub fn start(brokers: &str) -> PrivateConnect {
+        let dir = std::env::temp_dir().join(unique("courseview-connect-"));
+        std::fs::create_dir_all(&dir).expect("connect dir");
+        let port = free_port();
+        let id = unique("connect-");
+        let config = format!(
+            "bootstrap.servers={brokers}\n\
+             group.id={id}\n\
+             listeners=http://127.0.0.1:{port}\n\
+             rest.advertised.host.name=127.0.0.1\n\
+             rest.advertised.port={port}\n\
+             plugin.path={plugins}\n\
+             key.converter=org.apache.kafka.connect.storage.StringConverter\n\
+             value.converter=org.apache.kafka.connect.storage.StringConverter\n\
+             config.storage.topic={id}-configs\n\
+             offset.storage.topic={id}-offsets\n\
+             status.storage.topic={id}-status\n\
+             config.storage.replication.factor=1\n\
+             offset.storage.replication.factor=1\n\
+             status.storage.replication.factor=1\n\
+             offset.storage.partitions=1\n\
+             status.storage.partitions=1\n\
+             offset.flush.interval.ms=1000\n\
+             scheduled.rebalance.max.delay.ms=0\n",
+            plugins = installed("connect-plugins/current").display(),
+        );
+        std::fs::write(dir.join("connect.properties"), config).expect("connect.properties");
+        let mut connect = PrivateConnect {
+            dir,
+            port,
+            process: None,
+        };
+        connect.restart();
+        connect
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("connect.log")
+    }
+
+    /// Starts the worker again; it rejoins its group and resumes its
+    /// connectors from the offsets it last flushed.
+    pub fn restart(&mut self) {
+        let home = kafka_home();
+        wait_port_free(self.port);
+        let log = std::fs::File::create(self.dir.join("connect.log")).expect("log file");
+        let child = Command::new("java")
+            .args(["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-cp"])
+            .arg(home.join("lib/*"))
+            .arg(log4j(&home))
+            .arg("org.apache.kafka.connect.cli.ConnectDistributed")
+            .arg(self.dir.join("connect.properties"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("connect starts");
+        self.process = Some(Reaped(child));
+        wait_listening(self.port, "kafka connect");
+    }
+
+    /// SIGKILL: offsets not yet flushed are lost, so records are sent again.
+    pub fn kill(&mut self) {
+        drop(self.process.take());
+    }
+}
+
+impl Drop for PrivateConnect {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
