@@ -50,20 +50,7 @@ impl CourseService {
             .sql_in(None, &format!("CREATE DATABASE {}", service.database))
             .expect("database created");
         service
-            .sql(
-                "CREATE TABLE course (
-                   course_id VARCHAR(64) PRIMARY KEY,
-                   name VARCHAR(255), thumbnail VARCHAR(1024), description TEXT,
-                   teacher_id VARCHAR(64), registered_at DATETIME(3),
-                   last_updated_at DATETIME(3), posted BOOLEAN NOT NULL DEFAULT FALSE);
-                 CREATE TABLE outbox (
-                   id VARCHAR(64) PRIMARY KEY,
-                   aggregatetype VARCHAR(255) NOT NULL,
-                   aggregateid VARCHAR(255) NOT NULL,
-                   type VARCHAR(255) NOT NULL,
-                   payload LONGTEXT NOT NULL,
-                   timestamp DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6));",
-            )
+            .sql(include_str!("../../docs/debezium/outbox-schema.sql"))
             .expect("tables created");
         service
     }
@@ -202,16 +189,15 @@ pub fn connector_config(app: &TestApp, service: &CourseService, form: WireForm, 
             "${SERVER_ID}",
             &(10_000 + rand::random::<u32>() % 1_000_000_000).to_string(),
         );
-    let mut config: Value = serde_json::from_str(&filled).expect("connector template is JSON");
-    let settings = config["config"].as_object_mut().expect("config object");
+    let mut settings: serde_json::Map<String, Value> =
+        serde_json::from_str(&filled).expect("connector template is JSON");
     if let Value::Object(converters) = form.converters() {
         settings.extend(converters);
     }
     if form == WireForm::ExpandedPayload {
         settings.insert("transforms.outbox.table.expand.json.payload".into(), json!("true"));
     }
-    config["name"] = json!(format!("{}-outbox", app.id));
-    config
+    json!({"name": format!("{}-outbox", app.id), "config": settings})
 }
 
 /// Registers a connector and waits until it and its task run.
