@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::kafka::{Gap, GapKind};
 use crate::record::Record;
 
 /// How much of an oversized record a dead letter keeps. The whole record
@@ -46,6 +47,22 @@ pub struct DeadLetter {
     /// When it was stored; set by the store.
     #[serde(default, skip_serializing)]
     pub dead_at: Option<bson::DateTime>,
+    /// Set when the letter is not a record but a gap in the log: events
+    /// the projection can never read (`offset` is its stored offset then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<GapLetter>,
+}
+
+/// The part of a dead letter that says which gap it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GapLetter {
+    pub kind: GapKind,
+    /// The generation whose stored offset it was: a rebuild clears it.
+    pub generation: u32,
+    /// The partition's watermarks when the gap was found.
+    pub low_watermark: i64,
+    pub high_watermark: i64,
 }
 
 impl DeadLetter {
@@ -70,7 +87,23 @@ impl DeadLetter {
             error: error.to_owned(),
             truncated_from: None,
             dead_at: None,
+            gap: None,
         }
+    }
+
+    /// A gap in the log of generation `generation`, as a letter of its own kind.
+    pub fn gap(projection: &str, generation: u32, gap: &Gap) -> Self {
+        let mut letter = DeadLetter::new(projection, &Record::default(), &gap.describe());
+        letter.topic.clone_from(&gap.topic);
+        letter.partition = gap.partition;
+        letter.offset = gap.stored;
+        letter.gap = Some(GapLetter {
+            kind: gap.kind,
+            generation,
+            low_watermark: gap.low,
+            high_watermark: gap.high,
+        });
+        letter
     }
 
     /// A record over the size limit: its first bytes, so the letter itself
@@ -102,13 +135,18 @@ impl DeadLetter {
 
     /// Stable id, so that a batch replayed after a crash stores it once.
     pub fn id(&self) -> String {
-        format!("{}/{}/{}/{}", self.projection, self.topic, self.partition, self.offset)
+        let record = format!("{}/{}/{}/{}", self.projection, self.topic, self.partition, self.offset);
+        match &self.gap {
+            None => record,
+            // Found again at every assignment; recorded once.
+            Some(g) => format!("{record}/{}-g{}", g.kind.name(), g.generation),
+        }
     }
 
     /// The record as it was consumed, for replay; `None` when the letter
     /// keeps only a prefix of it.
     pub fn to_record(&self) -> Option<Record> {
-        if self.truncated_from.is_some() {
+        if self.truncated_from.is_some() || self.gap.is_some() {
             return None;
         }
         Some(Record {
@@ -147,6 +185,12 @@ impl DeadLetter {
             "timestamp": self.timestamp,
             "error": self.error,
             "truncatedFrom": self.truncated_from,
+            "gap": self.gap.as_ref().map(|g| json!({
+                "kind": g.kind,
+                "generation": g.generation,
+                "lowWatermark": g.low_watermark,
+                "highWatermark": g.high_watermark,
+            })),
             "deadAt": self.dead_at.map(|d| d.timestamp_millis()),
         })
     }

@@ -46,10 +46,108 @@ impl From<KafkaError> for KafkaClientError {
     }
 }
 
-/// Where a projection's stored offsets come from at assignment time.
+/// Where a projection's stored offsets come from at assignment time, and
+/// where a gap between them and the log is recorded.
 pub trait OffsetSource: Send + Sync + 'static {
     /// Next offset to read for every (topic, partition) the projection has stored.
     fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable>;
+
+    /// Records `gap` (once, however often it is found) and, when the worker
+    /// goes on after a log reset, moves the checkpoint back to the log's
+    /// start: the one way a checkpoint ever goes back.
+    fn record_gap(&self, gap: &Gap, policy: OnGap) -> Result<(), OffsetsUnavailable>;
+}
+
+/// How a stored offset disagrees with the log it points into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GapKind {
+    /// Below the log start: retention or DeleteRecords removed events the
+    /// projection never read, offsets `[stored, low)`.
+    RetentionGap,
+    /// Beyond the log end: the topic was deleted and re-created (or its
+    /// log lost), so the stored offset belongs to a log that is gone.
+    LogReset,
+}
+
+impl GapKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GapKind::RetentionGap => "retention_gap",
+            GapKind::LogReset => "log_reset",
+        }
+    }
+}
+
+/// A stored offset the log does not hold, as found at assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub kind: GapKind,
+    pub topic: String,
+    pub partition: i32,
+    /// The projection's stored (next) offset.
+    pub stored: i64,
+    /// The partition's watermarks when it was found.
+    pub low: i64,
+    pub high: i64,
+}
+
+impl Gap {
+    /// The gap of a stored offset against the watermarks, if any.
+    pub fn find(topic: &str, partition: i32, stored: i64, low: i64, high: i64) -> Option<Gap> {
+        let kind = if stored < low {
+            GapKind::RetentionGap
+        } else if stored > high {
+            GapKind::LogReset
+        } else {
+            return None;
+        };
+        Some(Gap {
+            kind,
+            topic: topic.to_owned(),
+            partition,
+            stored,
+            low,
+            high,
+        })
+    }
+
+    /// What happened, for logs, dead letters and status.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            GapKind::RetentionGap => format!(
+                "retention gap on {}/{}: offsets {}..{} ({} events) were removed from the log before this projection read them (log now {}..{})",
+                self.topic,
+                self.partition,
+                self.stored,
+                self.low,
+                self.low - self.stored,
+                self.low,
+                self.high
+            ),
+            GapKind::LogReset => format!(
+                "log reset on {}/{}: the stored offset {} lies beyond the log's end {} (the topic was deleted and re-created?); what the old log held after {} is unknown",
+                self.topic, self.partition, self.stored, self.high, self.stored
+            ),
+        }
+    }
+
+    /// Where the partition is read from when the worker goes on.
+    pub fn resume_at(&self) -> i64 {
+        self.low
+    }
+}
+
+/// What a worker does with a partition whose stored offset is a gap
+/// (`COURSEVIEW_ON_GAP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OnGap {
+    /// Stop consuming that partition (the rest goes on, the API keeps
+    /// serving), until an operator rebuilds or chooses `continue`.
+    #[default]
+    Stop,
+    /// Go on from the log's start; the gap stays reported until a rebuild.
+    Continue,
 }
 
 /// Stored offsets could not be read.
@@ -71,6 +169,8 @@ pub struct ConsumerSettings {
     /// How often to look for new topics matching the regex.
     pub metadata_refresh: Duration,
     pub session_timeout: Duration,
+    /// What to do with a partition whose stored offset the log does not hold.
+    pub on_gap: OnGap,
 }
 
 /// What the reader hands the worker, in log order per partition.
@@ -101,6 +201,9 @@ pub enum ReaderExit {
     /// Partitions were assigned but their stored offsets could not be
     /// read; they were left unassigned rather than started anywhere else.
     AssignmentFailed(String),
+    /// A fetch position fell outside the log (retention overtook it, or the
+    /// topic was re-created): a fresh assignment finds and records the gap.
+    OffsetOutOfRange(String),
 }
 
 /// Caps the bytes of records read but not yet applied, so a run of large
@@ -158,6 +261,7 @@ impl ByteBudget {
 struct AssignContext {
     group: String,
     offsets: Arc<dyn OffsetSource>,
+    on_gap: OnGap,
     /// How long an assignment waits for the stored offsets.
     patience: Duration,
     /// Set when an assignment could not be made; the reader stops on it.
@@ -185,12 +289,24 @@ impl ConsumerContext for AssignContext {
                 };
                 let mut assigned = TopicPartitionList::new();
                 for elem in tpl.elements() {
+                    let (topic, partition) = (elem.topic(), elem.partition());
                     // No stored offset: this generation never read the
                     // partition, so it starts at the beginning of the log.
-                    let offset = stored
-                        .get(&(elem.topic().to_owned(), elem.partition()))
-                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-                    if let Err(e) = assigned.add_partition_offset(elem.topic(), elem.partition(), offset) {
+                    let offset = match stored.get(&(topic.to_owned(), partition)) {
+                        None => Offset::Beginning,
+                        Some(&at) => match self.check_stored(consumer, topic, partition, at) {
+                            Ok(Some(offset)) => offset,
+                            // Stopped at a gap: left unassigned, reported.
+                            Ok(None) => continue,
+                            Err(e) => {
+                                warn!(group = %self.group, error = %e, "Cannot check stored offsets against the log; not taking the partitions.");
+                                let _ = consumer.unassign();
+                                *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = assigned.add_partition_offset(topic, partition, offset) {
                         warn!(error = %e, "Cannot set assigned offset.");
                     }
                 }
@@ -215,6 +331,51 @@ impl ConsumerContext for AssignContext {
 }
 
 impl AssignContext {
+    /// Where to start a partition stored at `at`: there when the log holds
+    /// it; otherwise the gap is recorded and the policy says (`None`: stop).
+    fn check_stored(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+        at: i64,
+    ) -> Result<Option<Offset>, String> {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            .map_err(|e| format!("watermarks of {topic}/{partition}: {e}"))?;
+        let Some(gap) = Gap::find(topic, partition, at, low, high) else {
+            return Ok(Some(Offset::Offset(at)));
+        };
+        let deadline = std::time::Instant::now() + self.patience;
+        loop {
+            match self.offsets.record_gap(&gap, self.on_gap) {
+                Ok(()) => break,
+                Err(e) if !e.retry || std::time::Instant::now() >= deadline => return Err(e.reason),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        match self.on_gap {
+            OnGap::Stop => {
+                tracing::error!(
+                    group = %self.group,
+                    gap = %gap.describe(),
+                    "Gap in the log: this partition is stopped (COURSEVIEW_ON_GAP=stop). Rebuild the projection (courseview rebuild, with --allow-partial-history if the log no longer starts at 0), or restart with COURSEVIEW_ON_GAP=continue to go on from offset {}.",
+                    gap.resume_at()
+                );
+                Ok(None)
+            }
+            OnGap::Continue => {
+                tracing::error!(
+                    group = %self.group,
+                    gap = %gap.describe(),
+                    resume_at = gap.resume_at(),
+                    "Gap in the log: going on from the log's start (COURSEVIEW_ON_GAP=continue); the gap stays reported until a rebuild."
+                );
+                Ok(Some(Offset::Offset(gap.resume_at())))
+            }
+        }
+    }
+
     fn load_offsets_patiently(&self) -> Result<HashMap<(String, i32), i64>, String> {
         let deadline = std::time::Instant::now() + self.patience;
         let mut attempt = 0_u32;
@@ -255,6 +416,7 @@ impl Consumer {
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
+            on_gap: settings.on_gap,
             // Well inside the rebalance timeout, so the group never waits on us.
             patience: settings.session_timeout / 2,
             failed: Arc::clone(&failed),
@@ -265,7 +427,10 @@ impl Consumer {
             .set("client.id", format!("courseview-{}", settings.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // Every partition is assigned at an explicit offset; a position
+            // that falls out of the log later is an error to report (a
+            // gap), never a silent jump to the log's start.
+            .set("auto.offset.reset", "error")
             // Debezium's exactly-once relay writes transactions: never apply
             // an aborted event.
             .set("isolation.level", "read_committed")
@@ -356,6 +521,11 @@ impl Consumer {
                             if tx.blocking_send(Feed::Record(record)).is_err() {
                                 break ReaderExit::ReceiverGone;
                             }
+                        }
+                        Some(Err(e))
+                            if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
+                        {
+                            break ReaderExit::OffsetOutOfRange(e.to_string());
                         }
                         Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
                     }
@@ -630,6 +800,9 @@ impl Inspector {
             .set("bootstrap.servers", brokers)
             .set("group.id", "courseview-inspector")
             .set("enable.auto.commit", "false")
+            // The age of the oldest event a worker will apply: never an
+            // aborted one's.
+            .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "false")
             // It reads one record per partition: keep librdkafka from
             // prefetching tens of MiB behind it.
@@ -709,11 +882,16 @@ impl Inspector {
         let deadline = std::time::Instant::now() + timeout;
         while found.len() < positions.len() && std::time::Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                let wanted = positions
-                    .iter()
-                    .any(|(t, p, o)| t == m.topic() && *p == m.partition() && *o == m.offset());
+                // The first record at or after the offset: the stored offset
+                // may sit on a commit marker or an offset compaction removed,
+                // where no record is.
+                let key = (m.topic().to_owned(), m.partition());
+                let wanted = !found.contains_key(&key)
+                    && positions
+                        .iter()
+                        .any(|(t, p, o)| t == m.topic() && *p == m.partition() && m.offset() >= *o);
                 if let (true, Some(ts)) = (wanted, m.timestamp().to_millis()) {
-                    found.insert((m.topic().to_owned(), m.partition()), ts);
+                    found.insert(key, ts);
                 }
             }
         }

@@ -17,6 +17,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use tracing::instrument;
 
 use crate::dead_letter::DeadLetter;
+use crate::kafka::Gap;
 use crate::read_model::ReadModel;
 
 /// Pointer documents: which generation of each projection readers follow.
@@ -651,6 +652,49 @@ impl Store {
     pub async fn remove_dead_letter(&self, id: &str) -> Result<()> {
         self.docs(DEAD_LETTERS).delete_one(doc! {"_id": id}).await?;
         Ok(())
+    }
+
+    /// Records a gap in the log once (a letter of its own kind, keyed by
+    /// generation, partition and stored offset). With `rewind`, for a log
+    /// reset the worker goes on from, it then moves the checkpoint back to
+    /// the new log's start: a checkpoint goes back only here, never through
+    /// `store_offsets`' guard.
+    #[instrument(skip_all, fields(projection, generation, topic = %gap.topic, partition = gap.partition))]
+    pub async fn record_gap(&self, projection: &str, generation: u32, gap: &Gap, rewind: bool) -> Result<()> {
+        self.put_dead_letters(&[DeadLetter::gap(projection, generation, gap)]).await?;
+        if rewind {
+            let id = Self::checkpoint_id(projection, generation, &gap.topic, gap.partition);
+            self.docs(CHECKPOINTS)
+                .update_one(
+                    doc! {"_id": &id, "offset": gap.stored},
+                    doc! {"$set": {"offset": gap.resume_at(), "updatedAt": chrono::Utc::now().timestamp_millis()}},
+                )
+                .await?;
+            tracing::warn!(
+                checkpoint = %id,
+                from = gap.stored,
+                to = gap.resume_at(),
+                "Checkpoint moved back to the start of the re-created log (log reset, COURSEVIEW_ON_GAP=continue)."
+            );
+        }
+        Ok(())
+    }
+
+    /// Gaps recorded for a generation of a projection, oldest first.
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn gaps(&self, projection: &str, generation: u32) -> Result<Vec<DeadLetter>> {
+        let filter = doc! {"projection": projection, "gap.generation": i64::from(generation)};
+        // Without deadAt: the test peer returns dates as strings.
+        let options = FindOptions::builder()
+            .sort(doc! {"deadAt": 1, "_id": 1})
+            .projection(doc! {"deadAt": 0})
+            .limit(1_000)
+            .build();
+        let cursor = self.docs(DEAD_LETTERS).find(filter).with_options(options).await?;
+        let docs: Vec<Document> = cursor.try_collect().await?;
+        docs.into_iter()
+            .map(|d| bson::from_document(d).map_err(|e| StoreError::Failed(format!("unreadable gap letter: {e}"))))
+            .collect()
     }
 
     pub async fn count_dead_letters(&self, projection: &str) -> Result<u64> {

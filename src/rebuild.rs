@@ -39,6 +39,9 @@ pub struct RebuildOptions {
     /// How long live workers may pause before the switch, and how long
     /// the rebuild keeps applying after it while they follow (each, at most).
     pub handover_timeout: Duration,
+    /// Rebuild even when some partition's log no longer starts at offset 0
+    /// (retention or DeleteRecords removed its first events).
+    pub allow_partial_history: bool,
 }
 
 /// After every live worker consumes the new generation, the rebuild keeps
@@ -63,6 +66,12 @@ pub enum RebuildError {
     WorkerStopped(GenerationEnd),
     #[error("the generation pointer of {0} moved during the rebuild (another rebuild?)")]
     PointerMoved(&'static str),
+    #[error(
+        "the log of {} no longer starts at offset 0, so a rebuild would miss the events retention removed; \
+         give the topics retention.ms=-1 or compaction by course, or pass --allow-partial-history to rebuild from what is left",
+        .0.join(", ")
+    )]
+    PartialHistory(Vec<String>),
 }
 
 /// What a finished rebuild did.
@@ -120,6 +129,20 @@ pub async fn rebuild(
 ) -> Result<Option<RebuildReport>, RebuildError> {
     let model = settings.model;
     let name = model.name();
+    let partial: Vec<String> = probe
+        .positions(model, 0)
+        .await?
+        .partitions
+        .iter()
+        .filter(|p| p.low_watermark > 0)
+        .map(|p| format!("{}/{} (starts at {})", p.topic, p.partition, p.low_watermark))
+        .collect();
+    if !partial.is_empty() {
+        if !options.allow_partial_history {
+            return Err(RebuildError::PartialHistory(partial));
+        }
+        warn!(projection = name, partitions = %partial.join(", "), "Rebuilding from a partial history (--allow-partial-history).");
+    }
     let (from, to) = if options.in_place {
         let serving = store.serving_generation(name).await?;
         sink.phase(&format!(
@@ -148,7 +171,9 @@ pub async fn rebuild(
             loop {
                 match run_generation(&worker_settings, store.clone(), cache.clone(), to, token.clone()).await {
                     // MongoDB was unreachable at assignment: rejoin, as live workers do.
-                    Ok(GenerationEnd::AssignmentFailed(reason)) if !token.is_cancelled() => {
+                    Ok(GenerationEnd::AssignmentFailed(reason) | GenerationEnd::OffsetOutOfRange(reason))
+                        if !token.is_cancelled() =>
+                    {
                         warn!(error = %reason, retry_in = ?backoff, "Rebuild worker rejoining the group.");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(worker_settings.max_backoff);
@@ -286,19 +311,32 @@ async fn reached_serving(
 ) -> Result<bool, RebuildError> {
     let serving = store.load_offsets(model.name(), from).await?;
     let building = probe.positions(model, to).await?;
-    let position: HashMap<(&str, i32), i64> = building
+    let position: HashMap<(&str, i32), (i64, i64)> = building
         .partitions
         .iter()
-        .map(|p| ((p.topic.as_str(), p.partition), p.stored_offset))
+        .map(|p| ((p.topic.as_str(), p.partition), (p.stored_offset, p.high_watermark)))
         .collect();
-    let behind = serving
-        .iter()
-        .filter(|((topic, partition), offset)| {
-            position
-                .get(&(topic.as_str(), *partition))
-                .is_some_and(|at| at < *offset)
-        })
-        .count();
+    let mut behind = 0;
+    for ((topic, partition), offset) in &serving {
+        let Some(&(at, high)) = position.get(&(topic.as_str(), *partition)) else {
+            continue;
+        };
+        // A serving offset past the log's end (the topic was re-created: a
+        // log reset) can never be reached; the log's end is all there is.
+        if *offset > high {
+            warn!(
+                projection = model.name(),
+                topic = %topic,
+                partition,
+                serving = offset,
+                log_end = high,
+                "The serving generation's stored offset lies beyond the log's end (log reset); the rebuild counts this partition as reached at the log's end."
+            );
+        }
+        if at < (*offset).min(high) {
+            behind += 1;
+        }
+    }
     if behind > 0 {
         debug!(
             projection = model.name(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::kafka::{Inspector, KafkaClientError, PartitionLog};
+use crate::kafka::{Gap, GapKind, Inspector, KafkaClientError, PartitionLog};
 use crate::mongo::{Checkpoint, RebuildProgress, Store, StoreError, WorkerEntry};
 use crate::read_model::ReadModel;
 
@@ -39,6 +39,10 @@ pub struct PartitionStatus {
     /// Age of the oldest unapplied event; 0 without lag.
     pub lag_seconds: f64,
     pub stalled: bool,
+    /// Set when the stored offset is not in the log: below its start
+    /// (retention gap) or beyond its end (log reset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap: Option<GapKind>,
 }
 
 /// One generation's position over all its partitions.
@@ -53,7 +57,11 @@ pub struct GenerationStatus {
 impl GenerationStatus {
     /// Events applied since the low watermarks, and events retained in all.
     pub fn progress(&self) -> (i64, i64) {
-        let done = self.partitions.iter().map(|p| p.stored_offset - p.low_watermark).sum();
+        let done = self
+            .partitions
+            .iter()
+            .map(|p| (p.stored_offset.min(p.high_watermark) - p.low_watermark).max(0))
+            .sum();
         let total = self.partitions.iter().map(|p| p.high_watermark - p.low_watermark).sum();
         (done, total)
     }
@@ -75,6 +83,9 @@ pub enum State {
     Live,
     Rebuilding,
     Stalled,
+    /// The serving generation's stored offsets and the log disagree (a
+    /// retention gap or a log reset): events were or may be missed.
+    Gap,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -90,6 +101,22 @@ pub struct ProjectionStatus {
     pub workers: Vec<WorkerEntry>,
     /// Records of this projection waiting in the dead-letter store.
     pub dead_letters: u64,
+    /// Gaps recorded for the serving generation (also in the dead-letter
+    /// store, as letters of their own kind); a rebuild clears them.
+    pub gaps: Vec<GapReport>,
+}
+
+/// One gap a worker found between its stored offset and the log.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GapReport {
+    pub kind: GapKind,
+    pub topic: String,
+    pub partition: i32,
+    pub stored_offset: i64,
+    pub low_watermark: i64,
+    pub high_watermark: i64,
+    pub message: String,
 }
 
 /// How long the age of the oldest unapplied event is looked for; a
@@ -174,7 +201,27 @@ impl StatusProbe {
             }
             None => None,
         };
-        let state = if serving.partitions.iter().any(|p| p.stalled) {
+        let gaps: Vec<GapReport> = self
+            .store
+            .gaps(model.name(), pointer.generation)
+            .await?
+            .into_iter()
+            .filter_map(|letter| {
+                let gap = letter.gap?;
+                Some(GapReport {
+                    kind: gap.kind,
+                    topic: letter.topic,
+                    partition: letter.partition,
+                    stored_offset: letter.offset,
+                    low_watermark: gap.low_watermark,
+                    high_watermark: gap.high_watermark,
+                    message: letter.error,
+                })
+            })
+            .collect();
+        let state = if !gaps.is_empty() || serving.partitions.iter().any(|p| p.gap.is_some()) {
+            State::Gap
+        } else if serving.partitions.iter().any(|p| p.stalled) {
             State::Stalled
         } else if rebuild.is_some() {
             State::Rebuilding
@@ -190,6 +237,7 @@ impl StatusProbe {
             rebuild,
             workers,
             dead_letters,
+            gaps,
         })
     }
 
@@ -227,16 +275,21 @@ impl StatusProbe {
             .iter()
             .map(|log| {
                 let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
-                let stored = checkpoint.map_or(log.low, |c| c.offset.max(log.low));
+                // The stored offset as it is, never clamped to the log: a
+                // hole below the log start, or an offset past its end, shows.
+                let stored = checkpoint.map_or(log.low, |c| c.offset);
+                let gap = Gap::find(&log.topic, log.partition, stored, log.low, log.high).map(|g| g.kind);
                 PartitionStatus {
                     topic: log.topic.clone(),
                     partition: log.partition,
                     stored_offset: stored,
                     low_watermark: log.low,
                     high_watermark: log.high,
-                    lag_events: (log.high - stored).max(0),
+                    // Events still in the log and not applied.
+                    lag_events: (log.high - stored.max(log.low)).max(0),
                     lag_seconds: 0.0,
                     stalled: false,
+                    gap,
                 }
             })
             .collect();
@@ -256,7 +309,9 @@ impl StatusProbe {
     ) -> Result<GenerationStatus, StatusError> {
         let (mut status, checkpoints) = self.positions_in(model, generation, logs).await?;
         // The age of a partition's lag is that of the record at its stored offset.
-        let pending = |p: &PartitionStatus| (p.topic.clone(), p.partition, p.stored_offset);
+        // (Past a gap below the log start, the oldest unapplied event still
+        // in the log is at the log start.)
+        let pending = |p: &PartitionStatus| (p.topic.clone(), p.partition, p.stored_offset.max(p.low_watermark));
         let known = |position: &Position| self.remembered().get(position).copied();
         let unknown: Vec<Position> = status
             .partitions

@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 // in the README, and held to docs/grafana/courseview.json by a test.
 const EVENTS_APPLIED_TOTAL: &str = "courseview_events_applied_total";
 const DEAD_LETTERS_TOTAL: &str = "courseview_dead_letters_total";
+const GAPS_TOTAL: &str = "courseview_gaps_total";
 const BATCH_SIZE: &str = "courseview_batch_size";
 const BATCH_SECONDS: &str = "courseview_batch_seconds";
 const WRITE_CONFLICTS_TOTAL: &str = "courseview_write_conflicts_total";
@@ -31,6 +32,7 @@ const HTTP_REQUEST_SECONDS: &str = "courseview_http_request_seconds";
 pub const METRIC_NAMES: &[&str] = &[
     EVENTS_APPLIED_TOTAL,
     DEAD_LETTERS_TOTAL,
+    GAPS_TOTAL,
     BATCH_SIZE,
     BATCH_SECONDS,
     WRITE_CONFLICTS_TOTAL,
@@ -110,6 +112,12 @@ pub fn event_applied(projection: &'static str, event_type: &'static str) {
 
 pub fn dead_letters(projection: &'static str, count: u64) {
     counter!(DEAD_LETTERS_TOTAL, "projection" => projection).increment(count);
+}
+
+/// A gap between a projection's stored offsets and the log, each time a
+/// worker finds it (it is recorded once; this counts the findings).
+pub fn gap(projection: &'static str, kind: &'static str) {
+    counter!(GAPS_TOTAL, "projection" => projection, "kind" => kind).increment(1);
 }
 
 pub fn batch(projection: &'static str, size: usize, elapsed: Duration) {

@@ -23,7 +23,8 @@ use crate::cache::{Cache, Scope};
 use crate::dead_letter::DeadLetter;
 use crate::decode::decode;
 use crate::kafka::{
-    ByteBudget, Consumer, ConsumerSettings, Feed, KafkaClientError, OffsetSource, OffsetsUnavailable, ReaderExit,
+    ByteBudget, Consumer, ConsumerSettings, Feed, Gap, GapKind, KafkaClientError, OffsetSource, OffsetsUnavailable,
+    OnGap, ReaderExit,
 };
 use crate::mongo::{DocWrite, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
@@ -106,6 +107,9 @@ pub enum GenerationEnd {
     Abandoned,
     /// Stored offsets could not be read at assignment: rejoin afresh.
     AssignmentFailed(String),
+    /// A fetch position fell out of the log: rejoin, and the assignment
+    /// finds and records the gap.
+    OffsetOutOfRange(String),
     /// The reader thread ended on its own (it panicked or its channel closed).
     ReaderDied(String),
 }
@@ -452,8 +456,9 @@ struct StoredOffsets {
     runtime: Handle,
 }
 
-impl OffsetSource for StoredOffsets {
-    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable> {
+impl StoredOffsets {
+    /// Runs a store call from the Kafka reader thread.
+    fn block_on<T>(&self, call: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, OffsetsUnavailable> {
         // librdkafka may call back from whichever thread drops or closes the
         // consumer; `block_on` there, on an async thread, would abort the
         // process. Failing makes the assignment wait for a fresh consumer.
@@ -463,12 +468,23 @@ impl OffsetSource for StoredOffsets {
                 retry: false,
             });
         }
-        self.runtime
-            .block_on(self.store.load_offsets(self.projection, self.generation))
-            .map_err(|e| OffsetsUnavailable {
-                reason: e.to_string(),
-                retry: true,
-            })
+        self.runtime.block_on(call).map_err(|e| OffsetsUnavailable {
+            reason: e.to_string(),
+            retry: true,
+        })
+    }
+}
+
+impl OffsetSource for StoredOffsets {
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable> {
+        self.block_on(self.store.load_offsets(self.projection, self.generation))
+    }
+
+    fn record_gap(&self, gap: &Gap, policy: OnGap) -> Result<(), OffsetsUnavailable> {
+        let rewind = gap.kind == GapKind::LogReset && policy == OnGap::Continue;
+        self.block_on(self.store.record_gap(self.projection, self.generation, gap, rewind))?;
+        telemetry::gap(self.projection, gap.kind.name());
+        Ok(())
     }
 }
 
@@ -521,6 +537,9 @@ pub async fn run(
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(settings.max_backoff);
+            }
+            GenerationEnd::OffsetOutOfRange(reason) => {
+                warn!(projection, error = %reason, "A partition's position fell out of the log; rejoining to find the gap.");
             }
             GenerationEnd::ReaderDied(reason) => return Err(WorkerError::ReaderDied(reason)),
         }
@@ -660,6 +679,7 @@ pub async fn run_generation(
                 };
                 break Ok(match exit {
                     ReaderExit::AssignmentFailed(reason) => GenerationEnd::AssignmentFailed(reason),
+                    ReaderExit::OffsetOutOfRange(reason) => GenerationEnd::OffsetOutOfRange(reason),
                     other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
                 });
             };

@@ -90,6 +90,13 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                 let Ok(model) = letter.projection.parse::<ReadModel>() else {
                     continue;
                 };
+                if letter.gap.is_some() {
+                    eprintln!(
+                        "not replaying {id}: it is a gap in the log, not a record ({}); a rebuild clears it",
+                        letter.error
+                    );
+                    continue;
+                }
                 let Some(record) = letter.to_record() else {
                     failing += 1;
                     eprintln!(

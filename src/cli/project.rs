@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use super::{humantime_duration, Global};
 use crate::http::{self, WorkerHealth};
-use crate::kafka::ConsumerSettings;
+use crate::kafka::{ConsumerSettings, OnGap};
 use crate::mongo::{Store, WorkerEntry};
 use crate::read_model::ReadModel;
 use crate::status::{State, StatusProbe};
@@ -66,9 +66,21 @@ pub struct WorkerArgs {
     #[arg(long, env = "COURSEVIEW_MAX_BACKOFF", default_value = "5s", value_parser = humantime_duration)]
     pub max_backoff: Duration,
     /// Records larger than this many bytes (key + value + headers) are
-    /// dead-lettered; at most 4 MiB (a course document must fit MongoDB's 16 MiB).
-    #[arg(long, env = "COURSEVIEW_MAX_RECORD_BYTES", default_value_t = worker::DEFAULT_MAX_RECORD_BYTES)]
+    /// dead-lettered; from 1 to 1048576 (1 MiB: a course document holds its
+    /// fields' values with their stamps and must fit MongoDB's 16 MiB).
+    #[arg(
+        long,
+        env = "COURSEVIEW_MAX_RECORD_BYTES",
+        default_value_t = worker::DEFAULT_MAX_RECORD_BYTES,
+        value_parser = record_limit
+    )]
     pub max_record_bytes: usize,
+    /// What a worker does with a partition whose stored offset the log no
+    /// longer holds (a retention gap, or a log reset after the topic was
+    /// re-created): `stop` consuming it, or `continue` from the log's start.
+    /// Either way the gap is dead-lettered, counted and reported.
+    #[arg(long, env = "COURSEVIEW_ON_GAP", value_enum, default_value_t = OnGap::Stop)]
+    pub on_gap: OnGap,
     /// Bytes of consumed records waiting to be applied, at most.
     #[arg(long, env = "COURSEVIEW_MAX_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_queue_bytes: usize,
@@ -80,6 +92,19 @@ pub struct WorkerArgs {
     /// (MongoDB down) before the process exits without storing its offsets.
     #[arg(long, env = "COURSEVIEW_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// `--max-record-bytes`: refused outside 1..=1 MiB rather than clamped.
+fn record_limit(value: &str) -> Result<usize, String> {
+    let bytes: usize = value.parse().map_err(|e| format!("not a number of bytes: {e}"))?;
+    if (1..=worker::MAX_RECORD_BYTES_CAP).contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "{bytes} is out of range: from 1 to {} bytes (1 MiB)",
+            worker::MAX_RECORD_BYTES_CAP
+        ))
+    }
 }
 
 impl ProjectArgs {
@@ -104,11 +129,12 @@ impl WorkerArgs {
                 group_id: format!("{}.{}", self.group_prefix, model.name()),
                 metadata_refresh: self.metadata_refresh,
                 session_timeout: self.session_timeout,
+                on_gap: self.on_gap,
             },
             batch_size: self.batch_size.max(1),
             batch_linger: self.batch_linger,
             max_backoff: self.max_backoff,
-            max_record_bytes: self.max_record_bytes.clamp(1, worker::MAX_RECORD_BYTES_CAP),
+            max_record_bytes: self.max_record_bytes,
             max_queue_bytes: self.max_queue_bytes.max(1),
             state_cache_bytes: self.state_cache_bytes,
             shutdown_timeout: self.shutdown_timeout,
@@ -244,7 +270,11 @@ async fn watch_health(
                 }
                 Err(e) => warn!(projection = model.name(), error = %e, "Cannot measure lag."),
             }
-            health.set(*model, status.map(|s| s.state != State::Stalled).unwrap_or(false));
+            // A gap fails readiness as a stall does: events were or may be missed.
+            health.set(
+                *model,
+                status.is_ok_and(|s| matches!(s.state, State::Live | State::Rebuilding)),
+            );
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -34,6 +34,11 @@ pub struct RebuildArgs {
     /// After the switch, how long to keep applying while the live workers follow.
     #[arg(long, env = "COURSEVIEW_HANDOVER_TIMEOUT", default_value = "30s", value_parser = humantime_duration)]
     pub handover_timeout: Duration,
+    /// Rebuild even when some partition's log no longer starts at offset 0:
+    /// the events retention removed are then missing from the new
+    /// generation (refused by default, naming the partitions).
+    #[arg(long)]
+    pub allow_partial_history: bool,
     /// Consumer and batching settings of the replaying worker.
     #[command(flatten)]
     pub worker: WorkerArgs,
@@ -79,6 +84,7 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         grace: args.grace,
         report_every: Duration::from_millis(500),
         handover_timeout: args.handover_timeout,
+        allow_partial_history: args.allow_partial_history,
     };
     let cache = global.cache(Duration::from_secs(60))?;
     let mut reporter = if std::io::stderr().is_terminal() {

@@ -1,6 +1,6 @@
 //! The worker's own small HTTP surface: `/metrics`, `/healthz`, `/readyz`.
-//! Readiness fails while any of the process's projections is stalled or
-//! its status cannot be measured (MongoDB or Kafka unreachable).
+//! Readiness fails while any of the process's projections is stalled, has a
+//! gap in its log, or cannot be measured (MongoDB or Kafka unreachable).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -534,6 +534,7 @@ impl ProgressSink for Quiet {
 
 fn quick_rebuild() -> RebuildOptions {
     RebuildOptions {
+        allow_partial_history: false,
         in_place: false,
         catch_up_lag: 50,
         grace: Duration::from_secs(2),

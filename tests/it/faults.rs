@@ -77,6 +77,14 @@ impl OffsetSource for FlakyOffsets {
             Ok(self.offsets.clone())
         }
     }
+
+    fn record_gap(
+        &self,
+        gap: &courseview::kafka::Gap,
+        _: courseview::kafka::OnGap,
+    ) -> Result<(), courseview::kafka::OffsetsUnavailable> {
+        panic!("no gap in this test: {gap:?}")
+    }
 }
 
 #[tokio::test]
@@ -101,6 +109,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
         group_id: unique("assign-"),
         metadata_refresh: Duration::from_secs(1),
         session_timeout: Duration::from_secs(6),
+        on_gap: courseview::kafka::OnGap::Stop,
     };
     // The group's committed offset is ahead of the stored one, as after a
     // rebuild switch (it belongs to the previous generation).

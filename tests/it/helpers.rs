@@ -215,6 +215,7 @@ impl TestApp {
                 group_id: format!("{}.{}", self.id, model.name()),
                 metadata_refresh: Duration::from_secs(1),
                 session_timeout: Duration::from_secs(6),
+                on_gap: courseview::kafka::OnGap::Stop,
             },
             batch_size: 200,
             batch_linger: Duration::from_millis(10),

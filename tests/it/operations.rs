@@ -108,6 +108,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
     };
 
     let options = RebuildOptions {
+        allow_partial_history: false,
         in_place: false,
         catch_up_lag: 20,
         grace: Duration::from_secs(1),
@@ -400,6 +401,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_with_events() {
 /// Rebuild options for a small corpus: switch at zero lag, short grace.
 fn quick(in_place: bool) -> RebuildOptions {
     RebuildOptions {
+        allow_partial_history: false,
         in_place,
         catch_up_lag: 0,
         grace: Duration::from_millis(200),

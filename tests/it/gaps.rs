@@ -1,0 +1,324 @@
+//! Gaps are never silent (DESIGN §2): when the log no longer holds what a
+//! projection's stored offsets say, because retention or DeleteRecords
+//! moved its start past them (a retention gap) or the topic was deleted and
+//! re-created below them (a log reset), the worker records it once as a
+//! dead letter of its own kind, counts it, shows it on status and readiness,
+//! and by default stops that partition. Real broker, real DeleteRecords,
+//! real topic deletion, real worker processes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use courseview::kafka::GapKind;
+use courseview::read_model::ReadModel;
+use courseview::rebuild::{rebuild, ProgressSink, RebuildError, RebuildOptions};
+use courseview::status::State;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+use crate::helpers::{event, eventually, parse_prometheus, sum_of, TestApp};
+use crate::peers::free_port;
+
+fn admin(app: &TestApp) -> AdminClient<DefaultClientContext> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .expect("admin")
+}
+
+fn watermarks(app: &TestApp, topic: &str) -> Vec<(i64, i64)> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .expect("consumer");
+    (0..2)
+        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).expect("watermarks"))
+        .collect()
+}
+
+/// DeleteRecords before `before[p]` on each partition `p` of `topic`.
+async fn delete_records(app: &TestApp, topic: &str, before: &[i64]) {
+    let mut tpl = TopicPartitionList::new();
+    for (p, offset) in before.iter().enumerate() {
+        tpl.add_partition_offset(topic, i32::try_from(p).expect("partition"), Offset::Offset(*offset))
+            .expect("tpl");
+    }
+    admin(app)
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("records deleted");
+}
+
+async fn stored(app: &TestApp, topic: &str) -> HashMap<i32, i64> {
+    let generation = app.store.serving_generation("catalog").await.expect("generation");
+    app.store
+        .load_offsets("catalog", generation)
+        .await
+        .expect("offsets")
+        .into_iter()
+        .filter(|((t, _), _)| t == topic)
+        .map(|((_, p), o)| (p, o))
+        .collect()
+}
+
+fn courses(prefix: &str, kind: &str, version: i64, n: std::ops::Range<usize>) -> Vec<Value> {
+    n.map(|i| {
+        let course = format!("{prefix}{i}");
+        let extra = if kind == "CourseCreatedEvent" {
+            json!({"name": course, "teacherId": "t1"})
+        } else {
+            json!({})
+        };
+        event(kind, &course, version, extra)
+    })
+    .collect()
+}
+
+async fn visible(app: &TestApp, ids: impl Iterator<Item = String>) -> usize {
+    let mut n = 0;
+    for id in ids {
+        if app.get_json(&format!("/catalog/courses/{id}")).await.0 == 200 {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn readyz(app: &TestApp, port: u16) -> u16 {
+    app.get_raw(&format!("http://127.0.0.1:{port}/readyz")).await
+}
+
+struct Quiet;
+
+impl ProgressSink for Quiet {
+    fn progress(&mut self, _done: i64, _total: i64) {}
+    fn phase(&mut self, _message: &str) {}
+}
+
+fn options(allow_partial_history: bool) -> RebuildOptions {
+    RebuildOptions {
+        allow_partial_history,
+        in_place: false,
+        catch_up_lag: 0,
+        grace: Duration::from_millis(200),
+        report_every: Duration::from_millis(50),
+        handover_timeout: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test]
+async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until_told_to_continue() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("CoursePostedEvent");
+    let created = courses("r", "CourseCreatedEvent", 1, 0..30);
+    let posted = courses("r", "CoursePostedEvent", 2, 0..30);
+    let first = app.start_worker(ReadModel::Catalog);
+    app.publish_all(&created).await;
+    app.publish_all(&posted[..10]).await;
+    app.wait_applied(ReadModel::Catalog, 40).await;
+    first.stop().await;
+    let before = stored(&app, &topic).await;
+
+    // While no worker runs: more posts arrive, and retention removes the
+    // unread ones but the last of each partition.
+    app.publish_all(&posted[10..]).await;
+    let highs = watermarks(&app, &topic);
+    let cut: Vec<i64> = highs.iter().map(|(_, high)| high - 1).collect();
+    delete_records(&app, &topic, &cut).await;
+    let expected: Vec<(i32, i64, i64)> = (0..2)
+        .filter_map(|p| {
+            let s = before.get(&p).copied().unwrap_or(0);
+            let low = cut[usize::try_from(p).expect("p")];
+            (s < low).then_some((p, s, low))
+        })
+        .collect();
+    assert!(!expected.is_empty(), "the deletion overtook a stored offset: {before:?} {cut:?}");
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_METRICS_LISTEN", listen.as_str())]);
+    let status = eventually("the gap to be reported", Duration::from_secs(30), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        (s.state == State::Gap && s.gaps.len() == expected.len()).then_some(s)
+    })
+    .await;
+    for (p, s, low) in &expected {
+        let gap = status
+            .gaps
+            .iter()
+            .find(|g| g.topic == topic && g.partition == *p)
+            .expect("a gap per overtaken partition");
+        assert_eq!(gap.kind, GapKind::RetentionGap);
+        assert_eq!((gap.stored_offset, gap.low_watermark), (*s, *low), "the missing range");
+    }
+    let (code, body) = app.get_json("/projections").await;
+    assert_eq!(code, 200);
+    let catalog = body["projections"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["projection"] == "catalog"))
+        .cloned()
+        .expect("catalog status");
+    assert_eq!(catalog["state"], "gap", "GET /projections says gap: {catalog}");
+    assert_eq!(catalog["gaps"][0]["kind"], "retentionGap");
+    eventually("the worker to be unready", Duration::from_secs(20), || async {
+        (readyz(&app, port).await == 503).then_some(())
+    })
+    .await;
+    let metrics = app
+        .http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        sum_of(&parse_prometheus(&metrics), "courseview_gaps_total") >= expected.len() as f64,
+        "counted: {metrics}"
+    );
+
+    // Stopped: the overtaken partitions stay at their stored offsets, and
+    // the found gaps are recorded once however often they are found.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(worker);
+    let again = app.worker_process(ReadModel::Catalog, &[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(again);
+    let after = stored(&app, &topic).await;
+    for (p, s, _) in &expected {
+        assert_eq!(after.get(p), Some(s), "partition {p} is not consumed past a gap under stop");
+    }
+    let letters = app.store.dead_letters(Some("catalog"), 100).await.expect("letters");
+    let gap_letters = letters.iter().filter(|(_, l)| l.gap.is_some()).count();
+    assert_eq!(gap_letters, expected.len(), "each gap recorded once: {letters:?}");
+
+    // continue: from the log's start; the gap stays reported.
+    let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
+    eventually("the partitions to go on from the log start", Duration::from_secs(30), || async {
+        let now = stored(&app, &topic).await;
+        let highs = watermarks(&app, &topic);
+        (0..2)
+            .all(|p| now.get(&p) == Some(&highs[usize::try_from(p).expect("p")].1))
+            .then_some(())
+    })
+    .await;
+    let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
+    assert_eq!(status.state, State::Gap, "the gap stays reported until a rebuild");
+
+    // A rebuild refuses a history that does not start at 0, unless told.
+    let settings = app.worker_settings(ReadModel::Catalog);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let refused = rebuild(&settings, &app.store, app.cache.clone(), &app.probe, &options(false), &mut Quiet, &cancel).await;
+    match refused {
+        Err(RebuildError::PartialHistory(partitions)) => {
+            assert!(partitions.iter().any(|p| p.starts_with(&topic)), "names them: {partitions:?}");
+        }
+        other => panic!("a rebuild of a partial history must refuse: {other:?}"),
+    }
+    rebuild(&settings, &app.store, app.cache.clone(), &app.probe, &options(true), &mut Quiet, &cancel)
+        .await
+        .expect("rebuild")
+        .expect("not interrupted");
+    let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
+    assert_eq!(status.state, State::Live, "a rebuild clears the gap: {:?}", status.gaps);
+    drop(going_on);
+}
+
+#[tokio::test]
+async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_rewinds_the_checkpoint() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("CourseUpdatedEvent");
+    let created = courses("z", "CourseCreatedEvent", 1, 0..10);
+    let posted = courses("z", "CoursePostedEvent", 2, 0..10);
+    let renamed: Vec<Value> = (0..10)
+        .map(|i| event("CourseUpdatedEvent", &format!("z{i}"), 3, json!({"name": format!("old {i}")})))
+        .collect();
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish_all(&created).await;
+    app.publish_all(&posted).await;
+    app.publish_all(&renamed).await;
+    app.publish_all(&renamed).await;
+    app.wait_applied(ReadModel::Catalog, 40).await;
+    worker.stop().await;
+    let before = stored(&app, &topic).await;
+
+    // The topic is deleted and re-created; its new log is shorter than the
+    // stored offsets.
+    admin(&app)
+        .delete_topics(&[&topic], &AdminOptions::new())
+        .await
+        .expect("delete")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("deleted");
+        });
+    eventually("the topic to come back", Duration::from_secs(30), || async {
+        courseview::kafka::create_topics(&app.brokers, std::slice::from_ref(&topic), 2)
+            .await
+            .ok()
+    })
+    .await;
+    let newer: Vec<Value> = (0..2)
+        .map(|i| event("CourseUpdatedEvent", &format!("z{i}"), 4, json!({"name": format!("new {i}")})))
+        .collect();
+    app.publish_all(&newer).await;
+    let highs = watermarks(&app, &topic);
+    let reset: Vec<i32> = (0..2)
+        .filter(|p| before.get(p).copied().unwrap_or(0) > highs[usize::try_from(*p).expect("p")].1)
+        .collect();
+    assert!(!reset.is_empty(), "stored {before:?} beyond the new log {highs:?}");
+
+    let stopped = app.worker_process(ReadModel::Catalog, &[]);
+    let status = eventually("the log reset to be reported", Duration::from_secs(30), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        (s.state == State::Gap && s.gaps.len() == reset.len()).then_some(s)
+    })
+    .await;
+    assert!(status.gaps.iter().all(|g| g.kind == GapKind::LogReset), "{:?}", status.gaps);
+    assert!(
+        status
+            .serving
+            .partitions
+            .iter()
+            .filter(|p| p.topic == topic && reset.contains(&p.partition))
+            .all(|p| p.gap == Some(GapKind::LogReset) && p.stored_offset > p.high_watermark),
+        "status shows the stored offset beyond the log, never clamped: {:?}",
+        status.serving
+    );
+    drop(stopped);
+    assert_eq!(stored(&app, &topic).await, before, "stop: the checkpoint stays where it was");
+
+    // continue: the checkpoint goes back to the new log's start (the one
+    // explicit rewind), and the new log's events are applied.
+    let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
+    eventually("the new log's events to be applied", Duration::from_secs(30), || async {
+        let mut renamed = 0;
+        for i in 0..2 {
+            let (_, body) = app.get_json(&format!("/catalog/courses/z{i}")).await;
+            if body["name"] == format!("new {i}") {
+                renamed += 1;
+            }
+        }
+        (renamed == 2).then_some(())
+    })
+    .await;
+    let now = stored(&app, &topic).await;
+    for p in &reset {
+        assert_eq!(
+            now.get(p),
+            Some(&highs[usize::try_from(*p).expect("p")].1),
+            "partition {p}: the checkpoint follows the new log"
+        );
+    }
+    assert_eq!(
+        app.probe.projection(ReadModel::Catalog).await.expect("status").state,
+        State::Gap,
+        "still reported until a rebuild"
+    );
+    drop(going_on);
+    assert_eq!(visible(&app, (0..10).map(|i| format!("z{i}"))).await, 10);
+}
