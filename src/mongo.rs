@@ -661,7 +661,8 @@ impl Store {
     /// `store_offsets`' guard.
     #[instrument(skip_all, fields(projection, generation, topic = %gap.topic, partition = gap.partition))]
     pub async fn record_gap(&self, projection: &str, generation: u32, gap: &Gap, rewind: bool) -> Result<()> {
-        self.put_dead_letters(&[DeadLetter::gap(projection, generation, gap)]).await?;
+        self.put_dead_letters(&[DeadLetter::gap(projection, generation, gap)])
+            .await?;
         if rewind {
             let id = Self::checkpoint_id(projection, generation, &gap.topic, gap.partition);
             self.docs(CHECKPOINTS)

@@ -458,7 +458,10 @@ struct StoredOffsets {
 
 impl StoredOffsets {
     /// Runs a store call from the Kafka reader thread.
-    fn block_on<T>(&self, call: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, OffsetsUnavailable> {
+    fn block_on<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, OffsetsUnavailable> {
         // librdkafka may call back from whichever thread drops or closes the
         // consumer; `block_on` there, on an async thread, would abort the
         // process. Failing makes the assignment wait for a fresh consumer.

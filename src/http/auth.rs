@@ -195,6 +195,13 @@ impl JwtVerifier {
             if let Some(iss) = &self.settings.issuer {
                 validation.set_issuer(&[iss]);
             }
+            // jsonwebtoken checks `iss`/`aud` only when the token has them:
+            // a configured one must be there, or a token minted for another
+            // service (no audience) would pass.
+            let mut required = vec!["exp"];
+            required.extend(self.settings.issuer.is_some().then_some("iss"));
+            required.extend(self.settings.audience.is_some().then_some("aud"));
+            validation.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key.key, &validation) {
                 Ok(data) => {
                     return match data.claims.get(&self.settings.teacher_claim) {

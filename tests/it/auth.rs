@@ -177,6 +177,16 @@ async fn rs256_es256_and_jwks_keys_verify_and_a_public_key_used_as_an_hmac_secre
     wrong_iss["iss"] = json!("https://evil.example");
     let (status, _, _) = dashboard(&rsa, "t1", Some(&format!("Bearer {}", rs256(&wrong_iss, None)))).await;
     assert_eq!(status, 401, "wrong issuer");
+    // A configured issuer or audience is a required claim: another
+    // service's token for the same teacher, without them, opens nothing.
+    for missing in [&["iss"][..], &["aud"][..], &["iss", "aud"][..]] {
+        let mut token = good.clone();
+        for claim in missing {
+            token.as_object_mut().expect("claims").remove(*claim);
+        }
+        let (status, _, _) = dashboard(&rsa, "t1", Some(&format!("Bearer {}", rs256(&token, None)))).await;
+        assert_eq!(status, 401, "a token without {missing:?}");
+    }
     // The classic algorithm confusion: HS256 keyed with the RSA public key.
     let confused = hs256(&good, RSA_PUBLIC);
     let (status, _, _) = dashboard(&rsa, "t1", Some(&format!("Bearer {confused}"))).await;

@@ -136,3 +136,24 @@ async fn exited(child: &mut Reaped) -> Result<std::process::ExitStatus, tokio::t
     })
     .await
 }
+
+/// `--max-record-bytes` beyond 1 MiB used to be clamped silently while its
+/// help said "at most 4 MiB": now the help, the limit and the refusal agree.
+#[tokio::test]
+async fn a_record_limit_out_of_range_stops_the_worker_at_start_naming_the_setting() {
+    let app = TestApp::spawn().await;
+    for bad in ["4194304", "0"] {
+        let output = courseview(&app, &["project", "catalog", "--max-record-bytes", bad])
+            .output()
+            .expect("courseview runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{bad} must be refused: {stderr}");
+        assert!(
+            stderr.contains("--max-record-bytes") && stderr.contains("from 1 to 1048576"),
+            "names the setting and its range: {stderr}"
+        );
+    }
+    let help = courseview(&app, &["project", "--help"]).output().expect("help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("1048576") && !help.contains("4 MiB"), "{help}");
+}

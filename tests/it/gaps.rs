@@ -35,7 +35,11 @@ fn watermarks(app: &TestApp, topic: &str) -> Vec<(i64, i64)> {
         .create()
         .expect("consumer");
     (0..2)
-        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).expect("watermarks"))
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .expect("watermarks")
+        })
         .collect()
 }
 
@@ -135,7 +139,10 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
             (s < low).then_some((p, s, low))
         })
         .collect();
-    assert!(!expected.is_empty(), "the deletion overtook a stored offset: {before:?} {cut:?}");
+    assert!(
+        !expected.is_empty(),
+        "the deletion overtook a stored offset: {before:?} {cut:?}"
+    );
 
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -190,7 +197,11 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
     drop(again);
     let after = stored(&app, &topic).await;
     for (p, s, _) in &expected {
-        assert_eq!(after.get(p), Some(s), "partition {p} is not consumed past a gap under stop");
+        assert_eq!(
+            after.get(p),
+            Some(s),
+            "partition {p} is not consumed past a gap under stop"
+        );
     }
     let letters = app.store.dead_letters(Some("catalog"), 100).await.expect("letters");
     let gap_letters = letters.iter().filter(|(_, l)| l.gap.is_some()).count();
@@ -198,13 +209,17 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
 
     // continue: from the log's start; the gap stays reported.
     let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
-    eventually("the partitions to go on from the log start", Duration::from_secs(30), || async {
-        let now = stored(&app, &topic).await;
-        let highs = watermarks(&app, &topic);
-        (0..2)
-            .all(|p| now.get(&p) == Some(&highs[usize::try_from(p).expect("p")].1))
-            .then_some(())
-    })
+    eventually(
+        "the partitions to go on from the log start",
+        Duration::from_secs(30),
+        || async {
+            let now = stored(&app, &topic).await;
+            let highs = watermarks(&app, &topic);
+            (0..2)
+                .all(|p| now.get(&p) == Some(&highs[usize::try_from(p).expect("p")].1))
+                .then_some(())
+        },
+    )
     .await;
     let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
     assert_eq!(status.state, State::Gap, "the gap stays reported until a rebuild");
@@ -212,17 +227,37 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
     // A rebuild refuses a history that does not start at 0, unless told.
     let settings = app.worker_settings(ReadModel::Catalog);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let refused = rebuild(&settings, &app.store, app.cache.clone(), &app.probe, &options(false), &mut Quiet, &cancel).await;
+    let refused = rebuild(
+        &settings,
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &options(false),
+        &mut Quiet,
+        &cancel,
+    )
+    .await;
     match refused {
         Err(RebuildError::PartialHistory(partitions)) => {
-            assert!(partitions.iter().any(|p| p.starts_with(&topic)), "names them: {partitions:?}");
+            assert!(
+                partitions.iter().any(|p| p.starts_with(&topic)),
+                "names them: {partitions:?}"
+            );
         }
         other => panic!("a rebuild of a partial history must refuse: {other:?}"),
     }
-    rebuild(&settings, &app.store, app.cache.clone(), &app.probe, &options(true), &mut Quiet, &cancel)
-        .await
-        .expect("rebuild")
-        .expect("not interrupted");
+    rebuild(
+        &settings,
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &options(true),
+        &mut Quiet,
+        &cancel,
+    )
+    .await
+    .expect("rebuild")
+    .expect("not interrupted");
     let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
     assert_eq!(status.state, State::Live, "a rebuild clears the gap: {:?}", status.gaps);
     drop(going_on);
@@ -235,7 +270,14 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
     let created = courses("z", "CourseCreatedEvent", 1, 0..10);
     let posted = courses("z", "CoursePostedEvent", 2, 0..10);
     let renamed: Vec<Value> = (0..10)
-        .map(|i| event("CourseUpdatedEvent", &format!("z{i}"), 3, json!({"name": format!("old {i}")})))
+        .map(|i| {
+            event(
+                "CourseUpdatedEvent",
+                &format!("z{i}"),
+                3,
+                json!({"name": format!("old {i}")}),
+            )
+        })
         .collect();
     let worker = app.start_worker(ReadModel::Catalog);
     app.publish_all(&created).await;
@@ -263,7 +305,14 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
     })
     .await;
     let newer: Vec<Value> = (0..2)
-        .map(|i| event("CourseUpdatedEvent", &format!("z{i}"), 4, json!({"name": format!("new {i}")})))
+        .map(|i| {
+            event(
+                "CourseUpdatedEvent",
+                &format!("z{i}"),
+                4,
+                json!({"name": format!("new {i}")}),
+            )
+        })
         .collect();
     app.publish_all(&newer).await;
     let highs = watermarks(&app, &topic);
@@ -278,7 +327,11 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
         (s.state == State::Gap && s.gaps.len() == reset.len()).then_some(s)
     })
     .await;
-    assert!(status.gaps.iter().all(|g| g.kind == GapKind::LogReset), "{:?}", status.gaps);
+    assert!(
+        status.gaps.iter().all(|g| g.kind == GapKind::LogReset),
+        "{:?}",
+        status.gaps
+    );
     assert!(
         status
             .serving
@@ -290,21 +343,29 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
         status.serving
     );
     drop(stopped);
-    assert_eq!(stored(&app, &topic).await, before, "stop: the checkpoint stays where it was");
+    assert_eq!(
+        stored(&app, &topic).await,
+        before,
+        "stop: the checkpoint stays where it was"
+    );
 
     // continue: the checkpoint goes back to the new log's start (the one
     // explicit rewind), and the new log's events are applied.
     let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
-    eventually("the new log's events to be applied", Duration::from_secs(30), || async {
-        let mut renamed = 0;
-        for i in 0..2 {
-            let (_, body) = app.get_json(&format!("/catalog/courses/z{i}")).await;
-            if body["name"] == format!("new {i}") {
-                renamed += 1;
+    eventually(
+        "the new log's events to be applied",
+        Duration::from_secs(30),
+        || async {
+            let mut renamed = 0;
+            for i in 0..2 {
+                let (_, body) = app.get_json(&format!("/catalog/courses/z{i}")).await;
+                if body["name"] == format!("new {i}") {
+                    renamed += 1;
+                }
             }
-        }
-        (renamed == 2).then_some(())
-    })
+            (renamed == 2).then_some(())
+        },
+    )
     .await;
     let now = stored(&app, &topic).await;
     for p in &reset {
