@@ -38,6 +38,7 @@ const TRANSIENT_CODES: &[i32] = &[
     6,     // HostUnreachable
     7,     // HostNotFound
     89,    // NetworkTimeout
+    64,    // WriteConcernFailed (wtimeout: not yet replicated as asked)
     91,    // ShutdownInProgress
     189,   // PrimarySteppedDown
     50,    // MaxTimeMSExpired (a query over its time limit)
@@ -65,6 +66,42 @@ pub fn is_transient_code(code: i32) -> bool {
     TRANSIENT_CODES.contains(&code)
 }
 const DUPLICATE_KEY: i32 = 11000;
+
+/// What an `update` command's reply (`ok: 1`) says of its statements: the
+/// indexes (offset by `start`) refused as duplicate keys, or an error.
+/// A `writeConcernError` makes the whole command transient: on a replica
+/// set the writes may be rolled back (a primary stepping down while the
+/// batch waited for majority), so the batch must be retried and nothing
+/// after it (offsets, remembered states) may count on it.
+fn refused_statements(collection: &str, start: usize, reply: &Document) -> Result<Vec<usize>> {
+    if let Ok(concern) = reply.get_document("writeConcernError") {
+        let code = concern.get_i32("code").unwrap_or_default();
+        let message = concern.get_str("errmsg").unwrap_or("write concern not satisfied");
+        return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
+            "update on {collection}: write concern error: {message} (code {code})"
+        )))));
+    }
+    let mut duplicates = Vec::new();
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        for error in errors.iter().filter_map(Bson::as_document) {
+            let code = error.get_i32("code").unwrap_or_default();
+            let index = error.get_i32("index").unwrap_or_default();
+            let message = error.get_str("errmsg").unwrap_or("unknown write error");
+            if code == DUPLICATE_KEY {
+                duplicates.push(start + usize::try_from(index).unwrap_or_default());
+            } else if is_transient_code(code) {
+                return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
+                    "update on {collection}: {message} (code {code})"
+                )))));
+            } else {
+                return Err(StoreError::Failed(format!(
+                    "update on {collection}: {message} (code {code})"
+                )));
+            }
+        }
+    }
+    Ok(duplicates)
+}
 
 /// What the caller must do about a failed MongoDB operation.
 #[derive(Debug, thiserror::Error)]
@@ -270,24 +307,7 @@ impl Store {
             command.append("updates", statements);
             command.append("ordered", false);
             let reply = self.db.run_raw_command(command).await?;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for error in errors.iter().filter_map(Bson::as_document) {
-                    let code = error.get_i32("code").unwrap_or_default();
-                    let index = error.get_i32("index").unwrap_or_default();
-                    let message = error.get_str("errmsg").unwrap_or("unknown write error");
-                    if code == DUPLICATE_KEY {
-                        duplicates.push(start + usize::try_from(index).unwrap_or_default());
-                    } else if is_transient_code(code) {
-                        return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
-                            "update on {collection}: {message} (code {code})"
-                        )))));
-                    } else {
-                        return Err(StoreError::Failed(format!(
-                            "update on {collection}: {message} (code {code})"
-                        )));
-                    }
-                }
-            }
+            duplicates.extend(refused_statements(collection, start, &reply)?);
             start += len;
         }
         Ok(duplicates)
@@ -972,6 +992,30 @@ mod tests {
         for code in [2, 11000, 13, 121] {
             assert!(!is_transient_code(code), "{code}");
         }
+    }
+
+    #[test]
+    fn a_write_concern_error_makes_an_acknowledged_update_transient() {
+        // What a replica-set primary stepping down mid-batch answers: ok 1,
+        // every statement applied locally, the majority never reached.
+        let reply = doc! {
+            "ok": 1, "n": 3, "nModified": 3,
+            "writeConcernError": {"code": 189, "codeName": "PrimarySteppedDown", "errmsg": "stepped down while waiting for replication"},
+        };
+        match super::refused_statements("catalog_g1", 0, &reply) {
+            Err(StoreError::Unavailable(e)) => assert!(e.to_string().contains("PrimarySteppedDown") || e.to_string().contains("189")),
+            other => panic!("must be transient, not {other:?}"),
+        }
+        // Alongside duplicate keys too: the concern error decides.
+        let both = doc! {
+            "ok": 1, "n": 1,
+            "writeErrors": [{"index": 0, "code": 11000, "errmsg": "dup"}],
+            "writeConcernError": {"code": 91, "errmsg": "shutting down"},
+        };
+        assert!(matches!(super::refused_statements("c", 0, &both), Err(StoreError::Unavailable(_))));
+        // Without one: duplicates are refusals, offset by the chunk's start.
+        let dups = doc! {"ok": 1, "n": 1, "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
+        assert_eq!(super::refused_statements("c", 10, &dups).expect("fine"), vec![11]);
     }
 
     #[test]
