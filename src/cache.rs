@@ -78,11 +78,17 @@ return 0
 ";
 
 /// A writer's lease (ARGV[1] ms from now on Redis' clock, the clock the
-/// lookups compare it with), announced to subscribed API processes.
+/// lookups compare it with), announced to subscribed API processes. The
+/// epoch is dropped first: should the writer die before its bump, answers
+/// cached before its write stay unreachable once the lease expires (a
+/// reader then starts a fresh epoch). Under `maxmemory` with `noeviction`
+/// the lease itself may be refused; dropping the epoch still announces the
+/// write (readers then cannot start an epoch, so they bypass the cache).
 const BEGIN_WRITE: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], now + ARGV[1], ARGV[2])
+redis.call('DEL', KEYS[3])
+redis.pcall('ZADD', KEYS[1], now + ARGV[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
 ";
@@ -147,6 +153,8 @@ struct Inner {
     prefix: String,
     timeout: Duration,
     ttl: Duration,
+    /// How long a write announcement holds without its bump.
+    write_lease: Duration,
     /// Unix millis until which Redis is skipped.
     skip_until: AtomicU64,
     lookup: Script,
@@ -190,6 +198,7 @@ impl Cache {
                 prefix: prefix.to_owned(),
                 timeout,
                 ttl,
+                write_lease: WRITE_LEASE,
                 skip_until: AtomicU64::new(0),
                 lookup: Script::new(LOOKUP),
                 put: Script::new(PUT),
@@ -198,6 +207,37 @@ impl Cache {
                 drop_epoch: Script::new(DROP_EPOCH),
             }),
         })
+    }
+
+    /// With another write lease than [`WRITE_LEASE`] (for tests that wait
+    /// one out). Only the lease this client takes changes.
+    #[must_use]
+    pub fn with_write_lease(self, lease: Duration) -> Cache {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
+            client: shared.client.clone(),
+            conn: Mutex::new(None),
+            prefix: shared.prefix.clone(),
+            timeout: shared.timeout,
+            ttl: shared.ttl,
+            write_lease: shared.write_lease,
+            skip_until: AtomicU64::new(0),
+            lookup: Script::new(LOOKUP),
+            put: Script::new(PUT),
+            begin_write: Script::new(BEGIN_WRITE),
+            bump: Script::new(BUMP),
+            drop_epoch: Script::new(DROP_EPOCH),
+        });
+        Cache {
+            inner: Arc::new(Inner {
+                write_lease: lease,
+                ..inner
+            }),
+        }
+    }
+
+    /// The key prefix of every key and channel of this cache.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
     }
 
     /// The key prefix of a scope; also its name in notices.
@@ -361,10 +401,11 @@ impl Cache {
     /// it, keys filled before the write and keys filled after it could be
     /// served side by side for the moment until the bump, and a reader
     /// could see a course at v59 on a list page and then at v57 by id.
+    /// `false`: Redis did not take it, so the write must wait (DESIGN §6).
     #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn begin_write(&self, scope: Scope<'_>, writer: &str) -> bool {
         let base = self.base(scope);
-        let lease = WRITE_LEASE.as_millis() as u64;
+        let lease = self.inner.write_lease.as_millis() as u64;
         let script = &self.inner.begin_write;
         let channel = self.notices();
         let added: Option<i64> = self
@@ -372,6 +413,7 @@ impl Cache {
                 script
                     .key(format!("{base}:writers"))
                     .key(channel)
+                    .key(format!("{base}:epoch"))
                     .arg(lease)
                     .arg(writer)
                     .arg(format!("w {writer} {base}"))

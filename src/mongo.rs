@@ -775,6 +775,7 @@ impl Store {
                 pid: u32::try_from(pid).unwrap_or_default(),
                 heartbeat_at,
                 stale_after_ms,
+                invalidates: d.get_str("invalidates").ok().map(str::to_owned),
             });
         }
         live.sort_by(|a, b| a.id.cmp(&b.id));
@@ -908,6 +909,11 @@ pub struct WorkerEntry {
     pub heartbeat_at: i64,
     /// The entry is stale (a dead process) this long after its heartbeat.
     pub stale_after_ms: i64,
+    /// The Redis key prefix whose cache it invalidates; `None`: none (run
+    /// with `--no-cache-invalidation`). An API with another prefix serves
+    /// answers this worker never invalidates, and says so on `/readyz`.
+    #[serde(default)]
+    pub invalidates: Option<String>,
 }
 
 impl WorkerEntry {
@@ -933,6 +939,7 @@ impl WorkerEntry {
             stale_after_ms: i64::try_from(heartbeat_every.as_millis() * 3)
                 .unwrap_or(i64::MAX)
                 .max(1_000),
+            invalidates: None,
         }
     }
 }
@@ -1003,7 +1010,9 @@ mod tests {
             "writeConcernError": {"code": 189, "codeName": "PrimarySteppedDown", "errmsg": "stepped down while waiting for replication"},
         };
         match super::refused_statements("catalog_g1", 0, &reply) {
-            Err(StoreError::Unavailable(e)) => assert!(e.to_string().contains("PrimarySteppedDown") || e.to_string().contains("189")),
+            Err(StoreError::Unavailable(e)) => {
+                assert!(e.to_string().contains("PrimarySteppedDown") || e.to_string().contains("189"))
+            }
             other => panic!("must be transient, not {other:?}"),
         }
         // Alongside duplicate keys too: the concern error decides.
@@ -1012,7 +1021,10 @@ mod tests {
             "writeErrors": [{"index": 0, "code": 11000, "errmsg": "dup"}],
             "writeConcernError": {"code": 91, "errmsg": "shutting down"},
         };
-        assert!(matches!(super::refused_statements("c", 0, &both), Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            super::refused_statements("c", 0, &both),
+            Err(StoreError::Unavailable(_))
+        ));
         // Without one: duplicates are refusals, offset by the chunk's start.
         let dups = doc! {"ok": 1, "n": 1, "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
         assert_eq!(super::refused_statements("c", 10, &dups).expect("fine"), vec![11]);

@@ -63,6 +63,9 @@ pub struct WorkerSettings {
     /// Told what this worker is doing, each time it changes (the worker
     /// registry publishes it; a rebuild's handover waits on it).
     pub on_phase: Option<Arc<tokio::sync::watch::Sender<Phase>>>,
+    /// Set while the batch in hand waits because Redis did not take its
+    /// write announcement (the worker's readiness reads it).
+    pub cache_held: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a worker is doing: the generation it follows, and whether it is
@@ -114,6 +117,49 @@ pub enum GenerationEnd {
     ReaderDied(String),
 }
 
+/// Why a batch could not be applied this time, by what the caller does next.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Redis did not take the batch's write announcement: writing anyway
+    /// could leave API answers stale past DESIGN's bound, so the batch
+    /// waits (offsets unmoved) and is tried again.
+    #[error("Redis did not take this batch's write announcement; the batch waits")]
+    Unannounced,
+}
+
+/// An error a retry loop can tell transient from permanent.
+pub trait Retryable: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+    /// The system that failed, for the transient-errors metric.
+    fn system(&self) -> &'static str;
+}
+
+impl Retryable for StoreError {
+    fn is_transient(&self) -> bool {
+        StoreError::is_transient(self)
+    }
+    fn system(&self) -> &'static str {
+        "mongodb"
+    }
+}
+
+impl Retryable for BatchError {
+    fn is_transient(&self) -> bool {
+        match self {
+            BatchError::Store(e) => e.is_transient(),
+            BatchError::Unannounced => true,
+        }
+    }
+    fn system(&self) -> &'static str {
+        match self {
+            BatchError::Store(_) => "mongodb",
+            BatchError::Unannounced => "redis",
+        }
+    }
+}
+
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -123,6 +169,18 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("the Kafka reader thread died: {0}")]
     ReaderDied(String),
+    /// Only transient batch errors are retried; this one was given up.
+    #[error(transparent)]
+    Batch(BatchError),
+}
+
+impl From<BatchError> for WorkerError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::Store(e) => WorkerError::Store(e),
+            other => WorkerError::Batch(other),
+        }
+    }
 }
 
 /// What a batch did, for logs and tests.
@@ -159,6 +217,8 @@ pub struct Applier {
     /// the write is guarded by revision 0. Set after each batch from how
     /// often the guess was right.
     presume_absent: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised while a batch waits for its write announcement.
+    held: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Applier {
@@ -176,7 +236,15 @@ impl Applier {
                 StateBytes,
             )),
             presume_absent: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            held: None,
         }
+    }
+
+    /// Raises `held` while a batch waits for its write announcement.
+    #[must_use]
+    pub fn with_held_flag(mut self, held: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        self.held = held;
+        self
     }
 
     /// Keeps about `bytes` of recently written states (0: none).
@@ -203,7 +271,7 @@ impl Applier {
 
     /// Decodes, applies and writes a batch, then stores its offsets. Safe to
     /// call again with the same records after any failure.
-    pub async fn apply_batch(&self, records: &[Record]) -> Result<BatchOutcome, StoreError> {
+    pub async fn apply_batch(&self, records: &[Record]) -> Result<BatchOutcome, BatchError> {
         self.apply_batch_and_advance(records, &[]).await
     }
 
@@ -214,7 +282,7 @@ impl Applier {
         &self,
         records: &[Record],
         advanced: &[(String, i32, i64)],
-    ) -> Result<BatchOutcome, StoreError> {
+    ) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
         let projection = self.model.name();
         let mut events: Vec<CourseEvent> = Vec::with_capacity(records.len());
@@ -290,12 +358,20 @@ impl Applier {
     }
 
     /// Applies events to their courses' documents; returns documents written.
-    pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, StoreError> {
+    pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, BatchError> {
         use std::sync::atomic::Ordering::Relaxed;
         let collection = self.collection();
         if let (Some(cache), false) = (&self.cache, events.is_empty()) {
-            // Readers bypass the cache from now until this batch's bump.
-            cache.begin_write(self.scope(), &self.writer).await;
+            // Readers bypass the cache from now until this batch's bump. A
+            // write Redis was not told of could be hidden from readers by
+            // answers cached before it, for as long as their TTL: never.
+            let announced = cache.begin_write(self.scope(), &self.writer).await;
+            if let Some(held) = &self.held {
+                held.store(!announced, Relaxed);
+            }
+            if !announced {
+                return Err(BatchError::Unannounced);
+            }
         }
         let mut by_course: HashMap<&str, Vec<&CourseEvent>> = HashMap::new();
         for event in events {
@@ -383,8 +459,8 @@ impl Applier {
             Ok(written)
         } else {
             // Contention this persistent is transient by nature: retry the batch.
-            Err(StoreError::Unavailable(Box::new(mongodb::error::Error::custom(
-                format!("{} documents kept changing under us", pending.len()),
+            Err(BatchError::Store(StoreError::Unavailable(Box::new(
+                mongodb::error::Error::custom(format!("{} documents kept changing under us", pending.len())),
             ))))
         }
     }
@@ -658,7 +734,8 @@ pub async fn run_generation(
 
         let applier = Applier::new(model, store, cache, generation)
             .with_record_limit(settings.max_record_bytes)
-            .with_state_cache_bytes(settings.state_cache_bytes);
+            .with_state_cache_bytes(settings.state_cache_bytes)
+            .with_held_flag(settings.cache_held.clone());
         let hard = deadline_after(&cancel, settings.shutdown_timeout);
         let mut epoch_pending = false;
         let mut reported = false;
@@ -721,7 +798,7 @@ pub async fn run_generation(
                     );
                     break Ok(GenerationEnd::Abandoned);
                 }
-                Err(e) => break Err(WorkerError::Store(e)),
+                Err(e) => break Err(e.into()),
             }
         };
         hard.cancel();
@@ -786,22 +863,23 @@ async fn collect_batch(
 
 /// Retries `op` while it fails transiently, backing off up to `max_backoff`.
 /// `Ok(None)` means `cancel` fired first.
-pub async fn retry_transient<T, F, Fut>(
+pub async fn retry_transient<T, E, F, Fut>(
     op_name: &'static str,
     cancel: &CancellationToken,
     max_backoff: Duration,
     mut op: F,
-) -> Result<Option<T>, StoreError>
+) -> Result<Option<T>, E>
 where
+    E: Retryable,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
         match op().await {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_transient() => {
-                telemetry::transient_error("mongodb", op_name);
+                telemetry::transient_error(e.system(), op_name);
                 warn!(op = op_name, error = %e, retry_in = ?backoff, "Transient failure; retrying without advancing offsets.");
                 tokio::select! {
                     () = cancel.cancelled() => return Ok(None),

@@ -39,6 +39,12 @@ pub struct ProjectArgs {
     /// workers on one host); the address is logged and shown by `status`.
     #[arg(long, env = "COURSEVIEW_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Run without telling the API's cache of writes (no Redis, or Redis
+    /// ignored): API answers are then fresh only within the cache TTL, not
+    /// DESIGN's 1 s. Without this flag a worker with `REDIS_URL=none`
+    /// refuses to start.
+    #[arg(long, env = "COURSEVIEW_NO_CACHE_INVALIDATION")]
+    pub no_cache_invalidation: bool,
     /// How often the worker measures its lag (metrics) and stall (readiness).
     #[arg(long, env = "COURSEVIEW_STATUS_INTERVAL", default_value = "5s", value_parser = humantime_duration)]
     pub status_interval: Duration,
@@ -139,6 +145,7 @@ impl WorkerArgs {
             state_cache_bytes: self.state_cache_bytes,
             shutdown_timeout: self.shutdown_timeout,
             on_phase: None,
+            cache_held: None,
         }
     }
 }
@@ -146,7 +153,20 @@ impl WorkerArgs {
 /// Runs the workers until `shutdown`; a failing projection never stops the others.
 pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = global.store().await?;
-    let cache = global.cache(Duration::from_secs(60))?;
+    let cache = if args.no_cache_invalidation {
+        warn!("--no-cache-invalidation: API answers are fresh only within the cache TTL.");
+        None
+    } else {
+        let Some(cache) = global.cache(Duration::from_secs(60))? else {
+            bail!(
+                "REDIS_URL=none: this worker would write without invalidating the API's cache, whose answers \
+                 would then stay stale for up to their TTL; give it the API's REDIS_URL and COURSEVIEW_REDIS_PREFIX, \
+                 or pass --no-cache-invalidation (COURSEVIEW_NO_CACHE_INVALIDATION=true) if no API caches"
+            );
+        };
+        Some(cache)
+    };
+    let invalidates = cache.as_ref().map(|_| global.redis_prefix.clone());
     let models = args.models();
     let health = Arc::new(WorkerHealth::new(&models));
     let listener = bind_metrics(args.metrics_listen).await?;
@@ -167,12 +187,10 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
         let mut settings = args.worker.settings(&global, model);
         let (generation_tx, generation_rx) = tokio::sync::watch::channel(worker::Phase::default());
         settings.on_phase = Some(Arc::new(generation_tx));
-        services.spawn(heartbeat(
-            store.clone(),
-            WorkerEntry::new(model.name(), metrics_addr.to_string(), args.status_interval),
-            generation_rx,
-            shutdown.clone(),
-        ));
+        settings.cache_held = health.held_flag(model);
+        let mut entry = WorkerEntry::new(model.name(), metrics_addr.to_string(), args.status_interval);
+        entry.invalidates = invalidates.clone();
+        services.spawn(heartbeat(store.clone(), entry, generation_rx, shutdown.clone()));
         let (store, cache, token) = (store.clone(), cache.clone(), shutdown.child_token());
         workers.spawn(async move { (model, worker::run(settings, store, cache, token).await) });
     }

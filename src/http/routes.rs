@@ -323,6 +323,37 @@ pub async fn healthz() -> Response {
     ))]
 pub async fn readyz(state: AppStateExt) -> Result<Response, ApiError> {
     state.store.ping().await?;
+    // A live worker that does not invalidate this API's cache (no Redis, or
+    // another key prefix) lets cached answers go stale for their TTL.
+    if let Some(cache) = &state.cache {
+        let blind: Vec<String> = state
+            .store
+            .live_workers(None)
+            .await?
+            .into_iter()
+            .filter(|w| w.invalidates.as_deref() != Some(cache.prefix()))
+            .map(|w| {
+                format!(
+                    "{} (invalidates {})",
+                    w.id,
+                    w.invalidates
+                        .as_deref()
+                        .map_or("no cache".to_owned(), |p| format!("prefix {p:?}"))
+                )
+            })
+            .collect();
+        if !blind.is_empty() {
+            return Ok((
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({
+                    "status": "not ready",
+                    "workersNotInvalidatingThisCache": blind,
+                    "cachePrefix": cache.prefix(),
+                })),
+            )
+                .into_response());
+        }
+    }
     Ok((StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response())
 }
 

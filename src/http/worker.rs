@@ -1,6 +1,7 @@
 //! The worker's own small HTTP surface: `/metrics`, `/healthz`, `/readyz`.
 //! Readiness fails while any of the process's projections is stalled, has a
-//! gap in its log, or cannot be measured (MongoDB or Kafka unreachable).
+//! gap in its log, waits for Redis to take a write announcement, or cannot
+//! be measured (MongoDB or Kafka unreachable).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,9 @@ use crate::read_model::ReadModel;
 #[derive(Debug)]
 pub struct WorkerHealth {
     ready: Mutex<HashMap<ReadModel, bool>>,
+    /// Per projection: raised while its batch waits because Redis did not
+    /// take the write announcement.
+    held: HashMap<ReadModel, Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl WorkerHealth {
@@ -27,7 +31,16 @@ impl WorkerHealth {
     pub fn new(models: &[ReadModel]) -> Self {
         WorkerHealth {
             ready: Mutex::new(models.iter().map(|m| (*m, false)).collect()),
+            held: models
+                .iter()
+                .map(|m| (*m, Arc::new(std::sync::atomic::AtomicBool::new(false))))
+                .collect(),
         }
+    }
+
+    /// The flag a projection's worker raises while its batch waits on Redis.
+    pub fn held_flag(&self, model: ReadModel) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.held.get(&model).cloned()
     }
 
     pub fn set(&self, model: ReadModel, ready: bool) {
@@ -39,7 +52,16 @@ impl WorkerHealth {
     /// Projections that are not ready.
     pub fn not_ready(&self) -> Vec<&'static str> {
         let map = self.ready.lock().map(|m| m.clone()).unwrap_or_default();
-        let mut names: Vec<_> = map.into_iter().filter(|(_, r)| !r).map(|(m, _)| m.name()).collect();
+        let held = |m: &ReadModel| {
+            self.held
+                .get(m)
+                .is_some_and(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        let mut names: Vec<_> = map
+            .into_iter()
+            .filter(|(m, r)| !r || held(m))
+            .map(|(m, _)| m.name())
+            .collect();
         names.sort_unstable();
         names
     }

@@ -225,6 +225,7 @@ impl TestApp {
             state_cache_bytes: worker::DEFAULT_STATE_CACHE_BYTES,
             shutdown_timeout: Duration::from_secs(10),
             on_phase: None,
+            cache_held: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod cli;
 mod contract;
 mod debezium;
 mod faults;
+mod freshness;
 mod gaps;
 mod helpers;
 mod mongo_compat;

@@ -425,6 +425,11 @@ impl FreezingProxy {
     pub fn freeze(&self) {
         self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Forwards again, what was held first.
+    pub fn thaw(&self) {
+        self.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 async fn pump(
