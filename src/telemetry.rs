@@ -27,6 +27,7 @@ const CACHE_LOOKUPS_TOTAL: &str = "courseview_cache_lookups_total";
 const CACHE_ERRORS_TOTAL: &str = "courseview_cache_errors_total";
 const HTTP_REQUESTS_TOTAL: &str = "courseview_http_requests_total";
 const HTTP_REQUEST_SECONDS: &str = "courseview_http_request_seconds";
+const HTTP_BUSY_TOTAL: &str = "courseview_http_busy_total";
 
 /// Every metric courseview emits.
 pub const METRIC_NAMES: &[&str] = &[
@@ -44,6 +45,7 @@ pub const METRIC_NAMES: &[&str] = &[
     CACHE_ERRORS_TOTAL,
     HTTP_REQUESTS_TOTAL,
     HTTP_REQUEST_SECONDS,
+    HTTP_BUSY_TOTAL,
 ];
 
 /// Log output format.
@@ -118,6 +120,12 @@ pub fn dead_letters(projection: &'static str, count: u64) {
 /// worker finds it (it is recorded once; this counts the findings).
 pub fn gap(projection: &'static str, kind: &'static str) {
     counter!(GAPS_TOTAL, "projection" => projection, "kind" => kind).increment(1);
+}
+
+/// An expensive request (`search`, `minVersion`) refused because its
+/// class had no permit left.
+pub fn expensive_refused(class: &'static str) {
+    counter!(HTTP_BUSY_TOTAL, "class" => class).increment(1);
 }
 
 pub fn batch(projection: &'static str, size: usize, elapsed: Duration) {

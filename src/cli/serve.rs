@@ -33,6 +33,13 @@ pub struct ServeArgs {
     /// Longest wait of `?minVersion=` before answering 409.
     #[arg(long, env = "COURSEVIEW_MIN_VERSION_WAIT", default_value = "2s", value_parser = humantime_duration)]
     pub min_version_wait: Duration,
+    /// `q` searches that may read MongoDB at once; more get a fast 503 with
+    /// Retry-After (cached reads are never limited).
+    #[arg(long, env = "COURSEVIEW_MAX_SEARCHES", default_value_t = 4)]
+    pub max_searches: usize,
+    /// `minVersion` waits that may run at once; more get a fast 503.
+    #[arg(long, env = "COURSEVIEW_MAX_WAITS", default_value_t = 16)]
+    pub max_waits: usize,
     /// Teacher dashboard tokens: HS256 shared secret (at least 16 bytes).
     #[arg(long, env = "COURSEVIEW_JWT_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,
@@ -87,6 +94,8 @@ pub async fn run(global: Global, args: ServeArgs, shutdown: CancellationToken) -
         default_limit: args.default_limit.max(1),
         max_limit: args.max_limit.max(1),
         min_version_wait: args.min_version_wait,
+        max_searches: args.max_searches.max(1),
+        max_waits: args.max_waits.max(1),
         ..ApiSettings::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -36,6 +36,9 @@ pub enum ApiError {
     /// The request outlived the server's time limit.
     #[error("request timed out")]
     TimedOut,
+    /// Too many requests of one expensive kind at once (`search`, `minVersion`).
+    #[error("too many {0} requests at once")]
+    Busy(&'static str),
     /// Anything unexpected; details go to the log only.
     #[error("internal error")]
     Internal,
@@ -107,6 +110,7 @@ impl IntoResponse for ApiError {
                 "/problems/timed-out",
                 "Request timed out",
             ),
+            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "/problems/busy", "Too busy"),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "/problems/internal",
@@ -121,6 +125,9 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Unavailable => "the read model store is unreachable; retry shortly".to_owned(),
             ApiError::TimedOut => "the request took longer than the server allows; retry shortly".to_owned(),
+            ApiError::Busy(kind) => {
+                format!("too many {kind} requests are running; retry shortly (cached reads are not limited)")
+            }
             ApiError::DashboardOff => "the teacher dashboard needs a token key: start the API with --jwt-hs256-secret, --jwt-public-key or --jwt-jwks (or --dashboard-public, for development only)".to_owned(),
             _ => detail,
         };
@@ -158,7 +165,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"courseview\""),
                 );
             }
-            ApiError::Unavailable | ApiError::TimedOut | ApiError::Behind { .. } => {
+            ApiError::Unavailable | ApiError::TimedOut | ApiError::Behind { .. } | ApiError::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -50,6 +50,24 @@ const GZIP_MEMO_BYTES: u64 = 2 << 20;
 /// How long a resolved generation pointer is trusted before re-reading it.
 const GENERATION_TTL: Duration = Duration::from_millis(250);
 
+/// Kinds of request that cost the database far more than a cached read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expensive {
+    /// A catalog page with `q` (a regex over every listed course).
+    Search,
+    /// A course with `minVersion` (re-reads until the version lands).
+    VersionWait,
+}
+
+impl Expensive {
+    pub fn name(self) -> &'static str {
+        match self {
+            Expensive::Search => "search",
+            Expensive::VersionWait => "minVersion",
+        }
+    }
+}
+
 /// API tuning.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
@@ -58,6 +76,12 @@ pub struct ApiSettings {
     /// Longest `minVersion` wait.
     pub min_version_wait: Duration,
     pub request_timeout: Duration,
+    /// `q` searches that may read MongoDB at once (each walks the listed
+    /// courses with a regex); past it, a fast 503 with `Retry-After`.
+    pub max_searches: usize,
+    /// `minVersion` waits that may run at once (each re-reads MongoDB until
+    /// its version lands); past it, a fast 503 with `Retry-After`.
+    pub max_waits: usize,
 }
 
 impl Default for ApiSettings {
@@ -67,6 +91,10 @@ impl Default for ApiSettings {
             max_limit: 100,
             min_version_wait: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
+            // The driver's pool holds 10 connections: searches may take a
+            // few, the cached reads keep the rest.
+            max_searches: 4,
+            max_waits: 16,
         }
     }
 }
@@ -101,6 +129,9 @@ pub struct Shared {
     /// The last projection status and when it was measured: one
     /// measurement at a time, shared by concurrent requests.
     status_snapshot: StatusSnapshot,
+    /// Permits of the expensive request classes (see [`ApiSettings`]).
+    searches: Arc<tokio::sync::Semaphore>,
+    waits: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -110,13 +141,28 @@ impl AppState {
             cache,
             local: None,
             gzipped: Arc::new(GzipMemo::new(GZIP_MEMO_BYTES)),
-            settings,
             generations: Arc::default(),
             status: None,
             auth: DashboardAuth::Off,
             openapi: Arc::default(),
             status_snapshot: Arc::default(),
+            searches: Arc::new(tokio::sync::Semaphore::new(settings.max_searches.max(1))),
+            waits: Arc::new(tokio::sync::Semaphore::new(settings.max_waits.max(1))),
+            settings,
         }))
+    }
+
+    /// A permit of an expensive request class, or `Busy` at once when all
+    /// are taken: one kind of request never takes the whole pool.
+    pub fn expensive(&self, class: Expensive) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let permits = match class {
+            Expensive::Search => &self.searches,
+            Expensive::VersionWait => &self.waits,
+        };
+        Arc::clone(permits).try_acquire_owned().map_err(|_| {
+            telemetry::expensive_refused(class.name());
+            ApiError::Busy(class.name())
+        })
     }
 
     /// Guards the teacher dashboard.

@@ -9,7 +9,7 @@ use bson::{Bson, Document};
 use serde_json::{json, Value};
 
 use super::params::{Cursor, Params, Sort};
-use super::{ApiError, AppState, AppStateExt};
+use super::{ApiError, AppState, AppStateExt, Expensive};
 use crate::mongo::{PageQuery, Store};
 use crate::read_model::ReadModel;
 use crate::telemetry;
@@ -96,11 +96,12 @@ pub async fn catalog_list(
     if let Some(teacher) = params.text("teacherId")? {
         filter.push(("teacherId".to_owned(), teacher.to_owned()));
     }
+    let text = params.text("q")?;
+    // A search walks every listed course: bounded in how many run at once.
+    let _permit = text.map(|_| state.expensive(Expensive::Search)).transpose()?;
     let page = PageQuery {
         filter,
-        text: params
-            .text("q")?
-            .map(|q| (q.to_owned(), vec!["view.name", "view.description"])),
+        text: text.map(|q| (q.to_owned(), vec!["view.name", "view.description"])),
         sort_field,
         descending: sort == Sort::Newest,
         after: params.cursor(sort)?.map(cursor_position),
@@ -227,6 +228,7 @@ pub async fn catalog_course(
     let generation = state.generation(model).await?;
     let collection = Store::collection_name(model.name(), generation);
     if let Some(wanted) = params.version("minVersion")? {
+        let _permit = state.expensive(Expensive::VersionWait)?;
         wait_for_version(&state, &collection, &course_id, wanted).await?;
         // Answer from the state waited for, never from an older cached one.
         let view = state.store.listed_view(&collection, &course_id).await?;

@@ -281,3 +281,91 @@ async fn min_version_returns_as_soon_as_the_version_lands_and_times_out_cleanly(
     );
     worker.stop().await;
 }
+
+/// Expensive kinds of request are bounded: past their limit they get a fast
+/// 503 problem with Retry-After, and cached reads keep answering meanwhile.
+#[tokio::test]
+async fn a_flood_of_searches_and_version_waits_gets_fast_503s_while_cached_reads_answer() {
+    let app = TestApp::with(Options {
+        max_searches: 2,
+        max_waits: 3,
+        min_version_wait: Duration::from_millis(800),
+        ..Options::default()
+    })
+    .await;
+    let mut events = Vec::new();
+    for i in 0..50 {
+        let id = format!("b{i:02}");
+        events.push(event(
+            "CourseCreatedEvent",
+            &id,
+            1,
+            json!({"name": format!("Course {i}"), "teacherId": "t1"}),
+        ));
+        events.push(event("CoursePostedEvent", &id, 2, json!({})));
+    }
+    app.project_all(ReadModel::Catalog, &events).await;
+    assert_eq!(app.get("/catalog/courses/b00").await.status(), 200, "primed");
+
+    let searches = (0..40).map(|i| {
+        let app = &app;
+        async move {
+            let started = Instant::now();
+            let r = app.get(&format!("/catalog/courses?q=nomatch{i}")).await;
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").cloned(),
+                started.elapsed(),
+            )
+        }
+    });
+    let waits = (0..20).map(|_| {
+        let app = &app;
+        async move {
+            let started = Instant::now();
+            let r = app.get("/catalog/courses/b01?minVersion=99").await;
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").cloned(),
+                started.elapsed(),
+            )
+        }
+    });
+    let cached = async {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..30 {
+            let started = Instant::now();
+            assert_eq!(
+                app.get("/catalog/courses/b00").await.status(),
+                200,
+                "a cached read answers"
+            );
+            slowest = slowest.max(started.elapsed());
+        }
+        slowest
+    };
+    let (searched, waited, slowest) = futures::join!(
+        futures::future::join_all(searches),
+        futures::future::join_all(waits),
+        cached
+    );
+    for (kind, answers, ok) in [("search", &searched, 200), ("minVersion", &waited, 409)] {
+        let busy: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+        assert!(!busy.is_empty(), "{kind}: some were refused past the limit");
+        assert!(
+            busy.iter()
+                .all(|(_, retry, took)| retry.is_some() && *took < Duration::from_millis(500)),
+            "{kind}: refusals are fast and say when to retry: {busy:?}"
+        );
+        assert!(
+            answers.iter().all(|(s, _, _)| *s == 503 || *s == ok),
+            "{kind}: the rest were served: {answers:?}"
+        );
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "cached reads kept answering: slowest {slowest:?}"
+    );
+    let (status, problem) = app.get_json("/catalog/courses?q=again").await;
+    assert_eq!(status, 200, "permits come back: {problem}");
+}

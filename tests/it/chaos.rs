@@ -1099,3 +1099,355 @@ async fn chaos_debezium_flow_with_connect_and_mariadb_each_killed_mid_stream() {
     }
     .finish(started);
 }
+
+/// Publishes `events` to their per-type topics; returns where each landed.
+async fn publish_tracked(app: &TestApp, events: &[Value]) -> Vec<((String, i32, i64), Value)> {
+    let mut landed = Vec::with_capacity(events.len());
+    for chunk in events.chunks(200) {
+        let sends = chunk.iter().map(|e| async move {
+            let record = Outgoing {
+                topic: app.topic(e["eventType"].as_str().expect("type")),
+                key: e["courseId"].as_str().map(str::to_owned),
+                value: Some(e.to_string()),
+                ..Outgoing::default()
+            };
+            let (partition, offset) = app.producer.send(&record).await.expect("produced");
+            ((record.topic, partition, offset), e.clone())
+        });
+        landed.extend(futures::future::join_all(sends).await);
+    }
+    landed
+}
+
+/// The gaps the projection reports, as (topic, partition) → missing range.
+async fn reported_gaps(app: &TestApp) -> Vec<(String, i32, i64, i64, courseview::kafka::GapKind)> {
+    app.probe
+        .projection(ReadModel::Catalog)
+        .await
+        .map(|s| {
+            s.gaps
+                .into_iter()
+                .map(|g| (g.topic, g.partition, g.stored_offset, g.low_watermark, g.kind))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn chaos_retention_overtakes_a_lagging_worker_mid_stream() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let mongo_port: u16 = crate::helpers::mongodb_uri()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("mongo port");
+    let path = crate::peers::FreezingProxy::start(mongo_port).await;
+    let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", path.port);
+    let worker = app.worker_process(
+        ReadModel::Catalog,
+        &[
+            ("MONGODB_URI", uri.as_str()),
+            ("COURSEVIEW_ON_GAP", "continue"),
+            ("COURSEVIEW_MAX_BACKOFF", "500ms"),
+        ],
+    );
+    let courses = if scale.full { 300 } else { 60 };
+    let mut first = Vec::new();
+    for c in 0..courses {
+        let id = format!("g{c:04}");
+        first.push(event(
+            "CourseCreatedEvent",
+            &id,
+            1,
+            json!({"name": format!("G {c}"), "teacherId": "t1"}),
+        ));
+        first.push(event("CoursePostedEvent", &id, 2, json!({})));
+    }
+    let mut landed = publish_tracked(&app, &first).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await);
+
+    // The worker stalls on MongoDB while far more arrives than it reads
+    // ahead, and retention removes most of it before the worker gets there.
+    path.freeze();
+    // Large records, so what the worker reads ahead (librdkafka's fetches
+    // of up to 1 MiB and its queue) is a small part of what arrives.
+    let renames = if scale.full { 200 } else { 140 };
+    let padding = "x".repeat(2_000);
+    let mut bulk = Vec::new();
+    for v in 0..renames {
+        for c in 0..courses {
+            bulk.push(event(
+                "CourseUpdatedEvent",
+                &format!("g{c:04}"),
+                3 + v,
+                json!({"description": format!("rev {v} {padding}")}),
+            ));
+        }
+    }
+    landed.extend(publish_tracked(&app, &bulk).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let topic = app.topic("CourseUpdatedEvent");
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .expect("consumer");
+    let mut cut = rdkafka::TopicPartitionList::new();
+    for p in 0..2 {
+        use rdkafka::consumer::Consumer as _;
+        let (_, high) = consumer
+            .fetch_watermarks(&topic, p, Duration::from_secs(5))
+            .expect("watermarks");
+        cut.add_partition_offset(&topic, p, rdkafka::Offset::Offset(high - 10))
+            .expect("tpl");
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .expect("admin");
+    admin
+        .delete_records(&cut, &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("retention");
+    path.thaw();
+    let stalled = settle(&app, worker).await;
+
+    // The truth: every record but those in the reported gaps.
+    let gaps = reported_gaps(&app).await;
+    let missing = |(t, p, o): &(String, i32, i64)| {
+        gaps.iter()
+            .any(|(gt, gp, from, to, _)| gt == t && gp == p && (*from..*to).contains(o))
+    };
+    let kept: Vec<Value> = landed
+        .iter()
+        .filter(|(at, _)| !missing(at))
+        .map(|(_, e)| e.clone())
+        .collect();
+    let reported: i64 = gaps.iter().map(|(_, _, from, to, _)| to - from).sum();
+    let expected = crate::helpers::clean_replay(&kept).await;
+    let got = app.dump(ReadModel::Catalog).await;
+    let (lost, differing) = compare(&got, &expected);
+    Row {
+        scenario: "retention (DeleteRecords) overtakes a worker held up by a frozen MongoDB path, COURSEVIEW_ON_GAP=continue",
+        records: landed.len(),
+        faults: format!("MongoDB path frozen, {} records of {} deleted unread", reported, bulk.len()),
+        courses: expected.len(),
+        lost: lost + usize::from(gaps.is_empty()),
+        differing,
+        stalled,
+        notes: format!(
+            "{} gap(s) reported as retention gaps covering {reported} events; the rest equals a clean replay of the log minus the reported ranges",
+            gaps.len()
+        ),
+        ..Row::default()
+    }
+    .finish(started);
+}
+
+#[tokio::test]
+async fn chaos_topic_deleted_and_re_created_under_a_running_worker() {
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
+    let mut before = crate::pipeline::big_history("rc", 100);
+    before.extend((0..100).map(|c| {
+        event(
+            "CourseUpdatedEvent",
+            &format!("rc{c:04}"),
+            5,
+            json!({"name": format!("renamed {c}")}),
+        )
+    }));
+    app.publish_all(&before).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(120)).await);
+
+    let topic = app.topic("CourseUpdatedEvent");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .expect("admin");
+    admin
+        .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete");
+    eventually("the topic to come back", Duration::from_secs(30), || async {
+        courseview::kafka::create_topics(&app.brokers, std::slice::from_ref(&topic), 2)
+            .await
+            .ok()
+    })
+    .await;
+    // The new log is shorter than the stored offsets.
+    let after: Vec<Value> = (0..4)
+        .map(|c| {
+            event(
+                "CourseUpdatedEvent",
+                &format!("rc{c:04}"),
+                6,
+                json!({"name": format!("new log {c}")}),
+            )
+        })
+        .collect();
+    app.publish_all(&after).await;
+    let reset = eventually("the log reset to be reported", Duration::from_secs(60), || async {
+        let gaps = reported_gaps(&app).await;
+        (!gaps.is_empty()).then_some(gaps)
+    })
+    .await;
+    let stalled = settle(&app, worker).await;
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    let expected = crate::helpers::clean_replay(&all).await;
+    let got = app.dump(ReadModel::Catalog).await;
+    let (lost, differing) = compare(&got, &expected);
+    let kinds: HashSet<_> = reset.iter().map(|g| g.4).collect();
+    Row {
+        scenario: "topic deleted and re-created (shorter) under a running worker, COURSEVIEW_ON_GAP=continue",
+        records: all.len(),
+        faults: "DeleteTopics + CreateTopics of CourseUpdatedEvent mid-run".into(),
+        courses: expected.len(),
+        lost,
+        differing: differing + usize::from(kinds != HashSet::from([courseview::kafka::GapKind::LogReset])),
+        stalled,
+        notes: format!(
+            "{} log reset(s) reported; the checkpoint rewound to the new log, whose events were applied",
+            reset.len()
+        ),
+        ..Row::default()
+    }
+    .finish(started);
+}
+
+/// Per course, the versions MongoDB held and when each was seen.
+type VersionsSeen = HashMap<String, Vec<(Instant, i64)>>;
+
+#[tokio::test]
+async fn chaos_one_sided_redis_partition_between_worker_and_redis() {
+    let scale = Scale::from_env();
+    let started = Instant::now();
+    let app = TestApp::spawn().await;
+    let redis_port: u16 = crate::helpers::redis_url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("redis port");
+    let path = crate::peers::FreezingProxy::start(redis_port).await;
+    let worker = app.worker_process(
+        ReadModel::Catalog,
+        &[("REDIS_URL", path.url().as_str()), ("COURSEVIEW_MAX_BACKOFF", "500ms")],
+    );
+    let courses = 20;
+    let mut history = Vec::new();
+    for c in 0..courses {
+        let id = format!("s{c:02}");
+        history.push(event(
+            "CourseCreatedEvent",
+            &id,
+            1,
+            json!({"name": "v1", "teacherId": "t1"}),
+        ));
+        history.push(event("CoursePostedEvent", &id, 2, json!({})));
+    }
+    app.publish_all(&history).await;
+    assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(60)).await);
+
+    // Readers poll every course through the API, and we watch MongoDB: an
+    // answer older than what MongoDB has held for over 1 s is stale.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(Mutex::new(Vec::<String>::new()));
+    let truth: Arc<Mutex<VersionsSeen>> = Arc::default();
+    let watching = {
+        let (stop, truth, store) = (Arc::clone(&stop), Arc::clone(&truth), app.store.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let docs = store
+                    .dump(&Store::collection_name("catalog", 1))
+                    .await
+                    .unwrap_or_default();
+                let now = Instant::now();
+                if let Ok(mut t) = truth.lock() {
+                    for d in docs {
+                        let (Ok(id), Some(v)) = (
+                            d.get_str("_id"),
+                            d.get("version")
+                                .and_then(bson::Bson::as_i64)
+                                .or_else(|| d.get_i32("version").ok().map(i64::from)),
+                        ) else {
+                            continue;
+                        };
+                        t.entry(id.to_owned()).or_default().push((now, v));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let reading = {
+        let (stop, truth, stale) = (Arc::clone(&stop), Arc::clone(&truth), Arc::clone(&stale));
+        let app = &app;
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                for c in 0..courses {
+                    let id = format!("s{c:02}");
+                    let (_, body) = app.get_json(&format!("/catalog/courses/{id}")).await;
+                    let Some(served) = body["version"].as_i64() else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let due = truth.lock().ok().and_then(|t| {
+                        t.get(&id)?
+                            .iter()
+                            .filter(|(at, _)| now.duration_since(*at) > Duration::from_secs(1))
+                            .map(|(_, v)| *v)
+                            .max()
+                    });
+                    if due.is_some_and(|due| served < due) {
+                        if let Ok(mut s) = stale.lock() {
+                            s.push(format!("{id}: served v{served}, MongoDB had v{due:?} over 1 s before"));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let faulting = async {
+        let rounds = if scale.full { 6 } else { 3 };
+        for round in 0..rounds {
+            // Cut the worker off from Redis while events keep arriving.
+            path.freeze();
+            for c in 0..courses {
+                app.publish(&event(
+                    "CourseUpdatedEvent",
+                    &format!("s{c:02}"),
+                    3 + round,
+                    json!({"name": format!("v{}", 3 + round)}),
+                ))
+                .await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            path.thaw();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        assert!(caught_up(&app, ReadModel::Catalog, Duration::from_secs(60)).await);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    futures::join!(watching, reading, faulting);
+    let stalled = settle(&app, worker).await;
+    let stale = stale.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut row = Row {
+        scenario: "one-sided Redis partition: the worker cut off from Redis (the API not) while events arrive and readers poll",
+        records: history.len() + courses * 3,
+        faults: "worker's Redis path frozen 2 s at a time, repeatedly".into(),
+        regressed: stale.len(),
+        stalled,
+        notes: format!(
+            "answers older than MongoDB's state by over 1 s: {}{}",
+            stale.len(),
+            stale.first().map(|s| format!(" (first: {s})")).unwrap_or_default()
+        ),
+        ..Row::default()
+    };
+    verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
+    row.finish(started);
+}

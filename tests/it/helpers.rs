@@ -111,6 +111,9 @@ pub struct Options {
     pub stall_after: Duration,
     /// The API's in-process cache (on, as deployed).
     pub local_cache_bytes: u64,
+    /// `q` searches and `minVersion` waits at once (the API's defaults).
+    pub max_searches: usize,
+    pub max_waits: usize,
 }
 
 impl Default for Options {
@@ -125,6 +128,8 @@ impl Default for Options {
             min_version_wait: Duration::from_secs(2),
             stall_after: Duration::from_secs(60),
             local_cache_bytes: 8 << 20,
+            max_searches: ApiSettings::default().max_searches,
+            max_waits: ApiSettings::default().max_waits,
         }
     }
 }
@@ -162,6 +167,8 @@ impl TestApp {
         let settings = ApiSettings {
             min_version_wait: options.min_version_wait,
             request_timeout: options.request_timeout,
+            max_searches: options.max_searches,
+            max_waits: options.max_waits,
             ..ApiSettings::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

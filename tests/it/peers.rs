@@ -162,7 +162,22 @@ impl PrivateRedis {
             .local_addr()
             .expect("addr")
             .port();
-        let child = Command::new("redis-server")
+        PrivateRedis {
+            child: Self::spawn(port, extra),
+            port,
+        }
+    }
+
+    /// A fresh, empty server on the same port (it keeps nothing on disk).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        wait_port_free(self.port);
+        self.child = Self::spawn(self.port, &[]);
+    }
+
+    fn spawn(port: u16, extra: &[&str]) -> Child {
+        Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -176,8 +191,7 @@ impl PrivateRedis {
             .args(extra)
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server runs");
-        PrivateRedis { child, port }
+            .expect("redis-server runs")
     }
 }
 
