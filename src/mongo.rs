@@ -769,7 +769,8 @@ impl Store {
                 id: text("_id"),
                 projection: text("projection"),
                 generation: u32::try_from(generation).unwrap_or_default(),
-                applying: d.get_bool("applying").unwrap_or(false),
+                applying: get_flag(&d, "applying"),
+                paused: get_flag(&d, "paused"),
                 metrics_addr: text("metricsAddr"),
                 host: text("host"),
                 pid: u32::try_from(pid).unwrap_or_default(),
@@ -902,6 +903,11 @@ pub struct WorkerEntry {
     /// Whether it is consuming now (partitions assigned); false while it
     /// joins, or pauses for a rebuild's handover.
     pub applying: bool,
+    /// Paused for a rebuild's handover: it applies nothing until the
+    /// handover ends. What the rebuild waits for (`applying` is also false
+    /// for an idle worker that may apply its next record).
+    #[serde(default)]
+    pub paused: bool,
     pub metrics_addr: String,
     pub host: String,
     pub pid: u32,
@@ -932,6 +938,7 @@ impl WorkerEntry {
             projection: projection.to_owned(),
             generation: 0,
             applying: false,
+            paused: false,
             metrics_addr,
             host,
             pid,
@@ -953,6 +960,16 @@ pub fn get_int(doc: &Document, key: &str) -> Option<i64> {
         Bson::Int32(v) => Some(i64::from(*v)),
         Bson::Double(v) if v.fract() == 0.0 => Some(*v as i64),
         _ => None,
+    }
+}
+
+/// A boolean field, also when the store hands it back as an integer (the
+/// test peer nx-27017 keeps booleans as 0/1: docs/COMPATIBILITY.md).
+fn get_flag(doc: &Document, key: &str) -> bool {
+    match doc.get(key) {
+        Some(Bson::Boolean(b)) => *b,
+        Some(_) => get_int(doc, key).is_some_and(|v| v != 0),
+        None => false,
     }
 }
 

@@ -72,6 +72,11 @@ pub enum RebuildError {
         .0.join(", ")
     )]
     PartialHistory(Vec<String>),
+    #[error(
+        "live workers did not pause for the handover in time ({}); nothing was switched: run the rebuild again to resume",
+        if .0.is_empty() { "the new generation did not reach the serving offsets".to_owned() } else { .0.join(", ") }
+    )]
+    HandoverTimedOut(Vec<String>),
 }
 
 /// What a finished rebuild did.
@@ -247,20 +252,60 @@ pub async fn rebuild(
 
     if !options.in_place {
         // Close the gap: live workers pause, so the serving generation stops
-        // moving; then switch once the new one has reached it exactly.
-        sink.phase("pausing live workers to close the gap");
-        let handover = Handover::request(store, name, from, to, options.handover_timeout).await?;
-        handover.wait_paused(store, from, cancel).await;
-        if !handover.wait_reached(store, probe, model, from, to, cancel).await {
-            handover.withdraw(store).await;
-            worker.stop().await?;
-            sink.phase("interrupted before the switch; run the same command again to resume");
-            return Ok(None);
-        }
-        if !store.switch_generation(name, from, to).await? {
-            handover.withdraw(store).await;
-            worker.stop().await?;
-            return Err(RebuildError::PointerMoved(name));
+        // moving; then switch once the new one has reached it exactly. A
+        // pause or a catch-up that runs out of time switches nothing: the
+        // serving generation may still be moving, so the handover is
+        // withdrawn and tried again, a few times, then the rebuild stops.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            sink.phase("pausing live workers to close the gap");
+            let handover = Handover::request(store, name, from, to, options.handover_timeout).await?;
+            let outcome = match handover.wait_paused(store, from, cancel).await {
+                Pause::Paused => handover.wait_reached(store, probe, model, from, to, cancel).await,
+                Pause::Cancelled => Reach::Cancelled,
+                Pause::TimedOut(waiting) => Reach::NotPaused(waiting),
+            };
+            match outcome {
+                Reach::Reached => {
+                    if !store.switch_generation(name, from, to).await? {
+                        handover.withdraw(store).await;
+                        worker.stop().await?;
+                        return Err(RebuildError::PointerMoved(name));
+                    }
+                    break;
+                }
+                Reach::Cancelled => {
+                    handover.withdraw(store).await;
+                    worker.stop().await?;
+                    sink.phase("interrupted before the switch; run the same command again to resume");
+                    return Ok(None);
+                }
+                Reach::NotPaused(waiting) => {
+                    handover.withdraw(store).await;
+                    warn!(projection = name, attempt, workers = %waiting.join(", "), "Live workers did not pause in time; not switching.");
+                    if attempt >= HANDOVER_ATTEMPTS {
+                        worker.stop().await?;
+                        return Err(RebuildError::HandoverTimedOut(waiting));
+                    }
+                }
+                Reach::TimedOut => {
+                    handover.withdraw(store).await;
+                    warn!(
+                        projection = name,
+                        attempt, "The new generation did not reach the paused serving offsets in time; not switching."
+                    );
+                    if attempt >= HANDOVER_ATTEMPTS {
+                        worker.stop().await?;
+                        return Err(RebuildError::HandoverTimedOut(Vec::new()));
+                    }
+                }
+            }
+            // Let the live workers catch up before asking them again.
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(options.report_every.max(Duration::from_millis(500))) => {}
+            }
         }
     }
     let elapsed = started.elapsed();
@@ -347,6 +392,31 @@ async fn reached_serving(
     Ok(behind == 0)
 }
 
+/// How often a rebuild asks live workers to pause before it gives up.
+const HANDOVER_ATTEMPTS: u32 = 3;
+
+/// How waiting for the live workers to pause ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pause {
+    /// Every live worker of the serving generation reported paused.
+    Paused,
+    /// These workers had not paused by the handover's deadline.
+    TimedOut(Vec<String>),
+    Cancelled,
+}
+
+/// How closing the gap to the serving generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    /// Reached while the serving generation was paused: safe to switch.
+    Reached,
+    /// Not reached by the handover's deadline.
+    TimedOut,
+    /// The live workers did not pause (these, by id).
+    NotPaused(Vec<String>),
+    Cancelled,
+}
+
 /// A handover request on the generation pointer: live workers of the
 /// serving generation pause until the switch, or until its deadline (so a
 /// rebuild that dies mid-way cannot stop them for longer).
@@ -373,24 +443,35 @@ impl Handover {
         })
     }
 
-    /// Waits until no live worker applies to `from` any more.
-    async fn wait_paused(&self, store: &Store, from: u32, cancel: &CancellationToken) {
-        while tokio::time::Instant::now() < self.deadline && !cancel.is_cancelled() {
+    /// Waits until every live worker of `from` has said it is paused
+    /// (registry entries expire with their heartbeat: a killed worker is
+    /// never waited for past its lease).
+    async fn wait_paused(&self, store: &Store, from: u32, cancel: &CancellationToken) -> Pause {
+        let mut waiting = Vec::new();
+        while tokio::time::Instant::now() < self.deadline {
+            if cancel.is_cancelled() {
+                return Pause::Cancelled;
+            }
             match store.live_workers(Some(self.name)).await {
-                Ok(workers) if workers.iter().all(|w| w.generation != from || !w.applying) => return,
-                Ok(_) => {}
+                Ok(workers) => {
+                    waiting = workers
+                        .into_iter()
+                        .filter(|w| w.generation == from && !w.paused)
+                        .map(|w| w.id)
+                        .collect();
+                    if waiting.is_empty() {
+                        return Pause::Paused;
+                    }
+                }
                 Err(e) => warn!(projection = self.name, error = %e, "Cannot read the worker registry."),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        warn!(
-            projection = self.name,
-            "Live workers did not pause in time; switching on the offsets they stored."
-        );
+        Pause::TimedOut(waiting)
     }
 
-    /// Waits until the new generation has reached the (now still) serving
-    /// offsets; false if cancelled first.
+    /// Waits until the new generation has reached the (now paused) serving
+    /// offsets, until the handover's deadline.
     async fn wait_reached(
         &self,
         store: &Store,
@@ -399,15 +480,18 @@ impl Handover {
         from: u32,
         to: u32,
         cancel: &CancellationToken,
-    ) -> bool {
+    ) -> Reach {
         loop {
             match reached_serving(store, probe, model, from, to).await {
-                Ok(true) => return true,
+                Ok(true) => return Reach::Reached,
                 Ok(false) => {}
                 Err(e) => warn!(projection = self.name, error = %e, "Cannot compare generations; retrying."),
             }
+            if tokio::time::Instant::now() >= self.deadline {
+                return Reach::TimedOut;
+            }
             tokio::select! {
-                () = cancel.cancelled() => return false,
+                () = cancel.cancelled() => return Reach::Cancelled,
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }

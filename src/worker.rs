@@ -74,11 +74,30 @@ pub struct WorkerSettings {
 pub struct Phase {
     pub generation: u32,
     pub applying: bool,
+    /// Paused for a rebuild's handover: provably applying nothing. (An idle
+    /// worker also has `applying` false, but may apply its next record.)
+    pub paused: bool,
 }
 
 fn report(settings: &WorkerSettings, generation: u32, applying: bool) {
     if let Some(tx) = &settings.on_phase {
-        tx.send_replace(Phase { generation, applying });
+        tx.send_replace(Phase {
+            generation,
+            applying,
+            paused: false,
+        });
+    }
+}
+
+/// Tells the registry this worker applies nothing to `generation` until a
+/// rebuild's handover ends: what the rebuild waits for before switching.
+fn report_paused(settings: &WorkerSettings, generation: u32) {
+    if let Some(tx) = &settings.on_phase {
+        tx.send_replace(Phase {
+            generation,
+            applying: false,
+            paused: true,
+        });
     }
 }
 
@@ -589,6 +608,12 @@ pub async fn run(
             return Ok(Stopped::Shutdown);
         };
         report(&settings, generation, false);
+        // A rebuild handing over from this generation: pause before taking
+        // partitions, or this worker could move the serving generation
+        // after the rebuild saw every worker paused.
+        if pause_for_handover(&settings, &store, projection, generation, &cancel).await {
+            return Ok(Stopped::Shutdown);
+        }
         let moved = cancel.child_token();
         let watcher = tokio::spawn(watch_pointer(store.clone(), projection, generation, moved.clone()));
         let end = run_generation(&settings, store.clone(), cache.clone(), generation, moved).await;
@@ -599,7 +624,7 @@ pub async fn run(
             GenerationEnd::Cancelled | GenerationEnd::Abandoned => {
                 backoff = Duration::from_millis(200);
                 report(&settings, generation, false);
-                if pause_for_handover(&store, projection, generation, &cancel).await {
+                if pause_for_handover(&settings, &store, projection, generation, &cancel).await {
                     return Ok(Stopped::Shutdown);
                 }
                 info!(
@@ -648,6 +673,7 @@ async fn watch_pointer(store: Store, projection: &'static str, generation: u32, 
 /// reach it. Returns when the pointer switched, the handover was withdrawn
 /// or expired; `true` if shutdown came first.
 async fn pause_for_handover(
+    settings: &WorkerSettings,
     store: &Store,
     projection: &'static str,
     generation: u32,
@@ -665,6 +691,7 @@ async fn pause_for_handover(
                 paused_until = p.handover.map(|(_, until)| until);
                 if !announced {
                     info!(projection, generation, "Pausing for a rebuild's handover.");
+                    report_paused(settings, generation);
                     announced = true;
                 }
             }

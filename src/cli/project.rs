@@ -252,7 +252,7 @@ async fn heartbeat(
 ) {
     loop {
         let phase = *generation.borrow_and_update();
-        (entry.generation, entry.applying) = (phase.generation, phase.applying);
+        (entry.generation, entry.applying, entry.paused) = (phase.generation, phase.applying, phase.paused);
         entry.heartbeat_at = chrono::Utc::now().timestamp_millis();
         if let Err(e) = store.put_worker(&entry).await {
             warn!(error = %e, "Cannot record this worker in the registry.");

@@ -246,7 +246,7 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
         }
         other => panic!("a rebuild of a partial history must refuse: {other:?}"),
     }
-    rebuild(
+    let r = rebuild(
         &settings,
         &app.store,
         app.cache.clone(),
@@ -255,9 +255,8 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
         &mut Quiet,
         &cancel,
     )
-    .await
-    .expect("rebuild")
-    .expect("not interrupted");
+    .await;
+    r.expect("rebuild").expect("not interrupted");
     let status = app.probe.projection(ReadModel::Catalog).await.expect("status");
     assert_eq!(status.state, State::Live, "a rebuild clears the gap: {:?}", status.gaps);
     drop(going_on);
