@@ -148,6 +148,10 @@ pub enum OnGap {
     Stop,
     /// Go on from the log's start; the gap stays reported until a rebuild.
     Continue,
+    /// Go on from the log's start without recording: a rebuild whose
+    /// operator accepted a partial history (`--allow-partial-history`).
+    #[value(skip)]
+    Accepted,
 }
 
 /// Stored offsets could not be read.
@@ -291,20 +295,19 @@ impl ConsumerContext for AssignContext {
                 for elem in tpl.elements() {
                     let (topic, partition) = (elem.topic(), elem.partition());
                     // No stored offset: this generation never read the
-                    // partition, so it starts at the beginning of the log.
-                    let offset = match stored.get(&(topic.to_owned(), partition)) {
-                        None => Offset::Beginning,
-                        Some(&at) => match self.check_stored(consumer, topic, partition, at) {
-                            Ok(Some(offset)) => offset,
-                            // Stopped at a gap: left unassigned, reported.
-                            Ok(None) => continue,
-                            Err(e) => {
-                                warn!(group = %self.group, error = %e, "Cannot check stored offsets against the log; not taking the partitions.");
-                                let _ = consumer.unassign();
-                                *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                                return;
-                            }
-                        },
+                    // partition, so it starts at offset 0, and a log that
+                    // no longer starts there is a retention gap too.
+                    let at = stored.get(&(topic.to_owned(), partition)).copied().unwrap_or(0);
+                    let offset = match self.check_stored(consumer, topic, partition, at) {
+                        Ok(Some(offset)) => offset,
+                        // Stopped at a gap: left unassigned, reported.
+                        Ok(None) => continue,
+                        Err(e) => {
+                            warn!(group = %self.group, error = %e, "Cannot check stored offsets against the log; not taking the partitions.");
+                            let _ = consumer.unassign();
+                            *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                            return;
+                        }
                     };
                     if let Err(e) = assigned.add_partition_offset(topic, partition, offset) {
                         warn!(error = %e, "Cannot set assigned offset.");
@@ -346,6 +349,10 @@ impl AssignContext {
         let Some(gap) = Gap::find(topic, partition, at, low, high) else {
             return Ok(Some(Offset::Offset(at)));
         };
+        if self.on_gap == OnGap::Accepted {
+            // A rebuild told --allow-partial-history: the missing start is known.
+            return Ok(Some(Offset::Offset(gap.resume_at())));
+        }
         let deadline = std::time::Instant::now() + self.patience;
         loop {
             match self.offsets.record_gap(&gap, self.on_gap) {
@@ -364,7 +371,7 @@ impl AssignContext {
                 );
                 Ok(None)
             }
-            OnGap::Continue => {
+            OnGap::Continue | OnGap::Accepted => {
                 tracing::error!(
                     group = %self.group,
                     gap = %gap.describe(),

@@ -404,11 +404,16 @@ impl Store {
     /// Atomically points readers at `to` if `from` is still served and `to`
     /// is the generation being built. Returns whether it switched.
     #[instrument(skip_all, fields(projection, from, to))]
-    pub async fn switch_generation(&self, projection: &str, from: u32, to: u32) -> Result<bool> {
+    pub async fn switch_generation(&self, projection: &str, from: u32, to: u32, latest: i64) -> Result<bool> {
+        // Only while the handover is open, with a margin (`latest`): past it,
+        // live workers may be applying to `from` again.
+        if chrono::Utc::now().timestamp_millis() >= latest {
+            return Ok(false);
+        }
         let reply = self
             .docs(POINTERS)
             .update_one(
-                doc! {"_id": projection, "generation": i64::from(from), "building": i64::from(to)},
+                doc! {"_id": projection, "generation": i64::from(from), "building": i64::from(to), "handoverUntil": {"$gt": latest}},
                 doc! {"$set": {"generation": i64::from(to), "building": 0_i64, "previous": i64::from(from), "switchedAt": bson::DateTime::now(), "handoverTo": 0_i64, "handoverUntil": 0_i64}},
             )
             .await?;
@@ -770,7 +775,7 @@ impl Store {
                 projection: text("projection"),
                 generation: u32::try_from(generation).unwrap_or_default(),
                 applying: get_flag(&d, "applying"),
-                paused: get_flag(&d, "paused"),
+                paused_for: get_int(&d, "pausedFor"),
                 metrics_addr: text("metricsAddr"),
                 host: text("host"),
                 pid: u32::try_from(pid).unwrap_or_default(),
@@ -903,11 +908,12 @@ pub struct WorkerEntry {
     /// Whether it is consuming now (partitions assigned); false while it
     /// joins, or pauses for a rebuild's handover.
     pub applying: bool,
-    /// Paused for a rebuild's handover: it applies nothing until the
-    /// handover ends. What the rebuild waits for (`applying` is also false
-    /// for an idle worker that may apply its next record).
+    /// Paused for the rebuild's handover request ending at this time (ms):
+    /// it applies nothing until then. What the rebuild waits for, matched
+    /// to its own request (`applying` is also false for an idle worker
+    /// that may apply its next record).
     #[serde(default)]
-    pub paused: bool,
+    pub paused_for: Option<i64>,
     pub metrics_addr: String,
     pub host: String,
     pub pid: u32,
@@ -938,7 +944,7 @@ impl WorkerEntry {
             projection: projection.to_owned(),
             generation: 0,
             applying: false,
-            paused: false,
+            paused_for: None,
             metrics_addr,
             host,
             pid,

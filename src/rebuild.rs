@@ -77,6 +77,11 @@ pub enum RebuildError {
         if .0.is_empty() { "the new generation did not reach the serving offsets".to_owned() } else { .0.join(", ") }
     )]
     HandoverTimedOut(Vec<String>),
+    #[error(
+        "retention removed events before the rebuild read them ({}); raise the topics' retention (retention.ms=-1 or compaction by course), or run it with --allow-partial-history",
+        .0.join("; ")
+    )]
+    Overtaken(Vec<String>),
 }
 
 /// What a finished rebuild did.
@@ -166,6 +171,9 @@ pub async fn rebuild(
     let mut worker_settings = settings.clone();
     worker_settings.kafka.group_id = format!("{}.rebuild.g{to}", settings.kafka.group_id);
     worker_settings.on_phase = None;
+    if options.allow_partial_history {
+        worker_settings.kafka.on_gap = crate::kafka::OnGap::Accepted;
+    }
     let mut worker = {
         let cancel = cancel.child_token();
         let (store, token) = (store.clone(), cancel.clone());
@@ -211,6 +219,17 @@ pub async fn rebuild(
                 return Ok(None);
             }
             () = tokio::time::sleep(options.report_every) => {}
+        }
+        // Retention overtook the replay (gap recorded for the new
+        // generation, its partition stopped): it can never reach the
+        // serving offsets, so say so instead of waiting forever.
+        match store.gaps(name, to).await {
+            Ok(gaps) if !gaps.is_empty() => {
+                worker.stop().await?;
+                return Err(RebuildError::Overtaken(gaps.into_iter().map(|g| g.error).collect()));
+            }
+            Ok(_) => {}
+            Err(e) => warn!(projection = name, error = %e, "Cannot read the new generation's gaps; retrying."),
         }
         let position = match probe.positions(model, to).await {
             Ok(position) => position,
@@ -268,12 +287,23 @@ pub async fn rebuild(
             };
             match outcome {
                 Reach::Reached => {
-                    if !store.switch_generation(name, from, to).await? {
-                        handover.withdraw(store).await;
+                    let latest = handover.until - i64::try_from(SWITCH_MARGIN.as_millis()).unwrap_or(0);
+                    if store.switch_generation(name, from, to, latest).await? {
+                        break;
+                    }
+                    handover.withdraw(store).await;
+                    if store.serving_generation(name).await? != from {
                         worker.stop().await?;
                         return Err(RebuildError::PointerMoved(name));
                     }
-                    break;
+                    warn!(
+                        projection = name,
+                        attempt, "The handover closed before the switch; not switching."
+                    );
+                    if attempt >= HANDOVER_ATTEMPTS {
+                        worker.stop().await?;
+                        return Err(RebuildError::HandoverTimedOut(Vec::new()));
+                    }
                 }
                 Reach::Cancelled => {
                     handover.withdraw(store).await;
@@ -392,6 +422,11 @@ async fn reached_serving(
     Ok(behind == 0)
 }
 
+/// How long before its deadline a handover no longer allows a switch: the
+/// workers end their pause by their own clocks, so this covers clock skew
+/// and the switch's round trip.
+const SWITCH_MARGIN: Duration = Duration::from_secs(2);
+
 /// How often a rebuild asks live workers to pause before it gives up.
 const HANDOVER_ATTEMPTS: u32 = 3;
 
@@ -423,6 +458,9 @@ enum Reach {
 struct Handover {
     name: &'static str,
     deadline: tokio::time::Instant,
+    /// The request's `handoverUntil` (ms): what a worker reports as paused
+    /// for, so a pause left over from an earlier request never counts.
+    until: i64,
 }
 
 impl Handover {
@@ -440,6 +478,7 @@ impl Handover {
         Ok(Handover {
             name,
             deadline: tokio::time::Instant::now() + timeout,
+            until,
         })
     }
 
@@ -456,7 +495,7 @@ impl Handover {
                 Ok(workers) => {
                     waiting = workers
                         .into_iter()
-                        .filter(|w| w.generation == from && !w.paused)
+                        .filter(|w| w.generation == from && w.paused_for != Some(self.until))
                         .map(|w| w.id)
                         .collect();
                     if waiting.is_empty() {
@@ -483,11 +522,14 @@ impl Handover {
     ) -> Reach {
         loop {
             match reached_serving(store, probe, model, from, to).await {
-                Ok(true) => return Reach::Reached,
+                // Reached with time to spare: the switch itself is guarded
+                // by the handover still being open (`switch_generation`).
+                Ok(true) if tokio::time::Instant::now() + SWITCH_MARGIN < self.deadline => return Reach::Reached,
+                Ok(true) => return Reach::TimedOut,
                 Ok(false) => {}
                 Err(e) => warn!(projection = self.name, error = %e, "Cannot compare generations; retrying."),
             }
-            if tokio::time::Instant::now() >= self.deadline {
+            if tokio::time::Instant::now() + SWITCH_MARGIN >= self.deadline {
                 return Reach::TimedOut;
             }
             tokio::select! {

@@ -278,7 +278,13 @@ impl StatusProbe {
                 // The stored offset as it is, never clamped to the log: a
                 // hole below the log start, or an offset past its end, shows.
                 let stored = checkpoint.map_or(log.low, |c| c.offset);
-                let gap = Gap::find(&log.topic, log.partition, stored, log.low, log.high).map(|g| g.kind);
+                // Only a retention gap is judged here: the checkpoint is read
+                // after the watermarks, so a busy partition's stored offset
+                // may legitimately pass the high watermark read before it.
+                // Log resets are judged by the workers, checkpoint first.
+                let gap = Gap::find(&log.topic, log.partition, stored, log.low, log.high)
+                    .map(|g| g.kind)
+                    .filter(|kind| *kind == GapKind::RetentionGap);
                 PartitionStatus {
                     topic: log.topic.clone(),
                     partition: log.partition,

@@ -74,9 +74,10 @@ pub struct WorkerSettings {
 pub struct Phase {
     pub generation: u32,
     pub applying: bool,
-    /// Paused for a rebuild's handover: provably applying nothing. (An idle
-    /// worker also has `applying` false, but may apply its next record.)
-    pub paused: bool,
+    /// Paused for the rebuild's handover request ending then (ms): provably
+    /// applying nothing. (An idle worker also has `applying` false, but may
+    /// apply its next record.)
+    pub paused_for: Option<i64>,
 }
 
 fn report(settings: &WorkerSettings, generation: u32, applying: bool) {
@@ -84,19 +85,19 @@ fn report(settings: &WorkerSettings, generation: u32, applying: bool) {
         tx.send_replace(Phase {
             generation,
             applying,
-            paused: false,
+            paused_for: None,
         });
     }
 }
 
 /// Tells the registry this worker applies nothing to `generation` until a
 /// rebuild's handover ends: what the rebuild waits for before switching.
-fn report_paused(settings: &WorkerSettings, generation: u32) {
+fn report_paused(settings: &WorkerSettings, generation: u32, until: i64) {
     if let Some(tx) = &settings.on_phase {
         tx.send_replace(Phase {
             generation,
             applying: false,
-            paused: true,
+            paused_for: Some(until),
         });
     }
 }
@@ -643,7 +644,12 @@ pub async fn run(
                 backoff = (backoff * 2).min(settings.max_backoff);
             }
             GenerationEnd::OffsetOutOfRange(reason) => {
-                warn!(projection, error = %reason, "A partition's position fell out of the log; rejoining to find the gap.");
+                warn!(projection, error = %reason, retry_in = ?backoff, "A partition's position fell out of the log; rejoining to find the gap.");
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(Stopped::Shutdown),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(settings.max_backoff);
             }
             GenerationEnd::ReaderDied(reason) => return Err(WorkerError::ReaderDied(reason)),
         }
@@ -688,12 +694,16 @@ async fn pause_for_handover(
         let now = chrono::Utc::now().timestamp_millis();
         match store.pointer(projection).await {
             Ok(p) if p.generation == generation && p.handing_over(now).is_some() => {
-                paused_until = p.handover.map(|(_, until)| until);
-                if !announced {
-                    info!(projection, generation, "Pausing for a rebuild's handover.");
-                    report_paused(settings, generation);
-                    announced = true;
+                let until = p.handover.map(|(_, until)| until);
+                // A new request (a rebuild asking again) is reported anew.
+                if until != paused_until {
+                    if !announced {
+                        info!(projection, generation, "Pausing for a rebuild's handover.");
+                        announced = true;
+                    }
+                    report_paused(settings, generation, until.unwrap_or_default());
                 }
+                paused_until = until;
             }
             Ok(_) => return false,
             Err(_) if paused_until.is_some_and(|until| now < until) => {}

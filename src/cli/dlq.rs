@@ -39,6 +39,9 @@ pub struct ReplayArgs {
     /// Only this letter.
     #[arg(long, conflicts_with_all = ["projection", "limit"])]
     pub id: Option<String>,
+    /// Write without telling the API's cache (see `project --help`).
+    #[arg(long, env = "COURSEVIEW_NO_CACHE_INVALIDATION")]
+    pub no_cache_invalidation: bool,
     #[command(flatten)]
     pub filter: DlqFilter,
 }
@@ -72,8 +75,12 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
             Some(letter) => println!("{}", serde_json::to_string_pretty(&letter.to_json(&id))?),
             None => bail!("no dead letter {id:?}"),
         },
-        DlqCommand::Replay(ReplayArgs { id, filter }) => {
-            let cache = global.cache(std::time::Duration::from_secs(60))?;
+        DlqCommand::Replay(ReplayArgs {
+            id,
+            filter,
+            no_cache_invalidation,
+        }) => {
+            let cache = global.invalidated_cache(std::time::Duration::from_secs(60), no_cache_invalidation)?;
             let letters = match &id {
                 Some(id) => match store.dead_letter(id).await? {
                     Some(letter) => vec![(id.clone(), letter)],

@@ -121,6 +121,24 @@ impl Global {
     }
 
     /// The cache, unless disabled with `--redis-url none`.
+    /// The cache a command that writes read models must announce its writes
+    /// to. Without one (`REDIS_URL=none`) the API's cached answers would go
+    /// stale for their TTL, so that needs `--no-cache-invalidation`.
+    pub fn invalidated_cache(&self, ttl: Duration, deliberately_without: bool) -> anyhow::Result<Option<Cache>> {
+        if deliberately_without {
+            tracing::warn!("--no-cache-invalidation: API answers are fresh only within the cache TTL.");
+            return Ok(None);
+        }
+        match self.cache(ttl)? {
+            Some(cache) => Ok(Some(cache)),
+            None => anyhow::bail!(
+                "REDIS_URL=none: this command would write without invalidating the API's cache, whose answers \
+                 would then stay stale for up to their TTL; give it the API's REDIS_URL and COURSEVIEW_REDIS_PREFIX, \
+                 or pass --no-cache-invalidation (COURSEVIEW_NO_CACHE_INVALIDATION=true) if no API caches"
+            ),
+        }
+    }
+
     pub fn cache(&self, ttl: Duration) -> anyhow::Result<Option<Cache>> {
         if self.redis_url == "none" {
             return Ok(None);

@@ -153,19 +153,7 @@ impl WorkerArgs {
 /// Runs the workers until `shutdown`; a failing projection never stops the others.
 pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = global.store().await?;
-    let cache = if args.no_cache_invalidation {
-        warn!("--no-cache-invalidation: API answers are fresh only within the cache TTL.");
-        None
-    } else {
-        let Some(cache) = global.cache(Duration::from_secs(60))? else {
-            bail!(
-                "REDIS_URL=none: this worker would write without invalidating the API's cache, whose answers \
-                 would then stay stale for up to their TTL; give it the API's REDIS_URL and COURSEVIEW_REDIS_PREFIX, \
-                 or pass --no-cache-invalidation (COURSEVIEW_NO_CACHE_INVALIDATION=true) if no API caches"
-            );
-        };
-        Some(cache)
-    };
+    let cache = global.invalidated_cache(Duration::from_secs(60), args.no_cache_invalidation)?;
     let invalidates = cache.as_ref().map(|_| global.redis_prefix.clone());
     let models = args.models();
     let health = Arc::new(WorkerHealth::new(&models));
@@ -252,7 +240,7 @@ async fn heartbeat(
 ) {
     loop {
         let phase = *generation.borrow_and_update();
-        (entry.generation, entry.applying, entry.paused) = (phase.generation, phase.applying, phase.paused);
+        (entry.generation, entry.applying, entry.paused_for) = (phase.generation, phase.applying, phase.paused_for);
         entry.heartbeat_at = chrono::Utc::now().timestamp_millis();
         if let Err(e) = store.put_worker(&entry).await {
             warn!(error = %e, "Cannot record this worker in the registry.");

@@ -39,6 +39,9 @@ pub struct RebuildArgs {
     /// generation (refused by default, naming the partitions).
     #[arg(long)]
     pub allow_partial_history: bool,
+    /// Write without telling the API's cache (see `project --help`).
+    #[arg(long, env = "COURSEVIEW_NO_CACHE_INVALIDATION")]
+    pub no_cache_invalidation: bool,
     /// Consumer and batching settings of the replaying worker.
     #[command(flatten)]
     pub worker: WorkerArgs,
@@ -86,7 +89,7 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         handover_timeout: args.handover_timeout,
         allow_partial_history: args.allow_partial_history,
     };
-    let cache = global.cache(Duration::from_secs(60))?;
+    let cache = global.invalidated_cache(Duration::from_secs(60), args.no_cache_invalidation)?;
     let mut reporter = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(

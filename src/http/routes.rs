@@ -97,8 +97,9 @@ pub async fn catalog_list(
         filter.push(("teacherId".to_owned(), teacher.to_owned()));
     }
     let text = params.text("q")?;
-    // A search walks every listed course: bounded in how many run at once.
-    let _permit = text.map(|_| state.expensive(Expensive::Search)).transpose()?;
+    // A search walks every listed course: bounded in how many read MongoDB
+    // at once (a cached search page takes no permit).
+    let expensive = text.map(|_| Expensive::Search);
     let page = PageQuery {
         filter,
         text: text.map(|q| (q.to_owned(), vec!["view.name", "view.description"])),
@@ -107,7 +108,7 @@ pub async fn catalog_list(
         after: params.cursor(sort)?.map(cursor_position),
         limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
     };
-    list(&state, ReadModel::Catalog, sort, &params, page, &headers).await
+    list(&state, ReadModel::Catalog, sort, &params, page, expensive, &headers).await
 }
 
 /// `GET /teachers/{teacherId}/courses?sort=newest|name&limit=&cursor=`:
@@ -151,7 +152,7 @@ pub async fn teacher_courses(
         after: params.cursor(sort)?.map(cursor_position),
         limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
     };
-    list(&state, ReadModel::TeacherCourses, sort, &params, page, &headers).await
+    list(&state, ReadModel::TeacherCourses, sort, &params, page, None, &headers).await
 }
 
 fn cursor_position(c: Cursor) -> (Bson, String) {
@@ -169,6 +170,7 @@ async fn list(
     sort: Sort,
     params: &Params,
     page: PageQuery,
+    expensive: Option<Expensive>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let generation = state.generation(model).await?;
@@ -180,6 +182,7 @@ async fn list(
     );
     let body = state
         .cached(model, generation, &suffix, || async {
+            let _permit = expensive.map(|class| state.expensive(class)).transpose()?;
             let found = state.store.page(&collection, &page).await?;
             let next_cursor = match (found.more, found.items.last()) {
                 (true, Some((_, key, id))) => Some(

@@ -400,6 +400,7 @@ async fn a_dead_letter_replayed_during_a_rebuild_lands_in_the_generation_being_b
             projection: None,
             limit: 1000,
         },
+        no_cache_invalidation: false,
     };
     dlq::run(app.global(), DlqCommand::Replay(replay))
         .await

@@ -337,7 +337,7 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
             .partitions
             .iter()
             .filter(|p| p.topic == topic && reset.contains(&p.partition))
-            .all(|p| p.gap == Some(GapKind::LogReset) && p.stored_offset > p.high_watermark),
+            .all(|p| p.stored_offset > p.high_watermark),
         "status shows the stored offset beyond the log, never clamped: {:?}",
         status.serving
     );
@@ -381,4 +381,30 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
     );
     drop(going_on);
     assert_eq!(visible(&app, (0..10).map(|i| format!("z{i}"))).await, 10);
+}
+
+/// A projection that never read a partition starts it at offset 0: a log
+/// that no longer starts there is a retention gap too, not a silent start
+/// at the log start.
+#[tokio::test]
+async fn a_partition_never_read_whose_log_no_longer_starts_at_zero_is_a_retention_gap() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("CourseCreatedEvent");
+    app.publish_all(&courses("n", "CourseCreatedEvent", 1, 0..20)).await;
+    let highs = watermarks(&app, &topic);
+    let cut: Vec<i64> = highs.iter().map(|(_, high)| high / 2).collect();
+    delete_records(&app, &topic, &cut).await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    let status = eventually("the gap to be reported", Duration::from_secs(30), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        let found = s.gaps.iter().filter(|g| g.topic == topic).count();
+        (s.state == State::Gap && found == cut.iter().filter(|c| **c > 0).count()).then_some(s)
+    })
+    .await;
+    assert!(
+        status.gaps.iter().all(|g| g.kind == GapKind::RetentionGap && g.stored_offset == 0),
+        "{:?}",
+        status.gaps
+    );
+    worker.stop().await;
 }

@@ -317,7 +317,11 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
         projection: Some(ReadModel::Catalog),
         limit: 10,
     };
-    let replay = ReplayArgs { id: None, filter };
+    let replay = ReplayArgs {
+        id: None,
+        filter,
+        no_cache_invalidation: false,
+    };
     dlq::run(global, DlqCommand::Replay(replay)).await.expect("replay");
 
     let (status, course) = app.get_json("/catalog/courses/d1").await;
