@@ -402,7 +402,10 @@ async fn a_partition_never_read_whose_log_no_longer_starts_at_zero_is_a_retentio
     })
     .await;
     assert!(
-        status.gaps.iter().all(|g| g.kind == GapKind::RetentionGap && g.stored_offset == 0),
+        status
+            .gaps
+            .iter()
+            .all(|g| g.kind == GapKind::RetentionGap && g.stored_offset == 0),
         "{:?}",
         status.gaps
     );
