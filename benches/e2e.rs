@@ -781,7 +781,7 @@ async fn main() {
     let cpu_ns = criterion_ns_per_event(common::corpus(1_000).len());
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     let mut table = String::new();
-    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`{}), MongoDB peer nx-27017, Apache Kafka {}, Redis 7.\n\n", machine(), std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "(version unknown)".into()), if history { ", timestamps of a 1,000 events/s history" } else { ", `--no-history`: timestamps of the preload" }));
+    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`{}), MongoDB peer nx-27017, Apache Kafka {}, Redis 7.\n\n", machine(), if history { ", timestamps of a 1,000 events/s history" } else { ", `--no-history`: timestamps of the preload" }, std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "(version unknown)".into())));
     table.push_str(
         "| # | figure | measured | raw limit (same run) | ratio | target | |\n|---|---|---|---|---|---|---|\n",
     );
