@@ -1374,11 +1374,7 @@ async fn chaos_one_sided_redis_partition_between_worker_and_redis() {
     let scale = Scale::from_env();
     let started = Instant::now();
     let app = TestApp::spawn().await;
-    let redis_port: u16 = crate::helpers::redis_url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("redis port");
+    let redis_port = crate::helpers::redis_port();
     let path = crate::peers::FreezingProxy::start(redis_port).await;
     let worker = app.worker_process(
         ReadModel::Catalog,

@@ -41,11 +41,7 @@ async fn listed_name(app: &TestApp, course: &str) -> Option<Value> {
 #[tokio::test]
 async fn a_worker_whose_redis_does_not_answer_holds_its_batch_until_it_can_announce_it() {
     let app = TestApp::spawn().await;
-    let redis_port: u16 = crate::helpers::redis_url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("redis port");
+    let redis_port = crate::helpers::redis_port();
     // The worker reaches Redis through a path that can stop answering; the
     // API's own path stays up (a one-sided partition).
     let path = FreezingProxy::start(redis_port).await;

@@ -34,6 +34,15 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The port of the suite's Redis (for proxies in front of it).
+pub fn redis_port() -> u16 {
+    redis_url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("REDIS_URL ends in a port")
+}
+
 /// A fresh id for names: topics, groups, databases, key prefixes.
 pub fn unique(label: &str) -> String {
     format!(
