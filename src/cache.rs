@@ -53,9 +53,10 @@ if not epoch then
   redis.call('SET', KEYS[1], ARGV[3])
   return {ARGV[3]}
 end
-local found = redis.call('GET', ARGV[1] .. epoch .. ARGV[2])
+local key = ARGV[1] .. epoch .. ARGV[2]
+local found = redis.call('GET', key)
 if not found then return {epoch} end
-return {epoch, found}
+return {epoch, found, tostring(redis.call('PTTL', key))}
 ";
 
 /// Stores an answer read under `epoch` (ARGV[4]), unless the epoch has
@@ -65,16 +66,17 @@ return {epoch, found}
 /// two reads before the worker's bump arrived, and whichever was put last
 /// could be the older. The key then holds a marker (`CONFLICT`) that
 /// answers as a miss and takes no puts, so until the bump everyone reads
-/// MongoDB, which never goes back. 1: the key holds this answer.
+/// MongoDB, which never goes back. 1: the key holds this answer, for the
+/// milliseconds that follow (its remaining TTL).
 const PUT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
-if redis.call('ZCOUNT', KEYS[3], now, '+inf') > 0 then return -1 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then return {-1} end
+if redis.call('ZCOUNT', KEYS[3], now, '+inf') > 0 then return {-1} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return {1, ARGV[2] * 1000} end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return {1, redis.call('PTTL', KEYS[1])} end
 redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
-return 0
+return {0}
 ";
 
 /// A writer's lease (ARGV[1] ms from now on Redis' clock, the clock the
@@ -118,8 +120,13 @@ const CONFLICT: &[u8] = b"!conflict";
 /// A cache lookup's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Cached under the scope's current `epoch`.
-    Hit { epoch: String, bytes: Vec<u8> },
+    /// Cached under the scope's current `epoch`, for `left` more (the
+    /// entry's remaining TTL: a copy must not outlive it).
+    Hit {
+        epoch: String,
+        bytes: Vec<u8>,
+        left: Duration,
+    },
     /// Not cached; store the answer under this epoch.
     Miss { epoch: String },
     /// A worker is writing this scope: go to MongoDB and do not store.
@@ -131,8 +138,10 @@ pub enum Lookup {
 /// What became of an answer offered to the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
-    /// The key holds this answer.
-    Stored,
+    /// The key holds this answer, for `left` more.
+    Stored {
+        left: Duration,
+    },
     /// The key holds a different one (it now answers as a miss).
     Conflict,
     /// The epoch moved or a worker is writing: the answer was not kept,
@@ -346,6 +355,15 @@ impl Cache {
         if found.is_empty() {
             return Lookup::Writing;
         }
+        // PTTL: -1 (no TTL) never happens here, -2 (gone) cannot in one script.
+        let left = if found.len() == 3 {
+            let ms = found
+                .pop()
+                .and_then(|ms| std::str::from_utf8(&ms).ok()?.parse::<u64>().ok());
+            Duration::from_millis(ms.unwrap_or(0))
+        } else {
+            Duration::ZERO
+        };
         let bytes = if found.len() == 2 { found.pop() } else { None };
         let epoch = found.pop().map(|e| String::from_utf8_lossy(&e).into_owned());
         match (epoch, bytes) {
@@ -356,7 +374,7 @@ impl Cache {
             }
             (Some(epoch), Some(bytes)) => {
                 telemetry::cache_lookup("redis", true);
-                Lookup::Hit { epoch, bytes }
+                Lookup::Hit { epoch, bytes, left }
             }
             (Some(epoch), None) => {
                 telemetry::cache_lookup("redis", false);
@@ -373,7 +391,7 @@ impl Cache {
         let key = format!("{base}:e{epoch}:{suffix}");
         let ttl = self.inner.ttl.as_secs().max(1);
         let script = &self.inner.put;
-        let outcome: Option<i64> = self
+        let outcome: Option<Vec<i64>> = self
             .call("put", |mut conn| async move {
                 script
                     .key(key)
@@ -387,9 +405,11 @@ impl Cache {
                     .await
             })
             .await;
-        match outcome {
-            Some(1) => Put::Stored,
-            Some(0) => Put::Conflict,
+        match outcome.as_deref() {
+            Some([1, left]) => Put::Stored {
+                left: Duration::from_millis(u64::try_from(*left).unwrap_or(0)),
+            },
+            Some([0]) => Put::Conflict,
             Some(_) => Put::Stale,
             None => Put::Unavailable,
         }

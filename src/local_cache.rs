@@ -24,7 +24,8 @@
 //! - While a worker has announced a write and not yet its bump, the scope
 //!   is served and stored from nothing here (even if Redis lost the
 //!   lease); an announcement never ended expires with the lease.
-//! - Entries live no longer than the Redis entries' TTL, so a bump that
+//! - An entry lives no longer than the Redis entry it copies (its
+//!   remaining TTL when copied, not a TTL from the copy), so a bump that
 //!   never reached Redis leaves memory no staler than Redis.
 
 use std::collections::HashMap;
@@ -63,7 +64,8 @@ struct Stamps {
 #[derive(Debug, Clone, Copy)]
 struct EntryBytes;
 
-/// An answer, the stamp it was stored under, and when (ms).
+/// An answer, the stamp it was stored under, and until when it may be
+/// served (ms).
 type Entry = (Stamp, Bytes, u64);
 
 impl quick_cache::Weighter<String, Entry> for EntryBytes {
@@ -151,16 +153,21 @@ impl LocalCache {
 
     /// The answer stored for `suffix` under the scope's current stamp.
     pub fn get(&self, scope: &str, suffix: &str, stamp: Stamp) -> Option<Bytes> {
-        let (stored, bytes, at) = self.entries.get(&Self::key(scope, suffix))?;
-        (stored == stamp && self.now_ms().saturating_sub(at) < self.max_age).then_some(bytes)
+        let (stored, bytes, until) = self.entries.get(&Self::key(scope, suffix))?;
+        (stored == stamp && self.now_ms() < until).then_some(bytes)
     }
 
-    /// Stores an answer that was current when `stamp` was taken. A notice
-    /// that arrived since has moved the scope's stamp, so the entry is
-    /// never served.
-    pub fn insert(&self, scope: &str, suffix: &str, stamp: Stamp, bytes: Bytes) {
+    /// Stores an answer that was current when `stamp` was taken, for `left`
+    /// (what remains of the Redis entry it copies) or the layer's max age,
+    /// whichever is shorter. A notice that arrived since has moved the
+    /// scope's stamp, so the entry is never served.
+    pub fn insert(&self, scope: &str, suffix: &str, stamp: Stamp, bytes: Bytes, left: Duration) {
+        let lives = (left.as_millis() as u64).min(self.max_age);
+        if lives == 0 {
+            return;
+        }
         self.entries
-            .insert(Self::key(scope, suffix), (stamp, bytes, self.now_ms()));
+            .insert(Self::key(scope, suffix), (stamp, bytes, self.now_ms() + lives));
     }
 
     /// Redis answered under `epoch`: if that is not the epoch the scope's
@@ -244,6 +251,8 @@ impl LocalCache {
 mod tests {
     use super::*;
 
+    const MINUTE: Duration = Duration::from_secs(60);
+
     fn fenced_cache() -> Arc<LocalCache> {
         let cache = LocalCache::new(1 << 20, Duration::from_secs(60));
         cache.fenced(cache.now_ms());
@@ -262,7 +271,7 @@ mod tests {
     fn an_answer_stored_before_a_notice_is_never_served_after_it() {
         let cache = fenced_cache();
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "course:c1", stamp, Bytes::from_static(b"v1"));
+        cache.insert("s", "course:c1", stamp, Bytes::from_static(b"v1"), MINUTE);
         assert_eq!(cache.get("s", "course:c1", stamp), Some(Bytes::from_static(b"v1")));
         cache.notice("s");
         let now = cache.stamp("s").expect("trusted");
@@ -274,7 +283,7 @@ mod tests {
         let cache = fenced_cache();
         let before = cache.stamp("s").expect("trusted");
         cache.notice("s"); // arrives while the Redis call is in flight
-        cache.insert("s", "course:c1", before, Bytes::from_static(b"old"));
+        cache.insert("s", "course:c1", before, Bytes::from_static(b"old"), MINUTE);
         let now = cache.stamp("s").expect("trusted");
         assert_eq!(cache.get("s", "course:c1", now), None);
     }
@@ -283,7 +292,7 @@ mod tests {
     fn a_notice_for_one_scope_leaves_the_others_served() {
         let cache = fenced_cache();
         let a = cache.stamp("a").expect("trusted");
-        cache.insert("a", "k", a, Bytes::from_static(b"x"));
+        cache.insert("a", "k", a, Bytes::from_static(b"x"), MINUTE);
         cache.notice("b");
         assert_eq!(
             cache.get("a", "k", cache.stamp("a").expect("trusted")),
@@ -295,7 +304,7 @@ mod tests {
     fn a_resubscription_forgets_everything() {
         let cache = fenced_cache();
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "k", stamp, Bytes::from_static(b"x"));
+        cache.insert("s", "k", stamp, Bytes::from_static(b"x"), MINUTE);
         cache.new_era();
         let now = cache.stamp("s").expect("trusted");
         assert_ne!(now, stamp);
@@ -320,7 +329,7 @@ mod tests {
         let cache = fenced_cache();
         cache.observe_epoch("s", "e1");
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "page", stamp, Bytes::from_static(b"v57"));
+        cache.insert("s", "page", stamp, Bytes::from_static(b"v57"), MINUTE);
         cache.observe_epoch("s", "e1");
         assert_eq!(cache.stamp("s"), Some(stamp), "the same epoch changes nothing");
         // Another request's lookup shows the bump; its notice is late.
@@ -346,8 +355,20 @@ mod tests {
         let cache = LocalCache::new(1 << 20, Duration::ZERO);
         cache.fenced(cache.now_ms());
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "k", stamp, Bytes::from_static(b"x"));
+        cache.insert("s", "k", stamp, Bytes::from_static(b"x"), MINUTE);
         assert_eq!(cache.get("s", "k", stamp), None);
+    }
+
+    #[test]
+    fn an_entry_lives_no_longer_than_what_was_left_of_its_redis_entry() {
+        let cache = fenced_cache();
+        let stamp = cache.stamp("s").expect("trusted");
+        cache.insert("s", "short", stamp, Bytes::from_static(b"x"), Duration::from_millis(30));
+        cache.insert("s", "gone", stamp, Bytes::from_static(b"y"), Duration::ZERO);
+        assert!(cache.get("s", "short", stamp).is_some());
+        assert_eq!(cache.get("s", "gone", stamp), None);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(cache.get("s", "short", stamp), None);
     }
 
     #[test]
@@ -356,7 +377,7 @@ mod tests {
         let stamp = cache.stamp("s");
         let stamp = stamp.unwrap_or(Stamp { era: 0, seq: 0 });
         for i in 0..1000 {
-            cache.insert("s", &format!("k{i}"), stamp, Bytes::from(vec![0u8; 1024]));
+            cache.insert("s", &format!("k{i}"), stamp, Bytes::from(vec![0u8; 1024]), MINUTE);
         }
         assert!(cache.weight() <= 64 * 1024, "held {} bytes", cache.weight());
     }

@@ -306,11 +306,11 @@ impl AppState {
             telemetry::cache_lookup("memory", false);
         }
         let epoch = match cache.get(scope, suffix).await {
-            Lookup::Hit { epoch, bytes } => {
+            Lookup::Hit { epoch, bytes, left } => {
                 let bytes = Bytes::from(bytes);
                 if let Some((local, stamp)) = local {
                     local.observe_epoch(&base, &epoch);
-                    local.insert(&base, suffix, stamp, bytes.clone());
+                    local.insert(&base, suffix, stamp, bytes.clone(), left);
                 }
                 return Ok(answer(bytes));
             }
@@ -332,9 +332,9 @@ impl AppState {
         if let Some(epoch) = epoch {
             let bytes = loaded.clone().unwrap_or_else(|| Bytes::from_static(ABSENT));
             match cache.put(scope, &epoch, suffix, &bytes).await {
-                Put::Stored => {
+                Put::Stored { left } => {
                     if let Some((local, stamp)) = local {
-                        local.insert(&base, suffix, stamp, bytes);
+                        local.insert(&base, suffix, stamp, bytes, left);
                     }
                 }
                 // The store changed since the lookup (a write began or

@@ -131,7 +131,10 @@ async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache()
     };
     // Two requests read MongoDB on either side of a write the worker has
     // not announced yet; the older answer is put last.
-    assert_eq!(cache.put(scope, &epoch, "course:c1", b"v59").await, Put::Stored);
+    assert!(matches!(
+        cache.put(scope, &epoch, "course:c1", b"v59").await,
+        Put::Stored { .. }
+    ));
     assert_eq!(cache.put(scope, &epoch, "course:c1", b"v57").await, Put::Conflict);
     assert!(
         matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }),
@@ -141,8 +144,14 @@ async fn two_different_answers_under_one_epoch_are_never_served_from_the_cache()
     assert!(matches!(cache.get(scope, "course:c1").await, Lookup::Miss { .. }));
 
     // The same answer twice is no conflict.
-    assert_eq!(cache.put(scope, &epoch, "course:c2", b"same").await, Put::Stored);
-    assert_eq!(cache.put(scope, &epoch, "course:c2", b"same").await, Put::Stored);
+    assert!(matches!(
+        cache.put(scope, &epoch, "course:c2", b"same").await,
+        Put::Stored { .. }
+    ));
+    assert!(matches!(
+        cache.put(scope, &epoch, "course:c2", b"same").await,
+        Put::Stored { .. }
+    ));
     assert!(matches!(cache.get(scope, "course:c2").await, Lookup::Hit { bytes, .. } if bytes == b"same"));
 }
 
@@ -287,6 +296,63 @@ async fn a_cached_course_is_served_from_process_memory_and_a_worker_notice_refre
     .await;
     assert!(at.elapsed() <= Duration::from_secs(1));
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_memory_answer_expires_with_its_redis_entry_not_a_ttl_after_it_was_copied() {
+    // The memory layer's last line of defence, for a change no notice
+    // announced, is the Redis entry's TTL. An answer copied from Redis late
+    // in its life must not then live a whole TTL more in memory.
+    let private = PrivateRedis::start();
+    let mut redis = private.ready().await;
+    let app = TestApp::with(Options {
+        redis_url: Some(private.url()),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    posted(&app, "x1", "Copied late", 1).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    worker.stop().await;
+    held_in_memory(&app, "x1").await;
+
+    // The Redis entry has 500 ms left; memory forgets, then copies it back.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("cvtest:{}:*:course:x1", app.id))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "one cached entry: {keys:?}");
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&keys[0])
+        .arg(500)
+        .query_async(&mut redis)
+        .await
+        .expect("pexpire");
+    let local = app.local.clone().expect("the memory layer is on");
+    let generation = app.store.serving_generation("catalog").await.expect("pointer");
+    let base = app.cache.as_ref().expect("redis").base(courseview::cache::Scope {
+        projection: "catalog",
+        generation,
+    });
+    local.notice(&base);
+    held_in_memory(&app, "x1").await;
+
+    // A change no worker announced (the bump never reached Redis).
+    let client = mongodb::Client::with_uri_str(&app.mongodb_uri).await.expect("client");
+    let collection = courseview::mongo::Store::collection_name("catalog", generation);
+    client
+        .database(app.store.database_name())
+        .collection::<bson::Document>(&collection)
+        .update_one(bson::doc! {}, bson::doc! {"$set": {"view.name": "Changed unannounced"}})
+        .await
+        .expect("changed in MongoDB");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        app.get_json("/catalog/courses/x1").await.1["name"],
+        "Changed unannounced",
+        "served from memory after its Redis entry expired"
+    );
 }
 
 #[tokio::test]
