@@ -247,6 +247,30 @@ async fn committed(app: &TestApp, name: &str) -> Instant {
     Instant::now()
 }
 
+/// A private Redis (its connection), an app on it with a catalog worker,
+/// and one posted course the worker has applied.
+async fn posted_on_private_redis(
+    course: &str,
+    name: &str,
+) -> (
+    PrivateRedis,
+    redis::aio::MultiplexedConnection,
+    TestApp,
+    crate::helpers::Worker,
+) {
+    let private = PrivateRedis::start();
+    let redis = private.ready().await;
+    let app = TestApp::with(Options {
+        redis_url: Some(private.url()),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    posted(&app, course, name, 1).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    (private, redis, app, worker)
+}
+
 /// Until the API's memory layer holds the course's answer.
 async fn held_in_memory(app: &TestApp, course: &str) {
     let local = app.local.clone().expect("the memory layer is on");
@@ -266,16 +290,7 @@ async fn held_in_memory(app: &TestApp, course: &str) {
 
 #[tokio::test]
 async fn a_cached_course_is_served_from_process_memory_and_a_worker_notice_refreshes_it() {
-    let private = PrivateRedis::start();
-    let mut redis = private.ready().await;
-    let app = TestApp::with(Options {
-        redis_url: Some(private.url()),
-        ..Options::default()
-    })
-    .await;
-    let worker = app.start_worker(ReadModel::Catalog);
-    posted(&app, "m1", "In memory", 1).await;
-    app.wait_applied(ReadModel::Catalog, 2).await;
+    let (_private, mut redis, app, worker) = posted_on_private_redis("m1", "In memory").await;
     held_in_memory(&app, "m1").await;
 
     let before = scripts_run(&mut redis).await;
@@ -303,16 +318,7 @@ async fn a_memory_answer_expires_with_its_redis_entry_not_a_ttl_after_it_was_cop
     // The memory layer's last line of defence, for a change no notice
     // announced, is the Redis entry's TTL. An answer copied from Redis late
     // in its life must not then live a whole TTL more in memory.
-    let private = PrivateRedis::start();
-    let mut redis = private.ready().await;
-    let app = TestApp::with(Options {
-        redis_url: Some(private.url()),
-        ..Options::default()
-    })
-    .await;
-    let worker = app.start_worker(ReadModel::Catalog);
-    posted(&app, "x1", "Copied late", 1).await;
-    app.wait_applied(ReadModel::Catalog, 2).await;
+    let (_private, mut redis, app, worker) = posted_on_private_redis("x1", "Copied late").await;
     worker.stop().await;
     held_in_memory(&app, "x1").await;
 
