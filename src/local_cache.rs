@@ -76,7 +76,13 @@ impl quick_cache::Weighter<String, Entry> for EntryBytes {
 
 /// In-process answers, keyed by scope and request; cheap to share.
 pub struct LocalCache {
+    /// False with no bytes to hold: the notices are still followed, for
+    /// [`LocalCache::changes`], but nothing is stored or served.
+    enabled: bool,
     entries: quick_cache::sync::Cache<String, Entry, EntryBytes>,
+    /// Counts epoch bumps heard and resubscriptions (which may have lost
+    /// some): `minVersion` waits re-read MongoDB when it moves.
+    changes: tokio::sync::watch::Sender<u64>,
     stamps: Mutex<Stamps>,
     /// Oldest entry served (ms).
     max_age: u64,
@@ -96,11 +102,13 @@ impl std::fmt::Debug for LocalCache {
 }
 
 impl LocalCache {
-    /// A layer holding at most about `max_bytes` of answers, each for at
-    /// most `max_age`. It serves nothing until its subscription has
-    /// delivered a fence.
+    /// A layer holding at most about `max_bytes` of answers (0: none),
+    /// each for at most `max_age`. It serves nothing until its
+    /// subscription has delivered a fence.
     pub fn new(max_bytes: u64, max_age: Duration) -> Arc<LocalCache> {
         Arc::new(LocalCache {
+            enabled: max_bytes > 0,
+            changes: tokio::sync::watch::Sender::new(0),
             entries: quick_cache::sync::Cache::with_weighter(
                 (max_bytes / 1024).max(16) as usize,
                 max_bytes.max(1),
@@ -130,10 +138,10 @@ impl LocalCache {
     /// The scope's stamp, if the layer may serve now; take it *before* the
     /// Redis call whose answer is to be stored.
     pub fn stamp(&self, scope: &str) -> Option<Stamp> {
-        let now = self.now_ms();
-        if now >= self.trusted_until.load(Ordering::Acquire) {
+        if !self.enabled || !self.trusted() {
             return None;
         }
+        let now = self.now_ms();
         let mut stamps = self.stamps();
         if let Some(writers) = stamps.writing.get_mut(scope) {
             writers.retain(|_, until| *until > now);
@@ -151,6 +159,17 @@ impl LocalCache {
         format!("{scope}|{suffix}")
     }
 
+    /// Whether every notice published until recently has been heard (a
+    /// fence came back within [`TRUST`]).
+    pub fn trusted(&self) -> bool {
+        self.now_ms() < self.trusted_until.load(Ordering::Acquire)
+    }
+
+    /// Moves on every epoch bump heard and every resubscription.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The answer stored for `suffix` under the scope's current stamp.
     pub fn get(&self, scope: &str, suffix: &str, stamp: Stamp) -> Option<Bytes> {
         let (stored, bytes, until) = self.entries.get(&Self::key(scope, suffix))?;
@@ -163,7 +182,7 @@ impl LocalCache {
     /// scope's stamp, so the entry is never served.
     pub fn insert(&self, scope: &str, suffix: &str, stamp: Stamp, bytes: Bytes, left: Duration) {
         let lives = (left.as_millis() as u64).min(self.max_age);
-        if lives == 0 {
+        if !self.enabled || lives == 0 {
             return;
         }
         self.entries
@@ -209,6 +228,8 @@ impl LocalCache {
         if let (Some(writer), Some(writers)) = (writer, stamps.writing.get_mut(scope)) {
             writers.remove(writer);
         }
+        drop(stamps);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// A worker began or ended a write of the scope (or a request learned
@@ -227,6 +248,7 @@ impl LocalCache {
         stamps.writing.clear();
         drop(stamps);
         self.entries.clear();
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// This process's fence sent at `sent_ms` came back: every notice
@@ -369,6 +391,22 @@ mod tests {
         assert_eq!(cache.get("s", "gone", stamp), None);
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(cache.get("s", "short", stamp), None);
+    }
+
+    #[test]
+    fn a_layer_of_no_bytes_serves_nothing_but_still_tells_of_bumps() {
+        let cache = LocalCache::new(0, Duration::from_secs(60));
+        cache.fenced(cache.now_ms());
+        assert!(cache.trusted());
+        assert_eq!(cache.stamp("s"), None);
+        let changes = cache.changes();
+        cache.notice("s");
+        assert!(
+            !changes.has_changed().expect("open"),
+            "a request's own notice is no bump"
+        );
+        cache.bumped("s", Some("w1"));
+        assert!(changes.has_changed().expect("open"));
     }
 
     #[test]

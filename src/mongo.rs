@@ -265,7 +265,12 @@ impl Store {
     /// Connects lazily: the driver dials on first use, so a worker can start
     /// before MongoDB and retry.
     pub async fn connect(uri: &str, database: &str, timeout: Duration) -> Result<Store> {
-        let mut options = ClientOptions::parse(uri).await?;
+        Store::with_options(ClientOptions::parse(uri).await?, database, timeout)
+    }
+
+    /// As [`Store::connect`], from driver options the caller has parsed
+    /// and added to (command monitoring, say).
+    pub fn with_options(mut options: ClientOptions, database: &str, timeout: Duration) -> Result<Store> {
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
         options.app_name = Some("courseview".into());

@@ -178,13 +178,14 @@ impl AppState {
     }
 
     /// Keeps up to `max_bytes` of answers in process memory (0: none). Only
-    /// with Redis, whose notices keep them fresh; [`serve`] follows them.
+    /// with Redis, whose notices keep them fresh; [`serve`] follows them
+    /// (with no bytes too: `minVersion` waits on them).
     pub fn with_local_cache(mut self, max_bytes: u64) -> Self {
         let inner = self.inner();
-        inner.local = match &inner.cache {
-            Some(cache) if max_bytes > 0 => Some(LocalCache::new(max_bytes, cache.ttl())),
-            _ => None,
-        };
+        inner.local = inner
+            .cache
+            .as_ref()
+            .map(|cache| LocalCache::new(max_bytes, cache.ttl()));
         self
     }
 

@@ -1,5 +1,6 @@
 //! Route handlers: parse parameters, read through the cache, answer JSON.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery};
@@ -49,8 +50,12 @@ pub fn template(matched: &str) -> &'static str {
     TEMPLATES.iter().find(|t| **t == matched).copied().unwrap_or("other")
 }
 
-/// How often `minVersion` re-reads the applied version while waiting.
-const VERSION_POLL: Duration = Duration::from_millis(25);
+/// How often a `minVersion` wait re-reads the applied version when no
+/// notice says it moved: notices followed (a worker that does not announce
+/// its writes is the reason to look at all) ...
+const VERSION_RECHECK: Duration = Duration::from_millis(250);
+/// ... and notices not followed (no Redis, or the subscription is down).
+const VERSION_POLL: Duration = Duration::from_millis(100);
 
 fn to_json(doc: Document) -> Value {
     Bson::Document(doc).into_relaxed_extjson()
@@ -258,19 +263,37 @@ pub async fn catalog_course(
 }
 
 /// Read-your-writes: waits until the projection has applied `wanted` for
-/// this course, up to the configured bound. Reads MongoDB directly: the
-/// cache cannot answer "has version N landed".
+/// this course, up to the configured bound. Reads MongoDB directly (the
+/// cache cannot answer "has version N landed"), once, then again when a
+/// worker's epoch bump is heard (a bump follows its batch's write), so a
+/// wait costs MongoDB a few reads, not one every few milliseconds.
 async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, wanted: i64) -> Result<(), ApiError> {
     let deadline = tokio::time::Instant::now() + state.settings.min_version_wait;
+    // Subscribed before the first read, so a bump between the two counts.
+    let mut changes = state.local.as_ref().map(|local| (Arc::clone(local), local.changes()));
     loop {
         let applied = state.store.applied_version(collection, course_id).await?;
         if applied.is_some_and(|v| v >= wanted) {
             return Ok(());
         }
-        if tokio::time::Instant::now() + VERSION_POLL > deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Err(ApiError::Behind { wanted, applied });
         }
-        tokio::time::sleep(VERSION_POLL).await;
+        let next = match &changes {
+            Some((local, _)) if local.trusted() => VERSION_RECHECK,
+            _ => VERSION_POLL,
+        };
+        let until = (now + next).min(deadline);
+        match &mut changes {
+            Some((_, changes)) => {
+                // Woken by a bump, or at `until`. The sender lives in
+                // `local`, held here, so the channel never closes.
+                let _ = tokio::time::timeout_at(until, changes.changed()).await;
+                changes.mark_unchanged();
+            }
+            None => tokio::time::sleep_until(until).await,
+        }
     }
 }
 

@@ -282,6 +282,56 @@ async fn min_version_returns_as_soon_as_the_version_lands_and_times_out_cleanly(
     worker.stop().await;
 }
 
+#[tokio::test]
+async fn a_min_version_wait_rereads_mongodb_when_a_bump_is_heard_not_every_few_milliseconds() {
+    let finds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let app = TestApp::with(Options {
+        min_version_wait: Duration::from_secs(4),
+        api_finds: Some(std::sync::Arc::clone(&finds)),
+        ..Options::default()
+    })
+    .await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish(&event(
+        "CourseCreatedEvent",
+        "nw",
+        1,
+        json!({"name": "Noticed", "teacherId": "t"}),
+    ))
+    .await;
+    app.publish(&event("CoursePostedEvent", "nw", 2, json!({}))).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+
+    let count = || finds.load(std::sync::atomic::Ordering::Relaxed);
+    let before = count();
+    let waiting = {
+        let (http, url) = (
+            app.http.clone(),
+            format!("{}/catalog/courses/nw?minVersion=3", app.base_url),
+        );
+        tokio::spawn(async move { http.get(url).send().await.expect("request") })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = count() - before;
+    // One read, then one per 250 ms re-check (for writers that announce
+    // nothing); polling every 25 ms read about 60 times.
+    assert!(idle <= 9, "{idle} reads of MongoDB in 1.5 s of one idle wait");
+
+    let published = Instant::now();
+    app.publish(&event("CourseUpdatedEvent", "nw", 3, json!({"name": "Noticed v3"})))
+        .await;
+    let response = waiting.await.expect("join");
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["version"].as_i64(), Some(3));
+    assert!(
+        published.elapsed() < Duration::from_secs(2),
+        "answered {:?} after the publish",
+        published.elapsed()
+    );
+    worker.stop().await;
+}
+
 /// Expensive kinds of request are bounded: past their limit they get a fast
 /// 503 problem with Retry-After, and cached reads keep answering meanwhile.
 #[tokio::test]

@@ -123,6 +123,9 @@ pub struct Options {
     /// `q` searches and `minVersion` waits at once (the API's defaults).
     pub max_searches: usize,
     pub max_waits: usize,
+    /// Counts the API's reads (`find`) of read-model collections, through
+    /// the driver's command monitoring.
+    pub api_finds: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Options {
@@ -139,6 +142,7 @@ impl Default for Options {
             local_cache_bytes: 8 << 20,
             max_searches: ApiSettings::default().max_searches,
             max_waits: ApiSettings::default().max_waits,
+            api_finds: None,
         }
     }
 }
@@ -190,7 +194,25 @@ impl TestApp {
             options.stall_after,
         )
         .expect("probe");
-        let state = AppState::new(store.clone(), cache.clone(), settings)
+        let api_store = match &options.api_finds {
+            None => store.clone(),
+            Some(finds) => {
+                let finds = std::sync::Arc::clone(finds);
+                let mut driver = mongodb::options::ClientOptions::parse(&options.mongodb_uri)
+                    .await
+                    .expect("options");
+                driver.command_event_handler = Some(mongodb::event::EventHandler::callback(move |event| {
+                    if let mongodb::event::command::CommandEvent::Started(started) = event {
+                        let read_model = started.command.get_str("find").is_ok_and(|c| c.contains("_g"));
+                        if started.command_name == "find" && read_model {
+                            finds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }));
+                Store::with_options(driver, &database, Duration::from_secs(2)).expect("store")
+            }
+        };
+        let state = AppState::new(api_store, cache.clone(), settings)
             .with_status(probe.clone())
             .with_auth(options.dashboard.clone())
             .with_local_cache(options.local_cache_bytes);
