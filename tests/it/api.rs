@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use courseview::read_model::ReadModel;
 use serde_json::{json, Value};
 
-use crate::helpers::{event, Options, TestApp};
+use crate::helpers::{event, posted, Options, TestApp};
 
 /// Publishes `n` posted courses (teacher alternating t0/t1) and waits for them.
 async fn seeded(n: usize) -> TestApp {
@@ -237,14 +237,7 @@ async fn min_version_returns_as_soon_as_the_version_lands_and_times_out_cleanly(
     })
     .await;
     let worker = app.start_worker(ReadModel::Catalog);
-    app.publish(&event(
-        "CourseCreatedEvent",
-        "rw",
-        1,
-        json!({"name": "RYW", "teacherId": "t"}),
-    ))
-    .await;
-    app.publish(&event("CoursePostedEvent", "rw", 2, json!({}))).await;
+    posted(&app, "rw", "RYW", 1).await;
     app.wait_applied(ReadModel::Catalog, 2).await;
 
     // Ask for version 3 before it exists, then publish it.
@@ -292,14 +285,7 @@ async fn a_min_version_wait_rereads_mongodb_when_a_bump_is_heard_not_every_few_m
     })
     .await;
     let worker = app.start_worker(ReadModel::Catalog);
-    app.publish(&event(
-        "CourseCreatedEvent",
-        "nw",
-        1,
-        json!({"name": "Noticed", "teacherId": "t"}),
-    ))
-    .await;
-    app.publish(&event("CoursePostedEvent", "nw", 2, json!({}))).await;
+    posted(&app, "nw", "Noticed", 1).await;
     app.wait_applied(ReadModel::Catalog, 2).await;
 
     let count = || finds.load(std::sync::atomic::Ordering::Relaxed);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use courseview::read_model::ReadModel;
 use serde_json::json;
 
-use crate::helpers::{event, eventually, Options, TestApp};
+use crate::helpers::{event, eventually, posted, Options, TestApp};
 use crate::peers::{FreezingProxy, PrivateRedis};
 
 #[tokio::test]
@@ -220,19 +220,6 @@ async fn scripts_run(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
         .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
         .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
         .sum()
-}
-
-/// Creates and posts a course, and waits until the worker has applied it.
-async fn posted(app: &TestApp, course: &str, name: &str, version: i64) {
-    app.publish(&event(
-        "CourseCreatedEvent",
-        course,
-        version,
-        json!({"name": name, "teacherId": "t"}),
-    ))
-    .await;
-    app.publish(&event("CoursePostedEvent", course, version + 1, json!({})))
-        .await;
 }
 
 /// Waits until MongoDB holds `name` for the course; returns that instant.

@@ -590,3 +590,16 @@ pub fn sum_of(samples: &[(String, f64)], prefix: &str) -> f64 {
         .map(|(_, v)| v)
         .sum()
 }
+
+/// Publishes a course's creation (at `version`) and posting.
+pub async fn posted(app: &TestApp, course: &str, name: &str, version: i64) {
+    app.publish(&event(
+        "CourseCreatedEvent",
+        course,
+        version,
+        serde_json::json!({"name": name, "teacherId": "t"}),
+    ))
+    .await;
+    app.publish(&event("CoursePostedEvent", course, version + 1, serde_json::json!({})))
+        .await;
+}
