@@ -149,7 +149,12 @@ fn now_millis() -> i64 {
 }
 
 impl StatusProbe {
-    pub fn new(store: Store, brokers: &str, topics: &str, stall_after: Duration) -> Result<Self, KafkaClientError> {
+    pub fn new(
+        store: Store,
+        brokers: impl Into<crate::kafka::KafkaConnection>,
+        topics: &str,
+        stall_after: Duration,
+    ) -> Result<Self, KafkaClientError> {
         Ok(StatusProbe {
             store,
             inspector: Arc::new(Inspector::new(brokers)?),

@@ -8,11 +8,13 @@ pub mod serve;
 pub mod status;
 pub mod token;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::cache::Cache;
+use crate::kafka::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 use crate::mongo::Store;
 use crate::status::StatusProbe;
 use crate::telemetry::LogFormat;
@@ -53,6 +55,8 @@ pub struct Global {
     /// Kafka bootstrap servers, comma-separated.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
     pub kafka_brokers: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// MongoDB connection string (credentials in it are never logged).
     #[arg(
         long,
@@ -105,7 +109,163 @@ pub struct Global {
     pub log_format: LogFormat,
 }
 
+/// A value never shown: not by `Debug`, `--help` or an error.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// How every Kafka client connects, beyond the bootstrap servers: any
+/// librdkafka client property, and flags for the common ones.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KafkaArgs {
+    /// Kafka client properties file: `key=value` lines (as `kcat -F` and Kafka's `--command-config`), `#` comments.
+    #[arg(
+        long = "kafka-config",
+        env = "COURSEVIEW_KAFKA_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    pub config_file: Option<PathBuf>,
+    /// One Kafka client property, `key=value` (repeatable, as kcat); in the environment, `COURSEVIEW_KAFKA_X_<NAME>` (`_` for `.`).
+    #[arg(short = 'X', value_name = "KEY=VALUE", global = true)]
+    pub properties: Vec<String>,
+    /// Kafka security protocol (`security.protocol`): plaintext, ssl, sasl_plaintext, sasl_ssl.
+    #[arg(
+        long = "kafka-security-protocol",
+        env = "COURSEVIEW_KAFKA_SECURITY_PROTOCOL",
+        global = true
+    )]
+    pub security_protocol: Option<String>,
+    /// SASL mechanism (`sasl.mechanism`): PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER.
+    #[arg(
+        long = "kafka-sasl-mechanism",
+        env = "COURSEVIEW_KAFKA_SASL_MECHANISM",
+        global = true
+    )]
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name (`sasl.username`).
+    #[arg(long = "kafka-username", env = "COURSEVIEW_KAFKA_USERNAME", global = true)]
+    pub username: Option<String>,
+    /// SASL password (`sasl.password`); prefer --kafka-password-file.
+    #[arg(
+        long = "kafka-password",
+        env = "COURSEVIEW_KAFKA_PASSWORD",
+        hide_env_values = true,
+        conflicts_with = "password_file",
+        global = true
+    )]
+    pub password: Option<Secret>,
+    /// File holding the SASL password (a mounted secret; a trailing newline is ignored).
+    #[arg(
+        long = "kafka-password-file",
+        env = "COURSEVIEW_KAFKA_PASSWORD_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate(s) to verify the brokers with (`ssl.ca.location`, PEM); default: the system's.
+    #[arg(
+        long = "kafka-ca-file",
+        env = "COURSEVIEW_KAFKA_CA_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS (`ssl.certificate.location`, PEM).
+    #[arg(
+        long = "kafka-cert-file",
+        env = "COURSEVIEW_KAFKA_CERT_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (`ssl.key.location`, PEM).
+    #[arg(
+        long = "kafka-key-file",
+        env = "COURSEVIEW_KAFKA_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub key_file: Option<PathBuf>,
+}
+
+impl KafkaArgs {
+    /// The connection every Kafka client of this process uses, checked:
+    /// a bad property stops the process at start, naming it.
+    pub fn connection(&self, servers: &str) -> Result<KafkaConnection, KafkaConfigError> {
+        let mut b = PropertiesBuilder::default();
+        if let Some(file) = &self.config_file {
+            b.file(file)?;
+        }
+        b.environment(std::env::vars())?;
+        for p in &self.properties {
+            b.assignment(p, "-X")?;
+        }
+        let path = |p: &PathBuf| p.display().to_string();
+        let flags = [
+            (
+                "security.protocol",
+                "--kafka-security-protocol",
+                self.security_protocol.clone(),
+            ),
+            ("sasl.mechanism", "--kafka-sasl-mechanism", self.sasl_mechanism.clone()),
+            ("sasl.username", "--kafka-username", self.username.clone()),
+            ("ssl.ca.location", "--kafka-ca-file", self.ca_file.as_ref().map(path)),
+            (
+                "ssl.certificate.location",
+                "--kafka-cert-file",
+                self.cert_file.as_ref().map(path),
+            ),
+            ("ssl.key.location", "--kafka-key-file", self.key_file.as_ref().map(path)),
+        ];
+        for (key, flag, value) in flags {
+            if let Some(value) = value {
+                b.set(key, &value, flag)?;
+            }
+        }
+        if let Some(password) = &self.password {
+            b.set("sasl.password", password.expose(), "--kafka-password")?;
+        }
+        if let Some(file) = &self.password_file {
+            let text = std::fs::read_to_string(file).map_err(|error| KafkaConfigError::File {
+                what: "the Kafka password file",
+                path: path(file),
+                error,
+            })?;
+            b.set(
+                "sasl.password",
+                text.trim_end_matches(['\r', '\n']),
+                "--kafka-password-file",
+            )?;
+        }
+        b.build(servers)
+    }
+}
+
 impl Global {
+    /// The Kafka cluster and client properties, checked.
+    pub fn kafka(&self) -> anyhow::Result<KafkaConnection> {
+        Ok(self.kafka.connection(&self.kafka_brokers)?)
+    }
+
     pub async fn store(&self) -> anyhow::Result<Store> {
         Ok(Store::connect(&self.mongodb_uri, &self.mongodb_database, self.mongodb_timeout).await?)
     }
@@ -114,7 +274,7 @@ impl Global {
     pub fn status_probe(&self, store: &Store) -> anyhow::Result<StatusProbe> {
         Ok(StatusProbe::new(
             store.clone(),
-            &self.kafka_brokers,
+            self.kafka()?,
             &self.topics,
             self.stall_after,
         )?)

@@ -103,8 +103,9 @@ pub fn demo_history(rng: &mut impl Rng, prefix: &str, index: usize) -> Vec<Outgo
 
 pub async fn run(global: Global, args: ProduceArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let topics: Vec<String> = TYPES.iter().map(|t| format!("{}{t}", args.topic_prefix)).collect();
-    create_topics(&global.kafka_brokers, &topics, args.partitions).await?;
-    let producer = Producer::new(&global.kafka_brokers)?;
+    let kafka = global.kafka()?;
+    create_topics(&kafka, &topics, args.partitions).await?;
+    let producer = Producer::new(&kafka)?;
     let pause = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(args.rate)));
     let mut sent = 0usize;
     // Unpaced, keep many sends in flight; a course's events still go in order

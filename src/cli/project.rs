@@ -126,11 +126,11 @@ impl ProjectArgs {
 }
 
 impl WorkerArgs {
-    pub fn settings(&self, global: &Global, model: ReadModel) -> WorkerSettings {
-        WorkerSettings {
+    pub fn settings(&self, global: &Global, model: ReadModel) -> anyhow::Result<WorkerSettings> {
+        Ok(WorkerSettings {
             model,
             kafka: ConsumerSettings {
-                brokers: global.kafka_brokers.clone(),
+                brokers: global.kafka()?,
                 topics: global.topics.clone(),
                 group_id: format!("{}.{}", self.group_prefix, model.name()),
                 metadata_refresh: self.metadata_refresh,
@@ -146,12 +146,14 @@ impl WorkerArgs {
             shutdown_timeout: self.shutdown_timeout,
             on_phase: None,
             cache_held: None,
-        }
+        })
     }
 }
 
 /// Runs the workers until `shutdown`; a failing projection never stops the others.
 pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // A bad Kafka setting stops the process before anything connects.
+    global.kafka()?;
     let store = global.store().await?;
     let cache = global.invalidated_cache(Duration::from_secs(60), args.no_cache_invalidation)?;
     let invalidates = cache.as_ref().map(|_| global.redis_prefix.clone());
@@ -172,7 +174,7 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
     ));
     let mut workers = JoinSet::new();
     for model in models {
-        let mut settings = args.worker.settings(&global, model);
+        let mut settings = args.worker.settings(&global, model)?;
         let (generation_tx, generation_rx) = tokio::sync::watch::channel(worker::Phase::default());
         settings.on_phase = Some(Arc::new(generation_tx));
         settings.cache_held = health.held_flag(model);

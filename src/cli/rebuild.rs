@@ -80,7 +80,7 @@ impl ProgressSink for Reporter {
 pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = global.store().await?;
     let probe = global.status_probe(&store)?;
-    let settings = args.worker.settings(&global, args.projection);
+    let settings = args.worker.settings(&global, args.projection)?;
     let options = RebuildOptions {
         in_place: args.in_place,
         catch_up_lag: args.catch_up_lag.max(0),

@@ -104,7 +104,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
         .await;
     }
     let settings = ConsumerSettings {
-        brokers: brokers(),
+        brokers: brokers().into(),
         topics: topic.clone(),
         group_id: unique("assign-"),
         metadata_refresh: Duration::from_secs(1),

@@ -189,7 +189,7 @@ impl TestApp {
         let api_cancel = CancellationToken::new();
         let probe = StatusProbe::new(
             store.clone(),
-            &options.status_brokers.clone().unwrap_or_else(|| kafka.clone()),
+            options.status_brokers.clone().unwrap_or_else(|| kafka.clone()),
             &format!(r"^{id}\.(Course.*Event|outbox\.event\.Course)$"),
             options.stall_after,
         )
@@ -248,7 +248,7 @@ impl TestApp {
         WorkerSettings {
             model,
             kafka: ConsumerSettings {
-                brokers: self.brokers.clone(),
+                brokers: self.brokers.clone().into(),
                 topics: self.topics_regex(),
                 group_id: format!("{}.{}", self.id, model.name()),
                 metadata_refresh: Duration::from_secs(1),
@@ -385,6 +385,7 @@ impl TestApp {
             topics: self.topics_regex(),
             stall_after: Duration::from_secs(60),
             kafka_brokers: self.brokers.clone(),
+            kafka: Default::default(),
             mongodb_uri: self.mongodb_uri.clone(),
             mongodb_database: self.store.database_name().to_owned(),
             mongodb_timeout: Duration::from_secs(2),

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -25,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::record::Record;
+
+pub mod config;
+
+pub use config::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 
 /// Kafka client errors. Broker trouble is transient; configuration is not.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +169,8 @@ pub struct OffsetsUnavailable {
 /// Consumer settings shared by every projection worker.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    pub brokers: String,
+    /// The cluster and the user's client properties.
+    pub brokers: KafkaConnection,
     /// A `^regex` or a comma-separated list of topic names.
     pub topics: String,
     pub group_id: String,
@@ -428,8 +432,8 @@ impl Consumer {
             patience: settings.session_timeout / 2,
             failed: Arc::clone(&failed),
         };
-        let consumer: BaseConsumer<AssignContext> = ClientConfig::new()
-            .set("bootstrap.servers", &settings.brokers)
+        let mut config = settings.brokers.config();
+        config
             .set("group.id", &settings.group_id)
             .set("client.id", format!("courseview-{}", settings.group_id))
             .set("enable.auto.commit", "false")
@@ -467,8 +471,9 @@ impl Consumer {
             // fetch; with queues this short librdkafka's default (1 s) can
             // leave one empty meanwhile (its documentation says as much).
             .set("fetch.queue.backoff.ms", "20")
-            .set("fetch.max.bytes", "4194304")
-            .create_with_context(context)?;
+            .set("fetch.max.bytes", "4194304");
+        let consumer: BaseConsumer<AssignContext> =
+            settings.brokers.finish(&mut config).create_with_context(context)?;
         let topics = topic_subscription(&settings.topics);
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
@@ -688,12 +693,11 @@ pub struct Outgoing {
 }
 
 impl Producer {
-    pub fn new(brokers: &str) -> Result<Producer, KafkaClientError> {
-        let inner = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("linger.ms", "5")
-            .set("acks", "all")
-            .create()?;
+    pub fn new(brokers: impl Into<KafkaConnection>) -> Result<Producer, KafkaClientError> {
+        let brokers = brokers.into();
+        let mut config = brokers.config();
+        config.set("linger.ms", "5").set("acks", "all");
+        let inner = brokers.finish(&mut config).create()?;
         Ok(Producer { inner })
     }
 
@@ -757,8 +761,13 @@ fn add_raw_header(headers: &OwnedHeaders, key: &[u8], value: &[u8]) {
 /// replicated as the cluster's `default.replication.factor` says (KIP-464's
 /// -1), so a three-broker cluster gets three replicas and a single node one.
 #[instrument(skip_all)]
-pub async fn create_topics(brokers: &str, topics: &[String], partitions: i32) -> Result<(), KafkaClientError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+pub async fn create_topics(
+    brokers: impl Into<KafkaConnection>,
+    topics: &[String],
+    partitions: i32,
+) -> Result<(), KafkaClientError> {
+    let brokers = brokers.into();
+    let admin: AdminClient<DefaultClientContext> = brokers.finish(&mut brokers.config()).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
@@ -802,9 +811,10 @@ pub struct PartitionLog {
 }
 
 impl Inspector {
-    pub fn new(brokers: &str) -> Result<Inspector, KafkaClientError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn new(brokers: impl Into<KafkaConnection>) -> Result<Inspector, KafkaClientError> {
+        let brokers = brokers.into();
+        let mut config = brokers.config();
+        config
             .set("group.id", "courseview-inspector")
             .set("enable.auto.commit", "false")
             // The age of the oldest event a worker will apply: never an
@@ -824,8 +834,8 @@ impl Inspector {
             // then waits this long before the partition's next fetch
             // (default 1 s): a status read soon after another found no
             // record within its budget, and a stalled projection looked live.
-            .set("fetch.queue.backoff.ms", "10")
-            .create()?;
+            .set("fetch.queue.backoff.ms", "10");
+        let consumer: BaseConsumer = brokers.finish(&mut config).create()?;
         Ok(Inspector {
             inner: std::sync::Mutex::new(consumer),
         })

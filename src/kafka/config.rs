@@ -1,0 +1,417 @@
+//! How every Kafka client courseview creates reaches the cluster: the
+//! bootstrap servers and the client properties users give (a properties
+//! file, `-X key=value`, the environment, first-class flags), checked once
+//! at start.
+//!
+//! The properties are librdkafka's (`security.protocol`, `sasl.mechanism`,
+//! `ssl.ca.location`, …), as `kcat -F` and Kafka's `--command-config`
+//! files spell them. Properties courseview sets for correctness are
+//! refused; secrets never appear in `Debug`, logs or errors.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rdkafka::ClientConfig;
+
+/// Properties courseview sets itself because its guarantees rest on them,
+/// each with the reason a user may not change it.
+const RESERVED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set it with --kafka-brokers (KAFKA_BROKERS)"),
+    (
+        "metadata.broker.list",
+        "set the brokers with --kafka-brokers (KAFKA_BROKERS)",
+    ),
+    (
+        "group.id",
+        "each projection's consumer group is its name; offsets are stored in MongoDB",
+    ),
+    (
+        "group.protocol",
+        "courseview's rebalance callback needs the classic group protocol",
+    ),
+    (
+        "group.instance.id",
+        "static membership would keep a dead worker's partitions assigned",
+    ),
+    (
+        "enable.auto.commit",
+        "offsets are stored in MongoDB with the writes they cover",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored in MongoDB with the writes they cover",
+    ),
+    (
+        "auto.offset.reset",
+        "a gap in the log is detected and reported, never skipped by a reset",
+    ),
+    (
+        "isolation.level",
+        "aborted transactions must never be applied (read_committed)",
+    ),
+    ("enable.partition.eof", "courseview's consumers rely on its setting"),
+    (
+        "partition.assignment.strategy",
+        "the eager rebalance callback assigns at stored offsets",
+    ),
+    ("transactional.id", "courseview's producers are not transactional"),
+];
+
+/// Whether a property's value must never be shown.
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key == "sasl.oauthbearer.config"
+        || key == "ssl.key.pem"
+        || key == "ssl_key"
+}
+
+/// A setting that stops the process at start; it names the property and
+/// where it came from, never a secret's value.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaConfigError {
+    #[error("Kafka client property {key:?} ({source_name}) is set by courseview: {reason}")]
+    Reserved {
+        key: String,
+        source_name: String,
+        reason: &'static str,
+    },
+    #[error("Kafka client property {key:?} is given twice: by {first} and by {second}")]
+    Twice { key: String, first: String, second: String },
+    #[error("{source_name}: {problem}")]
+    Malformed { source_name: String, problem: String },
+    #[error("Kafka client property {key:?} ({source_name}): {problem}")]
+    Refused {
+        key: String,
+        source_name: String,
+        problem: String,
+    },
+    #[error("cannot read {what} {path}: {error}")]
+    File {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+}
+
+/// One client property and where it was given (for error messages).
+#[derive(Clone)]
+struct Property {
+    key: String,
+    value: String,
+    source: String,
+}
+
+impl fmt::Debug for Property {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = if is_secret(&self.key) {
+            "[redacted]"
+        } else {
+            &self.value
+        };
+        write!(f, "{}={shown} ({})", self.key, self.source)
+    }
+}
+
+/// Where the Kafka cluster is and the extra client properties every client
+/// gets; cheap to clone.
+#[derive(Clone)]
+pub struct KafkaConnection {
+    servers: String,
+    properties: Arc<Vec<Property>>,
+}
+
+impl fmt::Debug for KafkaConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConnection")
+            .field("servers", &self.servers)
+            .field("properties", &self.properties)
+            .finish()
+    }
+}
+
+impl From<&str> for KafkaConnection {
+    fn from(servers: &str) -> Self {
+        KafkaConnection {
+            servers: servers.to_owned(),
+            properties: Arc::default(),
+        }
+    }
+}
+
+impl From<&String> for KafkaConnection {
+    fn from(servers: &String) -> Self {
+        servers.as_str().into()
+    }
+}
+
+impl From<String> for KafkaConnection {
+    fn from(servers: String) -> Self {
+        servers.as_str().into()
+    }
+}
+
+impl From<&KafkaConnection> for KafkaConnection {
+    fn from(connection: &KafkaConnection) -> Self {
+        connection.clone()
+    }
+}
+
+/// Collects properties from their sources, in order; a property given by
+/// two sources is an error, so none silently wins.
+#[derive(Debug, Default)]
+pub struct PropertiesBuilder {
+    properties: Vec<Property>,
+}
+
+impl PropertiesBuilder {
+    /// One property from `source` (a flag's name, `-X`, a file and line).
+    pub fn set(&mut self, key: &str, value: &str, source: &str) -> Result<&mut Self, KafkaConfigError> {
+        let key = key.trim();
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(KafkaConfigError::Malformed {
+                source_name: source.to_owned(),
+                problem: format!("{key:?} is not a client property name"),
+            });
+        }
+        if let Some((_, reason)) = RESERVED.iter().find(|(k, _)| *k == key) {
+            return Err(KafkaConfigError::Reserved {
+                key: key.to_owned(),
+                source_name: source.to_owned(),
+                reason,
+            });
+        }
+        if let Some(first) = self.properties.iter().find(|p| p.key == key) {
+            return Err(KafkaConfigError::Twice {
+                key: key.to_owned(),
+                first: first.source.clone(),
+                second: source.to_owned(),
+            });
+        }
+        self.properties.push(Property {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            source: source.to_owned(),
+        });
+        Ok(self)
+    }
+
+    /// `key=value` (as `-X` takes it).
+    pub fn assignment(&mut self, assignment: &str, source: &str) -> Result<&mut Self, KafkaConfigError> {
+        let Some((key, value)) = assignment.split_once('=') else {
+            return Err(KafkaConfigError::Malformed {
+                source_name: source.to_owned(),
+                problem: "expected key=value".into(),
+            });
+        };
+        self.set(key, value.trim(), source)
+    }
+
+    /// The lines of a properties file: `key=value`, blank lines and
+    /// comments (`#`, `!`) allowed. A bad line is named by its number, not
+    /// its text (it may hold a secret).
+    pub fn file_text(&mut self, text: &str, path: &str) -> Result<&mut Self, KafkaConfigError> {
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            self.assignment(line, &format!("{path} line {}", n + 1))?;
+        }
+        Ok(self)
+    }
+
+    /// A properties file.
+    pub fn file(&mut self, path: &Path) -> Result<&mut Self, KafkaConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| KafkaConfigError::File {
+            what: "the Kafka client properties file",
+            path: path.display().to_string(),
+            error,
+        })?;
+        self.file_text(&text, &path.display().to_string())
+    }
+
+    /// Every `COURSEVIEW_KAFKA_X_<NAME>` variable, `<NAME>` lowercased with
+    /// `_` for `.` (`COURSEVIEW_KAFKA_X_SSL_CA_LOCATION` is
+    /// `ssl.ca.location`): properties for containers.
+    pub fn environment(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<&mut Self, KafkaConfigError> {
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let key = name[ENV_PREFIX.len()..].to_ascii_lowercase().replace('_', ".");
+            self.set(&key, &value, &name)?;
+        }
+        Ok(self)
+    }
+
+    /// Checks every property against librdkafka (an unknown name or a bad
+    /// value is an error naming it) and builds the connection.
+    pub fn build(self, servers: &str) -> Result<KafkaConnection, KafkaConfigError> {
+        for p in &self.properties {
+            let mut config = ClientConfig::new();
+            config.set(&p.key, &p.value);
+            if let Err(e) = config.create_native_config() {
+                let problem = match e {
+                    // librdkafka's text may quote the value.
+                    _ if is_secret(&p.key) => "librdkafka refused it (the value is a secret, not shown)".to_owned(),
+                    rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description,
+                    other => other.to_string(),
+                };
+                return Err(KafkaConfigError::Refused {
+                    key: p.key.clone(),
+                    source_name: p.source.clone(),
+                    problem,
+                });
+            }
+        }
+        Ok(KafkaConnection {
+            servers: servers.to_owned(),
+            properties: Arc::new(self.properties),
+        })
+    }
+}
+
+/// The environment variables that carry client properties.
+pub const ENV_PREFIX: &str = "COURSEVIEW_KAFKA_X_";
+
+impl KafkaConnection {
+    /// The bootstrap servers.
+    pub fn servers(&self) -> &str {
+        &self.servers
+    }
+
+    /// A client configuration with the bootstrap servers; pass it through
+    /// [`KafkaConnection::finish`] after courseview's own settings.
+    pub fn config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.servers);
+        config
+    }
+
+    /// Adds the user's properties last, so they win over courseview's
+    /// tuning (reserved properties never got this far).
+    pub fn finish<'a>(&self, config: &'a mut ClientConfig) -> &'a mut ClientConfig {
+        for p in self.properties.iter() {
+            config.set(&p.key, &p.value);
+        }
+        // librdkafka's OpenSSL is built in: without a CA given, look for the
+        // system's bundle where distributions keep it (managed clusters
+        // present certificates of public CAs).
+        let tls = self
+            .property("security.protocol")
+            .is_some_and(|p| p.eq_ignore_ascii_case("ssl") || p.eq_ignore_ascii_case("sasl_ssl"));
+        if tls && self.property("ssl.ca.location").is_none() && self.property("ssl.ca.pem").is_none() {
+            config.set("ssl.ca.location", "probe");
+        }
+        config
+    }
+
+    /// A property the user gave, if any.
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.properties.iter().find(|p| p.key == key).map(|p| p.value.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_properties_file_takes_comments_and_blank_lines() {
+        let mut b = PropertiesBuilder::default();
+        b.file_text(
+            "# managed Kafka\n\nsecurity.protocol=SASL_SSL\n! old style\nsasl.mechanism = SCRAM-SHA-512\n",
+            "kafka.properties",
+        )
+        .expect("parses");
+        let c = b.build("b:9092").expect("valid");
+        assert_eq!(c.property("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.property("sasl.mechanism"), Some("SCRAM-SHA-512"));
+    }
+
+    #[test]
+    fn a_property_courseview_sets_for_correctness_is_refused_with_the_reason() {
+        for key in ["enable.auto.commit", "isolation.level", "group.id", "auto.offset.reset"] {
+            let mut b = PropertiesBuilder::default();
+            let e = b.assignment(&format!("{key}=x"), "-X").expect_err("refused");
+            let text = e.to_string();
+            assert!(text.contains(key) && text.contains("set by courseview"), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_property_is_an_error_naming_it() {
+        let mut b = PropertiesBuilder::default();
+        b.assignment("sasl.mechansim=PLAIN", "-X").expect("well formed");
+        let text = b.build("b:9092").expect_err("unknown").to_string();
+        assert!(text.contains("sasl.mechansim"), "{text}");
+    }
+
+    #[test]
+    fn a_malformed_line_is_named_by_number_not_by_its_text() {
+        let mut b = PropertiesBuilder::default();
+        let text = b
+            .file_text("security.protocol=SSL\nhunter2-no-equals\n", "k.properties")
+            .expect_err("malformed")
+            .to_string();
+        assert!(text.contains("k.properties line 2"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn a_secret_never_shows_in_debug_or_errors() {
+        let mut b = PropertiesBuilder::default();
+        b.assignment("sasl.password=hunter2", "-X").expect("ok");
+        let c = b.build("b:9092").expect("valid");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        // A bad value of a secret property: librdkafka's text is not shown.
+        let mut b = PropertiesBuilder::default();
+        b.assignment("ssl.key.password=", "-X").expect("ok");
+        let mut b2 = PropertiesBuilder::default();
+        b2.assignment("sasl.oauthbearer.client.secret=hunter2", "-X")
+            .expect("ok");
+        for built in [b.build("b:9092"), b2.build("b:9092")] {
+            if let Err(e) = built {
+                assert!(!e.to_string().contains("hunter2"), "{e}");
+            }
+        }
+        let twice = {
+            let mut b = PropertiesBuilder::default();
+            b.set("sasl.password", "hunter2", "--kafka-password").expect("ok");
+            b.set("sasl.password", "hunter3", "-X").expect_err("twice").to_string()
+        };
+        assert!(!twice.contains("hunter"), "{twice}");
+    }
+
+    #[test]
+    fn environment_variables_name_properties_with_underscores_for_dots() {
+        let mut b = PropertiesBuilder::default();
+        b.environment([
+            ("COURSEVIEW_KAFKA_X_SSL_CA_LOCATION".to_owned(), "/ca.pem".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ])
+        .expect("ok");
+        let c = b.build("b:9092").expect("valid");
+        assert_eq!(c.property("ssl.ca.location"), Some("/ca.pem"));
+    }
+
+    #[test]
+    fn a_property_given_twice_is_an_error_naming_both_places() {
+        let mut b = PropertiesBuilder::default();
+        b.set("sasl.username", "a", "--kafka-username").expect("ok");
+        let text = b.assignment("sasl.username=b", "-X").expect_err("twice").to_string();
+        assert!(text.contains("--kafka-username") && text.contains("-X"), "{text}");
+    }
+}
