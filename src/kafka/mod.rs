@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -24,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::record::Record;
+use report::{ConnectionReport, Reporting};
 
 pub mod config;
+pub mod report;
 
 pub use config::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 
@@ -274,14 +276,27 @@ struct AssignContext {
     patience: Duration,
     /// Set when an assignment could not be made; the reader stops on it.
     failed: Arc<std::sync::Mutex<Option<String>>>,
+    report: Arc<ConnectionReport>,
 }
 
-impl ClientContext for AssignContext {}
+impl ClientContext for AssignContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.report.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !self.report.error(&error, reason) {
+            warn!(group = %self.group, %error, reason, "Kafka client error.");
+        }
+    }
+}
 
 impl ConsumerContext for AssignContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // The group answered: whatever kept the cluster out of reach is over.
+                self.report.recovered();
                 let stored = match self.load_offsets_patiently() {
                     Ok(map) => map,
                     Err(e) => {
@@ -431,6 +446,7 @@ impl Consumer {
             // Well inside the rebalance timeout, so the group never waits on us.
             patience: settings.session_timeout / 2,
             failed: Arc::clone(&failed),
+            report: ConnectionReport::new(),
         };
         let mut config = settings.brokers.config();
         config
@@ -538,6 +554,10 @@ impl Consumer {
                             if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
                         {
                             break ReaderExit::OffsetOutOfRange(e.to_string());
+                        }
+                        // Reaching the cluster failed: the context said so, once.
+                        Some(Err(e)) if report::reach_failure(&e) => {
+                            debug!(group = %group, error = %e, "Kafka poll error.")
                         }
                         Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
                     }
@@ -669,7 +689,8 @@ fn raw_headers(headers: &BorrowedHeaders) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
 /// A producer for the demo, the benchmarks and the tests.
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: FutureProducer<Reporting>,
+    report: Arc<ConnectionReport>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -697,8 +718,11 @@ impl Producer {
         let brokers = brokers.into();
         let mut config = brokers.config();
         config.set("linger.ms", "5").set("acks", "all");
-        let inner = brokers.finish(&mut config).create()?;
-        Ok(Producer { inner })
+        let report = ConnectionReport::new();
+        let inner = brokers
+            .finish(&mut config)
+            .create_with_context(Reporting(Arc::clone(&report)))?;
+        Ok(Producer { inner, report })
     }
 
     /// Sends and waits for the broker's acknowledgement.
@@ -727,7 +751,8 @@ impl Producer {
             .inner
             .send(future, Duration::from_secs(10))
             .await
-            .map_err(|(e, _)| KafkaClientError::from(e))?;
+            .map_err(|(e, _)| self.report.explain(e))?;
+        self.report.recovered();
         Ok((delivery.partition, delivery.offset))
     }
 }
@@ -767,7 +792,10 @@ pub async fn create_topics(
     partitions: i32,
 ) -> Result<(), KafkaClientError> {
     let brokers = brokers.into();
-    let admin: AdminClient<DefaultClientContext> = brokers.finish(&mut brokers.config()).create()?;
+    let report = ConnectionReport::new();
+    let admin: AdminClient<Reporting> = brokers
+        .finish(&mut brokers.config())
+        .create_with_context(Reporting(Arc::clone(&report)))?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
@@ -777,7 +805,8 @@ pub async fn create_topics(
             &new,
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         )
-        .await?;
+        .await
+        .map_err(|e| report.explain(e))?;
     for result in results {
         if let Err((topic, code)) = result {
             if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
@@ -792,7 +821,8 @@ pub async fn create_topics(
 /// watermarks, and the timestamp of the record at an offset (the age of the
 /// oldest unapplied event). All calls block; run them off the async runtime.
 pub struct Inspector {
-    inner: std::sync::Mutex<BaseConsumer>,
+    inner: std::sync::Mutex<BaseConsumer<Reporting>>,
+    report: Arc<ConnectionReport>,
 }
 
 impl std::fmt::Debug for Inspector {
@@ -835,13 +865,17 @@ impl Inspector {
             // (default 1 s): a status read soon after another found no
             // record within its budget, and a stalled projection looked live.
             .set("fetch.queue.backoff.ms", "10");
-        let consumer: BaseConsumer = brokers.finish(&mut config).create()?;
+        let report = ConnectionReport::new();
+        let consumer: BaseConsumer<Reporting> = brokers
+            .finish(&mut config)
+            .create_with_context(Reporting(Arc::clone(&report)))?;
         Ok(Inspector {
             inner: std::sync::Mutex::new(consumer),
+            report,
         })
     }
 
-    fn consumer(&self) -> std::sync::MutexGuard<'_, BaseConsumer> {
+    fn consumer(&self) -> std::sync::MutexGuard<'_, BaseConsumer<Reporting>> {
         // A poisoned lock only means a status call panicked; the client is fine.
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -849,7 +883,13 @@ impl Inspector {
     /// Every partition of the topics `topics` selects (`^regex` or names), with watermarks.
     pub fn logs(&self, topics: &str) -> Result<Vec<PartitionLog>, KafkaClientError> {
         let consumer = self.consumer();
-        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5)).map_err(|e| {
+            // Callbacks (the error saying why) are served on poll; this
+            // client is polled only to read lag ages.
+            let _ = consumer.poll(Duration::from_millis(100));
+            self.report.explain(e)
+        })?;
+        self.report.recovered();
         let pattern = if topics.starts_with('^') {
             Some(regex::Regex::new(topics).map_err(|e| KafkaClientError::Config(format!("bad topic regex: {e}")))?)
         } else {
