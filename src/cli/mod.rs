@@ -9,6 +9,7 @@ pub mod status;
 pub mod token;
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -57,6 +58,10 @@ pub struct Global {
     pub kafka_brokers: String,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// The connection built from `kafka` (once: its clients share what
+    /// they report).
+    #[arg(skip)]
+    pub kafka_connection: Arc<OnceLock<KafkaConnection>>,
     /// MongoDB connection string (credentials in it are never logged).
     #[arg(
         long,
@@ -263,7 +268,11 @@ impl KafkaArgs {
 impl Global {
     /// The Kafka cluster and client properties, checked.
     pub fn kafka(&self) -> anyhow::Result<KafkaConnection> {
-        Ok(self.kafka.connection(&self.kafka_brokers)?)
+        if let Some(connection) = self.kafka_connection.get() {
+            return Ok(connection.clone());
+        }
+        let connection = self.kafka.connection(&self.kafka_brokers)?;
+        Ok(self.kafka_connection.get_or_init(|| connection).clone())
     }
 
     pub async fn store(&self) -> anyhow::Result<Store> {

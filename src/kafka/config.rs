@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use rdkafka::ClientConfig;
 
+use super::report::ConnectionReport;
+
 /// Properties courseview sets itself because its guarantees rest on them,
 /// each with the reason a user may not change it.
 const RESERVED: &[(&str, &str)] = &[
@@ -121,6 +123,9 @@ impl fmt::Debug for Property {
 pub struct KafkaConnection {
     servers: String,
     properties: Arc<Vec<Property>>,
+    /// Shared by every client made from this connection, so a process
+    /// says a failure to get in once, not once per client.
+    report: Arc<ConnectionReport>,
 }
 
 impl fmt::Debug for KafkaConnection {
@@ -137,6 +142,7 @@ impl From<&str> for KafkaConnection {
         KafkaConnection {
             servers: servers.to_owned(),
             properties: Arc::default(),
+            report: ConnectionReport::new(),
         }
     }
 }
@@ -279,6 +285,7 @@ impl PropertiesBuilder {
         Ok(KafkaConnection {
             servers: servers.to_owned(),
             properties: Arc::new(self.properties),
+            report: ConnectionReport::new(),
         })
     }
 }
@@ -290,6 +297,11 @@ impl KafkaConnection {
     /// The bootstrap servers.
     pub fn servers(&self) -> &str {
         &self.servers
+    }
+
+    /// What the clients of this connection have found on the way in.
+    pub fn report(&self) -> Arc<ConnectionReport> {
+        Arc::clone(&self.report)
     }
 
     /// A client configuration with the bootstrap servers; pass it through

@@ -446,7 +446,7 @@ impl Consumer {
             // Well inside the rebalance timeout, so the group never waits on us.
             patience: settings.session_timeout / 2,
             failed: Arc::clone(&failed),
-            report: ConnectionReport::new(),
+            report: settings.brokers.report(),
         };
         let mut config = settings.brokers.config();
         config
@@ -718,7 +718,7 @@ impl Producer {
         let brokers = brokers.into();
         let mut config = brokers.config();
         config.set("linger.ms", "5").set("acks", "all");
-        let report = ConnectionReport::new();
+        let report = brokers.report();
         let inner = brokers
             .finish(&mut config)
             .create_with_context(Reporting(Arc::clone(&report)))?;
@@ -792,7 +792,7 @@ pub async fn create_topics(
     partitions: i32,
 ) -> Result<(), KafkaClientError> {
     let brokers = brokers.into();
-    let report = ConnectionReport::new();
+    let report = brokers.report();
     let admin: AdminClient<Reporting> = brokers
         .finish(&mut brokers.config())
         .create_with_context(Reporting(Arc::clone(&report)))?;
@@ -865,7 +865,7 @@ impl Inspector {
             // (default 1 s): a status read soon after another found no
             // record within its budget, and a stalled projection looked live.
             .set("fetch.queue.backoff.ms", "10");
-        let report = ConnectionReport::new();
+        let report = brokers.report();
         let consumer: BaseConsumer<Reporting> = brokers
             .finish(&mut config)
             .create_with_context(Reporting(Arc::clone(&report)))?;

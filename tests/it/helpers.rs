@@ -386,6 +386,7 @@ impl TestApp {
             stall_after: Duration::from_secs(60),
             kafka_brokers: self.brokers.clone(),
             kafka: Default::default(),
+            kafka_connection: Default::default(),
             mongodb_uri: self.mongodb_uri.clone(),
             mongodb_database: self.store.database_name().to_owned(),
             mongodb_timeout: Duration::from_secs(2),

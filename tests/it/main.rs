@@ -21,4 +21,5 @@ mod outage;
 mod outbox;
 mod peers;
 mod pipeline;
+mod secured;
 mod status_page;

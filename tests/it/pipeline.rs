@@ -306,6 +306,7 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
         stall_after: Duration::from_secs(60),
         kafka_brokers: crate::helpers::brokers(),
         kafka: Default::default(),
+        kafka_connection: Default::default(),
         mongodb_uri: crate::helpers::mongodb_uri(),
         mongodb_database: app.store.database_name().to_owned(),
         mongodb_timeout: Duration::from_secs(2),

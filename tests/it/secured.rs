@@ -1,0 +1,322 @@
+//! Kafka over TLS and SASL, as managed clusters require: the real binary
+//! against the Apache Kafka broker's secured listeners (`scripts/services`:
+//! SASL_SSL with SCRAM-SHA-512, PLAIN and OAUTHBEARER on 9094; SSL with
+//! client certificates required on 9095; a test CA under `run/tls`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use courseview::read_model::ReadModel;
+use serde_json::Value;
+
+use crate::helpers::{event, eventually, log_lines, posted, unique, TestApp};
+use crate::peers::{cache_dir, free_port};
+
+const SASL_SSL: &str = "127.0.0.1:9094";
+const SSL: &str = "127.0.0.1:9095";
+
+/// The CA and certificates `scripts/services` made.
+fn tls(file: &str) -> String {
+    let run = std::env::var_os("COURSEVIEW_RUN").map_or_else(|| cache_dir().join("run"), PathBuf::from);
+    let path = run.join("tls").join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite through scripts/test",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+/// A SCRAM-SHA-512 user of this test's own, made through the broker.
+fn scram_user() -> (String, String) {
+    let (name, password) = (unique("scram-"), unique("pw-"));
+    let made = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
+        .args(["scram-user", &name, &password])
+        .status()
+        .expect("scripts/services runs");
+    assert!(made.success(), "the SCRAM user {name}");
+    (name, password)
+}
+
+/// The environment of a courseview process of `app` that reaches Kafka
+/// through the SASL_SSL listener as `user`, its password in a file.
+fn scram_env(user: &str, password: &str) -> Vec<(String, String)> {
+    let file = std::env::temp_dir().join(unique("kafka-password-"));
+    std::fs::write(&file, format!("{password}\n")).expect("password file");
+    vec![
+        ("KAFKA_BROKERS".into(), SASL_SSL.into()),
+        ("COURSEVIEW_KAFKA_SECURITY_PROTOCOL".into(), "sasl_ssl".into()),
+        ("COURSEVIEW_KAFKA_SASL_MECHANISM".into(), "SCRAM-SHA-512".into()),
+        ("COURSEVIEW_KAFKA_USERNAME".into(), user.into()),
+        ("COURSEVIEW_KAFKA_PASSWORD_FILE".into(), file.display().to_string()),
+        ("COURSEVIEW_KAFKA_CA_FILE".into(), tls("ca.pem")),
+    ]
+}
+
+/// A one-shot `courseview` command of `app` with `env` on top.
+fn command(app: &TestApp, args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courseview"));
+    command
+        .args(args)
+        .env("MONGODB_URI", &app.mongodb_uri)
+        .env("MONGODB_DATABASE", app.store.database_name())
+        .env("REDIS_URL", crate::helpers::redis_url())
+        .env("COURSEVIEW_REDIS_PREFIX", format!("cvtest:{}", app.id))
+        .env("COURSEVIEW_TOPICS", app.topics_regex())
+        .env("COURSEVIEW_GROUP_PREFIX", &app.id)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("courseview runs")
+}
+
+fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Until the catalog's serving generation has applied every record the
+/// app's topics hold (read on the plaintext listener).
+async fn caught_up(app: &TestApp) {
+    eventually("the catalog caught up", Duration::from_secs(60), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        let held: i64 = s.serving.partitions.iter().map(|p| p.high_watermark).sum();
+        (held > 0 && s.serving.lag_events == 0).then_some(())
+    })
+    .await;
+}
+
+fn says(output: &std::process::Output, what: &str) -> String {
+    format!("{what}: {}\n{}", output.status, String::from_utf8_lossy(&output.stderr))
+}
+
+#[tokio::test]
+async fn over_sasl_ssl_with_scram_produce_project_status_rebuild_and_dlq_replay_all_work() {
+    let app = TestApp::spawn().await;
+    let (user, password) = scram_user();
+    let env = scram_env(&user, &password);
+
+    let produced = command(
+        &app,
+        &[
+            "produce",
+            "--courses",
+            "20",
+            "--rate",
+            "0",
+            "--topic-prefix",
+            &format!("{}.", app.id),
+        ],
+        &env,
+    );
+    assert!(produced.status.success(), "{}", says(&produced, "produce"));
+
+    let mut worker = app.worker_process(ReadModel::Catalog, &as_refs(&env));
+    caught_up(&app).await;
+    let (code, page) = app.get_json("/catalog/courses?limit=100").await;
+    assert_eq!(code, 200);
+    assert!(
+        page["items"].as_array().is_some_and(|items| !items.is_empty()),
+        "posted demo courses are served: {page}"
+    );
+
+    let status = command(&app, &["status", "--json"], &env);
+    assert!(status.status.success(), "{}", says(&status, "status"));
+    let shown: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert!(shown.to_string().contains(&app.topic("CourseCreatedEvent")), "{shown}");
+
+    let before = app.store.serving_generation("catalog").await.expect("generation");
+    let rebuilt = command(&app, &["rebuild", "catalog", "--handover-timeout", "20s"], &env);
+    assert!(rebuilt.status.success(), "{}", says(&rebuilt, "rebuild"));
+    let after = app.store.serving_generation("catalog").await.expect("generation");
+    assert!(after > before, "the rebuild switched: {before} -> {after}");
+
+    // A poison record (sent in plain), dead-lettered by the secured worker.
+    app.send(courseview::kafka::Outgoing {
+        topic: app.topic("CourseCreatedEvent"),
+        key: Some("poison".into()),
+        value: Some("{not json".into()),
+        ..Default::default()
+    })
+    .await;
+    eventually("the poison dead-lettered", Duration::from_secs(30), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        (s.dead_letters > 0).then_some(())
+    })
+    .await;
+    let replayed = command(&app, &["dlq", "replay"], &env);
+    assert!(replayed.status.success(), "{}", says(&replayed, "dlq replay"));
+    assert!(
+        String::from_utf8_lossy(&replayed.stderr).contains("0 replayed, 1 still failing"),
+        "{}",
+        says(&replayed, "dlq replay")
+    );
+
+    let lines = log_lines(&mut worker);
+    let all = lines
+        .lock()
+        .expect("logs")
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!all.contains(&password), "the password was logged");
+    for output in [&produced, &status, &rebuilt, &replayed] {
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(!text.contains(&password), "the password was printed: {text}");
+    }
+}
+
+#[tokio::test]
+async fn plain_over_tls_oauthbearer_unsecured_jws_and_mutual_tls_each_reach_the_cluster() {
+    let app = TestApp::spawn().await;
+    posted(&app, "p1", "Secured", 1).await;
+    let common = |brokers: &str, protocol: &str| {
+        vec![
+            ("KAFKA_BROKERS".to_owned(), brokers.to_owned()),
+            ("COURSEVIEW_KAFKA_SECURITY_PROTOCOL".to_owned(), protocol.to_owned()),
+            ("COURSEVIEW_KAFKA_CA_FILE".to_owned(), tls("ca.pem")),
+        ]
+    };
+    let mut plain = common(SASL_SSL, "sasl_ssl");
+    plain.extend([
+        ("COURSEVIEW_KAFKA_SASL_MECHANISM".to_owned(), "PLAIN".to_owned()),
+        ("COURSEVIEW_KAFKA_USERNAME".to_owned(), "courseview-plain".to_owned()),
+        (
+            "COURSEVIEW_KAFKA_PASSWORD".to_owned(),
+            "courseview-plain-secret".to_owned(),
+        ),
+    ]);
+    let mut oauth = common(SASL_SSL, "sasl_ssl");
+    oauth.extend([
+        ("COURSEVIEW_KAFKA_SASL_MECHANISM".to_owned(), "OAUTHBEARER".to_owned()),
+        // librdkafka's unsecured JWS, checked by Kafka's unsecured validator.
+        (
+            "COURSEVIEW_KAFKA_X_ENABLE_SASL_OAUTHBEARER_UNSECURE_JWT".to_owned(),
+            "true".to_owned(),
+        ),
+        (
+            "COURSEVIEW_KAFKA_X_SASL_OAUTHBEARER_CONFIG".to_owned(),
+            "principal=courseview".to_owned(),
+        ),
+    ]);
+    let mut mutual = common(SSL, "ssl");
+    mutual.extend([
+        ("COURSEVIEW_KAFKA_CERT_FILE".to_owned(), tls("client.pem")),
+        ("COURSEVIEW_KAFKA_KEY_FILE".to_owned(), tls("client.key")),
+    ]);
+    for (how, env) in [("PLAIN", &plain), ("OAUTHBEARER", &oauth), ("mutual TLS", &mutual)] {
+        let mut worker = app.worker_process(ReadModel::Catalog, &as_refs(env));
+        caught_up(&app).await;
+        let status = command(&app, &["status", "--json"], env);
+        assert!(status.status.success(), "{}", says(&status, how));
+        drop(log_lines(&mut worker));
+        drop(worker);
+    }
+    assert_eq!(app.get_json("/catalog/courses/p1").await.0, 200);
+
+    // The same listener without the client certificate is refused.
+    let refused = command(&app, &["status"], &common(SSL, "ssl"));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Kafka TLS failed"),
+        "{}",
+        says(&refused, "no client certificate")
+    );
+}
+
+/// A worker that cannot get in: unready, still running and retrying, the
+/// cause said once (not once per retry), the secret never.
+async fn cannot_get_in(app: &TestApp, env: &[(String, String)], cause: &str, secret: &str) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut with_listen = env.to_vec();
+    with_listen.push(("COURSEVIEW_METRICS_LISTEN".into(), listen));
+    let mut worker = app.worker_process(ReadModel::Catalog, &as_refs(&with_listen));
+    let lines = log_lines(&mut worker);
+    let said = || {
+        lines
+            .lock()
+            .map(|all| {
+                all.iter()
+                    .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with(cause)))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    eventually(cause, Duration::from_secs(20), || async { (said() > 0).then_some(()) }).await;
+    eventually("the worker unready", Duration::from_secs(20), || async {
+        (app.get_raw(&format!("http://127.0.0.1:{port}/readyz")).await == 503).then_some(())
+    })
+    .await;
+    // librdkafka retries within seconds, and used to log each attempt.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(said(), 1, "{cause:?} said once per episode");
+    assert!(
+        worker.try_wait().expect("wait").is_none(),
+        "the worker keeps running and retrying"
+    );
+    let all = lines
+        .lock()
+        .expect("logs")
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!all.contains(secret), "the secret was logged");
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_an_untrusted_ca_is_said_once_leaves_the_worker_unready_and_logs_no_secret() {
+    let app = TestApp::spawn().await;
+    app.publish(&event(
+        "CourseCreatedEvent",
+        "w1",
+        1,
+        serde_json::json!({"name": "W", "teacherId": "t"}),
+    ))
+    .await;
+    let (user, password) = scram_user();
+    let wrong = format!("{password}-but-wrong");
+    cannot_get_in(&app, &scram_env(&user, &wrong), "Kafka authentication failed", &wrong).await;
+
+    let mut untrusted = scram_env(&user, &password);
+    for (k, v) in &mut untrusted {
+        if k == "COURSEVIEW_KAFKA_CA_FILE" {
+            *v = tls("untrusted-ca.pem");
+        }
+    }
+    cannot_get_in(&app, &untrusted, "Kafka TLS failed", &password).await;
+}
+
+#[tokio::test]
+async fn a_property_courseview_sets_or_does_not_know_stops_the_process_at_start_naming_it() {
+    let app = TestApp::spawn().await;
+    for (args, named) in [
+        (
+            vec!["-X", "enable.auto.commit=true", "project", "catalog"],
+            "enable.auto.commit",
+        ),
+        (
+            vec!["-X", "isolation.level=read_uncommitted", "status"],
+            "isolation.level",
+        ),
+        (vec!["-X", "sasl.mechansim=PLAIN", "status"], "sasl.mechansim"),
+    ] {
+        let output = command(&app, &args, &[]);
+        assert!(!output.status.success(), "{args:?} refused");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains(named), "{args:?}: {text}");
+    }
+    // A secret's value never shows, even in an error about it.
+    let output = command(
+        &app,
+        &["-X", "sasl.password=hunter2", "--kafka-password", "hunter2", "status"],
+        &[],
+    );
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!text.contains("hunter2"), "{text}");
+}
