@@ -26,13 +26,56 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::local_cache::{LocalCache, FENCE_EVERY};
 use crate::telemetry;
 
 /// How long a writer's announcement holds if it never ends it (a crash).
 pub const WRITE_LEASE: Duration = Duration::from_secs(30);
+
+/// How often a run of Redis failures is logged again while it lasts.
+const REMIND_EVERY: Duration = Duration::from_secs(60);
+
+/// A failed Redis call, said by what the operator must fix.
+trait RedisFailure {
+    fn says(&self) -> &'static str;
+    fn text(&self) -> String;
+}
+
+impl RedisFailure for redis::RedisError {
+    fn says(&self) -> &'static str {
+        match self.kind() {
+            redis::ErrorKind::AuthenticationFailed => {
+                "Redis authentication failed; check the user and password in REDIS_URL"
+            }
+            _ if self.code() == Some("NOPERM") => {
+                "Redis refused a command: the ACL user lacks a command, key or channel courseview needs (README lists them)"
+            }
+            _ if self.is_io_error() && self.to_string().to_ascii_lowercase().contains("certificate") => {
+                "Redis TLS failed; check REDIS_CA_FILE and the client certificate"
+            }
+            _ => "Redis unavailable",
+        }
+    }
+
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// A call that outlived the cache's time limit.
+struct TimedOut;
+
+impl RedisFailure for TimedOut {
+    fn says(&self) -> &'static str {
+        "Redis too slow"
+    }
+
+    fn text(&self) -> String {
+        "timed out".into()
+    }
+}
 
 /// How long to skip Redis after it failed.
 const BACKOFF: Duration = Duration::from_millis(500);
@@ -166,6 +209,9 @@ struct Inner {
     write_lease: Duration,
     /// Unix millis until which Redis is skipped.
     skip_until: AtomicU64,
+    /// When the current run of failures was last logged (unix ms; 0: Redis
+    /// answers): a wrong password is one line, not one per request.
+    failing_since_said: AtomicU64,
     lookup: Script,
     put: Script,
     begin_write: Script,
@@ -197,18 +243,57 @@ fn now_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// TLS beyond what a `rediss://` URL says: a private CA, a client
+/// certificate (PEM bytes).
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    /// Certificate and key, for servers that require client certificates.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl Cache {
     /// Never fails on an unreachable Redis: it connects on first use.
     pub fn new(url: &str, prefix: &str, timeout: Duration, ttl: Duration) -> Result<Cache, redis::RedisError> {
+        Cache::with_tls(url, &RedisTls::default(), prefix, timeout, ttl)
+    }
+
+    /// As [`Cache::new`]; `rediss://` URLs verify the server with `tls.ca`
+    /// (else the Mozilla roots) and present `tls.client` if given.
+    pub fn with_tls(
+        url: &str,
+        tls: &RedisTls,
+        prefix: &str,
+        timeout: Duration,
+        ttl: Duration,
+    ) -> Result<Cache, redis::RedisError> {
+        let client = if tls.ca.is_none() && tls.client.is_none() {
+            redis::Client::open(url)?
+        } else {
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: tls
+                        .client
+                        .clone()
+                        .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        }),
+                    root_cert: tls.ca.clone(),
+                },
+            )?
+        };
         Ok(Cache {
             inner: Arc::new(Inner {
-                client: redis::Client::open(url)?,
+                client,
                 conn: Mutex::new(None),
                 prefix: prefix.to_owned(),
                 timeout,
                 ttl,
                 write_lease: WRITE_LEASE,
                 skip_until: AtomicU64::new(0),
+                failing_since_said: AtomicU64::new(0),
                 lookup: Script::new(LOOKUP),
                 put: Script::new(PUT),
                 begin_write: Script::new(BEGIN_WRITE),
@@ -230,6 +315,7 @@ impl Cache {
             ttl: shared.ttl,
             write_lease: shared.write_lease,
             skip_until: AtomicU64::new(0),
+            failing_since_said: AtomicU64::new(0),
             lookup: Script::new(LOOKUP),
             put: Script::new(PUT),
             begin_write: Script::new(BEGIN_WRITE),
@@ -270,7 +356,9 @@ impl Cache {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.inner.timeout)
             .set_response_timeout(self.inner.timeout)
-            .set_number_of_retries(1);
+            // No retries inside the driver: its backoff would outlast the
+            // time limit and hide why it failed (a wrong password); ours is `BACKOFF`.
+            .set_number_of_retries(0);
         match ConnectionManager::new_with_config(self.inner.client.clone(), config).await {
             Ok(conn) => {
                 *slot = Some(conn.clone());
@@ -283,9 +371,16 @@ impl Cache {
         }
     }
 
-    fn failed(&self, op: &'static str, error: &dyn std::fmt::Display) {
-        warn!(op, error = %error, "Redis unavailable; serving from MongoDB.");
+    fn failed(&self, op: &'static str, error: &dyn RedisFailure) {
         telemetry::cache_error(op);
+        let now = now_millis();
+        let said = self.inner.failing_since_said.load(Ordering::Relaxed);
+        if said == 0 || now.saturating_sub(said) >= REMIND_EVERY.as_millis() as u64 {
+            self.inner.failing_since_said.store(now, Ordering::Relaxed);
+            warn!(op, error = %error.text(), "{}; serving from MongoDB, retrying.", error.says());
+        } else {
+            debug!(op, error = %error.text(), "Redis call failed.");
+        }
         self.inner
             .skip_until
             .store(now_millis() + BACKOFF.as_millis() as u64, Ordering::Relaxed);
@@ -303,7 +398,12 @@ impl Cache {
             Some(f(conn).await)
         };
         match tokio::time::timeout(self.inner.timeout, attempt).await {
-            Ok(Some(Ok(v))) => Some(v),
+            Ok(Some(Ok(v))) => {
+                if self.inner.failing_since_said.swap(0, Ordering::Relaxed) != 0 {
+                    info!("Redis answers again.");
+                }
+                Some(v)
+            }
             Ok(Some(Err(e))) => {
                 self.failed(op, &e);
                 None
@@ -311,7 +411,7 @@ impl Cache {
             // Connecting failed; already counted.
             Ok(None) => None,
             Err(_) => {
-                self.failed(op, &"timed out");
+                self.failed(op, &TimedOut);
                 None
             }
         }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cache::Cache;
+use anyhow::Context as _;
+
+use crate::cache::{Cache, RedisTls};
 use crate::kafka::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 use crate::mongo::Store;
 use crate::status::StatusProbe;
@@ -86,6 +88,27 @@ pub struct Global {
         hide_env_values = true
     )]
     pub redis_url: String,
+    /// CA certificate (PEM) to verify a `rediss://` server with; default: the Mozilla roots.
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "FILE", global = true)]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that requires one (`tls-auth-clients yes`).
+    #[arg(
+        long,
+        env = "REDIS_CERT_FILE",
+        value_name = "FILE",
+        requires = "redis_key_file",
+        global = true
+    )]
+    pub redis_cert_file: Option<PathBuf>,
+    /// The Redis client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "REDIS_KEY_FILE",
+        value_name = "FILE",
+        requires = "redis_cert_file",
+        global = true
+    )]
+    pub redis_key_file: Option<PathBuf>,
     /// Prefix of every Redis key, so several installs can share one Redis.
     #[arg(long, env = "COURSEVIEW_REDIS_PREFIX", default_value = "courseview", global = true)]
     pub redis_prefix: String,
@@ -312,12 +335,35 @@ impl Global {
         if self.redis_url == "none" {
             return Ok(None);
         }
-        Ok(Some(Cache::new(
-            &self.redis_url,
-            &self.redis_prefix,
-            self.redis_timeout,
-            ttl,
-        )?))
+        let read = |what: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+        };
+        let tls = RedisTls {
+            ca: self
+                .redis_ca_file
+                .as_ref()
+                .map(|p| read("REDIS_CA_FILE", p))
+                .transpose()?,
+            client: match (&self.redis_cert_file, &self.redis_key_file) {
+                (Some(cert), Some(key)) => Some((read("REDIS_CERT_FILE", cert)?, read("REDIS_KEY_FILE", key)?)),
+                _ => None,
+            },
+        };
+        if (tls.ca.is_some() || tls.client.is_some()) && !self.redis_url.starts_with("rediss://") {
+            anyhow::bail!("REDIS_CA_FILE / REDIS_CERT_FILE are for TLS: REDIS_URL must start with rediss://");
+        }
+        let cache = Cache::with_tls(&self.redis_url, &tls, &self.redis_prefix, self.redis_timeout, ttl)
+            .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", redact_url_error(&e.to_string(), &self.redis_url)))?;
+        Ok(Some(cache))
+    }
+}
+
+/// An error about a URL, without the URL (it may hold a password).
+fn redact_url_error(error: &str, url: &str) -> String {
+    if url.is_empty() {
+        error.to_owned()
+    } else {
+        error.replace(url, "<the URL>")
     }
 }
 

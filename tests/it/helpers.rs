@@ -123,6 +123,8 @@ pub struct Options {
     /// `q` searches and `minVersion` waits at once (the API's defaults).
     pub max_searches: usize,
     pub max_waits: usize,
+    /// TLS for the app's Redis (a `rediss://` `redis_url`).
+    pub redis_tls: courseview::cache::RedisTls,
     /// Counts the API's reads (`find`) of read-model collections, through
     /// the driver's command monitoring.
     pub api_finds: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
@@ -143,6 +145,7 @@ impl Default for Options {
             max_searches: ApiSettings::default().max_searches,
             max_waits: ApiSettings::default().max_waits,
             api_finds: None,
+            redis_tls: courseview::cache::RedisTls::default(),
         }
     }
 }
@@ -165,8 +168,9 @@ impl TestApp {
             .await
             .expect("store");
         let cache = options.redis_url.as_ref().map(|url| {
-            Cache::new(
+            Cache::with_tls(
                 url,
+                &options.redis_tls,
                 &format!("cvtest:{id}"),
                 Duration::from_millis(200),
                 Duration::from_secs(60),
@@ -393,6 +397,9 @@ impl TestApp {
             redis_url: redis_url(),
             redis_prefix: format!("cvtest:{}", self.id),
             redis_timeout: Duration::from_millis(200),
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
             log_format: courseview::telemetry::LogFormat::Text,
         }
     }

@@ -168,6 +168,35 @@ impl PrivateRedis {
         }
     }
 
+    /// TLS only (the plaintext port off) on `port`, with the server
+    /// certificate of `scripts/services`' test CA; `extra` adds arguments
+    /// (`--tls-auth-clients yes`, `--aclfile …`).
+    pub fn start_tls(tls_dir: &std::path::Path, extra: &[&str]) -> PrivateRedis {
+        let mut redis = PrivateRedis::start_with(&[]);
+        let _ = redis.child.kill();
+        let _ = redis.child.wait();
+        wait_port_free(redis.port);
+        let file = |name: &str| tls_dir.join(name).display().to_string();
+        let tls_port = redis.port.to_string();
+        let mut args = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            tls_port,
+            "--tls-cert-file".to_owned(),
+            file("server.pem"),
+            "--tls-key-file".to_owned(),
+            file("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            file("ca.pem"),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        redis.child = Self::spawn(redis.port, &refs);
+        wait_listening(redis.port, "redis (TLS)");
+        redis
+    }
+
     /// A fresh, empty server on the same port (it keeps nothing on disk).
     pub fn restart(&mut self) {
         let _ = self.child.kill();

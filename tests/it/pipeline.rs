@@ -313,6 +313,9 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
         redis_url: crate::helpers::redis_url(),
         redis_prefix: format!("cvtest:{}", app.id),
         redis_timeout: Duration::from_millis(200),
+        redis_ca_file: None,
+        redis_cert_file: None,
+        redis_key_file: None,
         log_format: courseview::telemetry::LogFormat::Text,
     };
     let filter = DlqFilter {

@@ -316,3 +316,157 @@ async fn a_property_courseview_sets_or_does_not_know_stops_the_process_at_start_
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+// ---- Redis over TLS, with an ACL user ----------------------------------
+
+/// What courseview needs of Redis, as an operator would grant it: the
+/// commands its scripts call, its keys and its notice channel only.
+const COURSEVIEW_ACL: &str = "user courseview on >cv-redis-secret resetchannels ~cvtest:* &cvtest:* -@all \
+    +ping +hello +client|setname +evalsha +eval +script|load +script|exists \
+    +publish +subscribe +unsubscribe +time +get +set +del +pttl +zadd +zrem +zcount";
+
+/// A TLS-only Redis requiring client certificates, whose default user is
+/// off: only `courseview` (above) and `inspector` (everything, for the
+/// test's own look at the keys) get in.
+fn tls_redis() -> crate::peers::PrivateRedis {
+    let acl = std::env::temp_dir().join(unique("redis-acl-"));
+    std::fs::write(
+        &acl,
+        format!("user default off\n{COURSEVIEW_ACL}\nuser inspector on >inspector-secret ~* &* +@all\n"),
+    )
+    .expect("acl file");
+    let dir = PathBuf::from(tls("ca.pem")).parent().expect("tls dir").to_path_buf();
+    crate::peers::PrivateRedis::start_tls(
+        &dir,
+        &["--tls-auth-clients", "yes", "--aclfile", &acl.display().to_string()],
+    )
+}
+
+fn redis_tls() -> courseview::cache::RedisTls {
+    let read = |f: &str| std::fs::read(tls(f)).expect("pem");
+    courseview::cache::RedisTls {
+        ca: Some(read("ca.pem")),
+        client: Some((read("client.pem"), read("client.key"))),
+    }
+}
+
+fn redis_env(url: &str) -> Vec<(String, String)> {
+    vec![
+        ("REDIS_URL".into(), url.into()),
+        ("REDIS_CA_FILE".into(), tls("ca.pem")),
+        ("REDIS_CERT_FILE".into(), tls("client.pem")),
+        ("REDIS_KEY_FILE".into(), tls("client.key")),
+    ]
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_a_client_certificate_and_an_acl_user_caches_and_stays_fresh() {
+    let redis = tls_redis();
+    let url = format!("rediss://courseview:cv-redis-secret@127.0.0.1:{}", redis.port);
+    let app = TestApp::with(crate::helpers::Options {
+        redis_url: Some(url.clone()),
+        redis_tls: redis_tls(),
+        ..crate::helpers::Options::default()
+    })
+    .await;
+    let mut worker = app.worker_process(ReadModel::Catalog, &as_refs(&redis_env(&url)));
+    posted(&app, "r1", "Over TLS", 1).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    for _ in 0..2 {
+        assert_eq!(app.get_json("/catalog/courses/r1").await.1["name"], "Over TLS");
+    }
+    let inspector = redis::Client::build_with_tls(
+        format!("rediss://inspector:inspector-secret@127.0.0.1:{}", redis.port),
+        redis::TlsCertificates {
+            client_tls: redis_tls()
+                .client
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: redis_tls().ca,
+        },
+    )
+    .expect("client");
+    let mut conn = inspector.get_multiplexed_async_connection().await.expect("over TLS");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("cvtest:{}:*:course:r1", app.id))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "the answer is cached in the TLS Redis: {keys:?}");
+
+    app.publish(&event(
+        "CourseUpdatedEvent",
+        "r1",
+        3,
+        serde_json::json!({"name": "Renamed over TLS"}),
+    ))
+    .await;
+    app.wait_applied(ReadModel::Catalog, 3).await;
+    let at = std::time::Instant::now();
+    eventually("the new name", Duration::from_secs(1), || async {
+        (app.get_json("/catalog/courses/r1").await.1["name"] == "Renamed over TLS").then_some(())
+    })
+    .await;
+    assert!(at.elapsed() <= Duration::from_secs(1));
+    let lines = log_lines(&mut worker);
+    let refused = lines.lock().expect("logs").iter().any(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Redis") && !m.starts_with("Redis answers"))
+    });
+    assert!(!refused, "the worker's Redis calls all went through the ACL");
+}
+
+#[tokio::test]
+async fn a_wrong_redis_password_is_said_once_and_the_api_answers_from_mongodb_within_the_timeout() {
+    let redis = tls_redis();
+    let url = |password: &str| format!("rediss://courseview:{password}@127.0.0.1:{}", redis.port);
+    let app = TestApp::with(crate::helpers::Options {
+        redis_url: Some(url("not-the-password")),
+        redis_tls: redis_tls(),
+        ..crate::helpers::Options::default()
+    })
+    .await;
+    // The course is written by a worker that has the password.
+    let _writer = app.worker_process(ReadModel::Catalog, &as_refs(&redis_env(&url("cv-redis-secret"))));
+    posted(&app, "m1", "From MongoDB", 1).await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    for _ in 0..5 {
+        let at = std::time::Instant::now();
+        let (code, body) = app.get_json("/catalog/courses/m1").await;
+        assert_eq!((code, body["name"].as_str()), (200, Some("From MongoDB")));
+        // REDIS_TIMEOUT is 200 ms here; MongoDB answers in a few ms.
+        assert!(at.elapsed() < Duration::from_secs(1), "answered in {:?}", at.elapsed());
+    }
+
+    // A worker of its own database (so it has records to apply and
+    // announce) and group, with the wrong password.
+    let mut env = redis_env(&url("not-the-password"));
+    env.push(("MONGODB_DATABASE".into(), unique("cv_denied_")));
+    env.push(("COURSEVIEW_GROUP_PREFIX".into(), unique("denied-")));
+    let mut denied = app.worker_process(ReadModel::Catalog, &as_refs(&env));
+    let lines = log_lines(&mut denied);
+    let said = || {
+        lines
+            .lock()
+            .map(|all| {
+                all.iter()
+                    .filter(|l| {
+                        l["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("Redis authentication failed"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    eventually("the wrong password said", Duration::from_secs(20), || async {
+        (said() > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(said(), 1, "said once, not once per retry");
+    never_logged(&mut denied, "not-the-password");
+}
