@@ -670,3 +670,52 @@ impl Drop for PrivateConnect {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// TLS in front of a plain TCP server (stunnel, as a MongoDB behind a TLS
+/// terminator): server certificate of `scripts/services`' test CA, and
+/// with `client_certificates` a client certificate of that CA required.
+pub struct PrivateStunnel {
+    dir: PathBuf,
+    pub port: u16,
+    process: Option<Reaped>,
+}
+
+impl PrivateStunnel {
+    pub fn start(tls_dir: &std::path::Path, target: u16, client_certificates: bool) -> PrivateStunnel {
+        let dir = std::env::temp_dir().join(unique("courseview-stunnel-"));
+        std::fs::create_dir_all(&dir).expect("stunnel dir");
+        let port = free_port();
+        let file = |name: &str| tls_dir.join(name).display().to_string();
+        let mut conf = format!(
+            "foreground = yes\npid =\n[tls]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{target}\ncert = {}\nkey = {}\n",
+            file("server.pem"),
+            file("server.key")
+        );
+        if client_certificates {
+            conf.push_str(&format!(
+                "CAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+                file("ca.pem")
+            ));
+        }
+        std::fs::write(dir.join("stunnel.conf"), conf).expect("stunnel.conf");
+        let child = Command::new("stunnel4")
+            .arg(dir.join("stunnel.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("stunnel4 runs (scripts/services installs it)");
+        wait_listening(port, "stunnel");
+        PrivateStunnel {
+            dir,
+            port,
+            process: Some(Reaped(child)),
+        }
+    }
+}
+
+impl Drop for PrivateStunnel {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

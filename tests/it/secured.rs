@@ -335,9 +335,8 @@ fn tls_redis() -> crate::peers::PrivateRedis {
         format!("user default off\n{COURSEVIEW_ACL}\nuser inspector on >inspector-secret ~* &* +@all\n"),
     )
     .expect("acl file");
-    let dir = PathBuf::from(tls("ca.pem")).parent().expect("tls dir").to_path_buf();
     crate::peers::PrivateRedis::start_tls(
-        &dir,
+        &tls_dir(),
         &["--tls-auth-clients", "yes", "--aclfile", &acl.display().to_string()],
     )
 }
@@ -469,4 +468,90 @@ async fn a_wrong_redis_password_is_said_once_and_the_api_answers_from_mongodb_wi
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(said(), 1, "said once, not once per retry");
     never_logged(&mut denied, "not-the-password");
+}
+
+// ---- MongoDB over TLS ----------------------------------------------------
+
+/// The port of the suite's MongoDB peer, for a TLS terminator in front.
+fn mongo_port() -> u16 {
+    crate::helpers::mongodb_uri()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("the MongoDB peer's port")
+}
+
+fn tls_dir() -> PathBuf {
+    PathBuf::from(tls("ca.pem")).parent().expect("tls dir").to_path_buf()
+}
+
+fn tls_uri(port: u16, ca: &str, client: bool) -> String {
+    let mut uri = format!(
+        "mongodb://127.0.0.1:{port}/?tls=true&tlsCAFile={}&directConnection=true",
+        tls(ca)
+    );
+    if client {
+        uri.push_str(&format!("&tlsCertificateKeyFile={}", tls("client-bundle.pem")));
+    }
+    uri
+}
+
+#[tokio::test]
+async fn mongodb_over_tls_with_server_authentication_and_with_client_certificates_projects_and_serves() {
+    for client in [false, true] {
+        let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), mongo_port(), client);
+        let app = TestApp::with(crate::helpers::Options {
+            mongodb_uri: tls_uri(terminator.port, "ca.pem", client),
+            ..crate::helpers::Options::default()
+        })
+        .await;
+        let _worker = app.worker_process(ReadModel::Catalog, &[]);
+        posted(&app, "t1", "Stored over TLS", 1).await;
+        app.wait_applied(ReadModel::Catalog, 2).await;
+        let (code, body) = app.get_json("/catalog/courses/t1").await;
+        assert_eq!(
+            (code, body["name"].as_str()),
+            (200, Some("Stored over TLS")),
+            "client certificate: {client}"
+        );
+        assert_eq!(app.get_raw(&format!("{}/readyz", app.base_url)).await, 200);
+    }
+}
+
+#[tokio::test]
+async fn mongodb_behind_tls_with_an_untrusted_ca_or_no_client_certificate_is_a_clear_error_and_not_ready() {
+    let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), mongo_port(), true);
+    for (ca, client, says) in [
+        ("untrusted-ca.pem", true, "UnknownIssuer"),
+        ("ca.pem", false, "CertificateRequired"),
+    ] {
+        let app = TestApp::with(crate::helpers::Options {
+            mongodb_uri: tls_uri(terminator.port, ca, client),
+            ..crate::helpers::Options::default()
+        })
+        .await;
+        assert_eq!(
+            app.get_raw(&format!("{}/readyz", app.base_url)).await,
+            503,
+            "{ca} {client}"
+        );
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_METRICS_LISTEN", listen.as_str())]);
+        let lines = log_lines(&mut worker);
+        let said = || {
+            lines
+                .lock()
+                .map(|all| all.iter().any(|l| l.to_string().contains(says) && l["level"] != "INFO"))
+                .unwrap_or(false)
+        };
+        eventually("the TLS failure said", Duration::from_secs(30), || async {
+            said().then_some(())
+        })
+        .await;
+        eventually("the worker unready", Duration::from_secs(20), || async {
+            (app.get_raw(&format!("http://127.0.0.1:{port}/readyz")).await == 503).then_some(())
+        })
+        .await;
+    }
 }
