@@ -8,7 +8,7 @@ pub mod serve;
 pub mod status;
 pub mod token;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,30 +64,24 @@ pub struct Global {
     /// they report).
     #[arg(skip)]
     pub kafka_connection: Arc<OnceLock<KafkaConnection>>,
-    /// MongoDB connection string (credentials in it are never logged).
-    #[arg(
-        long,
-        env = "MONGODB_URI",
-        default_value = "mongodb://127.0.0.1:27017",
-        global = true,
-        hide_env_values = true
-    )]
-    pub mongodb_uri: String,
+    /// MongoDB connection string (credentials in it are never logged) [default: mongodb://127.0.0.1:27017].
+    #[arg(long, env = "MONGODB_URI", global = true, hide_env_values = true)]
+    pub mongodb_uri: Option<String>,
+    /// File holding the MongoDB connection string (a mounted secret), instead of MONGODB_URI.
+    #[arg(long, env = "MONGODB_URI_FILE", value_name = "FILE", global = true)]
+    pub mongodb_uri_file: Option<PathBuf>,
     /// MongoDB database holding read models, checkpoints and dead letters.
     #[arg(long, env = "MONGODB_DATABASE", default_value = "courseview", global = true)]
     pub mongodb_database: String,
     /// How long to wait for MongoDB before an operation counts as failed.
     #[arg(long, env = "MONGODB_TIMEOUT", default_value = "2s", value_parser = humantime_duration, global = true)]
     pub mongodb_timeout: Duration,
-    /// Redis URL of the API cache; `none` disables caching.
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        global = true,
-        hide_env_values = true
-    )]
-    pub redis_url: String,
+    /// Redis URL of the API cache (`rediss://` for TLS); `none` disables caching [default: redis://127.0.0.1:6379].
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// File holding the Redis URL (a mounted secret), instead of REDIS_URL.
+    #[arg(long, env = "REDIS_URL_FILE", value_name = "FILE", global = true)]
+    pub redis_url_file: Option<PathBuf>,
     /// CA certificate (PEM) to verify a `rediss://` server with; default: the Mozilla roots.
     #[arg(long, env = "REDIS_CA_FILE", value_name = "FILE", global = true)]
     pub redis_ca_file: Option<PathBuf>,
@@ -288,7 +282,41 @@ impl KafkaArgs {
     }
 }
 
+/// A setting given as a value or as a file (the `_FILE` convention of
+/// container images and Kubernetes secrets); both at once is an error. The
+/// file's trailing newline is not part of the value.
+pub fn value_or_file(name: &str, value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    match (value, file) {
+        (Some(_), Some(_)) => anyhow::bail!("{name} and {name}_FILE are both set; give one"),
+        (Some(value), None) => Ok(Some(value.to_owned())),
+        (None, Some(file)) => {
+            let text =
+                std::fs::read_to_string(file).with_context(|| format!("cannot read {name}_FILE {}", file.display()))?;
+            Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 impl Global {
+    /// The MongoDB connection string, from MONGODB_URI or MONGODB_URI_FILE.
+    pub fn mongodb_uri(&self) -> anyhow::Result<String> {
+        Ok(value_or_file(
+            "MONGODB_URI",
+            self.mongodb_uri.as_deref(),
+            self.mongodb_uri_file.as_deref(),
+        )?
+        .unwrap_or_else(|| "mongodb://127.0.0.1:27017".into()))
+    }
+
+    /// The Redis URL, from REDIS_URL or REDIS_URL_FILE.
+    pub fn redis_url(&self) -> anyhow::Result<String> {
+        Ok(
+            value_or_file("REDIS_URL", self.redis_url.as_deref(), self.redis_url_file.as_deref())?
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+        )
+    }
+
     /// The Kafka cluster and client properties, checked.
     pub fn kafka(&self) -> anyhow::Result<KafkaConnection> {
         if let Some(connection) = self.kafka_connection.get() {
@@ -299,7 +327,10 @@ impl Global {
     }
 
     pub async fn store(&self) -> anyhow::Result<Store> {
-        Ok(Store::connect(&self.mongodb_uri, &self.mongodb_database, self.mongodb_timeout).await?)
+        let uri = self.mongodb_uri()?;
+        Store::connect(&uri, &self.mongodb_database, self.mongodb_timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("MONGODB_URI: {}", redact_url_error(&e.to_string(), &uri)))
     }
 
     /// Status of projections from MongoDB checkpoints and Kafka watermarks.
@@ -332,7 +363,8 @@ impl Global {
     }
 
     pub fn cache(&self, ttl: Duration) -> anyhow::Result<Option<Cache>> {
-        if self.redis_url == "none" {
+        let url = self.redis_url()?;
+        if url == "none" {
             return Ok(None);
         }
         let read = |what: &str, path: &PathBuf| {
@@ -349,11 +381,11 @@ impl Global {
                 _ => None,
             },
         };
-        if (tls.ca.is_some() || tls.client.is_some()) && !self.redis_url.starts_with("rediss://") {
+        if (tls.ca.is_some() || tls.client.is_some()) && !url.starts_with("rediss://") {
             anyhow::bail!("REDIS_CA_FILE / REDIS_CERT_FILE are for TLS: REDIS_URL must start with rediss://");
         }
-        let cache = Cache::with_tls(&self.redis_url, &tls, &self.redis_prefix, self.redis_timeout, ttl)
-            .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", redact_url_error(&e.to_string(), &self.redis_url)))?;
+        let cache = Cache::with_tls(&url, &tls, &self.redis_prefix, self.redis_timeout, ttl)
+            .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", redact_url_error(&e.to_string(), &url)))?;
         Ok(Some(cache))
     }
 }

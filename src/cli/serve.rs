@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Teacher dashboard tokens: HS256 shared secret (at least 16 bytes).
     #[arg(long, env = "COURSEVIEW_JWT_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,
+    /// File holding the HS256 shared secret (a mounted secret), instead of COURSEVIEW_JWT_SECRET.
+    #[arg(long, env = "COURSEVIEW_JWT_SECRET_FILE", value_name = "FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
     /// Teacher dashboard tokens: a PEM public key file (RSA → RS256, EC P-256 → ES256).
     #[arg(long, env = "COURSEVIEW_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
@@ -71,7 +74,11 @@ impl ServeArgs {
     pub fn dashboard_auth(&self) -> anyhow::Result<DashboardAuth> {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
         let settings = JwtSettings {
-            hs256_secret: self.jwt_hs256_secret.clone(),
+            hs256_secret: super::value_or_file(
+                "COURSEVIEW_JWT_SECRET",
+                self.jwt_hs256_secret.as_deref(),
+                self.jwt_hs256_secret_file.as_deref(),
+            )?,
             public_key_pem: self.jwt_public_key.as_ref().map(read).transpose()?,
             jwks_json: self
                 .jwt_jwks

@@ -301,23 +301,7 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
     let letter = DeadLetter::new("catalog", &record, "simulated failure");
     app.store.put_dead_letters(&[letter]).await.expect("stored");
 
-    let global = courseview::cli::Global {
-        topics: app.topics_regex(),
-        stall_after: Duration::from_secs(60),
-        kafka_brokers: crate::helpers::brokers(),
-        kafka: Default::default(),
-        kafka_connection: Default::default(),
-        mongodb_uri: crate::helpers::mongodb_uri(),
-        mongodb_database: app.store.database_name().to_owned(),
-        mongodb_timeout: Duration::from_secs(2),
-        redis_url: crate::helpers::redis_url(),
-        redis_prefix: format!("cvtest:{}", app.id),
-        redis_timeout: Duration::from_millis(200),
-        redis_ca_file: None,
-        redis_cert_file: None,
-        redis_key_file: None,
-        log_format: courseview::telemetry::LogFormat::Text,
-    };
+    let global = app.global();
     let filter = DlqFilter {
         projection: Some(ReadModel::Catalog),
         limit: 10,

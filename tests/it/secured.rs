@@ -555,3 +555,122 @@ async fn mongodb_behind_tls_with_an_untrusted_ca_or_no_client_certificate_is_a_c
         .await;
     }
 }
+
+// ---- Secrets from files --------------------------------------------------
+
+/// A file holding `value` and a newline, as a mounted secret does.
+fn secret_file(value: &str) -> String {
+    let file = std::env::temp_dir().join(unique("secret-"));
+    std::fs::write(&file, format!("{value}\n")).expect("secret file");
+    file.display().to_string()
+}
+
+/// `courseview serve` of `app`'s database with settings from `env` only
+/// (no MONGODB_URI, REDIS_URL or JWT secret unless `env` gives them).
+fn serve(app: &TestApp, port: u16, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courseview"));
+    command
+        .arg("serve")
+        .env_remove("MONGODB_URI")
+        .env_remove("REDIS_URL")
+        .env_remove("COURSEVIEW_JWT_SECRET")
+        .env("MONGODB_DATABASE", app.store.database_name())
+        .env("COURSEVIEW_REDIS_PREFIX", format!("cvtest:{}", app.id))
+        .env("COURSEVIEW_TOPICS", app.topics_regex())
+        .env("COURSEVIEW_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_BACKTRACE", "0");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
+}
+
+#[tokio::test]
+async fn the_uri_the_redis_url_and_the_jwt_secret_are_read_from_files_and_both_ways_is_refused() {
+    let app = TestApp::spawn().await;
+    app.project_all(
+        ReadModel::Catalog,
+        &[event(
+            "CourseCreatedEvent",
+            "f1",
+            1,
+            serde_json::json!({"name": "Filed", "teacherId": "t-files"}),
+        )],
+    )
+    .await;
+    let secret = "a-shared-secret-of-32-bytes-long";
+    // Places only the files name (not the defaults the suite also runs).
+    let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), mongo_port(), false);
+    let redis = crate::peers::PrivateRedis::start();
+    let mut redis_conn = redis.ready().await;
+    let files = [
+        (
+            "MONGODB_URI_FILE",
+            secret_file(&tls_uri(terminator.port, "ca.pem", false)),
+        ),
+        ("REDIS_URL_FILE", secret_file(&redis.url())),
+        ("COURSEVIEW_JWT_SECRET_FILE", secret_file(secret)),
+    ];
+    let port = free_port();
+    let server = crate::helpers::Reaped(
+        serve(&app, port, &files)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("serve starts"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the API ready", Duration::from_secs(20), || async {
+        (app.get_raw(&format!("{base}/readyz")).await == 200).then_some(())
+    })
+    .await;
+    let token = Command::new(env!("CARGO_BIN_EXE_courseview"))
+        .args(["token", "--teacher", "t-files", "--secret", secret])
+        .output()
+        .expect("token");
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    let dashboard = format!("{base}/teachers/t-files/courses");
+    let with = app
+        .http
+        .get(&dashboard)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("dashboard");
+    assert_eq!(with.status(), 200, "the secret from its file verifies the token");
+    let without = app.http.get(&dashboard).send().await.expect("dashboard");
+    assert_eq!(without.status(), 401);
+    assert_eq!(app.get_raw(&format!("{base}/catalog/courses/f1")).await, 404);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("cvtest:{}:*", app.id))
+        .query_async(&mut redis_conn)
+        .await
+        .expect("keys");
+    assert!(!keys.is_empty(), "the Redis named by REDIS_URL_FILE holds the answer");
+    drop(terminator);
+    eventually(
+        "unready without the MongoDB the file names",
+        Duration::from_secs(20),
+        || async { (app.get_raw(&format!("{base}/readyz")).await == 503).then_some(()) },
+    )
+    .await;
+    drop(server);
+
+    for (name, file) in &files {
+        let direct = name.trim_end_matches("_FILE");
+        let output = serve(
+            &app,
+            free_port(),
+            &[(*name, file.clone()), (direct, "given-too".into())],
+        )
+        .output()
+        .expect("serve runs");
+        assert!(!output.status.success(), "{name} and {direct} both given");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains(direct) && text.contains(name), "{text}");
+        assert!(
+            !text.contains("given-too") && !text.contains(secret),
+            "no value shown: {text}"
+        );
+    }
+}
