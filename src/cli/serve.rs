@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{humantime_duration, Global};
+use crate::http::cors::CorsSettings;
 use crate::http::{self, ApiSettings, AppState, DashboardAuth, JwtSettings};
 
 #[derive(Debug, Clone, Args)]
@@ -64,6 +65,12 @@ pub struct ServeArgs {
     /// Clock skew allowed on `exp` and `nbf`.
     #[arg(long, env = "COURSEVIEW_JWT_LEEWAY", default_value = "30s", value_parser = humantime_duration)]
     pub jwt_leeway: Duration,
+    /// Origins (comma-separated, e.g. `https://shop.example.com`; `*`: any) whose pages may read the catalog cross-origin. Off by default.
+    #[arg(long, env = "COURSEVIEW_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+    /// Origins whose pages may read teacher dashboards cross-origin, with `Authorization` (never `*`).
+    #[arg(long, env = "COURSEVIEW_CORS_DASHBOARD_ORIGINS", default_value = "")]
+    pub cors_dashboard_origins: String,
     /// DEVELOPMENT ONLY: serve every teacher's dashboard, drafts included, without a token.
     #[arg(long, env = "COURSEVIEW_DASHBOARD_PUBLIC")]
     pub dashboard_public: bool,
@@ -103,6 +110,7 @@ pub async fn run(global: Global, args: ServeArgs, shutdown: CancellationToken) -
         min_version_wait: args.min_version_wait,
         max_searches: args.max_searches.max(1),
         max_waits: args.max_waits.max(1),
+        cors: CorsSettings::parse(&args.cors_origins, &args.cors_dashboard_origins)?,
         ..ApiSettings::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -2,6 +2,7 @@
 //! tests can drive it without a socket; [`serve`] runs it until shutdown.
 
 mod auth;
+pub mod cors;
 mod error;
 mod openapi;
 mod params;
@@ -82,6 +83,8 @@ pub struct ApiSettings {
     /// `minVersion` waits that may run at once (each re-reads MongoDB until
     /// its version lands); past it, a fast 503 with `Retry-After`.
     pub max_waits: usize,
+    /// Origins that may read cross-origin (off by default).
+    pub cors: cors::CorsSettings,
 }
 
 impl Default for ApiSettings {
@@ -95,6 +98,7 @@ impl Default for ApiSettings {
             // few, the cached reads keep the rest.
             max_searches: 4,
             max_waits: 16,
+            cors: cors::CorsSettings::default(),
         }
     }
 }
@@ -410,10 +414,17 @@ pub fn app(mut state: AppState) -> Router {
     let timeout = state.settings.request_timeout;
     let (router, doc) = routes();
     state.inner().openapi = Arc::new(doc.to_json().map(String::into_bytes).unwrap_or_default());
-    router
+    let cors = state.settings.cors.layer();
+    let router = router
         .fallback(routes::not_found)
         .with_state(state)
-        .layer(middleware::from_fn_with_state(timeout, edge))
+        .layer(middleware::from_fn_with_state(timeout, edge));
+    // Outside the read-only rule, so a preflight is answered, not a 405.
+    let router = match cors {
+        Some(cors) => router.layer(cors).layer(middleware::from_fn(cors::only_preflights)),
+        None => router,
+    };
+    router
         // Small bodies (a single course) cost more to gzip than they save.
         .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))))
         .layer(TraceLayer::new_for_http())

@@ -78,7 +78,7 @@ pub struct Projections {
 #[openapi(
     info(
         title = "courseview",
-        description = "Read-only query API over the course read models (the Q of CQRS). Errors are RFC 9457 problem details; reads carry ETags.",
+        description = "Read-only query API over the course read models (the Q of CQRS). Errors are RFC 9457 problem details; reads carry ETags. Every method but GET and HEAD is a 405 problem, except, when the server lists CORS origins (COURSEVIEW_CORS_ORIGINS for /catalog, COURSEVIEW_CORS_DASHBOARD_ORIGINS for /teachers), the CORS preflight: an OPTIONS with Access-Control-Request-Method, answered with the Access-Control-Allow-* headers for a listed origin.",
     ),
     components(schemas(Problem))
 )]

@@ -123,6 +123,10 @@ pub struct Options {
     /// `q` searches and `minVersion` waits at once (the API's defaults).
     pub max_searches: usize,
     pub max_waits: usize,
+    /// The API's port (any free one if `None`).
+    pub api_port: Option<u16>,
+    /// Origins that may read the API cross-origin.
+    pub cors: courseview::http::cors::CorsSettings,
     /// TLS for the app's Redis (a `rediss://` `redis_url`).
     pub redis_tls: courseview::cache::RedisTls,
     /// Counts the API's reads (`find`) of read-model collections, through
@@ -146,6 +150,8 @@ impl Default for Options {
             max_waits: ApiSettings::default().max_waits,
             api_finds: None,
             redis_tls: courseview::cache::RedisTls::default(),
+            cors: courseview::http::cors::CorsSettings::default(),
+            api_port: None,
         }
     }
 }
@@ -186,9 +192,12 @@ impl TestApp {
             request_timeout: options.request_timeout,
             max_searches: options.max_searches,
             max_waits: options.max_waits,
+            cors: options.cors.clone(),
             ..ApiSettings::default()
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.api_port.unwrap_or(0)))
+            .await
+            .expect("bind");
         let base_url = format!("http://{}", listener.local_addr().expect("addr"));
         let api_cancel = CancellationToken::new();
         let probe = StatusProbe::new(

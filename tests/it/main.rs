@@ -10,6 +10,7 @@ mod cache;
 mod chaos;
 mod cli;
 mod contract;
+mod cors;
 mod debezium;
 mod faults;
 mod freshness;

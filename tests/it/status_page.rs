@@ -17,7 +17,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// Chromium as the machine's probe runs it: headless, no sandbox (root),
 /// and none of the background traffic a closed network refuses. Off the
 /// async threads: the API it loads is served by this test's runtime.
-async fn chromium(args: &[&str]) -> std::process::Output {
+pub async fn chromium(args: &[&str]) -> std::process::Output {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || chromium_blocking(&args))
         .await
