@@ -56,6 +56,10 @@ fn scram_env(user: &str, password: &str) -> Vec<(String, String)> {
 
 /// A one-shot `courseview` command of `app` with `env` on top.
 fn command(app: &TestApp, args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    command_of(app, args, env).output().expect("courseview runs")
+}
+
+fn command_of(app: &TestApp, args: &[&str], env: &[(String, String)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_courseview"));
     command
         .args(args)
@@ -70,7 +74,7 @@ fn command(app: &TestApp, args: &[&str], env: &[(String, String)]) -> std::proce
     for (k, v) in env {
         command.env(k, v);
     }
-    command.output().expect("courseview runs")
+    command
 }
 
 fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
@@ -673,4 +677,87 @@ async fn the_uri_the_redis_url_and_the_jwt_secret_are_read_from_files_and_both_w
             "no value shown: {text}"
         );
     }
+}
+
+/// A stand-in identity provider's token endpoint (OAuth 2.0 client
+/// credentials): records each request and issues an unsecured JWS, which
+/// the broker's unsecured OAUTHBEARER validator accepts. Returns its URL and
+/// the requests seen (the Authorization header and the form body).
+async fn token_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use base64::Engine as _;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/token", listener.local_addr().expect("addr"));
+    let log = std::sync::Arc::clone(&seen);
+    let app = axum::Router::new().route(
+        "/token",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let log = std::sync::Arc::clone(&log);
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                log.lock().expect("log").push((auth, body));
+                let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+                let now = chrono::Utc::now().timestamp();
+                let token = format!(
+                    "{}.{}.",
+                    b64(serde_json::json!({"alg": "none"})),
+                    b64(serde_json::json!({"sub": "courseview-oidc", "iat": now, "exp": now + 3600}))
+                );
+                axum::Json(serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": 3600}))
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn oauthbearer_with_oidc_client_credentials_gets_its_token_from_the_identity_provider() {
+    use base64::Engine as _;
+    let app = TestApp::spawn().await;
+    posted(&app, "o1", "Via OIDC", 1).await;
+    let (url, seen) = token_endpoint().await;
+    let env: Vec<(String, String)> = [
+        ("KAFKA_BROKERS", SASL_SSL.to_owned()),
+        ("COURSEVIEW_KAFKA_SECURITY_PROTOCOL", "sasl_ssl".to_owned()),
+        ("COURSEVIEW_KAFKA_SASL_MECHANISM", "OAUTHBEARER".to_owned()),
+        ("COURSEVIEW_KAFKA_CA_FILE", tls("ca.pem")),
+        ("COURSEVIEW_KAFKA_X_SASL_OAUTHBEARER_METHOD", "oidc".to_owned()),
+        (
+            "COURSEVIEW_KAFKA_X_SASL_OAUTHBEARER_CLIENT_ID",
+            "courseview-client".to_owned(),
+        ),
+        (
+            "COURSEVIEW_KAFKA_X_SASL_OAUTHBEARER_CLIENT_SECRET",
+            "oidc-client-secret".to_owned(),
+        ),
+        ("COURSEVIEW_KAFKA_X_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", url),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    // Off the runtime that serves the token endpoint.
+    let mut run = command_of(&app, &["status", "--json"], &env);
+    let status = tokio::task::spawn_blocking(move || run.output().expect("courseview runs"))
+        .await
+        .expect("joined");
+    assert!(status.status.success(), "{}", says(&status, "status over OIDC"));
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.contains(&app.topic("CourseCreatedEvent")), "{shown}");
+    let requests = seen.lock().expect("seen").clone();
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("courseview-client:oidc-client-secret")
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|(auth, body)| *auth == basic && body.contains("grant_type=client_credentials")),
+        "a client-credentials request with the client's id and secret: {requests:?}"
+    );
+    assert!(!String::from_utf8_lossy(&status.stderr).contains("oidc-client-secret"));
 }
