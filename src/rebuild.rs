@@ -93,6 +93,22 @@ pub struct RebuildReport {
     pub events: i64,
     /// From start to the switch (the grace period is not included).
     pub elapsed: Duration,
+    /// Whether the live workers followed the switch before the rebuild's
+    /// worker stopped (`None` for an in-place rebuild: nobody to follow).
+    pub followed: Option<Followed>,
+}
+
+/// How the handover after the switch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Followed {
+    /// Every live worker consumes the new generation (or there is none).
+    All,
+    /// The handover timeout passed first; the rebuild's worker stopped
+    /// anyway (a live worker that follows later reads from the new
+    /// generation's stored offsets, so nothing is lost, only later).
+    TimedOut,
+    /// The rebuild was interrupted.
+    Cancelled,
 }
 
 /// The rebuild's worker, cancelled whenever the rebuild returns, on every path.
@@ -344,11 +360,12 @@ pub async fn rebuild(
         projection = name,
         from, to, events, "Readers switched to the new generation."
     );
+    let mut followed = None;
     if !options.in_place {
         // Keep applying (and invalidating the cache) until the live workers
         // run on the new generation, so readers never wait on a gap.
         sink.phase("applying until the live workers follow the switch");
-        hand_over(store, name, to, options.handover_timeout, cancel).await;
+        followed = Some(hand_over(store, name, to, options.handover_timeout, cancel).await);
     }
     worker.stop().await?;
 
@@ -367,6 +384,7 @@ pub async fn rebuild(
         to,
         events,
         elapsed,
+        followed,
     }))
 }
 
@@ -548,7 +566,7 @@ impl Handover {
 
 /// Waits until every live worker of the projection consumes generation
 /// `to` (then a little longer, for their first batches), or `timeout`.
-async fn hand_over(store: &Store, name: &str, to: u32, timeout: Duration, cancel: &CancellationToken) {
+async fn hand_over(store: &Store, name: &str, to: u32, timeout: Duration, cancel: &CancellationToken) -> Followed {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match store.live_workers(Some(name)).await {
@@ -559,20 +577,23 @@ async fn hand_over(store: &Store, name: &str, to: u32, timeout: Duration, cancel
                     HANDOVER_LINGER
                 };
                 tokio::select! {
-                    () = cancel.cancelled() => {}
+                    () = cancel.cancelled() => return Followed::Cancelled,
                     () = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + linger)) => {}
                 }
-                return;
+                return Followed::All;
             }
             Ok(_) => {}
             Err(e) => warn!(projection = name, error = %e, "Cannot read the worker registry."),
         }
-        if tokio::time::Instant::now() >= deadline || cancel.is_cancelled() {
+        if cancel.is_cancelled() {
+            return Followed::Cancelled;
+        }
+        if tokio::time::Instant::now() >= deadline {
             warn!(
                 projection = name,
                 "Live workers did not all follow the switch in time; stopping the rebuild worker anyway."
             );
-            return;
+            return Followed::TimedOut;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

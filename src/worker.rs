@@ -766,6 +766,7 @@ pub async fn run_generation(
         let (tx, mut rx) = mpsc::channel::<Feed>(settings.batch_size * 2);
         let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
+        let assigned = consumer.assigned();
         let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
         info!(group = %settings.kafka.group_id, "Projector started.");
 
@@ -784,6 +785,15 @@ pub async fn run_generation(
                 // Idle tick: retry a cache invalidation Redis refused earlier.
                 () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
                     epoch_pending = !applier.bump_cache().await;
+                    continue;
+                }
+                // Assigned and idle: following this generation all the same
+                // (a rebuild's handover waits for it).
+                () = tokio::time::sleep(Duration::from_millis(100)), if !reported => {
+                    if assigned.load(std::sync::atomic::Ordering::Acquire) {
+                        report(settings, generation, true);
+                        reported = true;
+                    }
                     continue;
                 }
             };

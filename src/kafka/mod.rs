@@ -277,6 +277,9 @@ struct AssignContext {
     /// Set when an assignment could not be made; the reader stops on it.
     failed: Arc<std::sync::Mutex<Option<String>>>,
     report: Arc<ConnectionReport>,
+    /// Set once partitions (possibly none) are assigned at stored offsets:
+    /// the consumer then follows its generation, records or not.
+    assigned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ClientContext for AssignContext {
@@ -336,6 +339,8 @@ impl ConsumerContext for AssignContext {
                 if let Err(e) = consumer.assign(&assigned) {
                     warn!(group = %self.group, error = %e, "Assignment failed.");
                     *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                } else {
+                    self.assigned.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -424,6 +429,7 @@ pub struct Consumer {
     inner: Arc<BaseConsumer<AssignContext>>,
     group: String,
     failed: Arc<std::sync::Mutex<Option<String>>>,
+    assigned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -439,6 +445,7 @@ impl Consumer {
         offsets: Arc<dyn OffsetSource>,
     ) -> Result<Consumer, KafkaClientError> {
         let failed = Arc::new(std::sync::Mutex::new(None));
+        let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
@@ -447,6 +454,7 @@ impl Consumer {
             patience: settings.session_timeout / 2,
             failed: Arc::clone(&failed),
             report: settings.brokers.report(),
+            assigned: Arc::clone(&assigned),
         };
         let mut config = settings.brokers.config();
         config
@@ -498,6 +506,7 @@ impl Consumer {
             inner: Arc::new(consumer),
             group: settings.group_id.clone(),
             failed,
+            assigned,
         })
     }
 
@@ -506,6 +515,12 @@ impl Consumer {
     /// cancelled or the receiver is gone. Rebalances run on that thread, and
     /// so does leaving the group at the end: librdkafka may call back into
     /// the rebalance handler there, which must not run on an async thread.
+    /// Whether the group has assigned this consumer its partitions (at
+    /// their stored offsets) at least once.
+    pub fn assigned(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.assigned)
+    }
+
     pub fn spawn_reader(
         &self,
         tx: mpsc::Sender<Feed>,

@@ -510,3 +510,39 @@ async fn an_in_place_rebuild_replays_the_serving_generation_from_zero() {
         "the replay equals the original"
     );
 }
+
+#[tokio::test]
+async fn a_rebuild_hands_over_to_an_idle_live_worker_as_soon_as_it_follows_not_at_the_timeout() {
+    let app = TestApp::spawn().await;
+    let (_live, _) = spawn_worker_process(&app);
+    let events = big_history("idle", 20);
+    app.publish_all(&events).await;
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    // Nothing arrives from here on: the live worker, once it follows the
+    // switch, has no record to apply.
+    let options = RebuildOptions {
+        allow_partial_history: false,
+        in_place: false,
+        catch_up_lag: 20,
+        grace: Duration::from_millis(100),
+        report_every: Duration::from_millis(100),
+        handover_timeout: Duration::from_secs(20),
+    };
+    let report = rebuild(
+        &app.worker_settings(ReadModel::Catalog),
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &options,
+        &mut Recorder::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild")
+    .expect("not interrupted");
+    assert_eq!(
+        report.followed,
+        Some(courseview::rebuild::Followed::All),
+        "the idle live worker was seen to follow the switch"
+    );
+}

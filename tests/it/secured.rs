@@ -143,7 +143,11 @@ async fn over_sasl_ssl_with_scram_produce_project_status_rebuild_and_dlq_replay_
     assert!(shown.to_string().contains(&app.topic("CourseCreatedEvent")), "{shown}");
 
     let before = app.store.serving_generation("catalog").await.expect("generation");
-    let rebuilt = command(&app, &["rebuild", "catalog", "--handover-timeout", "20s"], &env);
+    let rebuilt = command(
+        &app,
+        &["rebuild", "catalog", "--handover-timeout", "20s", "--grace", "1s"],
+        &env,
+    );
     assert!(rebuilt.status.success(), "{}", says(&rebuilt, "rebuild"));
     let after = app.store.serving_generation("catalog").await.expect("generation");
     assert!(after > before, "the rebuild switched: {before} -> {after}");
