@@ -284,9 +284,10 @@ impl KafkaArgs {
 
 /// A setting given as a value or as a file (the `_FILE` convention of
 /// container images and Kubernetes secrets); both at once is an error. The
-/// file's trailing newline is not part of the value.
+/// file's trailing newline is not part of the value. An empty value counts
+/// as not given (so an override file can clear one for its `_FILE`).
 pub fn value_or_file(name: &str, value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<String>> {
-    match (value, file) {
+    match (value.filter(|v| !v.is_empty()), file) {
         (Some(_), Some(_)) => anyhow::bail!("{name} and {name}_FILE are both set; give one"),
         (Some(value), None) => Ok(Some(value.to_owned())),
         (None, Some(file)) => {
