@@ -312,6 +312,24 @@ async fn verdict(app: &TestApp, row: &mut Row, limit: usize) {
 
 #[tokio::test]
 async fn chaos_sigkill_of_the_worker_at_random_instants() {
+    sigkill_at_random_instants("SIGKILL of the worker at random instants, restarted each time", &[]).await;
+}
+
+#[tokio::test]
+async fn chaos_sigkill_of_the_worker_at_random_instants_over_sasl_ssl() {
+    let (user, password) = crate::secured::scram_user();
+    let env = crate::secured::scram_env(&user, &password);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    sigkill_at_random_instants(
+        "SIGKILL of the worker at random instants, over SASL_SSL (SCRAM-SHA-512, TLS)",
+        &env,
+    )
+    .await;
+}
+
+/// Workers (with `env` on top) SIGKILLed at random instants while records
+/// arrive, restarted each time; then one runs to the end of the log.
+async fn sigkill_at_random_instants(scenario: &'static str, env: &[(&str, &str)]) {
     let scale = Scale::from_env();
     let started = Instant::now();
     let app = TestApp::spawn().await;
@@ -325,16 +343,16 @@ async fn chaos_sigkill_of_the_worker_at_random_instants() {
     let killing = async {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for _ in 0..scale.kills {
-            let worker = app.worker_process(ReadModel::Catalog, &[]);
+            let worker = app.worker_process(ReadModel::Catalog, env);
             tokio::time::sleep(Duration::from_millis(rng.gen_range(700..2_500))).await;
             drop(worker); // SIGKILL
         }
     };
     futures::join!(producing, killing);
-    let last = app.worker_process(ReadModel::Catalog, &[]);
+    let last = app.worker_process(ReadModel::Catalog, env);
     let stalled = settle(&app, last).await;
     let row = Row {
-        scenario: "SIGKILL of the worker at random instants, restarted each time",
+        scenario,
         records: records.len(),
         faults: format!("{} × SIGKILL", scale.kills),
         stalled,

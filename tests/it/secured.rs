@@ -29,7 +29,7 @@ fn tls(file: &str) -> String {
 }
 
 /// A SCRAM-SHA-512 user of this test's own, made through the broker.
-fn scram_user() -> (String, String) {
+pub fn scram_user() -> (String, String) {
     let (name, password) = (unique("scram-"), unique("pw-"));
     let made = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
         .args(["scram-user", &name, &password])
@@ -41,7 +41,7 @@ fn scram_user() -> (String, String) {
 
 /// The environment of a courseview process of `app` that reaches Kafka
 /// through the SASL_SSL listener as `user`, its password in a file.
-fn scram_env(user: &str, password: &str) -> Vec<(String, String)> {
+pub fn scram_env(user: &str, password: &str) -> Vec<(String, String)> {
     let file = std::env::temp_dir().join(unique("kafka-password-"));
     std::fs::write(&file, format!("{password}\n")).expect("password file");
     vec![
