@@ -1,7 +1,8 @@
 //! Kafka over TLS and SASL, as managed clusters require: the real binary
 //! against the Apache Kafka broker's secured listeners (`scripts/services`:
 //! SASL_SSL with SCRAM-SHA-512, PLAIN and OAUTHBEARER on 9094; SSL with
-//! client certificates required on 9095; a test CA under `run/tls`).
+//! client certificates required on 9095; SSL with an expired certificate on
+//! 9096; a test CA under `run/tls`), and MongoDB and Redis over TLS.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,6 +16,7 @@ use crate::peers::{cache_dir, free_port};
 
 const SASL_SSL: &str = "127.0.0.1:9094";
 const SSL: &str = "127.0.0.1:9095";
+const EXPIRED: &str = "127.0.0.1:9096";
 
 /// The CA and certificates `scripts/services` made.
 fn tls(file: &str) -> String {
@@ -240,7 +242,7 @@ async fn plain_over_tls_oauthbearer_unsecured_jws_and_mutual_tls_each_reach_the_
 
 /// A worker that cannot get in: unready, still running and retrying, the
 /// cause said once (not once per retry), the secret never.
-async fn cannot_get_in(app: &TestApp, env: &[(String, String)], cause: &str, secret: &str) {
+async fn cannot_get_in(app: &TestApp, env: &[(String, String)], cause: &str, reason: &str, secret: &str) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut with_listen = env.to_vec();
@@ -253,6 +255,7 @@ async fn cannot_get_in(app: &TestApp, env: &[(String, String)], cause: &str, sec
             .map(|all| {
                 all.iter()
                     .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with(cause)))
+                    .filter(|l| l["reason"].as_str().is_some_and(|r| r.contains(reason)))
                     .count()
             })
             .unwrap_or(0)
@@ -273,7 +276,7 @@ async fn cannot_get_in(app: &TestApp, env: &[(String, String)], cause: &str, sec
 }
 
 #[tokio::test]
-async fn a_wrong_password_or_an_untrusted_ca_is_said_once_leaves_the_worker_unready_and_logs_no_secret() {
+async fn a_wrong_password_an_untrusted_ca_or_an_expired_certificate_is_said_once_leaves_the_worker_unready() {
     let app = TestApp::spawn().await;
     app.publish(&event(
         "CourseCreatedEvent",
@@ -284,7 +287,14 @@ async fn a_wrong_password_or_an_untrusted_ca_is_said_once_leaves_the_worker_unre
     .await;
     let (user, password) = scram_user();
     let wrong = format!("{password}-but-wrong");
-    cannot_get_in(&app, &scram_env(&user, &wrong), "Kafka authentication failed", &wrong).await;
+    cannot_get_in(
+        &app,
+        &scram_env(&user, &wrong),
+        "Kafka authentication failed",
+        "invalid credentials",
+        &wrong,
+    )
+    .await;
 
     let mut untrusted = scram_env(&user, &password);
     for (k, v) in &mut untrusted {
@@ -292,7 +302,31 @@ async fn a_wrong_password_or_an_untrusted_ca_is_said_once_leaves_the_worker_unre
             *v = tls("untrusted-ca.pem");
         }
     }
-    cannot_get_in(&app, &untrusted, "Kafka TLS failed", &password).await;
+    cannot_get_in(
+        &app,
+        &untrusted,
+        "Kafka TLS failed",
+        "certificate verify failed",
+        &password,
+    )
+    .await;
+
+    // The broker's EXPIRED listener presents a certificate of the trusted
+    // CA that expired yesterday. (librdkafka's reason does not say which
+    // check failed, expiry or trust: OpenSSL's verify result is not in it.)
+    let expired = vec![
+        ("KAFKA_BROKERS".to_owned(), EXPIRED.to_owned()),
+        ("COURSEVIEW_KAFKA_SECURITY_PROTOCOL".to_owned(), "ssl".to_owned()),
+        ("COURSEVIEW_KAFKA_CA_FILE".to_owned(), tls("ca.pem")),
+    ];
+    cannot_get_in(
+        &app,
+        &expired,
+        "Kafka TLS failed",
+        "certificate verify failed",
+        &password,
+    )
+    .await;
 }
 
 #[tokio::test]
