@@ -336,6 +336,181 @@ async fn raw_find(
 /// Keep-alive HTTP load with wrk (a C load generator, as redis-benchmark is
 /// for the raw limit), rotating over `paths`, as a browser would ask: gzip
 /// accepted.
+/// One run of the MongoDB Kafka sink connector over the bench's topics.
+struct SinkRun {
+    tasks: u32,
+    batch: u32,
+    /// Records per second from registration to the last committed offset.
+    rate: f64,
+    /// The Connect JVM's CPU seconds over the run.
+    cpu: f64,
+    documents: u64,
+}
+
+/// The Connect worker's pid (`scripts/services` writes it).
+fn connect_pid() -> Option<u32> {
+    let cache = std::env::var("COURSEVIEW_CACHE").map_or_else(
+        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/courseview"),
+        PathBuf::from,
+    );
+    std::fs::read_to_string(cache.join("run/connect.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Records of `topics` a consumer group has committed (sum over partitions).
+fn committed(brokers: &str, group: &str, topics: &[String]) -> i64 {
+    let Ok(consumer) = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create::<BaseConsumer>()
+    else {
+        return 0;
+    };
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        for p in 0..PARTITIONS {
+            tpl.add_partition(topic, p);
+        }
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .map(|c| {
+            c.elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The sink connector configured as a user would for "topics into MongoDB
+/// documents, one per course": the record key (the course id, hoisted into
+/// `_id`) is the document id, and each record replaces the course's
+/// document (`ReplaceOneDefaultStrategy`, an upsert by `_id`: the events
+/// carry the whole course, so the last record is the document). Garbage is
+/// tolerated into a dead-letter topic. Runs until its group has committed
+/// every record, then is deleted.
+async fn sink_connector(env: &Env, n: usize, tasks: u32, batch: u32) -> SinkRun {
+    let name = format!("{}-sink-{tasks}-{batch}", env.prefix);
+    let database = format!("{}_sink", env.database);
+    let collection = format!("courses_{tasks}_{batch}");
+    let config = serde_json::json!({
+        "connector.class": "com.mongodb.kafka.connect.MongoSinkConnector",
+        "tasks.max": tasks.to_string(),
+        "topics.regex": env.regex(),
+        "connection.uri": env.mongodb_uri,
+        "database": database,
+        "collection": collection,
+        "key.converter": "org.apache.kafka.connect.storage.StringConverter",
+        "value.converter": "org.apache.kafka.connect.json.JsonConverter",
+        "value.converter.schemas.enable": "false",
+        "transforms": "id",
+        "transforms.id.type": "org.apache.kafka.connect.transforms.HoistField$Key",
+        "transforms.id.field": "_id",
+        "document.id.strategy": "com.mongodb.kafka.connect.sink.processor.id.strategy.ProvidedInKeyStrategy",
+        "writemodel.strategy": "com.mongodb.kafka.connect.sink.writemodel.strategy.ReplaceOneDefaultStrategy",
+        "max.batch.size": batch.to_string(),
+        "consumer.override.auto.offset.reset": "earliest",
+        "consumer.override.max.poll.records": "2000",
+        "errors.tolerance": "all",
+        "errors.deadletterqueue.topic.name": format!("{}-sink-dlq", env.prefix),
+        "errors.deadletterqueue.topic.replication.factor": "1",
+    });
+    let client = reqwest::Client::new();
+    let connect = "http://127.0.0.1:8083";
+    let pid = connect_pid();
+    let cpu_before = pid.and_then(cpu_seconds).unwrap_or(f64::NAN);
+    let started = Instant::now();
+    let put = client
+        .put(format!("{connect}/connectors/{name}/config"))
+        .json(&config)
+        .send()
+        .await
+        .expect("Connect answers");
+    assert!(
+        put.status().is_success(),
+        "sink connector refused: {}",
+        put.text().await.unwrap_or_default()
+    );
+    let topics = env.topics();
+    let group = format!("connect-{name}");
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut last = (0, started.elapsed());
+    while Instant::now() < deadline {
+        let done = tokio::task::spawn_blocking({
+            let (brokers, group, topics) = (env.brokers.clone(), group.clone(), topics.clone());
+            move || committed(&brokers, &group, &topics)
+        })
+        .await
+        .unwrap_or(0);
+        if done > last.0 {
+            last = (done, started.elapsed());
+        }
+        if done >= n as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cpu = pid.and_then(cpu_seconds).unwrap_or(f64::NAN) - cpu_before;
+    let _ = client.delete(format!("{connect}/connectors/{name}")).send().await;
+    let mongo = mongodb::Client::with_uri_str(&env.mongodb_uri).await.expect("client");
+    let documents = mongo
+        .database(&database)
+        .collection::<bson::Document>(&collection)
+        .count_documents(doc! {})
+        .await
+        .unwrap_or(0);
+    SinkRun {
+        tasks,
+        batch,
+        rate: last.0 as f64 / last.1.as_secs_f64().max(0.001),
+        cpu,
+        documents,
+    }
+}
+
+/// What the sink's collection says beside the reference catalog: how many
+/// courses it holds that the catalog does not list (unposted, deleted,
+/// never posted: the sink keeps the last record per key, whatever it says).
+async fn sink_beside_catalog(env: &Env, catalog: &str, collection: &str) -> (u64, u64, u64) {
+    let mongo = mongodb::Client::with_uri_str(&env.mongodb_uri).await.expect("client");
+    let sink = mongo
+        .database(&format!("{}_sink", env.database))
+        .collection::<bson::Document>(collection);
+    let listed: std::collections::HashSet<String> = {
+        let mut cursor = mongo
+            .database(&env.database)
+            .collection::<bson::Document>(catalog)
+            .find(doc! {"listed": true})
+            .projection(doc! {"_id": 1})
+            .await
+            .expect("catalog");
+        let mut ids = std::collections::HashSet::new();
+        while let Some(Ok(d)) = cursor.next().await {
+            if let Ok(id) = d.get_str("_id") {
+                ids.insert(id.to_owned());
+            }
+        }
+        ids
+    };
+    let mut cursor = sink.find(doc! {}).projection(doc! {"_id": 1}).await.expect("sink");
+    let (mut total, mut unlisted) = (0u64, 0u64);
+    while let Some(Ok(d)) = cursor.next().await {
+        total += 1;
+        if !d.get_str("_id").is_ok_and(|id| listed.contains(id)) {
+            unlisted += 1;
+        }
+    }
+    (total, listed.len() as u64, unlisted)
+}
+
 /// Row 4a's cached load while 64 clients keep one expensive request each
 /// in flight (distinct `q` searches, far-ahead `minVersion` waits). With
 /// `polite`, a client refused with 503 waits its `Retry-After` first, as a
@@ -695,6 +870,28 @@ async fn main() {
     let project_rate = n as f64 / took.as_secs_f64();
     eprintln!("e2e: project {project_rate:.0} events/s, peak RSS {worker_rss:.1} MiB");
 
+    // The tool users would pick instead, on the same records and servers.
+    let mut sinks = Vec::new();
+    for (tasks, batch) in [(1, 0), (PARTITIONS as u32, 0), (PARTITIONS as u32, 1000)] {
+        let run = sink_connector(&env, n, tasks, batch).await;
+        eprintln!(
+            "e2e: sink connector tasks.max={tasks} max.batch.size={batch}: {:.0} records/s, {:.1} CPU-s, {} documents",
+            run.rate, run.cpu, run.documents
+        );
+        sinks.push(run);
+    }
+    let best = sinks
+        .iter()
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+        .expect("a sink run");
+    let connect_rss = connect_pid().and_then(peak_rss_mib).unwrap_or(f64::NAN);
+    let (sink_docs, listed, unlisted) = sink_beside_catalog(
+        &env,
+        &Store::collection_name("catalog", 1),
+        &format!("courses_{}_{}", best.tasks, best.batch),
+    )
+    .await;
+
     // Rebuild while the live worker runs, as in production.
     let started = Instant::now();
     let mut rebuild = env.courseview(&["rebuild", "catalog", "--grace", "0s", "--catch-up-lag", "0"], &[]);
@@ -820,6 +1017,27 @@ async fn main() {
         table.push_str(&format!("| 3b | `project catalog`, events per CPU-second of the worker | {per_core:.0} events/s per core ({worker_cpu:.1} CPU-s for {n} events) | in-memory projection {:.0} events/s per core (row 1) | {:.0} % | reported | |\n", 1e9 / ns, per_core / (1e9 / ns) * 100.0));
     }
     let r = by_id.rps / redis_get;
+    let worker_per_k = worker_cpu / (n as f64 / 1000.0);
+    let sink_per_k = best.cpu / (n as f64 / 1000.0);
+    let tried: Vec<String> = sinks
+        .iter()
+        .map(|r| {
+            format!(
+                "{}×{}: {:.0}/s",
+                r.tasks,
+                if r.batch == 0 {
+                    "all".to_owned()
+                } else {
+                    r.batch.to_string()
+                },
+                r.rate
+            )
+        })
+        .collect();
+    table.push_str(&format!("| 7a | MongoDB Kafka sink connector {} (Connect {}), same records and MongoDB; best of tasks.max × max.batch.size ({}) | {:.0} records/s | `project catalog` {project_rate:.0} events/s (row 2) | project is {:.0} % of the sink | ≥ 100 % | {} |\n", std::env::var("MONGO_KAFKA_CONNECT_VERSION").unwrap_or_default(), std::env::var("KAFKA_VERSION").unwrap_or_default(), tried.join(", "), best.rate, project_rate / best.rate * 100.0, verdict(project_rate >= best.rate)));
+    table.push_str(&format!("| 7b | CPU seconds per 1,000 records | worker {worker_per_k:.3} s | Connect JVM {sink_per_k:.3} s (its best run) | {:.0} % of Connect | ≤ 50 % | {} |\n", worker_per_k / sink_per_k * 100.0, verdict(worker_per_k <= sink_per_k * 0.5)));
+    table.push_str(&format!("| 7c | peak RSS | worker {worker_rss:.1} MiB | Connect JVM {connect_rss:.1} MiB (heap capped at 768 MiB; all its connectors) | — | worker ≤ 64 MiB | {} |\n", verdict(worker_rss <= 64.0)));
+    table.push_str(&format!("| 7d | what the sink's collection holds beside the catalog | {sink_docs} documents, one per key, each the course's last record as sent | catalog lists {listed} courses | {unlisted} sink documents are of courses the catalog does not list (unposted, deleted, never posted) | reported | |\n"));
     table.push_str(&format!("| 4a | cached `GET /catalog/courses/{{id}}`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 100 % | {} |\n", by_id.rps, by_id.p50_ms, by_id.p99_ms, r * 100.0, verdict(r >= 1.0)));
     let r = listing.rps / redis_get;
     table.push_str(&format!("| 4b | cached `GET /catalog/courses?limit=20`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 50 % | {} |\n", listing.rps, listing.p50_ms, listing.p99_ms, r * 100.0, verdict(r >= 0.5)));
