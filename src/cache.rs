@@ -406,6 +406,12 @@ impl Cache {
             }
             Ok(Some(Err(e))) => {
                 self.failed(op, &e);
+                // A connection that lost its authentication (a rotated
+                // password) never regains it by reconnecting on its own:
+                // the next call after the backoff connects afresh.
+                if e.kind() == redis::ErrorKind::AuthenticationFailed {
+                    *self.inner.conn.lock().await = None;
+                }
                 None
             }
             // Connecting failed; already counted.

@@ -35,11 +35,12 @@ pub enum CorsError {
 impl CorsSettings {
     /// From comma-separated lists, checked.
     pub fn parse(catalog: &str, dashboard: &str) -> Result<CorsSettings, CorsError> {
+        // Browsers send scheme and host in lower case.
         let list = |s: &str| -> Vec<String> {
             s.split(',')
                 .map(str::trim)
                 .filter(|o| !o.is_empty())
-                .map(str::to_owned)
+                .map(str::to_ascii_lowercase)
                 .collect()
         };
         let settings = CorsSettings {

@@ -56,6 +56,8 @@ pub fn template(matched: &str) -> &'static str {
 const VERSION_RECHECK: Duration = Duration::from_millis(250);
 /// ... and notices not followed (no Redis, or the subscription is down).
 const VERSION_POLL: Duration = Duration::from_millis(100);
+/// The least time between two reads of one wait.
+const VERSION_SPACING: Duration = Duration::from_millis(25);
 
 fn to_json(doc: Document) -> Value {
     Bson::Document(doc).into_relaxed_extjson()
@@ -285,6 +287,9 @@ async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, w
             _ => VERSION_POLL,
         };
         let until = (now + next).min(deadline);
+        // Bumps of any scope wake every waiter: read at most every
+        // VERSION_SPACING however often they come.
+        tokio::time::sleep_until((now + VERSION_SPACING).min(deadline)).await;
         match &mut changes {
             Some((_, changes)) => {
                 // Woken by a bump, or at `until`. The sender lives in

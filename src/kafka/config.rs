@@ -58,6 +58,26 @@ const RESERVED: &[(&str, &str)] = &[
         "the eager rebalance callback assigns at stored offsets",
     ),
     ("transactional.id", "courseview's producers are not transactional"),
+    ("acks", ACKS),
+    ("request.required.acks", ACKS),
+];
+
+const ACKS: &str = "a produced record counts as sent once every in-sync replica has it";
+
+/// What librdkafka holds for each reserved property while a user's
+/// property is checked: a user's property that changes any of them is an
+/// alias or a `topic.` form of it (librdkafka strips that prefix), refused
+/// like the name itself.
+const SENTINELS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "sentinel:1"),
+    ("group.id", "sentinel"),
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "error"),
+    ("isolation.level", "read_committed"),
+    ("enable.partition.eof", "false"),
+    ("partition.assignment.strategy", "range,roundrobin"),
+    ("acks", "all"),
 ];
 
 /// Whether a property's value must never be shown.
@@ -65,6 +85,8 @@ pub fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     key.contains("password")
         || key.contains("secret")
+        || key.contains("passphrase")
+        || key.contains("private.key")
         || key == "sasl.oauthbearer.config"
         || key == "ssl.key.pem"
         || key == "ssl_key"
@@ -78,6 +100,13 @@ pub enum KafkaConfigError {
     Reserved {
         key: String,
         source_name: String,
+        reason: &'static str,
+    },
+    #[error("Kafka client property {key:?} ({source_name}) sets {reserved:?}, which courseview sets: {reason}")]
+    Alias {
+        key: String,
+        source_name: String,
+        reserved: &'static str,
         reason: &'static str,
     },
     #[error("Kafka client property {key:?} is given twice: by {first} and by {second}")]
@@ -181,19 +210,27 @@ impl PropertiesBuilder {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         {
+            // Not the text itself: a line like `sasl.password: a=b` would
+            // show part of the secret.
             return Err(KafkaConfigError::Malformed {
                 source_name: source.to_owned(),
-                problem: format!("{key:?} is not a client property name"),
+                problem: "not a client property name before '='".into(),
             });
         }
-        if let Some((_, reason)) = RESERVED.iter().find(|(k, _)| *k == key) {
+        // librdkafka takes `topic.<name>` for a topic-level `<name>`.
+        let canonical = key.strip_prefix("topic.").unwrap_or(key);
+        if let Some((_, reason)) = RESERVED.iter().find(|(k, _)| *k == canonical) {
             return Err(KafkaConfigError::Reserved {
                 key: key.to_owned(),
                 source_name: source.to_owned(),
                 reason,
             });
         }
-        if let Some(first) = self.properties.iter().find(|p| p.key == key) {
+        if let Some(first) = self
+            .properties
+            .iter()
+            .find(|p| p.key.strip_prefix("topic.").unwrap_or(&p.key) == canonical)
+        {
             return Err(KafkaConfigError::Twice {
                 key: key.to_owned(),
                 first: first.source.clone(),
@@ -265,10 +302,32 @@ impl PropertiesBuilder {
     /// Checks every property against librdkafka (an unknown name or a bad
     /// value is an error naming it) and builds the connection.
     pub fn build(self, servers: &str) -> Result<KafkaConnection, KafkaConfigError> {
+        let mut sentinels = ClientConfig::new();
+        for (k, v) in SENTINELS {
+            sentinels.set(*k, *v);
+        }
+        let baseline: Vec<Option<String>> = match sentinels.create_native_config() {
+            Ok(native) => SENTINELS.iter().map(|(k, _)| native.get(k).ok()).collect(),
+            Err(_) => vec![None; SENTINELS.len()],
+        };
         for p in &self.properties {
-            let mut config = ClientConfig::new();
+            let mut config = sentinels.clone();
             config.set(&p.key, &p.value);
-            if let Err(e) = config.create_native_config() {
+            let native = config.create_native_config();
+            if let Ok(native) = &native {
+                for ((reserved, _), before) in SENTINELS.iter().zip(&baseline) {
+                    if native.get(reserved).ok() != *before {
+                        let reason = RESERVED.iter().find(|(k, _)| k == reserved).map_or("", |(_, r)| *r);
+                        return Err(KafkaConfigError::Alias {
+                            key: p.key.clone(),
+                            source_name: p.source.clone(),
+                            reserved,
+                            reason,
+                        });
+                    }
+                }
+            }
+            if let Err(e) = native {
                 let problem = match e {
                     // librdkafka's text may quote the value.
                     _ if is_secret(&p.key) => "librdkafka refused it (the value is a secret, not shown)".to_owned(),
@@ -364,6 +423,26 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_or_topic_form_of_a_reserved_property_is_refused_too() {
+        for (assignment, reserved) in [
+            ("topic.auto.offset.reset=earliest", "auto.offset.reset"),
+            ("request.required.acks=1", "acks"),
+            ("topic.acks=1", "acks"),
+            ("topic.isolation.level=read_uncommitted", "isolation.level"),
+        ] {
+            let mut b = PropertiesBuilder::default();
+            let text = match b.assignment(assignment, "-X") {
+                Err(e) => e.to_string(),
+                Ok(b) => std::mem::take(b).build("b:9092").expect_err("an alias").to_string(),
+            };
+            assert!(text.contains(reserved), "{assignment}: {text}");
+        }
+        let mut b = PropertiesBuilder::default();
+        b.assignment("fetch.wait.max.ms=100", "-X").expect("well formed");
+        b.build("b:9092").expect("tuning is the user's");
+    }
+
+    #[test]
     fn an_unknown_property_is_an_error_naming_it() {
         let mut b = PropertiesBuilder::default();
         b.assignment("sasl.mechansim=PLAIN", "-X").expect("well formed");
@@ -380,6 +459,23 @@ mod tests {
             .to_string();
         assert!(text.contains("k.properties line 2"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn the_properties_librdkafka_calls_sensitive_are_secrets() {
+        for key in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.assertion.private.key.pem",
+        ] {
+            assert!(is_secret(key), "{key}");
+        }
+        assert!(!is_secret("sasl.username"));
     }
 
     #[test]

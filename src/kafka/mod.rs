@@ -344,12 +344,14 @@ impl ConsumerContext for AssignContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.assigned.store(false, std::sync::atomic::Ordering::Release);
                 info!(group = %self.group, partitions = tpl.count(), "Partitions revoked.");
                 if let Err(e) = consumer.unassign() {
                     warn!(group = %self.group, error = %e, "Unassign failed.");
                 }
             }
             other => {
+                self.assigned.store(false, std::sync::atomic::Ordering::Release);
                 warn!(group = %self.group, error = ?other, "Rebalance error; dropping assignment.");
                 let _ = consumer.unassign();
             }
@@ -516,7 +518,7 @@ impl Consumer {
     /// so does leaving the group at the end: librdkafka may call back into
     /// the rebalance handler there, which must not run on an async thread.
     /// Whether the group has assigned this consumer its partitions (at
-    /// their stored offsets) at least once.
+    /// their stored offsets) and not revoked them since.
     pub fn assigned(&self) -> Arc<std::sync::atomic::AtomicBool> {
         Arc::clone(&self.assigned)
     }
