@@ -94,6 +94,20 @@ async fn caught_up(app: &TestApp) {
     .await;
 }
 
+/// Log lines whose message starts with `prefix` (and whose `field`, if
+/// given, contains the text).
+fn lines_saying(lines: &std::sync::Mutex<Vec<Value>>, prefix: &str, field: Option<(&str, &str)>) -> usize {
+    lines
+        .lock()
+        .map(|all| {
+            all.iter()
+                .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+                .filter(|l| field.is_none_or(|(name, text)| l[name].as_str().is_some_and(|v| v.contains(text))))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// No log line of the worker holds `secret`.
 fn never_logged(worker: &mut crate::helpers::Reaped, secret: &str) {
     let lines = log_lines(worker);
@@ -249,17 +263,7 @@ async fn cannot_get_in(app: &TestApp, env: &[(String, String)], cause: &str, rea
     with_listen.push(("COURSEVIEW_METRICS_LISTEN".into(), listen));
     let mut worker = app.worker_process(ReadModel::Catalog, &as_refs(&with_listen));
     let lines = log_lines(&mut worker);
-    let said = || {
-        lines
-            .lock()
-            .map(|all| {
-                all.iter()
-                    .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with(cause)))
-                    .filter(|l| l["reason"].as_str().is_some_and(|r| r.contains(reason)))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
+    let said = || lines_saying(&lines, cause, Some(("reason", reason)));
     eventually(cause, Duration::from_secs(20), || async { (said() > 0).then_some(()) }).await;
     eventually("the worker unready", Duration::from_secs(20), || async {
         (app.get_raw(&format!("http://127.0.0.1:{port}/readyz")).await == 503).then_some(())
@@ -489,20 +493,7 @@ async fn a_wrong_redis_password_is_said_once_and_the_api_answers_from_mongodb_wi
     env.push(("COURSEVIEW_GROUP_PREFIX".into(), unique("denied-")));
     let mut denied = app.worker_process(ReadModel::Catalog, &as_refs(&env));
     let lines = log_lines(&mut denied);
-    let said = || {
-        lines
-            .lock()
-            .map(|all| {
-                all.iter()
-                    .filter(|l| {
-                        l["message"]
-                            .as_str()
-                            .is_some_and(|m| m.starts_with("Redis authentication failed"))
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
+    let said = || lines_saying(&lines, "Redis authentication failed", None);
     eventually("the wrong password said", Duration::from_secs(20), || async {
         (said() > 0).then_some(())
     })
