@@ -22,7 +22,7 @@ use crate::cache::Cache;
 use crate::mongo::{RebuildProgress, Store, StoreError};
 use crate::read_model::ReadModel;
 use crate::status::{StatusError, StatusProbe};
-use crate::worker::{run_generation, GenerationEnd, WorkerError, WorkerSettings};
+use crate::worker::{retry_transient, run_generation, GenerationEnd, IndexBuild, WorkerError, WorkerSettings};
 
 /// How a rebuild runs.
 #[derive(Debug, Clone)]
@@ -187,6 +187,14 @@ pub async fn rebuild(
     let mut worker_settings = settings.clone();
     worker_settings.kafka.group_id = format!("{}.rebuild.g{to}", settings.kafka.group_id);
     worker_settings.on_phase = None;
+    // Readers see a generation rebuilt beside the serving one only after
+    // the switch, so its indexes wait until then; in place, readers are on
+    // it throughout.
+    worker_settings.indexes = if options.in_place {
+        IndexBuild::AtStart
+    } else {
+        IndexBuild::BeforeSwitch
+    };
     if options.allow_partial_history {
         worker_settings.kafka.on_gap = crate::kafka::OnGap::Accepted;
     }
@@ -286,6 +294,20 @@ pub async fn rebuild(
     };
 
     if !options.in_place {
+        // Before the handover pauses anyone: on a large generation this is
+        // the slow part, and the replay goes on meanwhile.
+        sink.phase(&format!("building the query indexes of generation {to}"));
+        let collection = Store::collection_name(name, to);
+        if retry_transient("create indexes", cancel, settings.max_backoff, || {
+            store.ensure_indexes(&collection, model)
+        })
+        .await?
+        .is_none()
+        {
+            worker.stop().await?;
+            sink.phase("interrupted; run the same command again to resume");
+            return Ok(None);
+        }
         // Close the gap: live workers pause, so the serving generation stops
         // moving; then switch once the new one has reached it exactly. A
         // pause or a catch-up that runs out of time switches nothing: the

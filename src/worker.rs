@@ -66,6 +66,20 @@ pub struct WorkerSettings {
     /// Set while the batch in hand waits because Redis did not take its
     /// write announcement (the worker's readiness reads it).
     pub cache_held: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// When the generation's query indexes are made.
+    pub indexes: IndexBuild,
+}
+
+/// When a worker makes its generation's query indexes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IndexBuild {
+    /// Before the first batch: readers may query the generation at once.
+    #[default]
+    AtStart,
+    /// Left to whoever switches readers to it (a rebuild, before its
+    /// switch): a store keeps indexes built once over written documents
+    /// far more cheaply than updated on every write (PERFORMANCE.md).
+    BeforeSwitch,
 }
 
 /// What a worker is doing: the generation it follows, and whether it is
@@ -748,11 +762,12 @@ pub async fn run_generation(
     let span = tracing::info_span!("worker", projection = model.name(), generation);
     async move {
         let collection = Store::collection_name(model.name(), generation);
-        if retry_transient("create indexes", &cancel, settings.max_backoff, || {
-            store.ensure_indexes(&collection, model)
-        })
-        .await?
-        .is_none()
+        if settings.indexes == IndexBuild::AtStart
+            && retry_transient("create indexes", &cancel, settings.max_backoff, || {
+                store.ensure_indexes(&collection, model)
+            })
+            .await?
+            .is_none()
         {
             return Ok(GenerationEnd::Cancelled);
         }

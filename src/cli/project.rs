@@ -143,6 +143,7 @@ impl WorkerArgs {
             max_record_bytes: self.max_record_bytes,
             max_queue_bytes: self.max_queue_bytes.max(1),
             state_cache_bytes: self.state_cache_bytes,
+            indexes: worker::IndexBuild::AtStart,
             shutdown_timeout: self.shutdown_timeout,
             on_phase: None,
             cache_held: None,

@@ -274,6 +274,7 @@ impl TestApp {
             max_record_bytes: worker::DEFAULT_MAX_RECORD_BYTES,
             max_queue_bytes: 16 * 1024 * 1024,
             state_cache_bytes: worker::DEFAULT_STATE_CACHE_BYTES,
+            indexes: worker::IndexBuild::AtStart,
             shutdown_timeout: Duration::from_secs(10),
             on_phase: None,
             cache_held: None,

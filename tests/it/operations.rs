@@ -546,3 +546,64 @@ async fn a_rebuild_hands_over_to_an_idle_live_worker_as_soon_as_it_follows_not_a
         "the idle live worker was seen to follow the switch"
     );
 }
+
+/// Index names of `collection` in `app`'s database (empty while it does not exist).
+async fn index_names(db: &mongodb::Database, collection: &str) -> Vec<String> {
+    db.collection::<bson::Document>(collection)
+        .list_index_names()
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_rebuild_replays_without_query_indexes_and_builds_them_before_readers_switch() {
+    let events = big_history("ix", 600);
+    let app = TestApp::spawn().await;
+    app.project_all(ReadModel::Catalog, &events).await;
+    let wanted = 1 + courseview::mongo::Store::index_keys(ReadModel::Catalog).len();
+    let client = mongodb::Client::with_uri_str(&app.mongodb_uri).await.expect("client");
+    let db = client.database(app.store.database_name());
+    let building = courseview::mongo::Store::collection_name("catalog", 2);
+
+    // Watch the new generation while the rebuild runs: how many indexes it
+    // had while it held documents and readers were still on generation 1,
+    // and at the first sight of the switch.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let (db, store, done, building) = (db.clone(), app.store.clone(), Arc::clone(&done), building.clone());
+        async move {
+            let (mut while_building, mut at_switch) = (Vec::new(), None);
+            while !done.load(Ordering::Acquire) && at_switch.is_none() {
+                let indexes = index_names(&db, &building).await.len();
+                let documents = db
+                    .collection::<bson::Document>(&building)
+                    .estimated_document_count()
+                    .await
+                    .unwrap_or(0);
+                match store.serving_generation("catalog").await {
+                    Ok(2) => at_switch = Some(index_names(&db, &building).await.len()),
+                    Ok(_) if documents > 0 => while_building.push(indexes),
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (while_building, at_switch)
+        }
+    });
+    let report = rebuild_to_end(&app, &quick(false), &mut Recorder::default()).await;
+    done.store(true, Ordering::Release);
+    let (while_building, at_switch) = watcher.await.expect("watcher");
+    assert_eq!((report.from, report.to), (1, 2));
+    assert!(
+        while_building.first() == Some(&1),
+        "the replay writes with only the _id index (indexes seen while building: {while_building:?})"
+    );
+    let at_switch = match at_switch {
+        Some(n) => n,
+        None => index_names(&db, &building).await.len(),
+    };
+    assert_eq!(
+        at_switch, wanted,
+        "readers switch to a generation that has every query index"
+    );
+}
