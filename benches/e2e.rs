@@ -1014,7 +1014,7 @@ async fn main() {
     table.push_str(&format!("| 3 | `rebuild catalog` (start to switch) | {rebuild_rate:.0} events/s | bulk upsert {upsert_rate:.0} docs/s | {:.0} % | ≥ 85 % | {} |\n", r * 100.0, verdict(r >= 0.85)));
     if let Some(ns) = cpu_ns {
         let per_core = n as f64 / worker_cpu;
-        table.push_str(&format!("| 3b | `project catalog`, events per CPU-second of the worker | {per_core:.0} events/s per core ({worker_cpu:.1} CPU-s for {n} events) | in-memory projection {:.0} events/s per core (row 1) | {:.0} % | reported | |\n", 1e9 / ns, per_core / (1e9 / ns) * 100.0));
+        table.push_str(&format!("| 3b | `project catalog`, events per CPU-second of the worker | {per_core:.0} events/s per core ({worker_cpu:.1} CPU-s for {n} events) | in-memory projection {:.0} events/s per core (row 1) | {:.0} % | ≥ 100,000 events/s per core | {} |\n", 1e9 / ns, per_core / (1e9 / ns) * 100.0, verdict(per_core >= 100_000.0)));
     }
     let r = by_id.rps / redis_get;
     let worker_per_k = worker_cpu / (n as f64 / 1000.0);
@@ -1045,7 +1045,7 @@ async fn main() {
     table.push_str(&format!("| 4e | row 4a while 32 clients send distinct `q` searches and 32 send far-ahead `minVersion` waits, each waiting out `Retry-After` after a 503 | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; {polite_refused} expensive requests refused with 503 | row 4a p99 {:.2} ms | p99 {:.1}× 4a | cached reads keep their latency (p99 ≤ 3× 4a) | {} |\n", polite.rps, polite.p50_ms, polite.p99_ms, by_id.p99_ms, polite.p99_ms / by_id.p99_ms, verdict(polite.errors == 0 && polite.p99_ms <= by_id.p99_ms * 3.0)));
     table.push_str(&format!("| 4f | as 4e, the clients ignoring `Retry-After` (back to back, nonstop) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; {refused} expensive requests refused with 503 | row 4a p99 {:.2} ms | p99 {:.1}× 4a | reported: a client ignoring `Retry-After` needs a rate limit, not a permit | |\n", flooded.rps, flooded.p50_ms, flooded.p99_ms, by_id.p99_ms, flooded.p99_ms / by_id.p99_ms));
     table.push_str(&format!("| 4d | HTTP floor: bare axum, no layers, 2 threads, answering row 4a's bytes from memory; same wrk | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} %; 4a is {:.0} % of this | locates row 4a's limit | |\n", floor.rps, floor.p50_ms, floor.p99_ms, floor.rps / redis_get * 100.0, by_id.rps / floor.rps * 100.0));
-    table.push_str(&format!("| 5 | produce → visible through the API at 5 k events/s ({} probes) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | — | — | p99 ≤ 250 ms, max ≤ 1 s | {} |\n", fresh.probes, fresh.p50_ms, fresh.p99_ms, fresh.max_ms, verdict(fresh.p99_ms <= 250.0 && fresh.max_ms <= 1000.0)));
+    table.push_str(&format!("| 5 | produce → visible through the API at 5 k events/s ({} probes) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | — | — | p99 ≤ 50 ms, max ≤ 250 ms | {} |\n", fresh.probes, fresh.p50_ms, fresh.p99_ms, fresh.max_ms, verdict(fresh.p99_ms <= 50.0 && fresh.max_ms <= 250.0)));
     table.push_str(&format!(
         "| 6a | peak RSS, worker (`project`, {n} events) | {worker_rss:.1} MiB | — | — | ≤ 64 MiB | {} |\n",
         verdict(worker_rss <= 64.0)

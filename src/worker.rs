@@ -793,24 +793,33 @@ pub async fn run_generation(
         let mut epoch_pending = false;
         let mut reported = false;
         let result = loop {
-            let first = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break Ok(GenerationEnd::Cancelled),
-                r = rx.recv() => r,
-                // Idle tick: retry a cache invalidation Redis refused earlier.
-                () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
-                    epoch_pending = !applier.bump_cache().await;
-                    continue;
-                }
-                // Assigned and idle: following this generation all the same
-                // (a rebuild's handover waits for it).
-                () = tokio::time::sleep(Duration::from_millis(100)), if !reported => {
-                    if assigned.load(std::sync::atomic::Ordering::Acquire) {
-                        report(settings, generation, true);
-                        reported = true;
+            // Records that queued up while the last batch was written make
+            // the next batch at once (group commit); only a record that
+            // arrives into an idle worker waits the linger for company.
+            let queued = if cancel.is_cancelled() { None } else { rx.try_recv().ok() };
+            let (first, arrival) = if let Some(feed) = queued {
+                (Some(feed), Arrival::Queued)
+            } else {
+                let first = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break Ok(GenerationEnd::Cancelled),
+                    r = rx.recv() => r,
+                    // Idle tick: retry a cache invalidation Redis refused earlier.
+                    () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
+                        epoch_pending = !applier.bump_cache().await;
+                        continue;
                     }
-                    continue;
-                }
+                    // Assigned and idle: following this generation all the same
+                    // (a rebuild's handover waits for it).
+                    () = tokio::time::sleep(Duration::from_millis(100)), if !reported => {
+                        if assigned.load(std::sync::atomic::Ordering::Acquire) {
+                            report(settings, generation, true);
+                            reported = true;
+                        }
+                        continue;
+                    }
+                };
+                (first, Arrival::Awaited)
             };
             let Some(first) = first else {
                 // The reader ended without being asked: find out why.
@@ -830,7 +839,7 @@ pub async fn run_generation(
                 report(settings, generation, true);
                 reported = true;
             }
-            let (batch, advanced) = collect_batch(first, &mut rx, settings.batch_size, settings.batch_linger).await;
+            let (batch, advanced) = collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
             let bytes: usize = batch.iter().map(Record::size).sum();
             // The batch in hand is finished even if shutdown starts now, but
             // only until the shutdown deadline.
@@ -891,10 +900,22 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panicked".to_owned())
 }
 
-/// Takes `first` plus whatever arrives within `linger`, up to `max`
-/// records; position advances travel alongside.
+/// How a batch's first record reached the worker, which decides whether
+/// the batch waits for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// It was waiting already: take what is queued and write it now.
+    Queued,
+    /// The worker was idle and waited for it: linger for what follows.
+    Awaited,
+}
+
+/// Takes `first` plus what is queued, up to `max` records, and if `first`
+/// was awaited, whatever arrives within `linger`; position advances travel
+/// alongside.
 async fn collect_batch(
     first: Feed,
+    arrival: Arrival,
     rx: &mut mpsc::Receiver<Feed>,
     max: usize,
     linger: Duration,
@@ -914,6 +935,7 @@ async fn collect_batch(
         match rx.try_recv() {
             Ok(feed) => take(feed, &mut batch, &mut advanced),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if arrival == Arrival::Queued => break,
             Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(feed)) => take(feed, &mut batch, &mut advanced),
                 Ok(None) | Err(_) => break,
@@ -970,6 +992,48 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn records_already_waiting_make_a_batch_at_once_without_waiting_out_the_linger() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for offset in 1..5 {
+            tx.send(Feed::Record(rec("a", 0, offset))).await.expect("queued");
+        }
+        let started = std::time::Instant::now();
+        let (batch, _) = collect_batch(
+            Feed::Record(rec("a", 0, 0)),
+            Arrival::Queued,
+            &mut rx,
+            100,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(batch.len(), 5, "everything that was waiting");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a backlog is written at once ({:?})",
+            started.elapsed()
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_record_that_finds_the_worker_idle_waits_the_linger_for_the_ones_after_it() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = tx.send(Feed::Record(rec("a", 0, 1))).await;
+        });
+        let (batch, _) = collect_batch(
+            Feed::Record(rec("a", 0, 0)),
+            Arrival::Awaited,
+            &mut rx,
+            100,
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(batch.len(), 2, "the record sent 30 ms later joined the batch");
+    }
+
     #[test]
     fn next_offsets_are_one_past_the_highest_offset_per_partition() {
         let records = [rec("a", 0, 5), rec("a", 0, 3), rec("a", 1, 9), rec("b", 0, 0)];
@@ -1020,12 +1084,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_lingers_for_more_records_but_not_past_its_size() {
+    async fn a_batch_never_grows_past_its_size() {
         let (tx, mut rx) = mpsc::channel(10);
-        for i in 1..5 {
+        for i in 1..9 {
             tx.send(Feed::Record(rec("a", 0, i))).await.expect("send");
         }
-        let (batch, _) = collect_batch(Feed::Record(rec("a", 0, 0)), &mut rx, 3, Duration::from_millis(10)).await;
-        assert_eq!(batch.len(), 3);
+        for arrival in [Arrival::Queued, Arrival::Awaited] {
+            let (batch, _) = collect_batch(
+                Feed::Record(rec("a", 0, 0)),
+                arrival,
+                &mut rx,
+                3,
+                Duration::from_millis(10),
+            )
+            .await;
+            assert_eq!(batch.len(), 3, "{arrival:?}");
+        }
     }
 }
