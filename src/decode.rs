@@ -389,6 +389,13 @@ fn invalid(field: &'static str, reason: String) -> DecodeError {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_event_type_of_the_one_list_decodes_by_name() {
+        for name in courseview_projections::EVENT_TYPES {
+            assert!(KnownType::parse(name).is_some(), "{name}");
+        }
+    }
+
     fn record(topic: &str, key: Option<&str>, headers: &[(&str, &str)], value: &str) -> Record {
         Record {
             topic: topic.into(),

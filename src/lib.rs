@@ -6,8 +6,13 @@
 //! - [`decode`]: Kafka records → course events (per-type topics, Debezium outbox).
 //! - `courseview_projections` (the `projections/` crate): the read models as pure code.
 //! - [`read_model`]: the projections by name, as the worker and API run them.
-//! - [`worker`]: consume, apply in batches, store offsets; exactly-once effect.
-//! - [`kafka`], [`mongo`], [`cache`] (Redis), [`http`]: one module per external system.
+//! - [`worker`]: consume, apply in batches, store offsets; exactly-once effect
+//!   (`applier`, `consume`, `follow`).
+//! - [`rebuild`]: replay into a new generation beside the serving one, switch.
+//! - [`kafka`], [`mongo`], [`cache`] (Redis and the in-process layer), [`http`]:
+//!   one module per external system, a folder of one file per job where it
+//!   holds several (`mongo`: pointer, read models, checkpoints, dead
+//!   letters, registry, queries; `cache`: redis, local, notice, read-through).
 //! - [`cli`]: one file per subcommand; [`shutdown`], [`telemetry`]: cross-cutting.
 
 pub mod cache;
@@ -16,7 +21,6 @@ pub mod dead_letter;
 pub mod decode;
 pub mod http;
 pub mod kafka;
-pub mod local_cache;
 pub mod mongo;
 pub mod read_model;
 pub mod rebuild;

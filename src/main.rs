@@ -38,11 +38,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// glibc gives each thread that allocates under contention an arena of its
-/// own and keeps freed memory in each: with librdkafka's threads, the
-/// reader and the runtime's, that was a sixth of a worker's RSS at 100 k
-/// events (66 MiB, 57 with two arenas, at the same CPU: PERFORMANCE.md).
-/// Called before any thread starts, as glibc requires; an operator's own
-/// `MALLOC_ARENA_MAX` wins.
+/// own and keeps freed memory in each; with librdkafka's threads that grew
+/// a worker's RSS with its run (81 → 66 MiB at 20 k events with two
+/// arenas: PERFORMANCE.md). The Dockerfile and `scripts/run` set
+/// `MALLOC_ARENA_MAX=2`; the binary now does so itself, so a worker started
+/// any other way is bounded the same. Called before any thread starts, as
+/// glibc requires; an operator's own `MALLOC_ARENA_MAX` wins.
 #[allow(unsafe_code)]
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

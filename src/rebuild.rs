@@ -24,11 +24,22 @@ use crate::read_model::ReadModel;
 use crate::status::{StatusError, StatusProbe};
 use crate::worker::{retry_transient, run_generation, GenerationEnd, IndexBuild, WorkerError, WorkerSettings};
 
+/// Where a rebuild replays to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Into a new generation beside the serving one, which readers keep
+    /// until the switch (zero downtime).
+    #[default]
+    BlueGreen,
+    /// Drop and replay the serving generation itself (downtime; for
+    /// development): no switch, no handover, nothing to drop after.
+    InPlace,
+}
+
 /// How a rebuild runs.
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
-    /// Drop and replay the serving generation (downtime; for development).
-    pub in_place: bool,
+    pub mode: Mode,
     /// Start checking the switch condition once the new generation lags by
     /// at most this many events.
     pub catch_up_lag: i64,
@@ -169,7 +180,7 @@ pub async fn rebuild(
         }
         warn!(projection = name, partitions = %partial.join(", "), "Rebuilding from a partial history (--allow-partial-history).");
     }
-    let (from, to) = if options.in_place {
+    let (from, to) = if options.mode == Mode::InPlace {
         let serving = store.serving_generation(name).await?;
         sink.phase(&format!(
             "dropping generation {serving} of {name} (in place: it is unavailable until caught up)"
@@ -190,10 +201,9 @@ pub async fn rebuild(
     // Readers see a generation rebuilt beside the serving one only after
     // the switch, so its indexes wait until then; in place, readers are on
     // it throughout.
-    worker_settings.indexes = if options.in_place {
-        IndexBuild::AtStart
-    } else {
-        IndexBuild::BeforeSwitch
+    worker_settings.indexes = match options.mode {
+        Mode::InPlace => IndexBuild::AtStart,
+        Mode::BlueGreen => IndexBuild::BeforeSwitch,
     };
     if options.allow_partial_history {
         worker_settings.kafka.on_gap = crate::kafka::OnGap::Accepted;
@@ -268,7 +278,7 @@ pub async fn rebuild(
         let base = *first_done.get_or_insert(done);
         let rate = (done - base) as f64 / started.elapsed().as_secs_f64().max(0.001);
         sink.progress(done, total);
-        if !options.in_place {
+        if options.mode == Mode::BlueGreen {
             let progress = RebuildProgress {
                 generation: to,
                 done,
@@ -283,7 +293,7 @@ pub async fn rebuild(
         if position.lag_events > options.catch_up_lag {
             continue;
         }
-        if options.in_place {
+        if options.mode == Mode::InPlace {
             break done;
         }
         match reached_serving(store, probe, model, from, to).await {
@@ -293,7 +303,7 @@ pub async fn rebuild(
         }
     };
 
-    if !options.in_place {
+    if options.mode == Mode::BlueGreen {
         // Before the handover pauses anyone: on a large generation this is
         // the slow part, and the replay goes on meanwhile.
         sink.phase(&format!("building the query indexes of generation {to}"));
@@ -383,7 +393,7 @@ pub async fn rebuild(
         from, to, events, "Readers switched to the new generation."
     );
     let mut followed = None;
-    if !options.in_place {
+    if options.mode == Mode::BlueGreen {
         // Keep applying (and invalidating the cache) until the live workers
         // run on the new generation, so readers never wait on a gap.
         sink.phase("applying until the live workers follow the switch");
@@ -391,7 +401,7 @@ pub async fn rebuild(
     }
     worker.stop().await?;
 
-    if !options.in_place {
+    if options.mode == Mode::BlueGreen {
         sink.phase(&format!("dropping generation {from} in {:?}", options.grace));
         tokio::select! {
             () = cancel.cancelled() => warn!(projection = name, generation = from, "Interrupted before dropping the old generation; it stays."),

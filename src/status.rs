@@ -135,13 +135,13 @@ pub struct StatusProbe {
     /// offset): a record's timestamp never changes, and a stalled
     /// partition asks for the same record every time, so once found its
     /// age is known even when the broker is slow to answer again.
-    timestamps: Arc<std::sync::Mutex<HashMap<Position, i64>>>,
+    timestamps: Arc<quick_cache::sync::Cache<Position, i64>>,
 }
 
 /// A record's place: (topic, partition, offset).
 type Position = (String, i32, i64);
 
-/// Remembered record timestamps; past this many the memory starts over.
+/// Remembered record timestamps, least recently used forgotten first.
 const TIMESTAMPS_KEPT: usize = 4096;
 
 fn now_millis() -> i64 {
@@ -160,7 +160,7 @@ impl StatusProbe {
             inspector: Arc::new(Inspector::new(brokers)?),
             topics: topics.to_owned(),
             stall_after,
-            timestamps: Arc::default(),
+            timestamps: Arc::new(quick_cache::sync::Cache::new(TIMESTAMPS_KEPT)),
         })
     }
 
@@ -246,13 +246,6 @@ impl StatusProbe {
         })
     }
 
-    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Position, i64>> {
-        // A poisoned lock only means a holder panicked; the map is still right.
-        self.timestamps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Lag of one generation: checkpoints against watermarks; a partition
     /// with a backlog and no progress for `stall_after` is stalled.
     pub async fn generation(&self, model: ReadModel, generation: u32) -> Result<GenerationStatus, StatusError> {
@@ -323,7 +316,7 @@ impl StatusProbe {
         // (Past a gap below the log start, the oldest unapplied event still
         // in the log is at the log start.)
         let pending = |p: &PartitionStatus| (p.topic.clone(), p.partition, p.stored_offset.max(p.low_watermark));
-        let known = |position: &Position| self.remembered().get(position).copied();
+        let known = |position: &Position| self.timestamps.get(position);
         let unknown: Vec<Position> = status
             .partitions
             .iter()
@@ -344,12 +337,8 @@ impl StatusProbe {
         })
         .await
         .map_err(|e| KafkaClientError::Request(e.to_string()))??;
-        {
-            let mut remembered = self.remembered();
-            if remembered.len() + looked_up.len() > TIMESTAMPS_KEPT {
-                remembered.clear();
-            }
-            remembered.extend(looked_up);
+        for (position, timestamp) in looked_up {
+            self.timestamps.insert(position, timestamp);
         }
         let now = now_millis();
         let stall_ms = self.stall_after.as_millis() as i64;

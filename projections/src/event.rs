@@ -33,8 +33,19 @@ pub enum EventKind {
     Deleted,
 }
 
+/// Every event type's wire name (and per-type topic name), in the order of
+/// a course's life.
+pub const EVENT_TYPES: [&str; 5] = [
+    "CourseCreatedEvent",
+    "CourseUpdatedEvent",
+    "CoursePostedEvent",
+    "CourseUnpostedEvent",
+    "CourseDeletedEvent",
+];
+
 impl EventKind {
-    /// The event type's wire name, also used as a bounded metrics label.
+    /// The event type's wire name, one of [`EVENT_TYPES`], also used as a
+    /// bounded metrics label.
     pub fn type_name(&self) -> &'static str {
         match self {
             EventKind::Created(_) => "CourseCreatedEvent",

@@ -15,7 +15,7 @@ pub mod teacher_courses;
 pub mod time;
 
 pub use catalog::{Catalog, CatalogCourse};
-pub use event::{Changes, CourseEvent, Created, EventKind, Millis, Stamp};
+pub use event::{Changes, CourseEvent, Created, EventKind, Millis, Stamp, EVENT_TYPES};
 pub use state::CourseState;
 pub use teacher_courses::{Status, TeacherCourse, TeacherCourses};
 

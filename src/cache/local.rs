@@ -4,11 +4,11 @@
 //! An entry is served only while this process provably knows of every
 //! change to its scope that could make it stale:
 //! - Workers publish a notice on Redis pub/sub when they begin writing a
-//!   batch and when they bump the epoch ([`crate::cache`]). Each notice
+//!   batch and when they bump the epoch ([`super::Notice`]). Each notice
 //!   moves the scope's *stamp*; an entry stored under an older stamp is
 //!   never served again.
 //! - The process publishes a *fence* on the same channel every
-//!   [`FENCE_EVERY`]. Redis delivers one channel's messages to a subscriber
+//!   [`super::FENCE_EVERY`]. Redis delivers one channel's messages to a subscriber
 //!   in order, so receiving a fence sent at `t` proves that every notice
 //!   published before `t` has been applied. Entries are served only until
 //!   `t + TRUST`: a lost, slow or silently dead subscription turns the
@@ -35,11 +35,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-/// How often a process fences its subscription.
-pub const FENCE_EVERY: Duration = Duration::from_millis(100);
-
-/// How long after a fence was sent its proof holds.
-pub const TRUST: Duration = Duration::from_millis(500);
+use super::notice::{TRUST, WRITE_LEASE};
 
 /// Which changes an answer was stored after: the subscription's era and
 /// the scope's count of notices in it.
@@ -116,7 +112,7 @@ impl LocalCache {
             ),
             stamps: Mutex::new(Stamps::default()),
             max_age: max_age.as_millis() as u64,
-            lease: crate::cache::WRITE_LEASE.as_millis() as u64,
+            lease: WRITE_LEASE.as_millis() as u64,
             trusted_until: AtomicU64::new(0),
             // Back-dated, so no fence time is ever near zero (see `fenced`).
             origin: Instant::now()

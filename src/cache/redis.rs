@@ -8,7 +8,7 @@
 //! obsolete. After the bump no response comes from an older entry: the
 //! bound is the bump's round trip, far inside DESIGN's 1 s.
 //!
-//! API processes may also keep answers in memory ([`crate::local_cache`]):
+//! API processes may also keep answers in memory ([`super::LocalCache`]):
 //! workers publish a notice on the scope's channel when they begin a write
 //! and when they bump, and [`Cache::follow_notices`] applies them, fenced
 //! so that a lost subscription turns the memory layer off.
@@ -28,11 +28,9 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
-use crate::local_cache::{LocalCache, FENCE_EVERY};
+use super::local::LocalCache;
+use super::notice::{Notice, FENCE_EVERY, WRITE_LEASE};
 use crate::telemetry;
-
-/// How long a writer's announcement holds if it never ends it (a crash).
-pub const WRITE_LEASE: Duration = Duration::from_secs(30);
 
 /// How often a run of Redis failures is logged again while it lasts.
 const REMIND_EVERY: Duration = Duration::from_secs(60);
@@ -219,6 +217,27 @@ struct Inner {
     drop_epoch: Script,
 }
 
+impl Inner {
+    /// A fresh connection slot and failure state over `client`.
+    fn new(client: redis::Client, prefix: String, timeout: Duration, ttl: Duration, write_lease: Duration) -> Inner {
+        Inner {
+            client,
+            conn: Mutex::new(None),
+            prefix,
+            timeout,
+            ttl,
+            write_lease,
+            skip_until: AtomicU64::new(0),
+            failing_since_said: AtomicU64::new(0),
+            lookup: Script::new(LOOKUP),
+            put: Script::new(PUT),
+            begin_write: Script::new(BEGIN_WRITE),
+            bump: Script::new(BUMP),
+            drop_epoch: Script::new(DROP_EPOCH),
+        }
+    }
+}
+
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache").field("prefix", &self.inner.prefix).finish()
@@ -285,21 +304,7 @@ impl Cache {
             )?
         };
         Ok(Cache {
-            inner: Arc::new(Inner {
-                client,
-                conn: Mutex::new(None),
-                prefix: prefix.to_owned(),
-                timeout,
-                ttl,
-                write_lease: WRITE_LEASE,
-                skip_until: AtomicU64::new(0),
-                failing_since_said: AtomicU64::new(0),
-                lookup: Script::new(LOOKUP),
-                put: Script::new(PUT),
-                begin_write: Script::new(BEGIN_WRITE),
-                bump: Script::new(BUMP),
-                drop_epoch: Script::new(DROP_EPOCH),
-            }),
+            inner: Arc::new(Inner::new(client, prefix.to_owned(), timeout, ttl, WRITE_LEASE)),
         })
     }
 
@@ -307,26 +312,9 @@ impl Cache {
     /// one out). Only the lease this client takes changes.
     #[must_use]
     pub fn with_write_lease(self, lease: Duration) -> Cache {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
-            client: shared.client.clone(),
-            conn: Mutex::new(None),
-            prefix: shared.prefix.clone(),
-            timeout: shared.timeout,
-            ttl: shared.ttl,
-            write_lease: shared.write_lease,
-            skip_until: AtomicU64::new(0),
-            failing_since_said: AtomicU64::new(0),
-            lookup: Script::new(LOOKUP),
-            put: Script::new(PUT),
-            begin_write: Script::new(BEGIN_WRITE),
-            bump: Script::new(BUMP),
-            drop_epoch: Script::new(DROP_EPOCH),
-        });
+        let i = &self.inner;
         Cache {
-            inner: Arc::new(Inner {
-                write_lease: lease,
-                ..inner
-            }),
+            inner: Arc::new(Inner::new(i.client.clone(), i.prefix.clone(), i.timeout, i.ttl, lease)),
         }
     }
 
@@ -542,7 +530,13 @@ impl Cache {
                     .key(format!("{base}:epoch"))
                     .arg(lease)
                     .arg(writer)
-                    .arg(format!("w {writer} {base}"))
+                    .arg(
+                        Notice::WriteBegan {
+                            writer: writer.to_owned(),
+                            scope: base.clone(),
+                        }
+                        .to_string(),
+                    )
                     .invoke_async(&mut conn)
                     .await
             })
@@ -567,7 +561,11 @@ impl Cache {
         let base = self.base(scope);
         let key = format!("{base}:epoch");
         let channel = self.notices();
-        let notice = format!("b {} {base}", writer.unwrap_or("-"));
+        let notice = Notice::Bumped {
+            writer: writer.map(str::to_owned),
+            scope: base.clone(),
+        }
+        .to_string();
         let epoch = new_epoch();
         let script = &self.inner.bump;
         let set: Option<i64> = self
@@ -645,7 +643,7 @@ impl Cache {
                             telemetry::cache_error("notices");
                             break;
                         }
-                        let payload = format!("f {me} {}", local.now_ms());
+                        let payload = Notice::Fence { from: me.clone(), sent_ms: local.now_ms() }.to_string();
                         let channel = channel.clone();
                         let _: Option<i64> = self
                             .call("fence", |mut conn| async move { conn.publish(channel, payload).await })
@@ -657,24 +655,15 @@ impl Cache {
                             break;
                         };
                         let payload = String::from_utf8_lossy(message.get_payload_bytes());
-                        // "<kind> <who> <rest>": a fence's rest is when it
-                        // was sent; a notice's is its scope.
-                        let mut parts = payload.splitn(3, ' ');
-                        match (parts.next(), parts.next(), parts.next()) {
-                            (Some("f"), Some(who), Some(sent)) if who == me => {
-                                if let Ok(sent) = sent.parse() {
-                                    local.fenced(sent);
-                                    heard = std::time::Instant::now();
-                                }
+                        match payload.parse::<Notice>() {
+                            Ok(Notice::Fence { from, sent_ms }) if from == me => {
+                                local.fenced(sent_ms);
+                                heard = std::time::Instant::now();
                             }
-                            (Some("f"), _, _) => {}
-                            (Some("w"), Some(writer), Some(scope)) => local.write_began(scope, writer),
-                            (Some("b"), Some(writer), Some(scope)) => {
-                                local.bumped(scope, (writer != "-").then_some(writer));
-                            }
-                            // Unknown: assume the worst for any scope it names.
-                            (_, _, Some(scope)) => local.notice(scope),
-                            _ => {}
+                            Ok(Notice::Fence { .. }) | Err(_) => {}
+                            Ok(Notice::WriteBegan { writer, scope }) => local.write_began(&scope, &writer),
+                            Ok(Notice::Bumped { writer, scope }) => local.bumped(&scope, writer.as_deref()),
+                            Ok(Notice::Unknown { scope }) => local.notice(&scope),
                         }
                     }
                 }

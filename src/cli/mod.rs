@@ -267,16 +267,12 @@ impl KafkaArgs {
             b.set("sasl.password", password.expose(), "--kafka-password")?;
         }
         if let Some(file) = &self.password_file {
-            let text = std::fs::read_to_string(file).map_err(|error| KafkaConfigError::File {
+            let text = read_secret_file(file).map_err(|error| KafkaConfigError::File {
                 what: "the Kafka password file",
                 path: path(file),
                 error,
             })?;
-            b.set(
-                "sasl.password",
-                text.trim_end_matches(['\r', '\n']),
-                "--kafka-password-file",
-            )?;
+            b.set("sasl.password", &text, "--kafka-password-file")?;
         }
         b.build(servers)
     }
@@ -291,12 +287,19 @@ pub fn value_or_file(name: &str, value: Option<&str>, file: Option<&Path>) -> an
         (Some(_), Some(_)) => anyhow::bail!("{name} and {name}_FILE are both set; give one"),
         (Some(value), None) => Ok(Some(value.to_owned())),
         (None, Some(file)) => {
-            let text =
-                std::fs::read_to_string(file).with_context(|| format!("cannot read {name}_FILE {}", file.display()))?;
-            Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+            Ok(Some(read_secret_file(file).with_context(|| {
+                format!("cannot read {name}_FILE {}", file.display())
+            })?))
         }
         (None, None) => Ok(None),
     }
+}
+
+/// A secret kept in a file: its text without the trailing newline.
+fn read_secret_file(file: &Path) -> std::io::Result<String> {
+    let mut text = std::fs::read_to_string(file)?;
+    text.truncate(text.trim_end_matches(['\r', '\n']).len());
+    Ok(text)
 }
 
 impl Global {

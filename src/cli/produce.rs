@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::Args;
+use courseview_projections::EVENT_TYPES as TYPES;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -14,13 +15,6 @@ use tracing::info;
 use super::Global;
 use crate::kafka::{create_topics, Outgoing, Producer};
 
-const TYPES: [&str; 5] = [
-    "CourseCreatedEvent",
-    "CourseUpdatedEvent",
-    "CoursePostedEvent",
-    "CourseUnpostedEvent",
-    "CourseDeletedEvent",
-];
 const SUBJECTS: [&str; 8] = [
     "Rust",
     "Kafka",

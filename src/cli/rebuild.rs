@@ -13,7 +13,7 @@ use tracing::info;
 use super::project::WorkerArgs;
 use super::{humantime_duration, Global};
 use crate::read_model::ReadModel;
-use crate::rebuild::{rebuild, ProgressSink, RebuildOptions};
+use crate::rebuild::{rebuild, Mode, ProgressSink, RebuildOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct RebuildArgs {
@@ -82,7 +82,7 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
     let probe = global.status_probe(&store)?;
     let settings = args.worker.settings(&global, args.projection)?;
     let options = RebuildOptions {
-        in_place: args.in_place,
+        mode: if args.in_place { Mode::InPlace } else { Mode::BlueGreen },
         catch_up_lag: args.catch_up_lag.max(0),
         grace: args.grace,
         report_every: Duration::from_millis(500),

@@ -29,8 +29,7 @@ pub use error::ApiError;
 pub use routes::{template as route_template, QUERY_PARAMETERS};
 pub use worker::{serve_worker, worker_app, WorkerHealth};
 
-use crate::cache::{Cache, Lookup, Put, Scope};
-use crate::local_cache::LocalCache;
+use crate::cache::{Cache, LocalCache, ReadThrough, Scope};
 use crate::mongo::{Store, StoreError};
 use crate::read_model::ReadModel;
 use crate::status::{ProjectionStatus, StatusError, StatusProbe};
@@ -50,6 +49,9 @@ const GZIP_MEMO_BYTES: u64 = 2 << 20;
 
 /// How long a resolved generation pointer is trusted before re-reading it.
 const GENERATION_TTL: Duration = Duration::from_millis(250);
+
+/// How often [`serve`] re-reads the generation pointers in the background.
+const POINTER_EVERY: Duration = Duration::from_millis(200);
 
 /// Kinds of request that cost the database far more than a cached read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,12 +122,15 @@ impl std::ops::Deref for AppState {
 #[derive(Debug, Clone)]
 pub struct Shared {
     store: Store,
-    cache: Option<Cache>,
-    /// Answers in process memory, in front of `cache` (which keeps it fresh).
-    local: Option<Arc<LocalCache>>,
+    /// Redis and, in front of it, answers in process memory (which Redis's
+    /// notices keep fresh).
+    caches: ReadThrough,
     gzipped: Arc<GzipMemo>,
     settings: ApiSettings,
     generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
+    /// Set while [`AppState::follow_pointers`] keeps `generations` fresh:
+    /// requests then never read the pointer themselves.
+    pointers_followed: Arc<std::sync::atomic::AtomicBool>,
     status: Option<StatusProbe>,
     auth: DashboardAuth,
     /// This API's OpenAPI document as JSON (set when the router is built).
@@ -142,10 +147,13 @@ impl AppState {
     pub fn new(store: Store, cache: Option<Cache>, settings: ApiSettings) -> Self {
         AppState(Arc::new(Shared {
             store,
-            cache,
-            local: None,
+            caches: ReadThrough {
+                redis: cache,
+                local: None,
+            },
             gzipped: Arc::new(GzipMemo::new(GZIP_MEMO_BYTES)),
             generations: Arc::default(),
+            pointers_followed: Arc::default(),
             status: None,
             auth: DashboardAuth::Off,
             openapi: Arc::default(),
@@ -186,8 +194,9 @@ impl AppState {
     /// (with no bytes too: `minVersion` waits on them).
     pub fn with_local_cache(mut self, max_bytes: u64) -> Self {
         let inner = self.inner();
-        inner.local = inner
-            .cache
+        inner.caches.local = inner
+            .caches
+            .redis
             .as_ref()
             .map(|cache| LocalCache::new(max_bytes, cache.ttl()));
         self
@@ -195,7 +204,7 @@ impl AppState {
 
     /// The in-process cache, if on.
     pub fn local_cache(&self) -> Option<Arc<LocalCache>> {
-        self.local.clone()
+        self.caches.local.clone()
     }
 
     /// Enables `GET /projections`.
@@ -251,13 +260,43 @@ impl AppState {
     async fn generation(&self, model: ReadModel) -> Result<u32, StoreError> {
         if let Ok(known) = self.generations.lock() {
             if let Some((generation, at)) = known.get(&model) {
-                if at.elapsed() < GENERATION_TTL {
+                // Followed in the background, the last generation read is
+                // the best known even while MongoDB does not answer: a
+                // cached answer never waits on MongoDB for the pointer.
+                if at.elapsed() < GENERATION_TTL || self.pointers_followed.load(std::sync::atomic::Ordering::Acquire) {
                     return Ok(*generation);
                 }
             }
         }
         let read = self.store.serving_generation(model.name()).await?;
         Ok(self.remember_generation(model, read))
+    }
+
+    /// Re-reads every read model's generation pointer every
+    /// [`POINTER_EVERY`] until `cancel` (readers follow a switch within
+    /// that and one read), so requests find it in memory.
+    async fn follow_pointers(self, cancel: CancellationToken) {
+        self.pointers_followed.store(true, std::sync::atomic::Ordering::Release);
+        loop {
+            for model in ReadModel::ALL {
+                let read = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    read = self.store.serving_generation(model.name()) => read,
+                };
+                match read {
+                    Ok(generation) => {
+                        self.remember_generation(model, generation);
+                    }
+                    Err(e) => {
+                        tracing::debug!(projection = model.name(), error = %e, "Cannot read the generation pointer; serving the last one read.")
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(POINTER_EVERY) => {}
+            }
+        }
     }
 
     /// Records a generation read from the pointer and returns the one to
@@ -290,64 +329,11 @@ impl AppState {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Option<Vec<u8>>, ApiError>>,
     {
-        const ABSENT: &[u8] = b"-";
-        let answer = |bytes: Bytes| (bytes != ABSENT).then_some(bytes);
-        let Some(cache) = &self.cache else {
-            return Ok(load().await?.map(Bytes::from));
-        };
         let scope = Scope {
             projection: model.name(),
             generation,
         };
-        let base = cache.base(scope);
-        // Taken before Redis is asked, so a notice arriving meanwhile
-        // keeps what Redis answers out of memory.
-        let local = self.local.as_deref().and_then(|l| Some((l, l.stamp(&base)?)));
-        if let Some((local, stamp)) = local {
-            if let Some(bytes) = local.get(&base, suffix, stamp) {
-                telemetry::cache_lookup("memory", true);
-                return Ok(answer(bytes));
-            }
-            telemetry::cache_lookup("memory", false);
-        }
-        let epoch = match cache.get(scope, suffix).await {
-            Lookup::Hit { epoch, bytes, left } => {
-                let bytes = Bytes::from(bytes);
-                if let Some((local, stamp)) = local {
-                    local.observe_epoch(&base, &epoch);
-                    local.insert(&base, suffix, stamp, bytes.clone(), left);
-                }
-                return Ok(answer(bytes));
-            }
-            Lookup::Miss { epoch } => {
-                if let Some((local, _)) = local {
-                    local.observe_epoch(&base, &epoch);
-                }
-                Some(epoch)
-            }
-            // What MongoDB answers now may be newer than what memory holds
-            // (a write under way, or Redis cannot tell): stop serving
-            // memory before serving it.
-            Lookup::Writing | Lookup::Unavailable => {
-                self.forget(&base);
-                None
-            }
-        };
-        let loaded = load().await?.map(Bytes::from);
-        if let Some(epoch) = epoch {
-            let bytes = loaded.clone().unwrap_or_else(|| Bytes::from_static(ABSENT));
-            match cache.put(scope, &epoch, suffix, &bytes).await {
-                Put::Stored { left } => {
-                    if let Some((local, stamp)) = local {
-                        local.insert(&base, suffix, stamp, bytes, left);
-                    }
-                }
-                // The store changed since the lookup (a write began or
-                // ended, two answers met), or Redis cannot tell: as above.
-                Put::Stale | Put::Conflict | Put::Unavailable => self.forget(&base),
-            }
-        }
-        Ok(loaded)
+        self.caches.get_or_load(scope, suffix, load).await
     }
 
     /// A JSON 200 (or 304), compressed bodies memoized.
@@ -355,22 +341,13 @@ impl AppState {
         json_response(request_headers, body, Some(&self.gzipped))
     }
 
-    /// Serves nothing of the scope from memory until the next lookup.
-    fn forget(&self, base: &str) {
-        if let Some(local) = &self.local {
-            local.notice(base);
-        }
-    }
-
     /// An answer read from MongoDB outside the cache (`minVersion`) may be
     /// newer than what memory holds for the generation.
     fn forget_generation(&self, model: ReadModel, generation: u32) {
-        if let Some(cache) = &self.cache {
-            self.forget(&cache.base(Scope {
-                projection: model.name(),
-                generation,
-            }));
-        }
+        self.caches.forget_scope(Scope {
+            projection: model.name(),
+            generation,
+        });
     }
 }
 
@@ -436,10 +413,11 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    if let (Some(cache), Some(local)) = (&state.cache, &state.local) {
+    if let (Some(cache), Some(local)) = (&state.caches.redis, &state.caches.local) {
         let (cache, local, cancel) = (cache.clone(), Arc::clone(local), shutdown.clone());
         tokio::spawn(async move { cache.follow_notices(local, cancel).await });
     }
+    tokio::spawn(state.clone().follow_pointers(shutdown.clone()));
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -272,7 +272,11 @@ pub async fn catalog_course(
 async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, wanted: i64) -> Result<(), ApiError> {
     let deadline = tokio::time::Instant::now() + state.settings.min_version_wait;
     // Subscribed before the first read, so a bump between the two counts.
-    let mut changes = state.local.as_ref().map(|local| (Arc::clone(local), local.changes()));
+    let mut changes = state
+        .caches
+        .local
+        .as_ref()
+        .map(|local| (Arc::clone(local), local.changes()));
     loop {
         let applied = state.store.applied_version(collection, course_id).await?;
         if applied.is_some_and(|v| v >= wanted) {
@@ -314,7 +318,7 @@ async fn wait_for_version(state: &AppState, collection: &str, course_id: &str, w
 pub async fn projections(state: AppStateExt, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     Params::parse(query.as_deref(), &[])?;
     let all = state.projection_status(super::STATUS_LIMIT).await?;
-    let cache = match &state.cache {
+    let cache = match &state.caches.redis {
         None => "disabled",
         Some(cache) if cache.ping().await => "up",
         Some(_) => "down",
@@ -358,7 +362,7 @@ pub async fn readyz(state: AppStateExt) -> Result<Response, ApiError> {
     state.store.ping().await?;
     // A live worker that does not invalidate this API's cache (no Redis, or
     // another key prefix) lets cached answers go stale for their TTL.
-    if let Some(cache) = &state.cache {
+    if let Some(cache) = &state.caches.redis {
         let blind: Vec<String> = state
             .store
             .live_workers(None)

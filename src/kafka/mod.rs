@@ -379,46 +379,41 @@ impl AssignContext {
             // A rebuild told --allow-partial-history: the missing start is known.
             return Ok(Some(Offset::Offset(gap.resume_at())));
         }
-        let deadline = std::time::Instant::now() + self.patience;
-        loop {
-            match self.offsets.record_gap(&gap, self.on_gap) {
-                Ok(()) => break,
-                Err(e) if !e.retry || std::time::Instant::now() >= deadline => return Err(e.reason),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
+        self.patiently("record a gap", || self.offsets.record_gap(&gap, self.on_gap))?;
+        if self.on_gap == OnGap::Stop {
+            tracing::error!(
+                group = %self.group,
+                gap = %gap.describe(),
+                "Gap in the log: this partition is stopped (COURSEVIEW_ON_GAP=stop). Rebuild the projection (courseview rebuild, with --allow-partial-history if the log no longer starts at 0), or restart with COURSEVIEW_ON_GAP=continue to go on from offset {}.",
+                gap.resume_at()
+            );
+            return Ok(None);
         }
-        match self.on_gap {
-            OnGap::Stop => {
-                tracing::error!(
-                    group = %self.group,
-                    gap = %gap.describe(),
-                    "Gap in the log: this partition is stopped (COURSEVIEW_ON_GAP=stop). Rebuild the projection (courseview rebuild, with --allow-partial-history if the log no longer starts at 0), or restart with COURSEVIEW_ON_GAP=continue to go on from offset {}.",
-                    gap.resume_at()
-                );
-                Ok(None)
-            }
-            OnGap::Continue | OnGap::Accepted => {
-                tracing::error!(
-                    group = %self.group,
-                    gap = %gap.describe(),
-                    resume_at = gap.resume_at(),
-                    "Gap in the log: going on from the log's start (COURSEVIEW_ON_GAP=continue); the gap stays reported until a rebuild."
-                );
-                Ok(Some(Offset::Offset(gap.resume_at())))
-            }
-        }
+        tracing::error!(
+            group = %self.group,
+            gap = %gap.describe(),
+            resume_at = gap.resume_at(),
+            "Gap in the log: going on from the log's start (COURSEVIEW_ON_GAP=continue); the gap stays reported until a rebuild."
+        );
+        Ok(Some(Offset::Offset(gap.resume_at())))
     }
 
     fn load_offsets_patiently(&self) -> Result<HashMap<(String, i32), i64>, String> {
+        self.patiently("load stored offsets", || self.offsets.stored_offsets())
+    }
+
+    /// Runs a call to the offset store, retrying what may pass until the
+    /// assignment's patience runs out (the rebalance waits meanwhile).
+    fn patiently<T>(&self, what: &str, mut call: impl FnMut() -> Result<T, OffsetsUnavailable>) -> Result<T, String> {
         let deadline = std::time::Instant::now() + self.patience;
         let mut attempt = 0_u32;
         loop {
             attempt += 1;
-            match self.offsets.stored_offsets() {
-                Ok(map) => return Ok(map),
+            match call() {
+                Ok(done) => return Ok(done),
                 Err(e) if !e.retry || std::time::Instant::now() >= deadline => return Err(e.reason),
                 Err(e) => {
-                    warn!(group = %self.group, attempt, error = %e.reason, "Cannot load stored offsets; retrying.");
+                    warn!(group = %self.group, attempt, error = %e.reason, "Cannot {what}; retrying.");
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }

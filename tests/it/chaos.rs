@@ -553,7 +553,7 @@ impl ProgressSink for Quiet {
 fn quick_rebuild() -> RebuildOptions {
     RebuildOptions {
         allow_partial_history: false,
-        in_place: false,
+        mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 50,
         grace: Duration::from_secs(2),
         report_every: Duration::from_millis(100),

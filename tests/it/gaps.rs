@@ -105,7 +105,7 @@ impl ProgressSink for Quiet {
 fn options(allow_partial_history: bool) -> RebuildOptions {
     RebuildOptions {
         allow_partial_history,
-        in_place: false,
+        mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 0,
         grace: Duration::from_millis(200),
         report_every: Duration::from_millis(50),

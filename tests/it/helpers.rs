@@ -97,7 +97,7 @@ pub struct TestApp {
     /// The broker this app's topics live on.
     pub brokers: String,
     /// The API's in-process cache, if on.
-    pub local: Option<std::sync::Arc<courseview::local_cache::LocalCache>>,
+    pub local: Option<std::sync::Arc<courseview::cache::LocalCache>>,
 }
 
 impl Drop for TestApp {

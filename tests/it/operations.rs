@@ -109,7 +109,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
 
     let options = RebuildOptions {
         allow_partial_history: false,
-        in_place: false,
+        mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 20,
         grace: Duration::from_secs(1),
         report_every: Duration::from_millis(100),
@@ -402,7 +402,11 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_with_events() {
 fn quick(in_place: bool) -> RebuildOptions {
     RebuildOptions {
         allow_partial_history: false,
-        in_place,
+        mode: if in_place {
+            courseview::rebuild::Mode::InPlace
+        } else {
+            courseview::rebuild::Mode::BlueGreen
+        },
         catch_up_lag: 0,
         grace: Duration::from_millis(200),
         report_every: Duration::from_millis(50),
@@ -522,7 +526,7 @@ async fn a_rebuild_hands_over_to_an_idle_live_worker_as_soon_as_it_follows_not_a
     // switch, has no record to apply.
     let options = RebuildOptions {
         allow_partial_history: false,
-        in_place: false,
+        mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 20,
         grace: Duration::from_millis(100),
         report_every: Duration::from_millis(100),

@@ -46,3 +46,47 @@ async fn a_worker_waits_out_a_mongodb_outage_and_loses_nothing() {
         "the read model after the outage equals a clean replay"
     );
 }
+
+#[tokio::test]
+async fn cached_answers_keep_coming_while_the_api_cannot_reach_mongodb() {
+    let mongo_port: u16 = crate::helpers::mongodb_uri()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("mongo port");
+    let path = crate::peers::FreezingProxy::start(mongo_port).await;
+    let app = TestApp::with(Options {
+        mongodb_uri: format!("mongodb://127.0.0.1:{}/?directConnection=true", path.port),
+        ..Options::default()
+    })
+    .await;
+    let events = big_history("frz", 5);
+    app.project_all(ReadModel::Catalog, &events).await;
+    let course = "/catalog/courses/frz0001";
+    // Cached now (Redis, and the API's memory).
+    for _ in 0..2 {
+        assert_eq!(app.get_json(course).await.0, 200);
+    }
+
+    // MongoDB's path stalls (no reset, no answer): what is cached needs no
+    // MongoDB, so it keeps being served, and fast.
+    path.freeze();
+    let mut slowest = Duration::ZERO;
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        let asked = std::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(3), app.get_json(course)).await;
+        slowest = slowest.max(asked.elapsed());
+        assert_eq!(
+            answer.map(|a| a.0).ok(),
+            Some(200),
+            "a cached course while MongoDB is away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    path.thaw();
+    assert!(
+        slowest < Duration::from_millis(250),
+        "cached answers never waited on MongoDB (slowest {slowest:?})"
+    );
+}

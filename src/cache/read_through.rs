@@ -1,0 +1,98 @@
+//! The two-tier read-through the API serves answers by: memory, then
+//! Redis, then the loader (MongoDB), storing what it loaded in both.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Cache, LocalCache, Lookup, Put, Scope};
+use crate::telemetry;
+
+/// An answer cached as absent (a 404), so hot misses stay cheap.
+const ABSENT: &[u8] = b"-";
+
+/// The API's caches, either of which may be off.
+#[derive(Debug, Clone, Default)]
+pub struct ReadThrough {
+    pub redis: Option<Cache>,
+    pub local: Option<Arc<LocalCache>>,
+}
+
+impl ReadThrough {
+    /// Serves an answer of `scope` from the caches, or from `load` and
+    /// caches it. `None` from `load` (a 404) is cached too.
+    pub async fn get_or_load<F, Fut, E>(&self, scope: Scope<'_>, suffix: &str, load: F) -> Result<Option<Bytes>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let answer = |bytes: Bytes| (bytes != ABSENT).then_some(bytes);
+        let Some(cache) = &self.redis else {
+            return Ok(load().await?.map(Bytes::from));
+        };
+        let base = cache.base(scope);
+        // Taken before Redis is asked, so a notice arriving meanwhile
+        // keeps what Redis answers out of memory.
+        let local = self.local.as_deref().and_then(|l| Some((l, l.stamp(&base)?)));
+        if let Some((local, stamp)) = local {
+            if let Some(bytes) = local.get(&base, suffix, stamp) {
+                telemetry::cache_lookup("memory", true);
+                return Ok(answer(bytes));
+            }
+            telemetry::cache_lookup("memory", false);
+        }
+        let epoch = match cache.get(scope, suffix).await {
+            Lookup::Hit { epoch, bytes, left } => {
+                let bytes = Bytes::from(bytes);
+                if let Some((local, stamp)) = local {
+                    local.observe_epoch(&base, &epoch);
+                    local.insert(&base, suffix, stamp, bytes.clone(), left);
+                }
+                return Ok(answer(bytes));
+            }
+            Lookup::Miss { epoch } => {
+                if let Some((local, _)) = local {
+                    local.observe_epoch(&base, &epoch);
+                }
+                Some(epoch)
+            }
+            // What MongoDB answers now may be newer than what memory holds
+            // (a write under way, or Redis cannot tell): stop serving
+            // memory before serving it.
+            Lookup::Writing | Lookup::Unavailable => {
+                self.forget(&base);
+                None
+            }
+        };
+        let loaded = load().await?.map(Bytes::from);
+        if let Some(epoch) = epoch {
+            let bytes = loaded.clone().unwrap_or_else(|| Bytes::from_static(ABSENT));
+            match cache.put(scope, &epoch, suffix, &bytes).await {
+                Put::Stored { left } => {
+                    if let Some((local, stamp)) = local {
+                        local.insert(&base, suffix, stamp, bytes, left);
+                    }
+                }
+                // The store changed since the lookup (a write began or
+                // ended, two answers met), or Redis cannot tell: as above.
+                Put::Stale | Put::Conflict | Put::Unavailable => self.forget(&base),
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Serves nothing of `scope` from memory until its next lookup: an
+    /// answer read from MongoDB outside the cache (`minVersion`) may be
+    /// newer than what memory holds.
+    pub fn forget_scope(&self, scope: Scope<'_>) {
+        if let Some(cache) = &self.redis {
+            self.forget(&cache.base(scope));
+        }
+    }
+
+    fn forget(&self, base: &str) {
+        if let Some(local) = &self.local {
+            local.notice(base);
+        }
+    }
+}

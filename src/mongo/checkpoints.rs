@@ -1,0 +1,77 @@
+//! Stored offsets per projection generation and partition.
+
+use super::*;
+
+/// A stored offset (the next one to read) and when it last moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub offset: i64,
+    /// Unix milliseconds.
+    pub updated_at: Option<i64>,
+}
+
+impl Store {
+    pub(super) fn checkpoint_id(projection: &str, generation: u32, topic: &str, partition: i32) -> String {
+        format!("{projection}/g{generation}/{topic}/{partition}")
+    }
+
+    /// The next offset to read per (topic, partition) of this projection generation.
+    pub async fn load_offsets(&self, projection: &str, generation: u32) -> Result<HashMap<(String, i32), i64>> {
+        let checkpoints = self.load_checkpoints(projection, generation).await?;
+        Ok(checkpoints.into_iter().map(|(k, c)| (k, c.offset)).collect())
+    }
+
+    /// Stored offsets with the time each last moved.
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn load_checkpoints(
+        &self,
+        projection: &str,
+        generation: u32,
+    ) -> Result<HashMap<(String, i32), Checkpoint>> {
+        let mut cursor = self
+            .docs(CHECKPOINTS)
+            .find(doc! {"projection": projection, "generation": i64::from(generation)})
+            .await?;
+        let mut checkpoints = HashMap::new();
+        while let Some(doc) = cursor.try_next().await? {
+            if let (Ok(topic), Some(partition), Some(offset)) = (
+                doc.get_str("topic"),
+                get_int(&doc, "partition"),
+                get_int(&doc, "offset"),
+            ) {
+                let updated_at = get_int(&doc, "updatedAt");
+                checkpoints.insert((topic.to_owned(), partition as i32), Checkpoint { offset, updated_at });
+            }
+        }
+        Ok(checkpoints)
+    }
+
+    /// Stores next-offsets; an offset never moves backwards, so a worker that
+    /// lost its partitions in a rebalance cannot rewind the new owner.
+    #[instrument(skip_all, fields(projection, generation, partitions = offsets.len()))]
+    pub async fn store_offsets(&self, projection: &str, generation: u32, offsets: &[(String, i32, i64)]) -> Result<()> {
+        // Epoch milliseconds rather than a BSON date: the test peer returns
+        // dates as strings (COMPATIBILITY.md), and stall detection reads it.
+        let now = chrono::Utc::now().timestamp_millis();
+        let updates = offsets
+            .iter()
+            .map(|(topic, partition, offset)| {
+                doc! {
+                    "q": {"_id": Self::checkpoint_id(projection, generation, topic, *partition), "offset": {"$lt": offset}},
+                    "u": {"$set": {
+                        "projection": projection,
+                        "generation": i64::from(generation),
+                        "topic": topic,
+                        "partition": i64::from(*partition),
+                        "offset": offset,
+                        "updatedAt": now,
+                    }},
+                    "upsert": true,
+                }
+            })
+            .collect();
+        // A duplicate key means a newer offset is already stored: nothing to do.
+        self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! The dead-letter store: records that could not be applied, and gaps.
+
+use super::*;
+
+impl Store {
+    #[instrument(skip_all, fields(count = letters.len()))]
+    pub async fn put_dead_letters(&self, letters: &[DeadLetter]) -> Result<()> {
+        let now = bson::DateTime::now();
+        let mut updates = Vec::with_capacity(letters.len());
+        for letter in letters {
+            let mut body = bson::to_document(letter)?;
+            body.insert("deadAt", now);
+            updates.push(doc! {"q": {"_id": letter.id()}, "u": {"$set": body}, "upsert": true});
+        }
+        self.update_many_statements(DEAD_LETTERS, encoded(updates)?).await?;
+        Ok(())
+    }
+
+    /// Dead letters of a projection (all when `None`), oldest first.
+    #[instrument(skip_all)]
+    pub async fn dead_letters(&self, projection: Option<&str>, limit: i64) -> Result<Vec<(String, DeadLetter)>> {
+        let filter = projection.map_or_else(Document::new, |p| doc! {"projection": p});
+        let options = FindOptions::builder()
+            .sort(doc! {"deadAt": 1, "_id": 1})
+            .limit(limit)
+            .build();
+        let mut cursor = self.docs(DEAD_LETTERS).find(filter).with_options(options).await?;
+        let mut out = Vec::new();
+        while let Some(doc) = cursor.try_next().await? {
+            let id = doc.get_str("_id").unwrap_or_default().to_owned();
+            let letter: DeadLetter = bson::from_document(doc)
+                .map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))?;
+            out.push((id, letter));
+        }
+        Ok(out)
+    }
+
+    /// One dead letter by id.
+    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let Some(doc) = self.docs(DEAD_LETTERS).find_one(doc! {"_id": id}).await? else {
+            return Ok(None);
+        };
+        bson::from_document(doc)
+            .map(Some)
+            .map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))
+    }
+
+    pub async fn remove_dead_letter(&self, id: &str) -> Result<()> {
+        self.docs(DEAD_LETTERS).delete_one(doc! {"_id": id}).await?;
+        Ok(())
+    }
+
+    /// Records a gap in the log once (a letter of its own kind, keyed by
+    /// generation, partition and stored offset). With `rewind`, for a log
+    /// reset the worker goes on from, it then moves the checkpoint back to
+    /// the new log's start: a checkpoint goes back only here, never through
+    /// `store_offsets`' guard.
+    #[instrument(skip_all, fields(projection, generation, topic = %gap.topic, partition = gap.partition))]
+    pub async fn record_gap(&self, projection: &str, generation: u32, gap: &Gap, rewind: bool) -> Result<()> {
+        self.put_dead_letters(&[DeadLetter::gap(projection, generation, gap)])
+            .await?;
+        if rewind {
+            let id = Self::checkpoint_id(projection, generation, &gap.topic, gap.partition);
+            self.docs(CHECKPOINTS)
+                .update_one(
+                    doc! {"_id": &id, "offset": gap.stored},
+                    doc! {"$set": {"offset": gap.resume_at(), "updatedAt": chrono::Utc::now().timestamp_millis()}},
+                )
+                .await?;
+            tracing::warn!(
+                checkpoint = %id,
+                from = gap.stored,
+                to = gap.resume_at(),
+                "Checkpoint moved back to the start of the re-created log (log reset, COURSEVIEW_ON_GAP=continue)."
+            );
+        }
+        Ok(())
+    }
+
+    /// Gaps recorded for a generation of a projection, oldest first.
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn gaps(&self, projection: &str, generation: u32) -> Result<Vec<DeadLetter>> {
+        let filter = doc! {"projection": projection, "gap.generation": i64::from(generation)};
+        // Without deadAt: the test peer returns dates as strings.
+        let options = FindOptions::builder()
+            .sort(doc! {"deadAt": 1, "_id": 1})
+            .projection(doc! {"deadAt": 0})
+            .limit(1_000)
+            .build();
+        let cursor = self.docs(DEAD_LETTERS).find(filter).with_options(options).await?;
+        let docs: Vec<Document> = cursor.try_collect().await?;
+        docs.into_iter()
+            .map(|d| bson::from_document(d).map_err(|e| StoreError::Failed(format!("unreadable gap letter: {e}"))))
+            .collect()
+    }
+
+    pub async fn count_dead_letters(&self, projection: &str) -> Result<u64> {
+        Ok(self
+            .docs(DEAD_LETTERS)
+            .count_documents(doc! {"projection": projection})
+            .await?)
+    }
+}

@@ -1,0 +1,145 @@
+//! Read-model documents: revision-guarded writes, state loads, indexes.
+
+use super::*;
+
+/// A course's stored state and the revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub state: CourseState,
+    /// 0 when the document does not exist yet.
+    pub rev: i64,
+}
+
+/// A read-model document to write if nobody else wrote it since `rev`.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    pub id: String,
+    pub expected_rev: i64,
+    pub state: CourseState,
+    /// The API document, encoded; `None` when the course is not listed.
+    pub view: Option<RawDocumentBuf>,
+}
+
+impl Store {
+    /// Loads the stored states of these courses.
+    #[instrument(skip_all, fields(collection, courses = ids.len()))]
+    pub async fn load_states(&self, collection: &str, ids: &[String]) -> Result<HashMap<String, Stored>> {
+        let mut found = HashMap::with_capacity(ids.len());
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        let options = FindOptions::builder().projection(doc! {"state": 1, "_rev": 1}).build();
+        let mut cursor = self
+            .docs(collection)
+            .find(doc! {"_id": {"$in": ids}})
+            .with_options(options)
+            .await?;
+        while let Some(mut doc) = cursor.try_next().await? {
+            // A state that cannot be read stops the worker (Failed): skipping
+            // it would throw away the stamps that make replays converge.
+            let unreadable = |doc: &Document, what: String| {
+                let id = doc.get("_id").map_or_else(|| "?".into(), ToString::to_string);
+                StoreError::Failed(format!(
+                    "state of {id} in {collection}: {what} (rebuild the projection to rewrite it)"
+                ))
+            };
+            let state: CourseState = match doc.remove("state") {
+                Some(Bson::String(json)) => serde_json::from_str(&json).map_err(|e| unreadable(&doc, e.to_string()))?,
+                // As written before states were stored encoded.
+                Some(Bson::Document(state)) => {
+                    bson::from_document(state).map_err(|e| unreadable(&doc, e.to_string()))?
+                }
+                other => return Err(unreadable(&doc, format!("unexpected {other:?}"))),
+            };
+            let rev = get_int(&doc, "_rev").unwrap_or_default();
+            found.insert(state.course_id.clone(), Stored { state, rev });
+        }
+        Ok(found)
+    }
+
+    /// Writes documents guarded by their revision. Returns the ids whose
+    /// revision moved (another worker wrote them): the caller reloads and
+    /// reapplies those, which is safe because applying is idempotent.
+    #[instrument(skip_all, fields(collection, docs = writes.len()))]
+    pub async fn write_states(&self, collection: &str, writes: &[DocWrite]) -> Result<Vec<String>> {
+        fn or_null<T: Into<RawBson>>(value: Option<T>) -> RawBson {
+            value.map_or(RawBson::Null, Into::into)
+        }
+        let mut updates = Vec::with_capacity(writes.len());
+        for w in writes {
+            let s = &w.state;
+            // Built as encoded BSON: a batch of `Document` trees held
+            // about 20 KiB per course at its peak (heaptrack).
+            let mut replacement = RawDocumentBuf::new();
+            replacement.append("_id", w.id.as_str());
+            replacement.append("_rev", w.expected_rev + 1);
+            // The state is the projector's private bookkeeping (a stamp per
+            // field); nothing queries inside it, so it is stored as one
+            // JSON string, which the store keeps without parsing ~30 nested
+            // fields: the test peer writes such documents a third faster
+            // (PERFORMANCE.md). A string rather than BSON binary: the peer
+            // fails to report a duplicate key on a document holding binary.
+            let state = serde_json::to_string(s).map_err(|e| StoreError::Failed(format!("unencodable state: {e}")))?;
+            replacement.append("state", state);
+            // Top-level copies of what the API filters and sorts on.
+            replacement.append("listed", w.view.is_some());
+            replacement.append("view", or_null(w.view.clone()));
+            replacement.append("teacherId", or_null(s.teacher_id.as_ref().map(|t| t.value.as_str())));
+            replacement.append("name", or_null(s.name.as_ref().map(|n| n.value.as_str())));
+            replacement.append("postedAt", or_null(s.posted_at()));
+            replacement.append("registeredAt", or_null(s.registered_at.as_ref().map(|r| r.value)));
+            // Top-level so reading it needs no dotted projection (the
+            // test peer flattens those; see COMPATIBILITY.md).
+            replacement.append("version", or_null(s.version));
+            // The pages' tie-break: a copy of `_id` that indexes may
+            // hold (the test peer rejects `_id` in compound keys).
+            replacement.append("sortId", w.id.as_str());
+            let mut statement = RawDocumentBuf::new();
+            statement.append("q", rawdoc! {"_id": w.id.as_str(), "_rev": w.expected_rev});
+            statement.append("u", replacement);
+            statement.append("upsert", true);
+            updates.push(statement);
+        }
+        let conflicts = self.update_many_statements(collection, updates).await?;
+        Ok(conflicts
+            .into_iter()
+            .filter_map(|i| writes.get(i))
+            .map(|w| w.id.clone())
+            .collect())
+    }
+
+    /// The indexes the API's queries on this read model need: for each page
+    /// query, its equality fields first, then its sort keys in sort order
+    /// with the `sortId` tie-break, so MongoDB walks the index in order and
+    /// needs no in-memory sort (docs/COMPATIBILITY.md lists each query).
+    pub fn index_keys(model: ReadModel) -> Vec<Document> {
+        match model {
+            ReadModel::Catalog => vec![
+                doc! {"listed": 1, "postedAt": -1, "sortId": -1},
+                doc! {"listed": 1, "name": 1, "sortId": 1},
+                doc! {"listed": 1, "teacherId": 1, "postedAt": -1, "sortId": -1},
+                doc! {"listed": 1, "teacherId": 1, "name": 1, "sortId": 1},
+            ],
+            ReadModel::TeacherCourses => vec![
+                doc! {"listed": 1, "teacherId": 1, "registeredAt": -1, "sortId": -1},
+                doc! {"listed": 1, "teacherId": 1, "name": 1, "sortId": 1},
+            ],
+        }
+    }
+
+    /// Creates [`Store::index_keys`] on a generation's collection.
+    #[instrument(skip_all, fields(collection))]
+    pub async fn ensure_indexes(&self, collection: &str, model: ReadModel) -> Result<()> {
+        let models: Vec<IndexModel> = Self::index_keys(model)
+            .into_iter()
+            .map(|k| {
+                IndexModel::builder()
+                    .keys(k)
+                    .options(IndexOptions::builder().build())
+                    .build()
+            })
+            .collect();
+        self.docs(collection).create_indexes(models).await?;
+        Ok(())
+    }
+}

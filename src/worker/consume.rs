@@ -1,0 +1,310 @@
+//! One generation's consumer: the Kafka reader thread, stored offsets on
+//! assignment, and the batch loop that feeds the applier.
+
+use super::*;
+
+/// Reads stored offsets from MongoDB on the Kafka reader thread.
+struct StoredOffsets {
+    store: Store,
+    projection: &'static str,
+    generation: u32,
+    runtime: Handle,
+}
+
+impl StoredOffsets {
+    /// Runs a store call from the Kafka reader thread.
+    fn block_on<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, OffsetsUnavailable> {
+        // librdkafka may call back from whichever thread drops or closes the
+        // consumer; `block_on` there, on an async thread, would abort the
+        // process. Failing makes the assignment wait for a fresh consumer.
+        if Handle::try_current().is_ok() {
+            return Err(OffsetsUnavailable {
+                reason: "stored offsets requested on an async runtime thread".into(),
+                retry: false,
+            });
+        }
+        self.runtime.block_on(call).map_err(|e| OffsetsUnavailable {
+            reason: e.to_string(),
+            retry: true,
+        })
+    }
+}
+
+impl OffsetSource for StoredOffsets {
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable> {
+        self.block_on(self.store.load_offsets(self.projection, self.generation))
+    }
+
+    fn record_gap(&self, gap: &Gap, policy: OnGap) -> Result<(), OffsetsUnavailable> {
+        let rewind = gap.kind == GapKind::LogReset && policy == OnGap::Continue;
+        self.block_on(self.store.record_gap(self.projection, self.generation, gap, rewind))?;
+        telemetry::gap(self.projection, gap.kind.name());
+        Ok(())
+    }
+}
+
+/// Consumes into one generation of the projection until `cancel` fires.
+/// The rebuild runs this with its own consumer group and a new generation.
+pub async fn run_generation(
+    settings: &WorkerSettings,
+    store: Store,
+    cache: Option<Cache>,
+    generation: u32,
+    cancel: CancellationToken,
+) -> Result<GenerationEnd, WorkerError> {
+    let model = settings.model;
+    let span = tracing::info_span!("worker", projection = model.name(), generation);
+    async move {
+        let collection = Store::collection_name(model.name(), generation);
+        if settings.indexes == IndexBuild::AtStart
+            && retry_transient("create indexes", &cancel, settings.max_backoff, || {
+                store.ensure_indexes(&collection, model)
+            })
+            .await?
+            .is_none()
+        {
+            return Ok(GenerationEnd::Cancelled);
+        }
+        let offsets = Arc::new(StoredOffsets {
+            store: store.clone(),
+            projection: model.name(),
+            generation,
+            runtime: Handle::current(),
+        });
+        let consumer = Consumer::subscribe(&settings.kafka, offsets)?;
+        let (tx, mut rx) = mpsc::channel::<Feed>(settings.batch_size * 2);
+        let budget = ByteBudget::new(settings.max_queue_bytes);
+        let reader_cancel = cancel.child_token();
+        let assigned = consumer.assigned();
+        let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
+        info!(group = %settings.kafka.group_id, "Projector started.");
+
+        let applier = Applier::new(model, store, cache, generation)
+            .with_record_limit(settings.max_record_bytes)
+            .with_state_cache_bytes(settings.state_cache_bytes)
+            .with_held_flag(settings.cache_held.clone());
+        let hard = deadline_after(&cancel, settings.shutdown_timeout);
+        let mut epoch_pending = false;
+        let mut reported = false;
+        let result = loop {
+            // Records that queued up while the last batch was written make
+            // the next batch at once (group commit); only a record that
+            // arrives into an idle worker waits the linger for company.
+            let queued = if cancel.is_cancelled() { None } else { rx.try_recv().ok() };
+            let (first, arrival) = if let Some(feed) = queued {
+                (Some(feed), Arrival::Queued)
+            } else {
+                let first = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break Ok(GenerationEnd::Cancelled),
+                    r = rx.recv() => r,
+                    // Idle tick: retry a cache invalidation Redis refused earlier.
+                    () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
+                        epoch_pending = !applier.bump_cache().await;
+                        continue;
+                    }
+                    // Assigned and idle: following this generation all the same
+                    // (a rebuild's handover waits for it).
+                    () = tokio::time::sleep(Duration::from_millis(100)), if !reported => {
+                        if assigned.load(std::sync::atomic::Ordering::Acquire) {
+                            report(settings, generation, true);
+                            reported = true;
+                        }
+                        continue;
+                    }
+                };
+                (first, Arrival::Awaited)
+            };
+            let Some(first) = first else {
+                // The reader ended without being asked: find out why.
+                let exit = match reader.take().map(|r| r.join()) {
+                    Some(Ok(exit)) => exit,
+                    Some(Err(panic)) => break Ok(GenerationEnd::ReaderDied(panic_message(&panic))),
+                    None => ReaderExit::ReceiverGone,
+                };
+                break Ok(match exit {
+                    ReaderExit::AssignmentFailed(reason) => GenerationEnd::AssignmentFailed(reason),
+                    ReaderExit::OffsetOutOfRange(reason) => GenerationEnd::OffsetOutOfRange(reason),
+                    other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
+                });
+            };
+            if !reported {
+                // Something arrived, so partitions are assigned: consuming.
+                report(settings, generation, true);
+                reported = true;
+            }
+            let (batch, advanced) = collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
+            let bytes: usize = batch.iter().map(Record::size).sum();
+            // The batch in hand is finished even if shutdown starts now, but
+            // only until the shutdown deadline.
+            let outcome = tokio::select! {
+                r = retry_transient("apply batch", &hard, settings.max_backoff, || applier.apply_batch_and_advance(&batch, &advanced)) => r,
+                () = hard.cancelled() => Ok(None),
+            };
+            budget.release(bytes);
+            match outcome {
+                Ok(Some(outcome)) => {
+                    consumer.commit(&outcome.offsets);
+                    // A batch of position advances only changed no document.
+                    if !batch.is_empty() {
+                        epoch_pending = !applier.bump_cache().await;
+                    }
+                    debug!(
+                        applied = outcome.applied,
+                        dead = outcome.dead_letters,
+                        written = outcome.documents_written,
+                        "Batch committed."
+                    );
+                }
+                Ok(None) => {
+                    warn!(
+                        records = batch.len(),
+                        "Shutdown deadline passed; batch abandoned, its offsets not stored."
+                    );
+                    break Ok(GenerationEnd::Abandoned);
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        hard.cancel();
+        reader_cancel.cancel();
+        drop(rx);
+        // Join the reader and drop our consumer handle off the async threads
+        // (librdkafka may run callbacks on close), within the deadline.
+        let closing = tokio::task::spawn_blocking(move || {
+            let joined = reader.map(std::thread::JoinHandle::join);
+            drop(consumer);
+            joined
+        });
+        if tokio::time::timeout(settings.shutdown_timeout, closing).await.is_err() {
+            warn!("Kafka consumer did not close in time; leaving it behind.");
+        }
+        info!("Projector stopped.");
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".to_owned())
+}
+
+/// How a batch's first record reached the worker, which decides whether
+/// the batch waits for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// It was waiting already: take what is queued and write it now.
+    Queued,
+    /// The worker was idle and waited for it: linger for what follows.
+    Awaited,
+}
+
+/// Takes `first` plus what is queued, up to `max` records, and if `first`
+/// was awaited, whatever arrives within `linger`; position advances travel
+/// alongside.
+async fn collect_batch(
+    first: Feed,
+    arrival: Arrival,
+    rx: &mut mpsc::Receiver<Feed>,
+    max: usize,
+    linger: Duration,
+) -> (Vec<Record>, Vec<(String, i32, i64)>) {
+    fn take(feed: Feed, batch: &mut Vec<Record>, advanced: &mut Vec<(String, i32, i64)>) {
+        match feed {
+            Feed::Record(r) => batch.push(r),
+            Feed::Advance { topic, partition, next } => advanced.push((topic, partition, next)),
+        }
+    }
+    let (mut batch, mut advanced) = (Vec::new(), Vec::new());
+    take(first, &mut batch, &mut advanced);
+    // An advance alone is a batch at once: nothing else is coming.
+    let advance_only = !advanced.is_empty();
+    let deadline = tokio::time::Instant::now() + linger;
+    while !advance_only && batch.len() < max {
+        match rx.try_recv() {
+            Ok(feed) => take(feed, &mut batch, &mut advanced),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if arrival == Arrival::Queued => break,
+            Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(feed)) => take(feed, &mut batch, &mut advanced),
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    (batch, advanced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::rec;
+
+    #[tokio::test]
+    async fn records_already_waiting_make_a_batch_at_once_without_waiting_out_the_linger() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for offset in 1..5 {
+            tx.send(Feed::Record(rec("a", 0, offset))).await.expect("queued");
+        }
+        let started = std::time::Instant::now();
+        let (batch, _) = collect_batch(
+            Feed::Record(rec("a", 0, 0)),
+            Arrival::Queued,
+            &mut rx,
+            100,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(batch.len(), 5, "everything that was waiting");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a backlog is written at once ({:?})",
+            started.elapsed()
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_record_that_finds_the_worker_idle_waits_the_linger_for_the_ones_after_it() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = tx.send(Feed::Record(rec("a", 0, 1))).await;
+        });
+        let (batch, _) = collect_batch(
+            Feed::Record(rec("a", 0, 0)),
+            Arrival::Awaited,
+            &mut rx,
+            100,
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(batch.len(), 2, "the record sent 30 ms later joined the batch");
+    }
+
+    #[tokio::test]
+    async fn a_batch_never_grows_past_its_size() {
+        let (tx, mut rx) = mpsc::channel(10);
+        for i in 1..9 {
+            tx.send(Feed::Record(rec("a", 0, i))).await.expect("send");
+        }
+        for arrival in [Arrival::Queued, Arrival::Awaited] {
+            let (batch, _) = collect_batch(
+                Feed::Record(rec("a", 0, 0)),
+                arrival,
+                &mut rx,
+                3,
+                Duration::from_millis(10),
+            )
+            .await;
+            assert_eq!(batch.len(), 3, "{arrival:?}");
+        }
+    }
+}
