@@ -308,15 +308,26 @@ pub async fn rebuild(
         // the slow part, and the replay goes on meanwhile.
         sink.phase(&format!("building the query indexes of generation {to}"));
         let collection = Store::collection_name(name, to);
-        if retry_transient("create indexes", cancel, settings.max_backoff, || {
-            store.ensure_indexes(&collection, model)
-        })
-        .await?
-        .is_none()
-        {
-            worker.stop().await?;
-            sink.phase("interrupted; run the same command again to resume");
-            return Ok(None);
+        // Raced with `cancel`: over a full collection the build is long, and
+        // an interrupt must not wait for it.
+        let built = tokio::select! {
+            () = cancel.cancelled() => Ok(None),
+            built = retry_transient("create indexes", cancel, settings.max_backoff, || {
+                store.ensure_indexes(&collection, model)
+            }) => built,
+        };
+        match built {
+            Ok(Some(())) => {}
+            Ok(None) => {
+                worker.stop().await?;
+                sink.phase("interrupted; run the same command again to resume");
+                return Ok(None);
+            }
+            Err(e) => {
+                // Stop the replay before saying why: its batch in hand lands.
+                worker.stop().await?;
+                return Err(e.into());
+            }
         }
         // Close the gap: live workers pause, so the serving generation stops
         // moving; then switch once the new one has reached it exactly. A
