@@ -352,12 +352,7 @@ async fn a_memory_answer_expires_with_its_redis_entry_not_a_ttl_after_it_was_cop
 async fn a_stalled_notice_subscription_stops_memory_answers_within_the_freshness_bound() {
     // The API reaches Redis through a proxy that will stall; the worker
     // reaches it directly, so its notices are published but never arrive.
-    let redis_port: u16 = crate::helpers::redis_url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("redis port");
-    let proxy = FreezingProxy::start(redis_port).await;
+    let proxy = FreezingProxy::start(crate::helpers::redis_port()).await;
     let app = TestApp::with(Options {
         redis_url: Some(proxy.url()),
         ..Options::default()

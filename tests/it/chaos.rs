@@ -1204,12 +1204,7 @@ async fn chaos_retention_overtakes_a_lagging_worker_mid_stream() {
     let scale = Scale::from_env();
     let started = Instant::now();
     let app = TestApp::spawn().await;
-    let mongo_port: u16 = crate::helpers::mongodb_uri()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("mongo port");
-    let path = crate::peers::FreezingProxy::start(mongo_port).await;
+    let path = crate::peers::FreezingProxy::start(crate::helpers::mongodb_port()).await;
     let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", path.port);
     let worker = app.worker_process(
         ReadModel::Catalog,

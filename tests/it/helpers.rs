@@ -35,6 +35,14 @@ pub fn redis_url() -> String {
 }
 
 /// The port of the suite's Redis (for proxies in front of it).
+pub fn mongodb_port() -> u16 {
+    mongodb_uri()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("MONGODB_URI ends in a port")
+}
+
 pub fn redis_port() -> u16 {
     redis_url()
         .rsplit(':')

@@ -49,12 +49,7 @@ async fn a_worker_waits_out_a_mongodb_outage_and_loses_nothing() {
 
 #[tokio::test]
 async fn cached_answers_keep_coming_while_the_api_cannot_reach_mongodb() {
-    let mongo_port: u16 = crate::helpers::mongodb_uri()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("mongo port");
-    let path = crate::peers::FreezingProxy::start(mongo_port).await;
+    let path = crate::peers::FreezingProxy::start(crate::helpers::mongodb_port()).await;
     let app = TestApp::with(Options {
         mongodb_uri: format!("mongodb://127.0.0.1:{}/?directConnection=true", path.port),
         ..Options::default()

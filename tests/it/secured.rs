@@ -505,15 +505,6 @@ async fn a_wrong_redis_password_is_said_once_and_the_api_answers_from_mongodb_wi
 
 // ---- MongoDB over TLS ----------------------------------------------------
 
-/// The port of the suite's MongoDB peer, for a TLS terminator in front.
-fn mongo_port() -> u16 {
-    crate::helpers::mongodb_uri()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("the MongoDB peer's port")
-}
-
 fn tls_dir() -> PathBuf {
     PathBuf::from(tls("ca.pem")).parent().expect("tls dir").to_path_buf()
 }
@@ -532,7 +523,7 @@ fn tls_uri(port: u16, ca: &str, client: bool) -> String {
 #[tokio::test]
 async fn mongodb_over_tls_with_server_authentication_and_with_client_certificates_projects_and_serves() {
     for client in [false, true] {
-        let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), mongo_port(), client);
+        let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), crate::helpers::mongodb_port(), client);
         let app = TestApp::with(crate::helpers::Options {
             mongodb_uri: tls_uri(terminator.port, "ca.pem", client),
             ..crate::helpers::Options::default()
@@ -553,7 +544,7 @@ async fn mongodb_over_tls_with_server_authentication_and_with_client_certificate
 
 #[tokio::test]
 async fn mongodb_behind_tls_with_an_untrusted_ca_or_no_client_certificate_is_a_clear_error_and_not_ready() {
-    let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), mongo_port(), true);
+    let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), crate::helpers::mongodb_port(), true);
     for (ca, client, says) in [
         ("untrusted-ca.pem", true, "UnknownIssuer"),
         ("ca.pem", false, "CertificateRequired"),
@@ -633,7 +624,7 @@ async fn the_uri_the_redis_url_and_the_jwt_secret_are_read_from_files_and_both_w
     .await;
     let secret = "a-shared-secret-of-32-bytes-long";
     // Places only the files name (not the defaults the suite also runs).
-    let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), mongo_port(), false);
+    let terminator = crate::peers::PrivateStunnel::start(&tls_dir(), crate::helpers::mongodb_port(), false);
     let redis = crate::peers::PrivateRedis::start();
     let mut redis_conn = redis.ready().await;
     let files = [
