@@ -237,12 +237,7 @@ async fn own_document_writes(store: &Store, corpus: &[courseview::record::Record
     }
     let writes: Vec<DocWrite> = states
         .into_iter()
-        .map(|(id, state)| DocWrite {
-            id,
-            expected_rev: 0,
-            view: ReadModel::Catalog.view(&state),
-            state,
-        })
+        .map(|(id, state)| DocWrite::new(ReadModel::Catalog, id, 0, state))
         .collect();
     let collection = "own_documents";
     store

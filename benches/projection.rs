@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use courseview::decode::decode;
+use courseview::mongo::encoded_view;
 use courseview::read_model::ReadModel;
 use courseview::record::Record;
 use courseview_projections::{CourseEvent, CourseState};
@@ -34,7 +35,7 @@ fn project(records: &[Record], states: &mut HashMap<String, CourseState>) {
             for event in events {
                 state.apply(event);
             }
-            black_box(ReadModel::Catalog.view(state));
+            black_box(encoded_view(ReadModel::Catalog, state));
         }
     }
 }

@@ -45,8 +45,8 @@ pub struct DeadLetter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated_from: Option<i64>,
     /// When it was stored; set by the store.
-    #[serde(default, skip_serializing)]
-    pub dead_at: Option<bson::DateTime>,
+    #[serde(skip)]
+    pub dead_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Set when the letter is not a record but a gap in the log: events
     /// the projection can never read (`offset` is its stored offset then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,10 +197,11 @@ impl DeadLetter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn poison() -> Record {
+    /// A record with bytes no text type could keep.
+    pub(crate) fn poison() -> Record {
         Record {
             topic: "CourseCreatedEvent".into(),
             partition: 1,
@@ -213,11 +214,10 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_gives_back_the_record_byte_for_byte_through_bson() {
+    fn a_dead_letter_is_named_by_its_record_and_shows_bytes_as_base64() {
         let record = poison();
         let letter = DeadLetter::new("catalog", &record, "bad");
-        let stored: DeadLetter = bson::from_document(bson::to_document(&letter).expect("bson")).expect("back");
-        assert_eq!(stored.to_record(), Some(record));
+        assert_eq!(letter.to_record(), Some(record));
         assert_eq!(letter.id(), "catalog/CourseCreatedEvent/1/7");
         assert_eq!(letter.to_json("x")["key"]["base64"], "/2s=");
     }

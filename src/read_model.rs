@@ -21,19 +21,24 @@ impl ReadModel {
         }
     }
 
-    /// The document the API serves for this course, or `None` if unlisted.
-    /// Straight to BSON: it is stored as is, and served from the store.
-    pub fn view(self, state: &CourseState) -> Option<bson::RawDocumentBuf> {
-        // Straight to encoded BSON: a `Document` tree costs an order of
-        // magnitude more memory and time, and the writer only sends bytes.
-        fn document<P: Projection>(state: &CourseState) -> Option<bson::RawDocumentBuf> {
-            P::view(state).and_then(|v| bson::to_raw_document_buf(&v).ok())
+    /// The document the API serves for this course, encoded by `encoder`
+    /// (each projection's view is its own type), or `None` if unlisted.
+    pub fn encode_view<E: EncodeView>(self, state: &CourseState, encoder: E) -> Option<E::Encoded> {
+        fn view<P: Projection, E: EncodeView>(state: &CourseState, encoder: E) -> Option<E::Encoded> {
+            P::view(state).and_then(|v| encoder.encode(&v))
         }
         match self {
-            ReadModel::Catalog => document::<Catalog>(state),
-            ReadModel::TeacherCourses => document::<TeacherCourses>(state),
+            ReadModel::Catalog => view::<Catalog, E>(state, encoder),
+            ReadModel::TeacherCourses => view::<TeacherCourses, E>(state, encoder),
         }
     }
+}
+
+/// Turns a view, whatever projection's, into what the store keeps: the
+/// store's format stays the store's business.
+pub trait EncodeView {
+    type Encoded;
+    fn encode<V: serde::Serialize>(self, view: &V) -> Option<Self::Encoded>;
 }
 
 impl std::fmt::Display for ReadModel {

@@ -141,7 +141,7 @@ fn table(letters: &[(String, DeadLetter)]) -> String {
     for (id, letter) in letters {
         let when = letter
             .dead_at
-            .map(|d| d.try_to_rfc3339_string().unwrap_or_default())
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default();
         let value = letter
             .value

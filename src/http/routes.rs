@@ -6,12 +6,11 @@ use std::time::Duration;
 use axum::extract::{Path, RawQuery};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bson::{Bson, Document};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::params::{Cursor, Params, Sort};
+use super::params::{Cursor, Params};
 use super::{ApiError, AppState, AppStateExt, Expensive};
-use crate::mongo::{PageQuery, Store};
+use crate::mongo::{ListQuery, Listing, Store};
 use crate::read_model::ReadModel;
 use crate::telemetry;
 
@@ -59,10 +58,6 @@ const VERSION_POLL: Duration = Duration::from_millis(100);
 /// The least time between two reads of one wait.
 const VERSION_SPACING: Duration = Duration::from_millis(25);
 
-fn to_json(doc: Document) -> Value {
-    Bson::Document(doc).into_relaxed_extjson()
-}
-
 fn id_param(name: &str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() || value.len() > 200 {
         return Err(ApiError::bad(name, "must be 1 to 200 characters"));
@@ -94,28 +89,16 @@ pub async fn catalog_list(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref(), CATALOG_LIST_QUERY)?;
-    let sort = params.sort()?;
-    let sort_field = match sort {
-        Sort::Newest => "postedAt",
-        Sort::Name => "name",
-    };
-    let mut filter = Vec::new();
-    if let Some(teacher) = params.text("teacherId")? {
-        filter.push(("teacherId".to_owned(), teacher.to_owned()));
-    }
+    let teacher = params.text("teacherId")?.map(str::to_owned);
     let text = params.text("q")?;
     // A search walks every listed course: bounded in how many read MongoDB
     // at once (a cached search page takes no permit).
     let expensive = text.map(|_| Expensive::Search);
-    let page = PageQuery {
-        filter,
-        text: text.map(|q| (q.to_owned(), vec!["view.name", "view.description"])),
-        sort_field,
-        descending: sort == Sort::Newest,
-        after: params.cursor(sort)?.map(cursor_position),
-        limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
+    let listing = Listing::Catalog {
+        teacher,
+        text: text.map(str::to_owned),
     };
-    list(&state, ReadModel::Catalog, sort, &params, page, expensive, &headers).await
+    list(&state, ReadModel::Catalog, listing, &params, expensive, &headers).await
 }
 
 /// `GET /teachers/{teacherId}/courses?sort=newest|name&limit=&cursor=`:
@@ -147,44 +130,31 @@ pub async fn teacher_courses(
     // Before anything is read: drafts are private.
     state.auth.authorize(&headers, &teacher_id)?;
     let params = Params::parse(query.as_deref(), TEACHER_COURSES_QUERY)?;
-    let sort = params.sort()?;
-    let page = PageQuery {
-        filter: vec![("teacherId".to_owned(), teacher_id.clone())],
-        text: None,
-        sort_field: match sort {
-            Sort::Newest => "registeredAt",
-            Sort::Name => "name",
-        },
-        descending: sort == Sort::Newest,
-        after: params.cursor(sort)?.map(cursor_position),
-        limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
-    };
-    list(&state, ReadModel::TeacherCourses, sort, &params, page, None, &headers).await
+    let listing = Listing::Teacher { teacher: teacher_id };
+    list(&state, ReadModel::TeacherCourses, listing, &params, None, &headers).await
 }
 
-fn cursor_position(c: Cursor) -> (Bson, String) {
-    let key = match c.key {
-        Value::String(s) => Bson::String(s),
-        Value::Number(n) => Bson::Int64(n.as_i64().unwrap_or_default()),
-        _ => Bson::Null,
-    };
-    (key, c.id)
-}
-
+/// One page of a listing, through the cache.
 async fn list(
     state: &AppState,
     model: ReadModel,
-    sort: Sort,
+    listing: Listing,
     params: &Params,
-    page: PageQuery,
     expensive: Option<Expensive>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let sort = params.sort()?;
+    let page = ListQuery {
+        listing,
+        order: sort.into(),
+        after: params.cursor(sort)?.map(|c| (c.key, c.id)),
+        limit: params.limit(state.settings.default_limit, state.settings.max_limit)?,
+    };
     let generation = state.generation(model).await?;
     let collection = Store::collection_name(model.name(), generation);
     let suffix = format!(
         "list:{}:{}",
-        page.filter.first().map_or("", |f| f.1.as_str()),
+        page.listing.teacher().unwrap_or_default(),
         params.canonical()
     );
     let body = state
@@ -192,17 +162,17 @@ async fn list(
             let _permit = expensive.map(|class| state.expensive(class)).transpose()?;
             let found = state.store.page(&collection, &page).await?;
             let next_cursor = match (found.more, found.items.last()) {
-                (true, Some((_, key, id))) => Some(
+                (true, Some(last)) => Some(
                     Cursor {
                         sort,
-                        key: key.clone().into_relaxed_extjson(),
-                        id: id.clone(),
+                        key: last.key.clone(),
+                        id: last.id.clone(),
                     }
                     .encode(),
                 ),
                 _ => None,
             };
-            let items: Vec<Value> = found.items.into_iter().map(|(view, _, _)| to_json(view)).collect();
+            let items: Vec<_> = found.items.into_iter().map(|item| item.view).collect();
             Ok(Some(
                 serde_json::to_vec(&json!({"items": items, "nextCursor": next_cursor})).unwrap_or_default(),
             ))
@@ -244,7 +214,7 @@ pub async fn catalog_course(
         let view = state.store.listed_view(&collection, &course_id).await?;
         state.forget_generation(model, generation);
         return match view {
-            Some(v) => Ok(state.json(&headers, serde_json::to_vec(&to_json(v)).unwrap_or_default().into())),
+            Some(v) => Ok(state.json(&headers, serde_json::to_vec(&v).unwrap_or_default().into())),
             None => Err(ApiError::NotFound(format!(
                 "course {course_id:?} is not in the catalog"
             ))),
@@ -253,7 +223,7 @@ pub async fn catalog_course(
     let body = state
         .cached(model, generation, &format!("course:{course_id}"), || async {
             let view = state.store.listed_view(&collection, &course_id).await?;
-            Ok(view.map(|v| serde_json::to_vec(&to_json(v)).unwrap_or_default()))
+            Ok(view.map(|v| serde_json::to_vec(&v).unwrap_or_default()))
         })
         .await?;
     match body {

@@ -49,7 +49,12 @@ impl Store {
     /// Stores next-offsets; an offset never moves backwards, so a worker that
     /// lost its partitions in a rebalance cannot rewind the new owner.
     #[instrument(skip_all, fields(projection, generation, partitions = offsets.len()))]
-    pub async fn store_offsets(&self, projection: &str, generation: u32, offsets: &[(String, i32, i64)]) -> Result<()> {
+    pub async fn store_offsets(
+        &self,
+        projection: &str,
+        generation: u32,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<AlreadyNewer> {
         // Epoch milliseconds rather than a BSON date: the test peer returns
         // dates as strings (COMPATIBILITY.md), and stall detection reads it.
         let now = chrono::Utc::now().timestamp_millis();
@@ -70,8 +75,14 @@ impl Store {
                 }
             })
             .collect();
-        // A duplicate key means a newer offset is already stored: nothing to do.
-        self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
-        Ok(())
+        // A duplicate key means a newer offset is already stored.
+        let refused = self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
+        Ok(AlreadyNewer(refused.0.len()))
     }
 }
+
+/// How many offsets were not stored because the stored one was already
+/// higher (another owner of the partition moved on): nothing to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use = "says how many offsets another owner had already moved past"]
+pub struct AlreadyNewer(pub usize);

@@ -28,9 +28,7 @@ impl Store {
         let mut out = Vec::new();
         while let Some(doc) = cursor.try_next().await? {
             let id = doc.get_str("_id").unwrap_or_default().to_owned();
-            let letter: DeadLetter = bson::from_document(doc)
-                .map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))?;
-            out.push((id, letter));
+            out.push((id, letter_from_doc(doc)?));
         }
         Ok(out)
     }
@@ -40,9 +38,7 @@ impl Store {
         let Some(doc) = self.docs(DEAD_LETTERS).find_one(doc! {"_id": id}).await? else {
             return Ok(None);
         };
-        bson::from_document(doc)
-            .map(Some)
-            .map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))
+        letter_from_doc(doc).map(Some)
     }
 
     pub async fn remove_dead_letter(&self, id: &str) -> Result<()> {
@@ -89,9 +85,7 @@ impl Store {
             .build();
         let cursor = self.docs(DEAD_LETTERS).find(filter).with_options(options).await?;
         let docs: Vec<Document> = cursor.try_collect().await?;
-        docs.into_iter()
-            .map(|d| bson::from_document(d).map_err(|e| StoreError::Failed(format!("unreadable gap letter: {e}"))))
-            .collect()
+        docs.into_iter().map(letter_from_doc).collect()
     }
 
     pub async fn count_dead_letters(&self, projection: &str) -> Result<u64> {
@@ -99,5 +93,39 @@ impl Store {
             .docs(DEAD_LETTERS)
             .count_documents(doc! {"projection": projection})
             .await?)
+    }
+}
+
+/// A stored letter, with the time the store set on it.
+fn letter_from_doc(mut doc: Document) -> Result<DeadLetter> {
+    let dead_at = match doc.remove("deadAt") {
+        Some(Bson::DateTime(at)) => Some(at.to_chrono()),
+        // The test peer hands some dates back as strings.
+        Some(Bson::String(at)) => chrono::DateTime::parse_from_rfc3339(&at)
+            .ok()
+            .map(|at| at.with_timezone(&chrono::Utc)),
+        _ => None,
+    };
+    let id = doc.get_str("_id").unwrap_or_default().to_owned();
+    let mut letter: DeadLetter =
+        bson::from_document(doc).map_err(|e| StoreError::Failed(format!("unreadable dead letter {id}: {e}")))?;
+    letter.dead_at = dead_at;
+    Ok(letter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_gives_back_the_record_byte_for_byte_through_bson() {
+        let record = crate::dead_letter::tests::poison();
+        let letter = DeadLetter::new("catalog", &record, "bad");
+        let mut stored = bson::to_document(&letter).expect("bson");
+        let at = bson::DateTime::from_millis(1_700_000_000_123);
+        stored.insert("deadAt", at);
+        let back = letter_from_doc(stored).expect("back");
+        assert_eq!(back.to_record(), Some(record));
+        assert_eq!(back.dead_at, Some(at.to_chrono()));
     }
 }

@@ -30,10 +30,10 @@ mod queries;
 mod read_models;
 mod registry;
 
-pub use checkpoints::Checkpoint;
+pub use checkpoints::{AlreadyNewer, Checkpoint};
 pub use pointer::{Pointer, RebuildProgress};
-pub use queries::{Page, PageQuery};
-pub use read_models::{DocWrite, Stored};
+pub use queries::{ListQuery, Listing, Order, Page, PageItem, SortKey};
+pub use read_models::{encoded_view, Conflicts, DocWrite, Stored};
 pub use registry::WorkerEntry;
 
 /// Pointer documents: which generation of each projection readers follow.
@@ -82,6 +82,13 @@ pub fn is_transient_code(code: i32) -> bool {
     TRANSIENT_CODES.contains(&code)
 }
 const DUPLICATE_KEY: i32 = 11000;
+
+/// Statements an `update` command refused as duplicate keys, by index in
+/// the statements given. What a refusal means is the caller's to say: a
+/// revision that moved ([`Conflicts`]), an offset already newer
+/// ([`AlreadyNewer`]), a document a concurrent upsert created first.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct DuplicateKeys(Vec<usize>);
 
 /// What an `update` command's reply (`ok: 1`) says of its statements: the
 /// indexes (offset by `start`) refused as duplicate keys, or an error.
@@ -205,9 +212,9 @@ impl Store {
     }
 
     /// Runs the `update` command with many statements, in as few round
-    /// trips as the command size limit allows, and returns the indexes of
-    /// statements that hit a duplicate key.
-    async fn update_many_statements(&self, collection: &str, updates: Vec<RawDocumentBuf>) -> Result<Vec<usize>> {
+    /// trips as the command size limit allows, and returns the statements
+    /// that hit a duplicate key.
+    async fn update_many_statements(&self, collection: &str, updates: Vec<RawDocumentBuf>) -> Result<DuplicateKeys> {
         let mut duplicates = Vec::new();
         let mut start = 0;
         for chunk in chunk_by_size(updates, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS) {
@@ -225,7 +232,7 @@ impl Store {
             duplicates.extend(refused_statements(collection, start, &reply)?);
             start += len;
         }
-        Ok(duplicates)
+        Ok(DuplicateKeys(duplicates))
     }
 }
 

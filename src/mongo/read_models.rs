@@ -17,7 +17,57 @@ pub struct DocWrite {
     pub expected_rev: i64,
     pub state: CourseState,
     /// The API document, encoded; `None` when the course is not listed.
-    pub view: Option<RawDocumentBuf>,
+    view: Option<RawDocumentBuf>,
+}
+
+impl DocWrite {
+    /// The write of `state` as `model` serves it.
+    pub fn new(model: ReadModel, id: String, expected_rev: i64, state: CourseState) -> Self {
+        DocWrite {
+            view: encoded_view(model, &state),
+            id,
+            expected_rev,
+            state,
+        }
+    }
+}
+
+/// The document `model` serves for this course, as stored; `None` when the
+/// course is not listed.
+pub fn encoded_view(model: ReadModel, state: &CourseState) -> Option<RawDocumentBuf> {
+    model.encode_view(state, EncodeBson)
+}
+
+/// Views straight to encoded BSON: a `Document` tree costs an order of
+/// magnitude more memory and time, and the writer only sends bytes.
+struct EncodeBson;
+
+impl crate::read_model::EncodeView for EncodeBson {
+    type Encoded = RawDocumentBuf;
+    fn encode<V: serde::Serialize>(self, view: &V) -> Option<RawDocumentBuf> {
+        bson::to_raw_document_buf(view).ok()
+    }
+}
+
+/// Courses whose revision moved since they were read (another worker wrote
+/// them): reload and reapply them, which is safe because applying is
+/// idempotent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "conflicted courses were not written"]
+pub struct Conflicts(pub Vec<String>);
+
+impl Conflicts {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.iter().any(|c| c == id)
+    }
 }
 
 impl Store {
@@ -57,11 +107,10 @@ impl Store {
         Ok(found)
     }
 
-    /// Writes documents guarded by their revision. Returns the ids whose
-    /// revision moved (another worker wrote them): the caller reloads and
-    /// reapplies those, which is safe because applying is idempotent.
+    /// Writes documents guarded by their revision; the ones whose revision
+    /// moved are not written and come back as [`Conflicts`].
     #[instrument(skip_all, fields(collection, docs = writes.len()))]
-    pub async fn write_states(&self, collection: &str, writes: &[DocWrite]) -> Result<Vec<String>> {
+    pub async fn write_states(&self, collection: &str, writes: &[DocWrite]) -> Result<Conflicts> {
         fn or_null<T: Into<RawBson>>(value: Option<T>) -> RawBson {
             value.map_or(RawBson::Null, Into::into)
         }
@@ -100,12 +149,15 @@ impl Store {
             statement.append("upsert", true);
             updates.push(statement);
         }
-        let conflicts = self.update_many_statements(collection, updates).await?;
-        Ok(conflicts
-            .into_iter()
-            .filter_map(|i| writes.get(i))
-            .map(|w| w.id.clone())
-            .collect())
+        let refused = self.update_many_statements(collection, updates).await?;
+        Ok(Conflicts(
+            refused
+                .0
+                .into_iter()
+                .filter_map(|i| writes.get(i))
+                .map(|w| w.id.clone())
+                .collect(),
+        ))
     }
 
     /// The indexes the API's queries on this read model need: for each page

@@ -2,6 +2,9 @@
 //! dead-letter what cannot be applied, fold events into course states,
 //! write them revision-guarded, store the offsets.
 
+use std::collections::HashSet;
+
+use super::states::{Checkout, Guessed, StateCache};
 use super::*;
 
 /// How many times a batch retries revision conflicts before backing off.
@@ -28,19 +31,8 @@ pub struct Applier {
     max_record_bytes: usize,
     /// This applier's name in the cache's writers set.
     writer: String,
-    /// Recently written states with their revisions, least recently used
-    /// evicted first, bounded by bytes. A course's events live on several
-    /// topics and so arrive in different batches; remembering what we wrote
-    /// saves re-reading it. A stale entry (another worker wrote the course
-    /// since) is harmless: the revision guard rejects the write, and the
-    /// course is reloaded and reapplied.
-    recent: Arc<quick_cache::sync::Cache<String, Stored, StateBytes>>,
-    /// Whether courses missing from `recent` are presumed absent from the
-    /// store (written as new, no load) rather than loaded first. Guessing
-    /// wrong costs one refused statement and a reload, never a lost event:
-    /// the write is guarded by revision 0. Set after each batch from how
-    /// often the guess was right.
-    presume_absent: Arc<std::sync::atomic::AtomicBool>,
+    /// Recently written states, shared by clones.
+    states: Arc<StateCache>,
     /// Raised while a batch waits for its write announcement.
     held: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -54,12 +46,7 @@ impl Applier {
             generation,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             writer: format!("{:016x}", rand::random::<u64>()),
-            recent: Arc::new(quick_cache::sync::Cache::with_weighter(
-                16 * 1024,
-                DEFAULT_STATE_CACHE_BYTES,
-                StateBytes,
-            )),
-            presume_absent: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            states: Arc::new(StateCache::sized(16 * 1024, DEFAULT_STATE_CACHE_BYTES)),
             held: None,
         }
     }
@@ -74,11 +61,7 @@ impl Applier {
     /// Keeps about `bytes` of recently written states (0: none).
     #[must_use]
     pub fn with_state_cache_bytes(mut self, bytes: u64) -> Self {
-        self.recent = Arc::new(quick_cache::sync::Cache::with_weighter(
-            (bytes / 1024).max(16) as usize,
-            bytes.max(1),
-            StateBytes,
-        ));
+        self.states = Arc::new(StateCache::new(bytes));
         self
     }
 
@@ -136,7 +119,11 @@ impl Applier {
             telemetry::dead_letters(projection, dead.len() as u64);
         }
         let offsets = next_offsets(records, advanced);
-        self.store.store_offsets(projection, self.generation, &offsets).await?;
+        let AlreadyNewer(behind) = self.store.store_offsets(projection, self.generation, &offsets).await?;
+        if behind > 0 {
+            // The partition's next owner stored a later offset: ours stays unwritten.
+            debug!(projection, partitions = behind, "Offsets already stored further on.");
+        }
         for event in &events {
             telemetry::event_applied(projection, event.kind.type_name());
         }
@@ -165,119 +152,26 @@ impl Applier {
         }
     }
 
-    /// Keeps what is now stored; conflicted courses are reloaded next round.
-    fn remember(&self, writes: Vec<DocWrite>, unchanged: Vec<Stored>, conflicts: &[String]) {
-        for w in writes.into_iter().filter(|w| !conflicts.contains(&w.id)) {
-            self.recent.insert(
-                w.id,
-                Stored {
-                    state: w.state,
-                    rev: w.expected_rev + 1,
-                },
-            );
-        }
-        for s in unchanged {
-            self.recent.insert(s.state.course_id.clone(), s);
-        }
-    }
-
     /// Applies events to their courses' documents; returns documents written.
     pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, BatchError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let collection = self.collection();
-        if let (Some(cache), false) = (&self.cache, events.is_empty()) {
-            // Readers bypass the cache from now until this batch's bump. A
-            // write Redis was not told of could be hidden from readers by
-            // answers cached before it, for as long as their TTL: never.
-            let announced = cache.begin_write(self.scope(), &self.writer).await;
-            if let Some(held) = &self.held {
-                held.store(!announced, Relaxed);
-            }
-            if !announced {
-                return Err(BatchError::Unannounced);
-            }
+        if events.is_empty() {
+            return Ok(0);
         }
+        self.announce_write().await?;
         let mut by_course: HashMap<&str, Vec<&CourseEvent>> = HashMap::new();
         for event in events {
             by_course.entry(event.course_id.as_str()).or_default().push(event);
         }
-        let mut pending: Vec<String> = by_course.keys().map(|id| (*id).to_owned()).collect();
-        let mut written = 0;
-        // Courses written as new without a load, and how many of those the
-        // store refused (they existed after all).
-        let mut presumed: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut presumed_wrong = 0;
-        for round in 0..MAX_CONFLICT_ROUNDS {
+        let pending: Vec<String> = by_course.keys().map(|id| (*id).to_owned()).collect();
+        let (mut written, mut pending) = self.first_round(&by_course, &pending).await?;
+        for _ in 1..MAX_CONFLICT_ROUNDS {
             if pending.is_empty() {
                 break;
             }
-            let mut stored: HashMap<String, Stored> = HashMap::with_capacity(pending.len());
-            let mut missing = Vec::new();
-            for id in &pending {
-                // Taken out while in flight: a failed write must not leave a
-                // state behind that the store does not have.
-                match self.recent.remove(id) {
-                    Some((_, known)) => {
-                        stored.insert(id.clone(), known);
-                    }
-                    None => missing.push(id.clone()),
-                }
-            }
-            // One round trip per batch in the common case: courses seen
-            // recently come from memory, and unseen ones are presumed new
-            // (a replay from zero, a rebuild) while that keeps being true.
-            // Refused ones come back as conflicts and are loaded next round.
-            if round == 0 && self.presume_absent.load(Relaxed) {
-                presumed = missing.into_iter().collect();
-            } else {
-                stored.extend(self.store.load_states(&collection, &missing).await?);
-            }
-            let mut writes = Vec::with_capacity(pending.len());
-            let mut unchanged = Vec::new();
-            for id in &pending {
-                let (mut state, rev) = match stored.get(id) {
-                    Some(s) => (s.state.clone(), s.rev),
-                    None => (CourseState::new(id.as_str()), 0),
-                };
-                // Only a stored course can be left unchanged.
-                let before = (rev > 0).then(|| state.clone());
-                for event in by_course.get(id.as_str()).into_iter().flatten() {
-                    state.apply(event);
-                }
-                // A replayed or duplicate event changes nothing: skip the write.
-                if before.as_ref() == Some(&state) {
-                    unchanged.push(Stored { state, rev });
-                    continue;
-                }
-                writes.push(DocWrite {
-                    id: id.clone(),
-                    expected_rev: rev,
-                    view: self.model.view(&state),
-                    state,
-                });
-            }
-            let conflicts = self.store.write_states(&collection, &writes).await?;
-            if round == 0 {
-                presumed_wrong = conflicts.iter().filter(|id| presumed.contains(*id)).count();
-            }
-            written += writes.len() - conflicts.len();
-            self.remember(writes, unchanged, &conflicts);
-            if !conflicts.is_empty() {
-                telemetry::write_conflicts(self.model.name(), conflicts.len());
-                debug!(
-                    conflicts = conflicts.len(),
-                    "Another worker wrote these courses; reapplying."
-                );
-            }
-            pending = conflicts;
-        }
-        if !presumed.is_empty() {
-            // Keep presuming while at most a quarter of the guesses miss.
-            self.presume_absent.store(presumed_wrong * 4 <= presumed.len(), Relaxed);
-        } else if !self.presume_absent.load(Relaxed) && written > 0 {
-            // Loading first: try presuming again now and then, so a worker
-            // that met existing courses once does not load forever.
-            self.presume_absent.store(rand::random::<u8>() < 8, Relaxed);
+            // Later rounds load every course not in memory.
+            let round = self.round(&by_course, &pending, Missing::Load).await?;
+            written += round.written;
+            pending = round.conflicts.0;
         }
         if pending.is_empty() {
             Ok(written)
@@ -286,6 +180,119 @@ impl Applier {
             Err(BatchError::Store(StoreError::Contended(pending.len())))
         }
     }
+
+    /// Readers bypass the cache from now until this batch's bump. A write
+    /// Redis was not told of could be hidden from readers by answers cached
+    /// before it, for as long as their TTL: never.
+    async fn announce_write(&self) -> Result<(), BatchError> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let announced = cache.begin_write(self.scope(), &self.writer).await;
+        if let Some(held) = &self.held {
+            held.store(!announced, std::sync::atomic::Ordering::Relaxed);
+        }
+        if announced {
+            Ok(())
+        } else {
+            Err(BatchError::Unannounced)
+        }
+    }
+
+    /// The first round: one round trip per batch in the common case.
+    /// Courses seen recently come from memory, and unseen ones are presumed
+    /// new (a replay from zero, a rebuild) while that keeps being true;
+    /// refused ones come back as conflicts and are loaded next round.
+    async fn first_round(
+        &self,
+        by_course: &HashMap<&str, Vec<&CourseEvent>>,
+        pending: &[String],
+    ) -> Result<(usize, Vec<String>), BatchError> {
+        let presume = self.states.presumes_absent();
+        let missing = if presume { Missing::PresumeAbsent } else { Missing::Load };
+        let round = self.round(by_course, pending, missing).await?;
+        self.states.learn(round.guessed, round.written);
+        Ok((round.written, round.conflicts.0))
+    }
+
+    /// Folds each pending course's events into its state and writes the
+    /// changed ones, revision-guarded.
+    async fn round(
+        &self,
+        by_course: &HashMap<&str, Vec<&CourseEvent>>,
+        pending: &[String],
+        missing: Missing,
+    ) -> Result<Round, BatchError> {
+        let collection = self.collection();
+        let Checkout {
+            mut known,
+            missing: unseen,
+        } = self.states.checkout(pending);
+        let presumed: HashSet<String> = match missing {
+            Missing::PresumeAbsent => unseen.into_iter().collect(),
+            Missing::Load => {
+                known.extend(self.store.load_states(&collection, &unseen).await?);
+                HashSet::new()
+            }
+        };
+        let mut writes = Vec::with_capacity(pending.len());
+        let mut unchanged = Vec::new();
+        for id in pending {
+            let (mut state, rev) = match known.remove(id) {
+                Some(s) => (s.state, s.rev),
+                None => (CourseState::new(id.as_str()), 0),
+            };
+            // Only a stored course can be left unchanged.
+            let before = (rev > 0).then(|| state.clone());
+            for event in by_course.get(id.as_str()).into_iter().flatten() {
+                state.apply(event);
+            }
+            // A replayed or duplicate event changes nothing: skip the write.
+            if before.as_ref() == Some(&state) {
+                unchanged.push(Stored { state, rev });
+                continue;
+            }
+            writes.push(DocWrite::new(self.model, id.clone(), rev, state));
+        }
+        let conflicts = self.store.write_states(&collection, &writes).await?;
+        let guessed = Guessed {
+            presumed: presumed.len(),
+            wrong: StateCache::wrong_guesses(&presumed, &conflicts),
+        };
+        let written = writes.len() - conflicts.len();
+        self.states.commit(writes, unchanged, &conflicts);
+        if !conflicts.is_empty() {
+            telemetry::write_conflicts(self.model.name(), conflicts.len());
+            debug!(
+                conflicts = conflicts.len(),
+                "Another worker wrote these courses; reapplying."
+            );
+        }
+        Ok(Round {
+            written,
+            conflicts,
+            guessed,
+        })
+    }
+}
+
+/// What one round of writes did.
+#[derive(Debug)]
+struct Round {
+    written: usize,
+    /// Courses to reload and reapply next round.
+    conflicts: Conflicts,
+    /// What the guess about courses not in memory came to.
+    guessed: Guessed,
+}
+
+/// How a round finds the stored states of courses not in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// Read them from the store.
+    Load,
+    /// Presume them new: write at revision 0, no read.
+    PresumeAbsent,
 }
 
 /// The next offset to read per partition after this batch: one past its
@@ -306,46 +313,6 @@ fn next_offsets(records: &[Record], advanced: &[(String, i32, i64)]) -> Vec<(Str
     out
 }
 
-/// Weighs a remembered state by the bytes it holds (an estimate: its text
-/// fields plus a fixed overhead), so the cache is bounded in memory, not
-/// in entries.
-#[derive(Debug, Clone, Copy)]
-struct StateBytes;
-
-impl quick_cache::Weighter<String, Stored> for StateBytes {
-    fn weight(&self, key: &String, value: &Stored) -> u64 {
-        // What the heap really holds: each string or event id is its own
-        // allocation with a header. (The first estimate counted text plus
-        // a flat 512 bytes, and a 16 MiB budget held about 32 MiB: a
-        // 200 k replay peaked at 88 MiB RSS with it, 56 MiB with 1 MiB.)
-        const ALLOCATION: usize = 32;
-        let s = &value.state;
-        let text = |t: &str| t.len() + ALLOCATION;
-        let optional = |t: &Option<String>| t.as_deref().map_or(0, text);
-        let stamp = |e: &str| e.len() + ALLOCATION;
-        let registers = [
-            s.name.as_ref().map(|n| text(&n.value) + stamp(&n.stamp.event_id)),
-            s.teacher_id.as_ref().map(|t| text(&t.value) + stamp(&t.stamp.event_id)),
-            s.thumbnail
-                .as_ref()
-                .map(|t| optional(&t.value) + stamp(&t.stamp.event_id)),
-            s.description
-                .as_ref()
-                .map(|d| optional(&d.value) + stamp(&d.stamp.event_id)),
-            s.registered_at.as_ref().map(|r| stamp(&r.stamp.event_id)),
-            s.posting.as_ref().map(|p| stamp(&p.stamp.event_id)),
-            s.deleted.as_ref().map(|d| stamp(&d.event_id)),
-        ];
-        let bytes = std::mem::size_of::<Stored>()
-            + text(key)
-            + text(&s.course_id)
-            + registers.iter().flatten().sum::<usize>()
-            // The cache's own entry.
-            + 64;
-        bytes as u64
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,37 +325,6 @@ mod tests {
             next_offsets(&records, &[]),
             vec![("a".into(), 0, 6), ("a".into(), 1, 10), ("b".into(), 0, 1)]
         );
-    }
-
-    #[test]
-    fn remembered_states_are_bounded_by_bytes_not_entries() {
-        use quick_cache::Weighter as _;
-        let big = |i: usize| {
-            let value = serde_json::json!({
-                "eventId": format!("e{i}"), "eventType": "CourseUpdatedEvent", "courseId": format!("c{i}"),
-                "version": 1, "description": "x".repeat(1 << 20),
-            });
-            let record = Record {
-                topic: "CourseUpdatedEvent".into(),
-                value: Some(value.to_string().into_bytes()),
-                ..Record::default()
-            };
-            let mut state = CourseState::new(format!("c{i}").as_str());
-            state.apply(&decode(&record).expect("event"));
-            (format!("c{i}"), Stored { state, rev: 1 })
-        };
-        let (key, value) = big(0);
-        assert!(
-            StateBytes.weight(&key, &value) > 1 << 20,
-            "a 1 MiB description weighs over 1 MiB"
-        );
-        let cache = quick_cache::sync::Cache::with_weighter(64, 8 << 20, StateBytes);
-        for i in 0..40 {
-            let (k, v) = big(i);
-            cache.insert(k, v);
-        }
-        assert!(cache.weight() <= 8 << 20, "40 MiB of states kept within 8 MiB");
-        assert!(cache.len() >= 4, "but not emptied either");
     }
 
     #[test]

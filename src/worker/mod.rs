@@ -31,7 +31,7 @@ use crate::kafka::{
     ByteBudget, Consumer, ConsumerSettings, Feed, Gap, GapKind, KafkaClientError, OffsetSource, OffsetsUnavailable,
     OnGap, ReaderExit,
 };
-use crate::mongo::{DocWrite, Store, StoreError, Stored};
+use crate::mongo::{AlreadyNewer, Conflicts, DocWrite, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
 use crate::record::Record;
 use crate::telemetry;
@@ -39,6 +39,7 @@ use crate::telemetry;
 mod applier;
 mod consume;
 mod follow;
+mod states;
 
 pub use applier::{Applier, BatchOutcome};
 pub use consume::run_generation;

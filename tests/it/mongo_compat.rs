@@ -40,7 +40,7 @@ async fn courseview_indexes_and_sorted_keyset_pages_work_on_secantusdb() {
 /// `sortId` tie-break), writes courses through the store, and walks each
 /// page query with its cursor, under a server-side time limit.
 async fn indexes_and_pages(uri: &str) {
-    use courseview::mongo::{PageQuery, Store};
+    use courseview::mongo::{ListQuery, Listing, Order, Store};
     use courseview::read_model::ReadModel;
     use courseview::worker::Applier;
     let store = Store::connect(uri, &unique("cvpages_"), std::time::Duration::from_secs(5))
@@ -75,40 +75,40 @@ async fn indexes_and_pages(uri: &str) {
             .apply_events(&events)
             .await
             .expect("applied");
-        let (sorts, filter): (&[(&str, bool)], _) = match model {
-            ReadModel::Catalog => (&[("postedAt", true), ("name", false)], vec![]),
-            ReadModel::TeacherCourses => (
-                &[("registeredAt", true), ("name", false)],
-                vec![("teacherId".to_owned(), "t1".to_owned())],
+        let (listing, expected) = match model {
+            ReadModel::Catalog => (
+                Listing::Catalog {
+                    teacher: None,
+                    text: None,
+                },
+                7,
             ),
+            ReadModel::TeacherCourses => (Listing::Teacher { teacher: "t1".into() }, 3),
         };
-        for (field, descending) in sorts {
+        for order in [Order::Newest, Order::Name] {
             let mut seen = Vec::new();
             let mut after = None;
             loop {
-                let q = PageQuery {
-                    filter: filter.clone(),
-                    text: None,
-                    sort_field: field,
-                    descending: *descending,
+                let q = ListQuery {
+                    listing: listing.clone(),
+                    order,
                     after: after.clone(),
                     limit: 2,
                 };
                 let page = store.page(&collection, &q).await.expect("page");
-                for (_, key, id) in &page.items {
-                    seen.push(id.clone());
-                    after = Some((key.clone(), id.clone()));
+                for item in &page.items {
+                    seen.push(item.id.clone());
+                    after = Some((item.key.clone(), item.id.clone()));
                 }
                 if !page.more {
                     break;
                 }
             }
-            let expected = if filter.is_empty() { 7 } else { 3 };
             let unique: std::collections::HashSet<&String> = seen.iter().collect();
             assert_eq!(
                 (seen.len(), unique.len()),
                 (expected, expected),
-                "{uri} {model:?} by {field}: {seen:?}"
+                "{uri} {model:?} by {order:?}: {seen:?}"
             );
         }
     }
