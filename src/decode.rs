@@ -95,7 +95,7 @@ fn decode_text(text: &str, record: &Record, depth: usize) -> Result<CourseEvent,
 
 fn event_from(wire: &Wire<'_>, record: &Record) -> Result<CourseEvent, DecodeError> {
     let kind_name = event_type(wire, record)?;
-    let course_id = match either(&wire.course_id, &wire.course_id_snake, "courseId", Flex::string)? {
+    let course_id = match field(&wire.course_id, "courseId", Flex::string)? {
         Some(id) => id,
         None => record_key(record).ok_or(DecodeError::MissingField("courseId"))?,
     };
@@ -105,7 +105,7 @@ fn event_from(wire: &Wire<'_>, record: &Record) -> Result<CourseEvent, DecodeErr
             reason: "is empty".into(),
         });
     }
-    let event_id = match either(&wire.event_id, &wire.event_id_snake, "eventId", Flex::string)? {
+    let event_id = match field(&wire.event_id, "eventId", Flex::string)? {
         Some(id) => id,
         None => match first_header(record, &["id", "eventId"])? {
             Some(id) => id.to_owned(),
@@ -113,28 +113,22 @@ fn event_from(wire: &Wire<'_>, record: &Record) -> Result<CourseEvent, DecodeErr
             None => record.position(),
         },
     };
-    let version = either(&wire.version, &None, "version", Flex::integer)?;
-    let occurred_at = either(&wire.occurred_at, &wire.occurred_at_snake, "occurredAt", Flex::time)?
+    let version = field(&wire.version, "version", Flex::integer)?;
+    let occurred_at = field(&wire.occurred_at, "occurredAt", Flex::time)?
         .or(record.timestamp)
         .unwrap_or(0);
-    let name = either(&wire.name, &None, "name", Flex::string)?;
-    let thumbnail = either(&wire.thumbnail, &None, "thumbnail", Flex::string)?;
-    let description = either(&wire.description, &None, "description", Flex::string)?;
+    let name = field(&wire.name, "name", Flex::string)?;
+    let thumbnail = field(&wire.thumbnail, "thumbnail", Flex::string)?;
+    let description = field(&wire.description, "description", Flex::string)?;
 
     let kind = match kind_name {
         KnownType::Created => EventKind::Created(Created {
             name: name.ok_or(DecodeError::MissingField("name"))?,
             thumbnail,
             description,
-            teacher_id: either(&wire.teacher_id, &wire.teacher_id_snake, "teacherId", Flex::string)?
+            teacher_id: field(&wire.teacher_id, "teacherId", Flex::string)?
                 .ok_or(DecodeError::MissingField("teacherId"))?,
-            registered_at: either(
-                &wire.registered_at,
-                &wire.registered_at_snake,
-                "registeredAt",
-                Flex::time,
-            )?
-            .unwrap_or(occurred_at),
+            registered_at: field(&wire.registered_at, "registeredAt", Flex::time)?.unwrap_or(occurred_at),
         }),
         KnownType::Updated => EventKind::Updated(Changes {
             name,
@@ -155,44 +149,33 @@ fn event_from(wire: &Wire<'_>, record: &Record) -> Result<CourseEvent, DecodeErr
 }
 
 /// The fields of an event object that decoding reads, camelCase or
-/// snake_case; every other field is skipped without being parsed into
-/// anything. JSON null counts as absent.
+/// snake_case (both spellings of one field in a record are an error, as a
+/// field given twice is); every other field is skipped without being
+/// parsed into anything. JSON null counts as absent.
 #[derive(Deserialize)]
 struct Wire<'a> {
-    #[serde(borrow, rename = "eventType")]
+    #[serde(borrow, rename = "eventType", alias = "event_type")]
     event_type: Option<Flex<'a>>,
-    #[serde(borrow, rename = "event_type")]
-    event_type_snake: Option<Flex<'a>>,
     #[serde(borrow, rename = "type")]
     type_field: Option<Flex<'a>>,
-    #[serde(borrow, rename = "courseId")]
+    #[serde(borrow, rename = "courseId", alias = "course_id")]
     course_id: Option<Flex<'a>>,
-    #[serde(borrow, rename = "course_id")]
-    course_id_snake: Option<Flex<'a>>,
-    #[serde(borrow, rename = "eventId")]
+    #[serde(borrow, rename = "eventId", alias = "event_id")]
     event_id: Option<Flex<'a>>,
-    #[serde(borrow, rename = "event_id")]
-    event_id_snake: Option<Flex<'a>>,
     #[serde(borrow)]
     version: Option<Flex<'a>>,
-    #[serde(borrow, rename = "occurredAt")]
+    #[serde(borrow, rename = "occurredAt", alias = "occurred_at")]
     occurred_at: Option<Flex<'a>>,
-    #[serde(borrow, rename = "occurred_at")]
-    occurred_at_snake: Option<Flex<'a>>,
     #[serde(borrow)]
     name: Option<Flex<'a>>,
     #[serde(borrow)]
     thumbnail: Option<Flex<'a>>,
     #[serde(borrow)]
     description: Option<Flex<'a>>,
-    #[serde(borrow, rename = "teacherId")]
+    #[serde(borrow, rename = "teacherId", alias = "teacher_id")]
     teacher_id: Option<Flex<'a>>,
-    #[serde(borrow, rename = "teacher_id")]
-    teacher_id_snake: Option<Flex<'a>>,
-    #[serde(borrow, rename = "registeredAt")]
+    #[serde(borrow, rename = "registeredAt", alias = "registered_at")]
     registered_at: Option<Flex<'a>>,
-    #[serde(borrow, rename = "registered_at")]
-    registered_at_snake: Option<Flex<'a>>,
     // JsonConverter's wrapper: {"schema": …, "payload": <the event>}. The
     // schema is null for schemaless data, and still marks a wrapper.
     #[serde(default, deserialize_with = "present")]
@@ -212,14 +195,13 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error>
     IgnoredAny::deserialize(deserializer).map(|_| true)
 }
 
-/// The first present of two spellings of a field, read by `read`.
-fn either<'a, T>(
-    camel: &Option<Flex<'a>>,
-    snake: &Option<Flex<'a>>,
-    field: &'static str,
+/// A field, if present, read by `read`.
+fn field<'a, T>(
+    value: &Option<Flex<'a>>,
+    name: &'static str,
     read: impl Fn(&Flex<'a>, &'static str) -> Result<T, DecodeError>,
 ) -> Result<Option<T>, DecodeError> {
-    camel.as_ref().or(snake.as_ref()).map(|v| read(v, field)).transpose()
+    value.as_ref().map(|v| read(v, name)).transpose()
 }
 
 /// A JSON scalar as it came (strings borrowed from the input unless they
@@ -348,11 +330,11 @@ fn first_header<'r>(record: &'r Record, names: &[&str]) -> Result<Option<&'r str
 /// (its last `.`-separated segment, so prefixed topics like
 /// `prod.CourseCreatedEvent` work too).
 fn event_type(wire: &Wire<'_>, record: &Record) -> Result<KnownType, DecodeError> {
-    let named = match either(&wire.event_type, &wire.event_type_snake, "eventType", Flex::string)? {
+    let named = match field(&wire.event_type, "eventType", Flex::string)? {
         Some(t) => Some(t),
         None => match first_header(record, &["eventType", "type"])? {
             Some(t) => Some(t.to_owned()),
-            None => either(&wire.type_field, &None, "type", Flex::string)?,
+            None => field(&wire.type_field, "type", Flex::string)?,
         },
     };
     if let Some(name) = named {
@@ -650,6 +632,13 @@ mod tests {
                     field: "occurredAt",
                     reason: String::new(),
                 },
+            ),
+            (
+                // Both spellings of one field: as ambiguous as one given twice.
+                "CoursePostedEvent",
+                None,
+                r#"{"courseId":"a","course_id":"b"}"#,
+                DecodeError::InvalidJson(String::new()),
             ),
             (
                 // Ambiguous: which name is meant? Dead-lettered, not guessed.

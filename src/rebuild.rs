@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::cache::Cache;
 use crate::mongo::{RebuildProgress, Store, StoreError};
 use crate::read_model::ReadModel;
-use crate::status::{StatusError, StatusProbe};
+use crate::status::{Beside, StatusError, StatusProbe};
 use crate::worker::{retry_transient, run_generation, GenerationEnd, IndexBuild, WorkerError, WorkerSettings};
 
 /// Where a rebuild replays to.
@@ -129,8 +129,39 @@ struct RebuildWorker {
 }
 
 impl RebuildWorker {
-    /// Stops it and reports how it ended.
-    async fn stop(mut self) -> Result<(), RebuildError> {
+    /// Runs generation `to`'s replay until `cancel`.
+    fn spawn(
+        settings: WorkerSettings,
+        store: Store,
+        cache: Option<Cache>,
+        to: u32,
+        cancel: CancellationToken,
+    ) -> RebuildWorker {
+        let token = cancel.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match run_generation(&settings, store.clone(), cache.clone(), to, token.clone()).await {
+                    // MongoDB was unreachable at assignment: rejoin, as live workers do.
+                    Ok(GenerationEnd::AssignmentFailed(reason) | GenerationEnd::OffsetOutOfRange(reason))
+                        if !token.is_cancelled() =>
+                    {
+                        warn!(error = %reason, retry_in = ?backoff, "Rebuild worker rejoining the group.");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(settings.max_backoff);
+                    }
+                    other => return other,
+                }
+            }
+        });
+        RebuildWorker {
+            cancel,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it and reports how it ended (once; after that, nothing to stop).
+    async fn stop(&mut self) -> Result<(), RebuildError> {
         self.cancel.cancel();
         match self.task.take() {
             Some(task) => Self::ended(task.await),
@@ -154,6 +185,80 @@ impl Drop for RebuildWorker {
     }
 }
 
+impl Mode {
+    /// Readies the generation to replay into: returns it and the serving
+    /// one (the same, in place, after dropping it).
+    async fn begin(self, store: &Store, name: &str, sink: &mut dyn ProgressSink) -> Result<(u32, u32), RebuildError> {
+        match self {
+            Mode::InPlace => {
+                let serving = store.serving_generation(name).await?;
+                sink.phase(&format!(
+                    "dropping generation {serving} of {name} (in place: it is unavailable until caught up)"
+                ));
+                store.drop_generation(name, serving).await?;
+                Ok((serving, serving))
+            }
+            Mode::BlueGreen => {
+                let pointer = store.begin_rebuild(name).await?;
+                Ok((pointer.generation, pointer.building.unwrap_or(pointer.generation + 1)))
+            }
+        }
+    }
+
+    /// Readers see a generation rebuilt beside the serving one only after
+    /// the switch, so its indexes wait until then; in place, readers are
+    /// on it throughout.
+    fn indexes(self) -> IndexBuild {
+        match self {
+            Mode::InPlace => IndexBuild::AtStart,
+            Mode::BlueGreen => IndexBuild::BeforeSwitch,
+        }
+    }
+
+    /// Whether progress goes on the pointer for status readers: a
+    /// generation rebuilt in place is the serving one, not a rebuild beside it.
+    fn records_progress(self) -> bool {
+        self == Mode::BlueGreen
+    }
+
+    /// What follows the catch-up, in order.
+    fn phases(self) -> &'static [Phase] {
+        match self {
+            Mode::BlueGreen => &[
+                Phase::BuildIndexes,
+                Phase::Switch,
+                Phase::Follow,
+                Phase::StopWorker,
+                Phase::DropOld,
+            ],
+            Mode::InPlace => &[Phase::StopWorker],
+        }
+    }
+}
+
+/// A step of a rebuild after its replay has caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Build the query indexes the replay went without; the replay goes on.
+    BuildIndexes,
+    /// Pause the live workers, close the gap, switch the pointer.
+    Switch,
+    /// Keep applying (and invalidating the cache) until the live workers
+    /// run on the new generation, so readers never wait on a gap.
+    Follow,
+    StopWorker,
+    /// Drop the old generation once no reader can still hold it.
+    DropOld,
+}
+
+/// How a phase ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    /// Interrupted; the rebuild worker is stopped: run again to resume.
+    Interrupted,
+}
+
 /// Rebuilds `settings.model`. `Ok(None)`: cancelled; run it again to resume.
 pub async fn rebuild(
     settings: &WorkerSettings,
@@ -166,260 +271,60 @@ pub async fn rebuild(
 ) -> Result<Option<RebuildReport>, RebuildError> {
     let model = settings.model;
     let name = model.name();
-    let partial: Vec<String> = probe
-        .positions(model, 0)
-        .await?
-        .partitions
-        .iter()
-        .filter(|p| p.low_watermark > 0)
-        .map(|p| format!("{}/{} (starts at {})", p.topic, p.partition, p.low_watermark))
-        .collect();
-    if !partial.is_empty() {
-        if !options.allow_partial_history {
-            return Err(RebuildError::PartialHistory(partial));
-        }
-        warn!(projection = name, partitions = %partial.join(", "), "Rebuilding from a partial history (--allow-partial-history).");
-    }
-    let (from, to) = if options.mode == Mode::InPlace {
-        let serving = store.serving_generation(name).await?;
-        sink.phase(&format!(
-            "dropping generation {serving} of {name} (in place: it is unavailable until caught up)"
-        ));
-        store.drop_generation(name, serving).await?;
-        (serving, serving)
-    } else {
-        let pointer = store.begin_rebuild(name).await?;
-        let building = pointer.building.unwrap_or(pointer.generation + 1);
-        (pointer.generation, building)
-    };
+    let mode = options.mode;
+    check_history(probe, model, options.allow_partial_history).await?;
+    let (from, to) = mode.begin(store, name, sink).await?;
     sink.phase(&format!("replaying {name} from offset 0 into generation {to}"));
     info!(projection = name, from, to, "Rebuild started.");
 
     let mut worker_settings = settings.clone();
     worker_settings.kafka.group_id = format!("{}.rebuild.g{to}", settings.kafka.group_id);
     worker_settings.on_phase = None;
-    // Readers see a generation rebuilt beside the serving one only after
-    // the switch, so its indexes wait until then; in place, readers are on
-    // it throughout.
-    worker_settings.indexes = match options.mode {
-        Mode::InPlace => IndexBuild::AtStart,
-        Mode::BlueGreen => IndexBuild::BeforeSwitch,
-    };
+    worker_settings.indexes = mode.indexes();
     if options.allow_partial_history {
         worker_settings.kafka.on_gap = crate::kafka::OnGap::Accepted;
     }
-    let mut worker = {
-        let cancel = cancel.child_token();
-        let (store, token) = (store.clone(), cancel.clone());
-        // With the cache: once readers switch, its batches must invalidate
-        // what they cached of this generation.
-        let task = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match run_generation(&worker_settings, store.clone(), cache.clone(), to, token.clone()).await {
-                    // MongoDB was unreachable at assignment: rejoin, as live workers do.
-                    Ok(GenerationEnd::AssignmentFailed(reason) | GenerationEnd::OffsetOutOfRange(reason))
-                        if !token.is_cancelled() =>
-                    {
-                        warn!(error = %reason, retry_in = ?backoff, "Rebuild worker rejoining the group.");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(worker_settings.max_backoff);
-                    }
-                    other => return other,
-                }
-            }
-        });
-        RebuildWorker {
-            cancel,
-            task: Some(task),
-        }
+    // With the cache: once readers switch, its batches must invalidate
+    // what they cached of this generation.
+    let mut run = Run {
+        store,
+        probe,
+        options,
+        cancel,
+        generations: Generations { model, from, to },
+        worker: RebuildWorker::spawn(worker_settings, store.clone(), cache, to, cancel.child_token()),
     };
 
     let started = Instant::now();
-    let mut first_done = None;
-    let events = loop {
-        let Some(task) = worker.task.as_mut() else {
-            return Ok(None);
-        };
-        tokio::select! {
-            () = cancel.cancelled() => {
-                worker.stop().await?;
-                sink.phase("interrupted; run the same command again to resume");
-                return Ok(None);
-            }
-            joined = task => {
-                worker.task = None;
-                RebuildWorker::ended(joined)?;
-                return Ok(None);
-            }
-            () = tokio::time::sleep(options.report_every) => {}
-        }
-        // Retention overtook the replay (gap recorded for the new
-        // generation, its partition stopped): it can never reach the
-        // serving offsets, so say so instead of waiting forever.
-        match store.gaps(name, to).await {
-            Ok(gaps) if !gaps.is_empty() => {
-                worker.stop().await?;
-                return Err(RebuildError::Overtaken(gaps.into_iter().map(|g| g.error).collect()));
-            }
-            Ok(_) => {}
-            Err(e) => warn!(projection = name, error = %e, "Cannot read the new generation's gaps; retrying."),
-        }
-        let position = match probe.positions(model, to).await {
-            Ok(position) => position,
-            Err(e) => {
-                // MongoDB or Kafka blinked: the worker retries on its own;
-                // measure again next round.
-                warn!(projection = name, error = %e, "Cannot measure rebuild progress; retrying.");
-                continue;
-            }
-        };
-        let (done, total) = position.progress();
-        let base = *first_done.get_or_insert(done);
-        let rate = (done - base) as f64 / started.elapsed().as_secs_f64().max(0.001);
-        sink.progress(done, total);
-        if options.mode == Mode::BlueGreen {
-            let progress = RebuildProgress {
-                generation: to,
-                done,
-                total,
-                rate,
-                updated_at: chrono::Utc::now().timestamp_millis(),
-            };
-            if let Err(e) = store.record_rebuild_progress(name, &progress).await {
-                warn!(error = %e, "Cannot record rebuild progress.");
-            }
-        }
-        if position.lag_events > options.catch_up_lag {
-            continue;
-        }
-        if options.mode == Mode::InPlace {
-            break done;
-        }
-        match reached_serving(store, probe, model, from, to).await {
-            Ok(true) => break done,
-            Ok(false) => {}
-            Err(e) => warn!(projection = name, error = %e, "Cannot compare generations; retrying."),
-        }
+    let Some(events) = run.catch_up(sink).await? else {
+        return Ok(None);
     };
-
-    if options.mode == Mode::BlueGreen {
-        // Before the handover pauses anyone: on a large generation this is
-        // the slow part, and the replay goes on meanwhile.
-        sink.phase(&format!("building the query indexes of generation {to}"));
-        let collection = Store::collection_name(name, to);
-        // Raced with `cancel`: over a full collection the build is long, and
-        // an interrupt must not wait for it.
-        let built = tokio::select! {
-            () = cancel.cancelled() => Ok(None),
-            built = retry_transient("create indexes", cancel, settings.max_backoff, || {
-                store.ensure_indexes(&collection, model)
-            }) => built,
-        };
-        match built {
-            Ok(Some(())) => {}
-            Ok(None) => {
-                worker.stop().await?;
-                sink.phase("interrupted; run the same command again to resume");
-                return Ok(None);
-            }
-            Err(e) => {
-                // Stop the replay before saying why: its batch in hand lands.
-                worker.stop().await?;
-                return Err(e.into());
-            }
-        }
-        // Close the gap: live workers pause, so the serving generation stops
-        // moving; then switch once the new one has reached it exactly. A
-        // pause or a catch-up that runs out of time switches nothing: the
-        // serving generation may still be moving, so the handover is
-        // withdrawn and tried again, a few times, then the rebuild stops.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            sink.phase("pausing live workers to close the gap");
-            let handover = Handover::request(store, name, from, to, options.handover_timeout).await?;
-            let outcome = match handover.wait_paused(store, from, cancel).await {
-                Pause::Paused => handover.wait_reached(store, probe, model, from, to, cancel).await,
-                Pause::Cancelled => Reach::Cancelled,
-                Pause::TimedOut(waiting) => Reach::NotPaused(waiting),
-            };
-            match outcome {
-                Reach::Reached => {
-                    let latest = handover.until - i64::try_from(SWITCH_MARGIN.as_millis()).unwrap_or(0);
-                    if store.switch_generation(name, from, to, latest).await? {
-                        break;
-                    }
-                    handover.withdraw(store).await;
-                    if store.serving_generation(name).await? != from {
-                        worker.stop().await?;
-                        return Err(RebuildError::PointerMoved(name));
-                    }
-                    warn!(
-                        projection = name,
-                        attempt, "The handover closed before the switch; not switching."
-                    );
-                    if attempt >= HANDOVER_ATTEMPTS {
-                        worker.stop().await?;
-                        return Err(RebuildError::HandoverTimedOut(Vec::new()));
-                    }
-                }
-                Reach::Cancelled => {
-                    handover.withdraw(store).await;
-                    worker.stop().await?;
-                    sink.phase("interrupted before the switch; run the same command again to resume");
-                    return Ok(None);
-                }
-                Reach::NotPaused(waiting) => {
-                    handover.withdraw(store).await;
-                    warn!(projection = name, attempt, workers = %waiting.join(", "), "Live workers did not pause in time; not switching.");
-                    if attempt >= HANDOVER_ATTEMPTS {
-                        worker.stop().await?;
-                        return Err(RebuildError::HandoverTimedOut(waiting));
-                    }
-                }
-                Reach::TimedOut => {
-                    handover.withdraw(store).await;
-                    warn!(
-                        projection = name,
-                        attempt, "The new generation did not reach the paused serving offsets in time; not switching."
-                    );
-                    if attempt >= HANDOVER_ATTEMPTS {
-                        worker.stop().await?;
-                        return Err(RebuildError::HandoverTimedOut(Vec::new()));
-                    }
-                }
-            }
-            // Let the live workers catch up before asking them again.
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                () = tokio::time::sleep(options.report_every.max(Duration::from_millis(500))) => {}
-            }
-        }
-    }
-    let elapsed = started.elapsed();
-    sink.phase(&format!("switched readers of {name} to generation {to}"));
-    info!(
-        projection = name,
-        from, to, events, "Readers switched to the new generation."
-    );
+    let mut elapsed = started.elapsed();
     let mut followed = None;
-    if options.mode == Mode::BlueGreen {
-        // Keep applying (and invalidating the cache) until the live workers
-        // run on the new generation, so readers never wait on a gap.
-        sink.phase("applying until the live workers follow the switch");
-        followed = Some(hand_over(store, name, to, options.handover_timeout, cancel).await);
-    }
-    worker.stop().await?;
-
-    if options.mode == Mode::BlueGreen {
-        sink.phase(&format!("dropping generation {from} in {:?}", options.grace));
-        tokio::select! {
-            () = cancel.cancelled() => warn!(projection = name, generation = from, "Interrupted before dropping the old generation; it stays."),
-            () = tokio::time::sleep(options.grace) => {
-                store.drop_generation(name, from).await?;
-                info!(projection = name, generation = from, "Old generation dropped.");
+    for phase in mode.phases() {
+        let step = match phase {
+            Phase::BuildIndexes => run.build_indexes(settings.max_backoff, sink).await?,
+            Phase::Switch => {
+                let step = run.switch(sink).await?;
+                elapsed = started.elapsed();
+                step
             }
+            Phase::Follow => {
+                sink.phase("applying until the live workers follow the switch");
+                followed = Some(hand_over(store, name, to, options.handover_timeout, cancel).await);
+                Step::Done
+            }
+            Phase::StopWorker => {
+                run.worker.stop().await?;
+                Step::Done
+            }
+            Phase::DropOld => {
+                run.drop_old(sink).await?;
+                Step::Done
+            }
+        };
+        if step == Step::Interrupted {
+            return Ok(None);
         }
     }
     Ok(Some(RebuildReport {
@@ -431,45 +336,270 @@ pub async fn rebuild(
     }))
 }
 
-/// Whether generation `to` has reached, on every partition, the offset the
-/// serving generation `from` has stored: switching then shows readers
-/// nothing older than they saw (once the serving generation is paused, see
-/// [`Handover`]). A partition counts as reached when the new generation's
-/// position there (its stored offset, or the low watermark when retention
-/// emptied it) is at least the serving one, or when the partition is no
-/// longer among the projection's topics.
-async fn reached_serving(
-    store: &Store,
-    probe: &StatusProbe,
+/// The generations a rebuild works between (the same one, in place).
+#[derive(Debug, Clone, Copy)]
+struct Generations {
     model: ReadModel,
     from: u32,
     to: u32,
-) -> Result<bool, RebuildError> {
-    let serving = store.load_offsets(model.name(), from).await?;
-    let building = probe.positions(model, to).await?;
-    let position: HashMap<(&str, i32), (i64, i64)> = building
+}
+
+/// One rebuild under way: what its phases share.
+struct Run<'a> {
+    store: &'a Store,
+    probe: &'a StatusProbe,
+    options: &'a RebuildOptions,
+    cancel: &'a CancellationToken,
+    generations: Generations,
+    worker: RebuildWorker,
+}
+
+/// Refuses (or, allowed, warns of) a history retention has cut.
+async fn check_history(probe: &StatusProbe, model: ReadModel, allow_partial: bool) -> Result<(), RebuildError> {
+    let partial: Vec<String> = probe
+        .positions(model, 0)
+        .await?
         .partitions
         .iter()
-        .map(|p| ((p.topic.as_str(), p.partition), (p.stored_offset, p.high_watermark)))
+        .filter(|p| p.low_watermark > 0)
+        .map(|p| format!("{}/{} (starts at {})", p.topic, p.partition, p.low_watermark))
+        .collect();
+    if partial.is_empty() {
+        return Ok(());
+    }
+    if !allow_partial {
+        return Err(RebuildError::PartialHistory(partial));
+    }
+    warn!(projection = model.name(), partitions = %partial.join(", "), "Rebuilding from a partial history (--allow-partial-history).");
+    Ok(())
+}
+
+impl Run<'_> {
+    /// Replays until the new generation lags by at most the catch-up lag and
+    /// has reached the serving offsets; returns the events it holds then, or
+    /// `None` when interrupted (the worker stopped).
+    async fn catch_up(&mut self, sink: &mut dyn ProgressSink) -> Result<Option<i64>, RebuildError> {
+        let Generations { model, from, to } = self.generations;
+        let (store, probe, options, cancel) = (self.store, self.probe, self.options, self.cancel);
+        let worker = &mut self.worker;
+        let name = model.name();
+        let started = Instant::now();
+        let mut first_done = None;
+        loop {
+            let Some(task) = worker.task.as_mut() else {
+                return Ok(None);
+            };
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    worker.stop().await?;
+                    sink.phase("interrupted; run the same command again to resume");
+                    return Ok(None);
+                }
+                joined = task => {
+                    worker.task = None;
+                    RebuildWorker::ended(joined)?;
+                    return Ok(None);
+                }
+                () = tokio::time::sleep(options.report_every) => {}
+            }
+            // Retention overtook the replay (gap recorded for the new
+            // generation, its partition stopped): it can never reach the
+            // serving offsets, so say so instead of waiting forever.
+            match store.gaps(name, to).await {
+                Ok(gaps) if !gaps.is_empty() => {
+                    worker.stop().await?;
+                    return Err(RebuildError::Overtaken(gaps.into_iter().map(|g| g.error).collect()));
+                }
+                Ok(_) => {}
+                Err(e) => warn!(projection = name, error = %e, "Cannot read the new generation's gaps; retrying."),
+            }
+            let beside = match probe.beside(model, from, to).await {
+                Ok(beside) => beside,
+                Err(e) => {
+                    // MongoDB or Kafka blinked: the worker retries on its own;
+                    // measure again next round.
+                    warn!(projection = name, error = %e, "Cannot measure rebuild progress; retrying.");
+                    continue;
+                }
+            };
+            let (done, total) = beside.building.progress();
+            let base = *first_done.get_or_insert(done);
+            let rate = (done - base) as f64 / started.elapsed().as_secs_f64().max(0.001);
+            sink.progress(done, total);
+            if options.mode.records_progress() {
+                let progress = RebuildProgress {
+                    generation: to,
+                    done,
+                    total,
+                    rate,
+                    updated_at: chrono::Utc::now().timestamp_millis(),
+                };
+                if let Err(e) = store.record_rebuild_progress(name, &progress).await {
+                    warn!(error = %e, "Cannot record rebuild progress.");
+                }
+            }
+            if beside.building.lag_events <= options.catch_up_lag && reached_serving(model, &beside) {
+                return Ok(Some(done));
+            }
+        }
+    }
+
+    /// Builds the new generation's query indexes before the handover pauses
+    /// anyone: on a large generation this is the slow part, and the replay
+    /// goes on meanwhile. Raced with `cancel`: an interrupt must not wait for it.
+    async fn build_indexes(
+        &mut self,
+        max_backoff: Duration,
+        sink: &mut dyn ProgressSink,
+    ) -> Result<Step, RebuildError> {
+        let Generations { model, to, .. } = self.generations;
+        let Run { store, cancel, .. } = *self;
+        let worker = &mut self.worker;
+        sink.phase(&format!("building the query indexes of generation {to}"));
+        let collection = Store::collection_name(model.name(), to);
+        let built = tokio::select! {
+            () = cancel.cancelled() => Ok(None),
+            built = retry_transient("create indexes", cancel, max_backoff, || {
+                store.ensure_indexes(&collection, model)
+            }) => built,
+        };
+        match built {
+            Ok(Some(())) => Ok(Step::Done),
+            Ok(None) => {
+                worker.stop().await?;
+                sink.phase("interrupted; run the same command again to resume");
+                Ok(Step::Interrupted)
+            }
+            Err(e) => {
+                // Stop the replay before saying why: its batch in hand lands.
+                worker.stop().await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Closes the gap and switches: live workers pause, so the serving
+    /// generation stops moving; then the pointer switches once the new one has
+    /// reached it exactly. A pause or a catch-up that runs out of time switches
+    /// nothing (the serving generation may still be moving): the handover is
+    /// withdrawn and tried again, a few times, then the rebuild stops.
+    async fn switch(&mut self, sink: &mut dyn ProgressSink) -> Result<Step, RebuildError> {
+        let generations = self.generations;
+        let Generations { model, from, to } = generations;
+        let (store, probe, options, cancel) = (self.store, self.probe, self.options, self.cancel);
+        let worker = &mut self.worker;
+        let name = model.name();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            sink.phase("pausing live workers to close the gap");
+            let handover = Handover::request(store, name, from, to, options.handover_timeout).await?;
+            let outcome = match handover.wait_paused(store, from, cancel).await {
+                Pause::Paused => handover.wait_reached(probe, generations, cancel).await,
+                Pause::Cancelled => Reach::Cancelled,
+                Pause::TimedOut(waiting) => Reach::NotPaused(waiting),
+            };
+            let waiting = match outcome {
+                Reach::Reached => {
+                    let latest = handover.until - i64::try_from(SWITCH_MARGIN.as_millis()).unwrap_or(0);
+                    if store.switch_generation(name, from, to, latest).await? {
+                        sink.phase(&format!("switched readers of {name} to generation {to}"));
+                        info!(projection = name, from, to, "Readers switched to the new generation.");
+                        return Ok(Step::Done);
+                    }
+                    handover.withdraw(store).await;
+                    if store.serving_generation(name).await? != from {
+                        worker.stop().await?;
+                        return Err(RebuildError::PointerMoved(name));
+                    }
+                    warn!(
+                        projection = name,
+                        attempt, "The handover closed before the switch; not switching."
+                    );
+                    Vec::new()
+                }
+                Reach::Cancelled => {
+                    handover.withdraw(store).await;
+                    worker.stop().await?;
+                    sink.phase("interrupted before the switch; run the same command again to resume");
+                    return Ok(Step::Interrupted);
+                }
+                Reach::NotPaused(waiting) => {
+                    handover.withdraw(store).await;
+                    warn!(projection = name, attempt, workers = %waiting.join(", "), "Live workers did not pause in time; not switching.");
+                    waiting
+                }
+                Reach::TimedOut => {
+                    handover.withdraw(store).await;
+                    warn!(
+                        projection = name,
+                        attempt, "The new generation did not reach the paused serving offsets in time; not switching."
+                    );
+                    Vec::new()
+                }
+            };
+            if attempt >= HANDOVER_ATTEMPTS {
+                worker.stop().await?;
+                return Err(RebuildError::HandoverTimedOut(waiting));
+            }
+            // Let the live workers catch up before asking them again.
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(options.report_every.max(Duration::from_millis(500))) => {}
+            }
+        }
+    }
+
+    /// Drops the old generation after `grace`, when no reader can still hold
+    /// it; an interrupt leaves it.
+    async fn drop_old(&self, sink: &mut dyn ProgressSink) -> Result<(), RebuildError> {
+        let Generations { model, from, .. } = self.generations;
+        let (store, cancel, grace, name) = (self.store, self.cancel, self.options.grace, model.name());
+        sink.phase(&format!("dropping generation {from} in {grace:?}"));
+        tokio::select! {
+            () = cancel.cancelled() => warn!(projection = name, generation = from, "Interrupted before dropping the old generation; it stays."),
+            () = tokio::time::sleep(grace) => {
+                store.drop_generation(name, from).await?;
+                info!(projection = name, generation = from, "Old generation dropped.");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the generation being built has reached, on every partition,
+/// the offset the serving one has stored: switching then shows readers
+/// nothing older than they saw (once the serving generation is paused, see
+/// [`Handover`]). A partition counts as reached when the new generation's
+/// position there (its stored offset, or the low watermark when retention
+/// emptied it) is at least the serving one; only partitions of the
+/// projection's topics count.
+fn reached_serving(model: ReadModel, beside: &Beside) -> bool {
+    let position: HashMap<(&str, i32), i64> = beside
+        .building
+        .partitions
+        .iter()
+        .map(|p| ((p.topic.as_str(), p.partition), p.stored_offset))
         .collect();
     let mut behind = 0;
-    for ((topic, partition), offset) in &serving {
-        let Some(&(at, high)) = position.get(&(topic.as_str(), *partition)) else {
+    for serving in &beside.serving.partitions {
+        let Some(&at) = position.get(&(serving.topic.as_str(), serving.partition)) else {
             continue;
         };
+        let (offset, high) = (serving.stored_offset, serving.high_watermark);
         // A serving offset past the log's end (the topic was re-created: a
         // log reset) can never be reached; the log's end is all there is.
-        if *offset > high {
+        if offset > high {
             warn!(
                 projection = model.name(),
-                topic = %topic,
-                partition,
+                topic = %serving.topic,
+                partition = serving.partition,
                 serving = offset,
                 log_end = high,
                 "The serving generation's stored offset lies beyond the log's end (log reset); the rebuild counts this partition as reached at the log's end."
             );
         }
-        if at < (*offset).min(high) {
+        if at < offset.min(high) {
             behind += 1;
         }
     }
@@ -480,7 +610,7 @@ async fn reached_serving(
             "New generation not yet at the serving offsets."
         );
     }
-    Ok(behind == 0)
+    behind == 0
 }
 
 /// How long before its deadline a handover no longer allows a switch: the
@@ -572,17 +702,14 @@ impl Handover {
 
     /// Waits until the new generation has reached the (now paused) serving
     /// offsets, until the handover's deadline.
-    async fn wait_reached(
-        &self,
-        store: &Store,
-        probe: &StatusProbe,
-        model: ReadModel,
-        from: u32,
-        to: u32,
-        cancel: &CancellationToken,
-    ) -> Reach {
+    async fn wait_reached(&self, probe: &StatusProbe, generations: Generations, cancel: &CancellationToken) -> Reach {
+        let Generations { model, from, to } = generations;
         loop {
-            match reached_serving(store, probe, model, from, to).await {
+            match probe
+                .beside(model, from, to)
+                .await
+                .map(|beside| reached_serving(model, &beside))
+            {
                 // Reached with time to spare: the switch itself is guarded
                 // by the handover still being open (`switch_generation`).
                 Ok(true) if tokio::time::Instant::now() + SWITCH_MARGIN < self.deadline => return Reach::Reached,
@@ -639,5 +766,60 @@ async fn hand_over(store: &Store, name: &str, to: u32, timeout: Duration, cancel
             return Followed::TimedOut;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{GenerationStatus, PartitionStatus};
+
+    fn generation(generation: u32, partitions: &[(&str, i32, i64, i64)]) -> GenerationStatus {
+        GenerationStatus {
+            generation,
+            lag_events: 0,
+            partitions: partitions
+                .iter()
+                .map(|&(topic, partition, stored_offset, high_watermark)| PartitionStatus {
+                    topic: topic.into(),
+                    partition,
+                    stored_offset,
+                    low_watermark: 0,
+                    high_watermark,
+                    lag_events: 0,
+                    lag_seconds: 0.0,
+                    stalled: false,
+                    gap: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn reached(serving: &[(&str, i32, i64, i64)], building: &[(&str, i32, i64, i64)]) -> bool {
+        let beside = Beside {
+            serving: generation(1, serving),
+            building: generation(2, building),
+        };
+        reached_serving(ReadModel::Catalog, &beside)
+    }
+
+    #[test]
+    fn a_partition_behind_the_serving_offset_holds_the_switch() {
+        let serving = [("a", 0, 10, 12), ("a", 1, 5, 5)];
+        assert!(!reached(&serving, &[("a", 0, 10, 12), ("a", 1, 4, 5)]));
+        assert!(reached(&serving, &[("a", 0, 11, 12), ("a", 1, 5, 5)]));
+    }
+
+    #[test]
+    fn a_serving_offset_past_the_log_end_counts_as_reached_at_the_end() {
+        // The topic was re-created: 40 can never be reached, 3 is the end.
+        assert!(reached(&[("a", 0, 40, 3)], &[("a", 0, 3, 3)]));
+        assert!(!reached(&[("a", 0, 40, 3)], &[("a", 0, 2, 3)]));
+    }
+
+    #[test]
+    fn in_place_the_generation_is_its_own_serving_one() {
+        let same = [("a", 0, 7, 9)];
+        assert!(reached(&same, &same));
     }
 }

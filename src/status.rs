@@ -67,6 +67,13 @@ impl GenerationStatus {
     }
 }
 
+/// A generation being built and the serving one, measured together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beside {
+    pub serving: GenerationStatus,
+    pub building: GenerationStatus,
+}
+
 /// A rebuild under way.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -260,6 +267,23 @@ impl StatusProbe {
     pub async fn positions(&self, model: ReadModel, generation: u32) -> Result<GenerationStatus, StatusError> {
         let logs = self.logs().await?;
         Ok(self.positions_in(model, generation, &logs).await?.0)
+    }
+
+    /// Where a generation being built stands beside the serving one, from
+    /// one reading of the log: what a rebuild measures each round (the
+    /// serving offsets read first, so the comparison never runs ahead).
+    pub async fn beside(&self, model: ReadModel, serving: u32, building: u32) -> Result<Beside, StatusError> {
+        let logs = self.logs().await?;
+        let serving_status = self.positions_in(model, serving, &logs).await?.0;
+        let building_status = if building == serving {
+            serving_status.clone()
+        } else {
+            self.positions_in(model, building, &logs).await?.0
+        };
+        Ok(Beside {
+            serving: serving_status,
+            building: building_status,
+        })
     }
 
     async fn positions_in(

@@ -6,6 +6,7 @@ pub mod cors;
 mod error;
 mod openapi;
 mod params;
+mod respond;
 mod routes;
 mod worker;
 
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -28,6 +29,8 @@ pub use auth::{AuthConfigError, DashboardAuth, JwtSettings, JwtVerifier};
 pub use error::ApiError;
 pub use routes::{template as route_template, QUERY_PARAMETERS};
 pub use worker::{serve_worker, worker_app, WorkerHealth};
+
+use respond::{json_response, GzipMemo, GZIP_MEMO_BYTES};
 
 use crate::cache::{Cache, LocalCache, ReadThrough, Scope};
 use crate::mongo::{Store, StoreError};
@@ -43,9 +46,6 @@ const STATUS_FRESH: Duration = Duration::from_millis(250);
 
 /// How long `GET /projections` waits for a measurement.
 const STATUS_LIMIT: Duration = Duration::from_secs(3);
-
-/// Bytes of gzipped bodies kept for reuse.
-const GZIP_MEMO_BYTES: u64 = 2 << 20;
 
 /// How long a resolved generation pointer is trusted before re-reading it.
 const GENERATION_TTL: Duration = Duration::from_millis(250);
@@ -444,114 +444,6 @@ async fn edge(State(limit): State<Duration>, request: Request, next: Next) -> Re
         ApiError::MethodNotAllowed.into_response()
     };
     telemetry::http_request(route, response.status().as_u16(), started.elapsed());
-    response
-}
-
-/// Bodies at least this large are gzipped when the client accepts it
-/// (a single course, ~400 bytes, costs more to compress than it saves).
-const GZIP_ABOVE: usize = 1024;
-
-/// Whether `Accept-Encoding` admits gzip.
-fn accepts_gzip(request_headers: &HeaderMap) -> bool {
-    request_headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or("");
-            let refused = parts.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"));
-            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
-        })
-}
-
-/// Gzipped bodies by content: a hot page is compressed once, not on every
-/// request. Bounded by bytes; the identity body is kept to rule out a
-/// hash collision.
-pub(crate) struct GzipMemo(quick_cache::sync::Cache<u64, (Bytes, Bytes), GzipBytes>);
-
-#[derive(Clone, Copy)]
-pub(crate) struct GzipBytes;
-
-impl quick_cache::Weighter<u64, (Bytes, Bytes)> for GzipBytes {
-    fn weight(&self, _: &u64, value: &(Bytes, Bytes)) -> u64 {
-        (value.0.len() + value.1.len() + 64) as u64
-    }
-}
-
-impl GzipMemo {
-    fn new(max_bytes: u64) -> Self {
-        GzipMemo(quick_cache::sync::Cache::with_weighter(
-            (max_bytes / 4096).max(16) as usize,
-            max_bytes.max(1),
-            GzipBytes,
-        ))
-    }
-
-    fn gzip(&self, hash: u64, body: &Bytes) -> Bytes {
-        if let Some((identity, gzipped)) = self.0.get(&hash) {
-            // The memory layer hands out the same allocation: skip the compare then.
-            if (identity.as_ptr() == body.as_ptr() && identity.len() == body.len()) || identity == *body {
-                return gzipped;
-            }
-        }
-        use std::io::Write as _;
-        let mut encoder =
-            flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
-        // Writing to a Vec cannot fail.
-        let _ = encoder.write_all(body);
-        let gzipped = Bytes::from(encoder.finish().unwrap_or_default());
-        self.0.insert(hash, (body.clone(), gzipped.clone()));
-        gzipped
-    }
-}
-
-impl std::fmt::Debug for GzipMemo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GzipMemo").field("bytes", &self.0.weight()).finish()
-    }
-}
-
-/// A JSON 200 with a strong ETag over the body, or a 304 when the client
-/// already holds it; gzipped (from `memo`, if given) when large and
-/// accepted. `no-cache`: clients may keep it but must revalidate, which
-/// the ETag makes cheap.
-fn json_response(request_headers: &HeaderMap, body: Bytes, memo: Option<&GzipMemo>) -> Response {
-    // XXH3: stable across processes and releases, as an ETag shared by
-    // replicas must be, and fast: byte-wise FNV-1a over a list page (about
-    // 8 KiB) was a third of a cached list request's CPU (PERFORMANCE.md).
-    let hash = xxhash_rust::xxh3::xxh3_64(&body);
-    let etag = format!("\"{hash:016x}\"");
-    let matches = request_headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    let mut response = if matches {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        let gzip = body.len() >= GZIP_ABOVE && accepts_gzip(request_headers);
-        let mut r = match (gzip, memo) {
-            (true, Some(memo)) => {
-                let mut r = (StatusCode::OK, memo.gzip(hash, &body)).into_response();
-                // The compression layer leaves encoded bodies alone.
-                r.headers_mut()
-                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                r
-            }
-            _ => (StatusCode::OK, body).into_response(),
-        };
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        r.headers_mut()
-            .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-        r
-    };
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, value);
-    }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
