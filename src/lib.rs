@@ -7,12 +7,15 @@
 //! - `courseview_projections` (the `projections/` crate): the read models as pure code.
 //! - [`read_model`]: the projections by name, as the worker and API run them.
 //! - [`worker`]: consume, apply in batches, store offsets; exactly-once effect
-//!   (`applier`, `consume`, `follow`).
-//! - [`rebuild`]: replay into a new generation beside the serving one, switch.
+//!   (`applier`, `states`, `consume`, `follow`).
+//! - [`rebuild`]: replay into a new generation beside the serving one, switch
+//!   (a `Mode` and the `Phase`s it runs).
 //! - [`kafka`], [`mongo`], [`cache`] (Redis and the in-process layer), [`http`]:
 //!   one module per external system, a folder of one file per job where it
 //!   holds several (`mongo`: pointer, read models, checkpoints, dead
-//!   letters, registry, queries; `cache`: redis, local, notice, read-through).
+//!   letters, registry, queries, and nothing outside it names BSON; `cache`:
+//!   redis, local, notice, read-through; `http`: routes, params, respond,
+//!   auth, cors, error).
 //! - [`cli`]: one file per subcommand; [`shutdown`], [`telemetry`]: cross-cutting.
 
 pub mod cache;

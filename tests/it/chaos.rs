@@ -71,6 +71,15 @@ struct Row {
 }
 
 impl Row {
+    fn new(scenario: &'static str, records: usize, faults: impl Into<String>) -> Row {
+        Row {
+            scenario,
+            records,
+            faults: faults.into(),
+            ..Row::default()
+        }
+    }
+
     /// Appends the row to `CHAOS_REPORT` (if set), then holds it to zero.
     fn finish(self, started: Instant) {
         let row = Row {
@@ -186,6 +195,49 @@ fn garbage(app: &TestApp, n: usize) -> Vec<Outgoing> {
 
 /// Sends records in concurrent chunks, retrying each until the broker
 /// takes it (a broker restart makes sends fail for a while).
+/// A private server a row SIGKILLs and brings back.
+trait Killable {
+    fn kill(&mut self);
+    fn restart(&mut self);
+}
+
+impl Killable for PrivateBroker {
+    fn kill(&mut self) {
+        PrivateBroker::kill(self);
+    }
+    fn restart(&mut self) {
+        PrivateBroker::restart(self);
+    }
+}
+
+impl Killable for PrivateMongo {
+    fn kill(&mut self) {
+        PrivateMongo::kill(self);
+    }
+    fn restart(&mut self) {
+        PrivateMongo::restart(self);
+    }
+}
+
+/// Produces `records` at the fault rows' rate while `server` is killed
+/// 2 s in and brought back `down` later.
+async fn produce_across_a_kill(
+    app: &TestApp,
+    records: &[Outgoing],
+    scale: &Scale,
+    server: &mut impl Killable,
+    down: Duration,
+) {
+    let producing = produce(app, records, Some(if scale.full { 3_000 } else { 1_000 }));
+    let faulting = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        server.kill();
+        tokio::time::sleep(down).await;
+        server.restart();
+    };
+    futures::join!(producing, faulting);
+}
+
 async fn produce(app: &TestApp, records: &[Outgoing], rate_per_sec: Option<u64>) {
     for chunk in records.chunks(200) {
         let started = Instant::now();
@@ -297,6 +349,13 @@ fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
 }
 
 /// Compares with a clean replay, records the row and holds it to zero.
+/// How most rows end: the last worker settles, and the row is judged
+/// with the default record limit.
+async fn settle_and_judge(app: &TestApp, worker: Reaped, mut row: Row, started: Instant) {
+    row.stalled = settle(app, worker).await;
+    judge(app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
+}
+
 async fn judge(app: &TestApp, mut row: Row, limit: usize, started: Instant) {
     verdict(app, &mut row, limit).await;
     row.finish(started);
@@ -330,8 +389,7 @@ async fn chaos_sigkill_of_the_worker_at_random_instants_over_sasl_ssl() {
 /// Workers (with `env` on top) SIGKILLed at random instants while records
 /// arrive, restarted each time; then one runs to the end of the log.
 async fn sigkill_at_random_instants(scenario: &'static str, env: &[(&str, &str)]) {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let mut records = mixed_corpus(&app, "k", scale.courses, 7);
     records.extend(garbage(&app, records.len() / 50));
@@ -350,21 +408,13 @@ async fn sigkill_at_random_instants(scenario: &'static str, env: &[(&str, &str)]
     };
     futures::join!(producing, killing);
     let last = app.worker_process(ReadModel::Catalog, env);
-    let stalled = settle(&app, last).await;
-    let row = Row {
-        scenario,
-        records: records.len(),
-        faults: format!("{} × SIGKILL", scale.kills),
-        stalled,
-        ..Row::default()
-    };
-    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
+    let row = Row::new(scenario, records.len(), format!("{} × SIGKILL", scale.kills));
+    settle_and_judge(&app, last, row, started).await;
 }
 
 #[tokio::test]
 async fn chaos_two_workers_of_one_projection_one_killed_mid_stream() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let records = mixed_corpus(&app, "w", scale.courses, 8);
     let first = app.worker_process(ReadModel::Catalog, &[]);
@@ -378,21 +428,17 @@ async fn chaos_two_workers_of_one_projection_one_killed_mid_stream() {
     .await;
     drop(first); // SIGKILL
     produce(&app, tail, None).await;
-    let stalled = settle(&app, second).await;
-    let row = Row {
-        scenario: "two workers of one projection, one killed mid-stream",
-        records: records.len(),
-        faults: "1 × SIGKILL, survivor takes over".into(),
-        stalled,
-        ..Row::default()
-    };
-    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
+    let row = Row::new(
+        "two workers of one projection, one killed mid-stream",
+        records.len(),
+        "1 × SIGKILL, survivor takes over",
+    );
+    settle_and_judge(&app, second, row, started).await;
 }
 
 #[tokio::test]
 async fn chaos_broker_killed_and_restarted_mid_stream() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let mut broker = PrivateBroker::start();
     let app = TestApp::with(Options {
         brokers: Some(broker.brokers()),
@@ -401,29 +447,19 @@ async fn chaos_broker_killed_and_restarted_mid_stream() {
     .await;
     let records = mixed_corpus(&app, "b", scale.courses, 9);
     let worker = app.worker_process(ReadModel::Catalog, &[]);
-    let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
-    let faulting = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        broker.kill();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        broker.restart();
-    };
-    futures::join!(producing, faulting);
-    let stalled = settle(&app, worker).await;
-    let row = Row {
-        scenario: "broker killed and restarted mid-stream (durable store)",
-        records: records.len(),
-        faults: "SIGKILL of the broker 2 s in, back 5 s later".into(),
-        stalled,
-        ..Row::default()
-    };
-    judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
+    let down = Duration::from_secs(5);
+    produce_across_a_kill(&app, &records, &scale, &mut broker, down).await;
+    let row = Row::new(
+        "broker killed and restarted mid-stream (durable store)",
+        records.len(),
+        "SIGKILL of the broker 2 s in, back 5 s later",
+    );
+    settle_and_judge(&app, worker, row, started).await;
 }
 
 #[tokio::test]
 async fn chaos_mongodb_killed_and_restarted_mid_stream() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let mut mongo = PrivateMongo::start();
     let app = TestApp::with(Options {
         mongodb_uri: mongo.uri(),
@@ -432,27 +468,14 @@ async fn chaos_mongodb_killed_and_restarted_mid_stream() {
     .await;
     let records = mixed_corpus(&app, "m", scale.courses, 10);
     let worker = app.worker_process(ReadModel::Catalog, &[("MONGODB_TIMEOUT", "500ms")]);
-    let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
-    let faulting = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        mongo.kill();
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        mongo.restart();
-    };
-    futures::join!(producing, faulting);
-    let stalled = settle(&app, worker).await;
-    let mut row = Row {
-        scenario: "MongoDB killed and restarted mid-stream",
-        records: records.len(),
-        faults: "SIGKILL of MongoDB 2 s in, back 4 s later".into(),
-        stalled,
-        ..Row::default()
-    };
-    let got = app.dump(ReadModel::Catalog).await;
-    let expected = clean_replay_of_log(&app, ReadModel::Catalog, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.courses = expected.len();
-    (row.lost, row.differing) = compare(&got, &expected);
-    row.finish(started);
+    let down = Duration::from_secs(4);
+    produce_across_a_kill(&app, &records, &scale, &mut mongo, down).await;
+    let row = Row::new(
+        "MongoDB killed and restarted mid-stream",
+        records.len(),
+        "SIGKILL of MongoDB 2 s in, back 4 s later",
+    );
+    settle_and_judge(&app, worker, row, started).await;
 }
 
 /// Freezes a process (SIGSTOP) until dropped (SIGCONT): a server that
@@ -475,8 +498,7 @@ impl Drop for Frozen<'_> {
 
 #[tokio::test]
 async fn chaos_mongodb_unreachable_while_partitions_are_assigned_after_a_rebuild_switch() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let mongo = PrivateMongo::start();
     // Kafka's default initial rebalance delay: the assignment comes 3 s
     // after the worker subscribes, which is when MongoDB will be frozen.
@@ -567,8 +589,7 @@ const REBUILD_RUNS_FULL: usize = 10;
 
 #[tokio::test]
 async fn chaos_rebuild_under_a_steady_stream_with_readers_polling() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let runs = if scale.full { REBUILD_RUNS_FULL } else { 1 };
     let mut total = Row {
         scenario: "rebuild under a steady stream after the live worker crash-looped (SIGKILLed and restarted), readers polling known courses and list pages",
@@ -832,8 +853,7 @@ async fn chaos_redis_killed_mid_run() {
 
 #[tokio::test]
 async fn chaos_poison_records_are_dead_lettered_once_and_nothing_stalls() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let mut records = mixed_corpus(&app, "p", scale.courses / 2, 15);
     let valid = records.len();
@@ -884,8 +904,7 @@ async fn chaos_poison_records_are_dead_lettered_once_and_nothing_stalls() {
 
 #[tokio::test]
 async fn chaos_sigterm_with_mongodb_down() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let mut mongo = PrivateMongo::start();
     let app = TestApp::with(Options {
         mongodb_uri: mongo.uri(),
@@ -947,8 +966,7 @@ fn leader_of(brokers: &str, topic: &str, partition: i32) -> Option<u32> {
 
 #[tokio::test]
 async fn chaos_leader_of_a_busy_partition_killed_in_a_three_broker_cluster() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     // Replication factor 3, min.insync.replicas 2: acks=all survives a node.
     let mut cluster = PrivateBroker::cluster(3, "0");
     let app = TestApp::with(Options {
@@ -1021,8 +1039,7 @@ async fn send_transaction(producer: &rdkafka::producer::FutureProducer, records:
 #[tokio::test]
 async fn chaos_transactional_producer_aborting_a_tenth_of_its_transactions() {
     use rdkafka::producer::Producer as _;
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let committed = mixed_corpus(&app, "x", scale.courses, 17);
     // Aborted transactions carry courses of their own: none may ever show.
@@ -1086,8 +1103,7 @@ async fn chaos_transactional_producer_aborting_a_tenth_of_its_transactions() {
 #[tokio::test]
 async fn chaos_debezium_flow_with_connect_and_mariadb_each_killed_mid_stream() {
     use crate::outbox::{connector_config, register, restart_until_running, CourseService, WireForm};
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let mut mariadb = crate::peers::PrivateMariaDb::start();
     let mut connect = crate::peers::PrivateConnect::start(&app.brokers);
@@ -1201,8 +1217,7 @@ async fn reported_gaps(app: &TestApp) -> Vec<(String, i32, i64, i64, courseview:
 
 #[tokio::test]
 async fn chaos_retention_overtakes_a_lagging_worker_mid_stream() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let path = crate::peers::FreezingProxy::start(crate::helpers::mongodb_port()).await;
     let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", path.port);
@@ -1384,8 +1399,7 @@ type VersionsSeen = HashMap<String, Vec<(Instant, i64)>>;
 
 #[tokio::test]
 async fn chaos_one_sided_redis_partition_between_worker_and_redis() {
-    let scale = Scale::from_env();
-    let started = Instant::now();
+    let (scale, started) = (Scale::from_env(), Instant::now());
     let app = TestApp::spawn().await;
     let redis_port = crate::helpers::redis_port();
     let path = crate::peers::FreezingProxy::start(redis_port).await;
