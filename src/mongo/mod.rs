@@ -1,7 +1,7 @@
 //! MongoDB: the only module that builds BSON queries. One file per job:
-//! the generation [`pointer`], [`read_models`] (writes and indexes),
-//! [`checkpoints`], [`dead_letters`], the worker [`registry`] and the API's
-//! [`queries`]; here, the connection, errors and the `update` command
+//! the generation `pointer`, `read_models` (writes and indexes),
+//! `checkpoints`, `dead_letters`, the worker `registry` and the API's
+//! `queries`; here, the connection, errors and the `update` command
 //! they share.
 //!
 //! Every operation here is one real MongoDB has had for a decade (find,

@@ -9,10 +9,11 @@
 //! two workers touching one course (its events live on different topics,
 //! hence maybe different workers) never lose each other's writes.
 //!
-//! [`applier`] applies a batch to one generation (no Kafka); [`consume`]
-//! runs one generation's consumer and batch loop; [`follow`] watches the
-//! generation pointer and pauses for a rebuild's handover; here, the
-//! settings, the outcome types and [`run`], which ties them together.
+//! `applier` applies a batch to one generation (no Kafka), with `states`
+//! remembering what it wrote; `consume` runs one generation's consumer and
+//! batch loop; `follow` watches the generation pointer and pauses for a
+//! rebuild's handover; here, the settings, the outcome types and [`run`],
+//! which ties them together.
 
 use std::collections::HashMap;
 use std::sync::Arc;

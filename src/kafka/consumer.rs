@@ -1,0 +1,539 @@
+//! The consumer that feeds projections: a `BaseConsumer` polled on its own
+//! thread, assigning partitions at the projection's stored offsets in the
+//! rebalance callback.
+
+use super::*;
+
+/// Consumer settings shared by every projection worker.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// The cluster and the user's client properties.
+    pub brokers: KafkaConnection,
+    /// A `^regex` or a comma-separated list of topic names.
+    pub topics: String,
+    pub group_id: String,
+    /// How often to look for new topics matching the regex.
+    pub metadata_refresh: Duration,
+    pub session_timeout: Duration,
+    /// What to do with a partition whose stored offset the log does not hold.
+    pub on_gap: OnGap,
+}
+
+/// What the reader hands the worker, in log order per partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    Record(Record),
+    /// The consumer's position moved past offsets that are never delivered
+    /// (transaction commit/abort markers, aborted records): everything
+    /// before `next` has been handed over, so it may be stored as read.
+    Advance {
+        topic: String,
+        partition: i32,
+        next: i64,
+    },
+}
+
+/// How often an idle reader looks for positions that moved past markers.
+const ADVANCE_EVERY: Duration = Duration::from_millis(500);
+
+/// Why the reader thread stopped. Each calls for something different from
+/// the worker: nothing (it asked), or a fresh consumer (assignment failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderExit {
+    /// The worker cancelled it.
+    Cancelled,
+    /// The worker dropped its end of the channel.
+    ReceiverGone,
+    /// Partitions were assigned but their stored offsets could not be
+    /// read; they were left unassigned rather than started anywhere else.
+    AssignmentFailed(String),
+    /// A fetch position fell outside the log (retention overtook it, or the
+    /// topic was re-created): a fresh assignment finds and records the gap.
+    OffsetOutOfRange(String),
+}
+
+/// Caps the bytes of records read but not yet applied, so a run of large
+/// records cannot grow the worker's memory without bound.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: usize,
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl ByteBudget {
+    pub fn new(limit: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            limit: limit.max(1),
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        })
+    }
+
+    fn used(&self) -> std::sync::MutexGuard<'_, usize> {
+        // A poisoned lock only means a holder panicked; the count is still right.
+        self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks until `n` bytes fit (a record larger than the whole budget
+    /// passes alone), or `cancel` fires (returns false).
+    pub fn acquire(&self, n: usize, cancel: &CancellationToken) -> bool {
+        let mut used = self.used();
+        while *used > 0 && *used + n > self.limit {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        *used += n;
+        true
+    }
+
+    pub fn release(&self, n: usize) {
+        let mut used = self.used();
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    pub fn in_use(&self) -> usize {
+        *self.used()
+    }
+}
+
+struct AssignContext {
+    group: String,
+    offsets: Arc<dyn OffsetSource>,
+    on_gap: OnGap,
+    /// How long an assignment waits for the stored offsets.
+    patience: Duration,
+    /// Set when an assignment could not be made; the reader stops on it.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    report: Arc<ConnectionReport>,
+    /// Set once partitions (possibly none) are assigned at stored offsets:
+    /// the consumer then follows its generation, records or not.
+    assigned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClientContext for AssignContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.report.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !self.report.error(&error, reason) {
+            warn!(group = %self.group, %error, reason, "Kafka client error.");
+        }
+    }
+}
+
+impl ConsumerContext for AssignContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // The group answered: whatever kept the cluster out of reach is over.
+                self.report.recovered();
+                let stored = match self.load_offsets_patiently() {
+                    Ok(map) => map,
+                    Err(e) => {
+                        // Never start a partition anywhere but at its stored
+                        // offset: the group's committed offsets may belong to
+                        // another generation. Leave it unassigned and let the
+                        // worker rejoin with a fresh consumer.
+                        warn!(group = %self.group, error = %e, "Cannot load stored offsets; not taking the partitions.");
+                        let _ = consumer.unassign();
+                        *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                        return;
+                    }
+                };
+                let mut assigned = TopicPartitionList::new();
+                for elem in tpl.elements() {
+                    let (topic, partition) = (elem.topic(), elem.partition());
+                    // No stored offset: this generation never read the
+                    // partition, so it starts at offset 0, and a log that
+                    // no longer starts there is a retention gap too.
+                    let at = stored.get(&(topic.to_owned(), partition)).copied().unwrap_or(0);
+                    let offset = match self.check_stored(consumer, topic, partition, at) {
+                        Ok(Some(offset)) => offset,
+                        // Stopped at a gap: left unassigned, reported.
+                        Ok(None) => continue,
+                        Err(e) => {
+                            warn!(group = %self.group, error = %e, "Cannot check stored offsets against the log; not taking the partitions.");
+                            let _ = consumer.unassign();
+                            *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                            return;
+                        }
+                    };
+                    if let Err(e) = assigned.add_partition_offset(topic, partition, offset) {
+                        warn!(error = %e, "Cannot set assigned offset.");
+                    }
+                }
+                info!(group = %self.group, partitions = assigned.count(), "Partitions assigned at stored offsets.");
+                if let Err(e) = consumer.assign(&assigned) {
+                    warn!(group = %self.group, error = %e, "Assignment failed.");
+                    *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                } else {
+                    self.assigned.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.assigned.store(false, std::sync::atomic::Ordering::Release);
+                info!(group = %self.group, partitions = tpl.count(), "Partitions revoked.");
+                if let Err(e) = consumer.unassign() {
+                    warn!(group = %self.group, error = %e, "Unassign failed.");
+                }
+            }
+            other => {
+                self.assigned.store(false, std::sync::atomic::Ordering::Release);
+                warn!(group = %self.group, error = ?other, "Rebalance error; dropping assignment.");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl AssignContext {
+    /// Where to start a partition stored at `at`: there when the log holds
+    /// it; otherwise the gap is recorded and the policy says (`None`: stop).
+    fn check_stored(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+        at: i64,
+    ) -> Result<Option<Offset>, String> {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            .map_err(|e| format!("watermarks of {topic}/{partition}: {e}"))?;
+        let Some(gap) = Gap::find(topic, partition, at, low, high) else {
+            return Ok(Some(Offset::Offset(at)));
+        };
+        if self.on_gap == OnGap::Accepted {
+            // A rebuild told --allow-partial-history: the missing start is known.
+            return Ok(Some(Offset::Offset(gap.resume_at())));
+        }
+        self.patiently("record a gap", || self.offsets.record_gap(&gap, self.on_gap))?;
+        if self.on_gap == OnGap::Stop {
+            tracing::error!(
+                group = %self.group,
+                gap = %gap.describe(),
+                "Gap in the log: this partition is stopped (COURSEVIEW_ON_GAP=stop). Rebuild the projection (courseview rebuild, with --allow-partial-history if the log no longer starts at 0), or restart with COURSEVIEW_ON_GAP=continue to go on from offset {}.",
+                gap.resume_at()
+            );
+            return Ok(None);
+        }
+        tracing::error!(
+            group = %self.group,
+            gap = %gap.describe(),
+            resume_at = gap.resume_at(),
+            "Gap in the log: going on from the log's start (COURSEVIEW_ON_GAP=continue); the gap stays reported until a rebuild."
+        );
+        Ok(Some(Offset::Offset(gap.resume_at())))
+    }
+
+    fn load_offsets_patiently(&self) -> Result<HashMap<(String, i32), i64>, String> {
+        self.patiently("load stored offsets", || self.offsets.stored_offsets())
+    }
+
+    /// Runs a call to the offset store, retrying what may pass until the
+    /// assignment's patience runs out (the rebalance waits meanwhile).
+    fn patiently<T>(&self, what: &str, mut call: impl FnMut() -> Result<T, OffsetsUnavailable>) -> Result<T, String> {
+        let deadline = std::time::Instant::now() + self.patience;
+        let mut attempt = 0_u32;
+        loop {
+            attempt += 1;
+            match call() {
+                Ok(done) => return Ok(done),
+                Err(e) if !e.retry || std::time::Instant::now() >= deadline => return Err(e.reason),
+                Err(e) => {
+                    warn!(group = %self.group, attempt, error = %e.reason, "Cannot {what}; retrying.");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+/// A group consumer of the projection's topics.
+pub struct Consumer {
+    inner: Arc<BaseConsumer<AssignContext>>,
+    group: String,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    assigned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("group", &self.group).finish()
+    }
+}
+
+impl Consumer {
+    #[instrument(skip_all, fields(group = %settings.group_id))]
+    pub fn subscribe(
+        settings: &ConsumerSettings,
+        offsets: Arc<dyn OffsetSource>,
+    ) -> Result<Consumer, KafkaClientError> {
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let context = AssignContext {
+            group: settings.group_id.clone(),
+            offsets,
+            on_gap: settings.on_gap,
+            // Well inside the rebalance timeout, so the group never waits on us.
+            patience: settings.session_timeout / 2,
+            failed: Arc::clone(&failed),
+            report: settings.brokers.report(),
+            assigned: Arc::clone(&assigned),
+        };
+        let mut config = settings.brokers.config();
+        config
+            .set("group.id", &settings.group_id)
+            .set("client.id", format!("courseview-{}", settings.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Every partition is assigned at an explicit offset; a position
+            // that falls out of the log later is an error to report (a
+            // gap), never a silent jump to the log's start.
+            .set("auto.offset.reset", "error")
+            // Debezium's exactly-once relay writes transactions: never apply
+            // an aborted event.
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                settings.metadata_refresh.as_millis().to_string(),
+            )
+            .set("partition.assignment.strategy", "range,roundrobin")
+            // Return fetches within 50 ms even when the broker holds them for
+            // more data: freshness is bounded by this wait.
+            .set("fetch.wait.max.ms", "50")
+            // librdkafka prefetches up to 64 MiB per consumer by default; a
+            // batch needs far less, and worker memory is a target (PERFORMANCE.md).
+            .set("queued.max.messages.kbytes", "8192")
+            // The kbytes bound counts payloads only; each queued message also
+            // carries a librdkafka op of a few hundred bytes, and the default
+            // of 100,000 messages per partition made those the largest heap
+            // consumer (heaptrack). Queues fill to this only when the log
+            // holds more, so it made RSS grow with the log up to the cap.
+            // At 1,000 per partition the queued ops and the fetch buffers
+            // they pin were still 17 of the rebuild process's 37 MiB heap
+            // peak (heaptrack at 200 k and 1 M events); 500 keep half a
+            // batch ready on each partition.
+            .set("queued.min.messages", "500")
+            // A partition whose queue filled waits this long before its next
+            // fetch; with queues this short librdkafka's default (1 s) can
+            // leave one empty meanwhile (its documentation says as much).
+            .set("fetch.queue.backoff.ms", "20")
+            // A fetch response is held whole while it is parsed: at 4 MiB
+            // two of them were 8 of the worker's 35 MiB heap peak
+            // (heaptrack, 100 k events); 2 MiB is still ~3,000 records,
+            // more than a batch, and the broker is not the worker's limit.
+            .set("fetch.max.bytes", "2097152");
+        let consumer: BaseConsumer<AssignContext> =
+            settings.brokers.finish(&mut config).create_with_context(context)?;
+        let topics = topic_subscription(&settings.topics);
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs)?;
+        info!(topics = %settings.topics, "Subscribed.");
+        Ok(Consumer {
+            inner: Arc::new(consumer),
+            group: settings.group_id.clone(),
+            failed,
+            assigned,
+        })
+    }
+
+    /// Polls on a dedicated thread and sends records into `tx`, holding
+    /// their bytes in `budget` until the worker releases them, until
+    /// cancelled or the receiver is gone. Rebalances run on that thread, and
+    /// so does leaving the group at the end: librdkafka may call back into
+    /// the rebalance handler there, which must not run on an async thread.
+    /// Whether the group has assigned this consumer its partitions (at
+    /// their stored offsets) and not revoked them since.
+    pub fn assigned(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.assigned)
+    }
+
+    pub fn spawn_reader(
+        &self,
+        tx: mpsc::Sender<Feed>,
+        budget: Arc<ByteBudget>,
+        cancel: CancellationToken,
+    ) -> std::thread::JoinHandle<ReaderExit> {
+        let consumer = Arc::clone(&self.inner);
+        let failed = Arc::clone(&self.failed);
+        let group = self.group.clone();
+        std::thread::Builder::new()
+            .name(format!("kafka-{group}"))
+            .spawn(move || {
+                let mut advanced: HashMap<(String, i32), i64> = HashMap::new();
+                let mut last_check = std::time::Instant::now();
+                let exit = loop {
+                    if cancel.is_cancelled() {
+                        break ReaderExit::Cancelled;
+                    }
+                    // Here, before the next poll, every record polled so far
+                    // is on the channel, so a position read now is never
+                    // ahead of what was sent. (After a poll it could be.)
+                    if last_check.elapsed() >= ADVANCE_EVERY {
+                        last_check = std::time::Instant::now();
+                        let moved = positions_moved(&consumer, &mut advanced);
+                        if moved.into_iter().any(|feed| tx.blocking_send(feed).is_err()) {
+                            break ReaderExit::ReceiverGone;
+                        }
+                    }
+                    let polled = consumer.poll(Duration::from_millis(100));
+                    if let Some(reason) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+                        break ReaderExit::AssignmentFailed(reason);
+                    }
+                    match polled {
+                        None => {}
+                        Some(Ok(message)) => {
+                            let record = to_record(&message);
+                            advanced.insert((record.topic.clone(), record.partition), record.offset + 1);
+                            if !budget.acquire(record.size(), &cancel) {
+                                break ReaderExit::Cancelled;
+                            }
+                            if tx.blocking_send(Feed::Record(record)).is_err() {
+                                break ReaderExit::ReceiverGone;
+                            }
+                        }
+                        Some(Err(e))
+                            if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
+                        {
+                            break ReaderExit::OffsetOutOfRange(e.to_string());
+                        }
+                        // Reaching the cluster failed: the context said so, once.
+                        Some(Err(e)) if report::reach_failure(&e) => {
+                            debug!(group = %group, error = %e, "Kafka poll error.")
+                        }
+                        Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
+                    }
+                };
+                // Leave the group here, on the thread that serves callbacks.
+                consumer.unsubscribe();
+                debug!(group = %group, exit = ?exit, "Reader stopped.");
+                exit
+            })
+            .unwrap_or_else(|e| panic!("cannot spawn the Kafka reader thread: {e}"))
+    }
+
+    /// Commits next-offsets to the consumer group (for lag tools). Best
+    /// effort: the stored offsets in MongoDB are the source of truth.
+    pub fn commit(&self, offsets: &[(String, i32, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in offsets {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = self.inner.commit(&tpl, CommitMode::Async) {
+            debug!(group = %self.group, error = %e, "Group commit failed.");
+        }
+    }
+
+    /// Currently assigned (topic, partition) pairs.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.inner
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Low and high watermarks of a partition (blocking network call).
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaClientError> {
+        Ok(self.inner.fetch_watermarks(topic, partition, Duration::from_secs(2))?)
+    }
+}
+
+/// Partitions whose consumer position is past the last offset handed over
+/// (or last reported): librdkafka advances it over transaction markers
+/// without delivering anything, and only the position tells.
+fn positions_moved(consumer: &BaseConsumer<AssignContext>, advanced: &mut HashMap<(String, i32), i64>) -> Vec<Feed> {
+    let Ok(positions) = consumer.position() else {
+        return Vec::new();
+    };
+    let mut moved = Vec::new();
+    for elem in positions.elements() {
+        let Offset::Offset(next) = elem.offset() else {
+            continue;
+        };
+        let key = (elem.topic().to_owned(), elem.partition());
+        // Any change, not only growth: after a partition moves away and
+        // back it may restart lower (storing lower is a no-op; offsets
+        // never move backwards).
+        if advanced.get(&key) != Some(&next) {
+            advanced.insert(key, next);
+            moved.push(Feed::Advance {
+                topic: elem.topic().to_owned(),
+                partition: elem.partition(),
+                next,
+            });
+        }
+    }
+    moved
+}
+
+/// `^regex` subscribes by pattern; anything else is a list of names.
+pub(super) fn topic_subscription(topics: &str) -> Vec<String> {
+    if topics.starts_with('^') {
+        vec![topics.to_owned()]
+    } else {
+        topics
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers: m.headers().map(raw_headers).unwrap_or_default(),
+        timestamp: m.timestamp().to_millis(),
+    }
+}
+
+/// Header keys and values as bytes. rdkafka's own accessors unwrap the key
+/// as UTF-8 and panic on anything else, which would let one bad record kill
+/// the reader; so this asks librdkafka for the raw bytes itself. (A key
+/// with a NUL byte inside is cut there: librdkafka gives keys as C strings.)
+#[allow(unsafe_code)]
+fn raw_headers(headers: &BorrowedHeaders) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let native = std::ptr::from_ref(headers).cast::<rdkafka::types::RDKafkaHeaders>();
+    (0..headers.count())
+        .filter_map(|idx| {
+            let mut name: *const std::ffi::c_char = std::ptr::null();
+            let mut value: *const std::ffi::c_void = std::ptr::null();
+            let mut size = 0_usize;
+            // SAFETY: `BorrowedHeaders` is a transparent view of librdkafka's
+            // `rd_kafka_headers_t` (rdkafka builds it by this very cast), and
+            // it lives as long as `headers`. On success librdkafka points
+            // `name` at a NUL-terminated string and `value` at `size` bytes
+            // (or null), both owned by the headers and valid while they are;
+            // we copy them out before returning.
+            unsafe {
+                let err = rdkafka::bindings::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size);
+                if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                    return None;
+                }
+                let key = std::ffi::CStr::from_ptr(name).to_bytes().to_vec();
+                let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec());
+                Some((key, value))
+            }
+        })
+        .collect()
+}

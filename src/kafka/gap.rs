@@ -1,0 +1,121 @@
+//! Gaps: where a partition's stored offset and its log disagree, and
+//! what the consumer asks of the offset store about them.
+
+use super::*;
+
+/// Where a projection's stored offsets come from at assignment time, and
+/// where a gap between them and the log is recorded.
+pub trait OffsetSource: Send + Sync + 'static {
+    /// Next offset to read for every (topic, partition) the projection has stored.
+    fn stored_offsets(&self) -> Result<HashMap<(String, i32), i64>, OffsetsUnavailable>;
+
+    /// Records `gap` (once, however often it is found) and, when the worker
+    /// goes on after a log reset, moves the checkpoint back to the log's
+    /// start: the one way a checkpoint ever goes back.
+    fn record_gap(&self, gap: &Gap, policy: OnGap) -> Result<(), OffsetsUnavailable>;
+}
+
+/// How a stored offset disagrees with the log it points into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GapKind {
+    /// Below the log start: retention or DeleteRecords removed events the
+    /// projection never read, offsets `[stored, low)`.
+    RetentionGap,
+    /// Beyond the log end: the topic was deleted and re-created (or its
+    /// log lost), so the stored offset belongs to a log that is gone.
+    LogReset,
+}
+
+impl GapKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GapKind::RetentionGap => "retention_gap",
+            GapKind::LogReset => "log_reset",
+        }
+    }
+}
+
+/// A stored offset the log does not hold, as found at assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub kind: GapKind,
+    pub topic: String,
+    pub partition: i32,
+    /// The projection's stored (next) offset.
+    pub stored: i64,
+    /// The partition's watermarks when it was found.
+    pub low: i64,
+    pub high: i64,
+}
+
+impl Gap {
+    /// The gap of a stored offset against the watermarks, if any.
+    pub fn find(topic: &str, partition: i32, stored: i64, low: i64, high: i64) -> Option<Gap> {
+        let kind = if stored < low {
+            GapKind::RetentionGap
+        } else if stored > high {
+            GapKind::LogReset
+        } else {
+            return None;
+        };
+        Some(Gap {
+            kind,
+            topic: topic.to_owned(),
+            partition,
+            stored,
+            low,
+            high,
+        })
+    }
+
+    /// What happened, for logs, dead letters and status.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            GapKind::RetentionGap => format!(
+                "retention gap on {}/{}: offsets {}..{} ({} events) were removed from the log before this projection read them (log now {}..{})",
+                self.topic,
+                self.partition,
+                self.stored,
+                self.low,
+                self.low - self.stored,
+                self.low,
+                self.high
+            ),
+            GapKind::LogReset => format!(
+                "log reset on {}/{}: the stored offset {} lies beyond the log's end {} (the topic was deleted and re-created?); what the old log held after {} is unknown",
+                self.topic, self.partition, self.stored, self.high, self.stored
+            ),
+        }
+    }
+
+    /// Where the partition is read from when the worker goes on.
+    pub fn resume_at(&self) -> i64 {
+        self.low
+    }
+}
+
+/// What a worker does with a partition whose stored offset is a gap
+/// (`COURSEVIEW_ON_GAP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OnGap {
+    /// Stop consuming that partition (the rest goes on, the API keeps
+    /// serving), until an operator rebuilds or chooses `continue`.
+    #[default]
+    Stop,
+    /// Go on from the log's start; the gap stays reported until a rebuild.
+    Continue,
+    /// Go on from the log's start without recording: a rebuild whose
+    /// operator accepted a partial history (`--allow-partial-history`).
+    #[value(skip)]
+    Accepted,
+}
+
+/// Stored offsets could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetsUnavailable {
+    pub reason: String,
+    /// Whether asking again soon may succeed (MongoDB blinked), or not (the
+    /// call came from a thread that cannot wait for it).
+    pub retry: bool,
+}
