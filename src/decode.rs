@@ -378,6 +378,13 @@ mod tests {
         }
     }
 
+    /// A hand-written record value from `tests/fixtures/events/`.
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_str!(concat!("../tests/fixtures/events/", $name, ".json"))
+        };
+    }
+
     fn record(topic: &str, key: Option<&str>, headers: &[(&str, &str)], value: &str) -> Record {
         Record {
             topic: topic.into(),
@@ -415,34 +422,19 @@ mod tests {
 
     #[test]
     fn camel_case_created_with_unknown_fields_decodes() {
-        let r = record(
-            "CourseCreatedEvent",
-            Some("c-1"),
-            &[],
-            include_str!("../tests/fixtures/events/created_camel.json"),
-        );
+        let r = record("CourseCreatedEvent", Some("c-1"), &[], fixture!("created_camel"));
         assert_eq!(decode(&r), Ok(expected_created()));
     }
 
     #[test]
     fn snake_case_created_decodes_the_same() {
-        let r = record(
-            "CourseCreatedEvent",
-            Some("c-1"),
-            &[],
-            include_str!("../tests/fixtures/events/created_snake.json"),
-        );
+        let r = record("CourseCreatedEvent", Some("c-1"), &[], fixture!("created_snake"));
         assert_eq!(decode(&r), Ok(expected_created()));
     }
 
     #[test]
     fn updated_takes_type_from_topic_and_keeps_only_present_fields() {
-        let r = record(
-            "prod.CourseUpdatedEvent",
-            Some("c-1"),
-            &[],
-            include_str!("../tests/fixtures/events/updated_partial.json"),
-        );
+        let r = record("prod.CourseUpdatedEvent", Some("c-1"), &[], fixture!("updated_partial"));
         let e = decode(&r).expect("decodes");
         assert_eq!(e.occurred_at, millis("2026-11-21T08:10:00Z"));
         assert_eq!(
@@ -460,7 +452,7 @@ mod tests {
             "anything",
             Some("c-9"),
             &[("eventType", "CoursePostedEvent")],
-            include_str!("../tests/fixtures/events/posted_minimal.json"),
+            fixture!("posted_minimal"),
         );
         let e = decode(&r).expect("decodes");
         assert_eq!((e.course_id.as_str(), e.kind), ("c-9", EventKind::Posted));
@@ -473,7 +465,7 @@ mod tests {
             "anything",
             Some("c-9"),
             &[("type", "CourseUnposted")],
-            include_str!("../tests/fixtures/events/posted_minimal.json"),
+            fixture!("posted_minimal"),
         );
         assert_eq!(decode(&r).map(|e| e.kind), Ok(EventKind::Unposted));
     }
@@ -484,7 +476,7 @@ mod tests {
             "outbox.event.Course",
             Some("c-1"),
             &[("eventType", "CoursePostedEvent")],
-            include_str!("../tests/fixtures/events/outbox_object.json"),
+            fixture!("outbox_object"),
         );
         r.headers.push((vec![0xff, 0xfe, b'x'], Some(b"v".to_vec())));
         assert!(matches!(decode(&r), Err(DecodeError::HeaderKeyNotUtf8(_))));
@@ -492,12 +484,7 @@ mod tests {
 
     #[test]
     fn a_used_header_value_that_is_not_utf8_is_a_poison_record() {
-        let mut r = record(
-            "outbox.event.Course",
-            Some("c-1"),
-            &[],
-            include_str!("../tests/fixtures/events/outbox_object.json"),
-        );
+        let mut r = record("outbox.event.Course", Some("c-1"), &[], fixture!("outbox_object"));
         r.headers.push((b"eventType".to_vec(), Some(vec![0xc3, 0x28])));
         assert_eq!(decode(&r), Err(DecodeError::HeaderNotUtf8("eventType".into())));
     }
@@ -508,7 +495,7 @@ mod tests {
             "outbox.event.Course",
             Some("c-1"),
             &[("id", "9b7c"), ("eventType", "CoursePostedEvent")],
-            include_str!("../tests/fixtures/events/outbox_object.json"),
+            fixture!("outbox_object"),
         );
         let e = decode(&r).expect("decodes");
         assert_eq!(
@@ -523,7 +510,7 @@ mod tests {
             "outbox.event.Course",
             Some("\"c-1\""),
             &[("id", "a1")],
-            include_str!("../tests/fixtures/events/outbox_escaped_string.json"),
+            fixture!("outbox_escaped_string"),
         );
         let e = decode(&r).expect("decodes");
         assert_eq!(e.course_id, "c-1");
@@ -542,7 +529,7 @@ mod tests {
             "outbox.event.Course",
             Some("c-1"),
             &[("id", "a2")],
-            include_str!("../tests/fixtures/events/outbox_schema_object.json"),
+            fixture!("outbox_schema_object"),
         );
         assert_eq!(
             decode(&r).map(|e| (e.kind, e.version)),
@@ -557,7 +544,7 @@ mod tests {
             "outbox.event.Course",
             Some(key),
             &[("id", "a3"), ("eventType", "CourseUnpostedEvent")],
-            include_str!("../tests/fixtures/events/outbox_schema_string.json"),
+            fixture!("outbox_schema_string"),
         );
         let e = decode(&r).expect("decodes");
         assert_eq!((e.course_id.as_str(), e.kind), ("c-1", EventKind::Unposted));
