@@ -273,16 +273,21 @@ impl StatusProbe {
     /// one reading of the log: what a rebuild measures each round (the
     /// serving offsets read first, so the comparison never runs ahead).
     pub async fn beside(&self, model: ReadModel, serving: u32, building: u32) -> Result<Beside, StatusError> {
+        if serving == building {
+            let status = self.positions(model, building).await?;
+            return Ok(Beside {
+                serving: status.clone(),
+                building: status,
+            });
+        }
+        // Serving offsets before the log's end: a live worker may store an
+        // offset past an end read before it, which would look like a log
+        // reset and lower the bar to the stale end.
+        let serving_checkpoints = self.store.load_checkpoints(model.name(), serving).await?;
         let logs = self.logs().await?;
-        let serving_status = self.positions_in(model, serving, &logs).await?.0;
-        let building_status = if building == serving {
-            serving_status.clone()
-        } else {
-            self.positions_in(model, building, &logs).await?.0
-        };
         Ok(Beside {
-            serving: serving_status,
-            building: building_status,
+            serving: positions_at(serving, &logs, &serving_checkpoints),
+            building: self.positions_in(model, building, &logs).await?.0,
         })
     }
 
@@ -293,40 +298,7 @@ impl StatusProbe {
         logs: &[PartitionLog],
     ) -> Result<(GenerationStatus, HashMap<(String, i32), Checkpoint>), StatusError> {
         let checkpoints = self.store.load_checkpoints(model.name(), generation).await?;
-        let partitions: Vec<PartitionStatus> = logs
-            .iter()
-            .map(|log| {
-                let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
-                // The stored offset as it is, never clamped to the log: a
-                // hole below the log start, or an offset past its end, shows.
-                let stored = checkpoint.map_or(log.low, |c| c.offset);
-                // Only a retention gap is judged here: the checkpoint is read
-                // after the watermarks, so a busy partition's stored offset
-                // may legitimately pass the high watermark read before it.
-                // Log resets are judged by the workers, checkpoint first.
-                let gap = Gap::find(&log.topic, log.partition, stored, log.low, log.high)
-                    .map(|g| g.kind)
-                    .filter(|kind| *kind == GapKind::RetentionGap);
-                PartitionStatus {
-                    topic: log.topic.clone(),
-                    partition: log.partition,
-                    stored_offset: stored,
-                    low_watermark: log.low,
-                    high_watermark: log.high,
-                    // Events still in the log and not applied.
-                    lag_events: (log.high - stored.max(log.low)).max(0),
-                    lag_seconds: 0.0,
-                    stalled: false,
-                    gap,
-                }
-            })
-            .collect();
-        let status = GenerationStatus {
-            generation,
-            lag_events: partitions.iter().map(|p| p.lag_events).sum(),
-            partitions,
-        };
-        Ok((status, checkpoints))
+        Ok((positions_at(generation, logs, &checkpoints), checkpoints))
     }
 
     async fn generation_in(
@@ -377,5 +349,46 @@ impl StatusProbe {
             p.stalled = waiting_since.is_some_and(|since| now - since > stall_ms);
         }
         Ok(status)
+    }
+}
+
+/// A generation's stored offsets against the watermarks in `logs`.
+fn positions_at(
+    generation: u32,
+    logs: &[PartitionLog],
+    checkpoints: &HashMap<(String, i32), Checkpoint>,
+) -> GenerationStatus {
+    let partitions: Vec<PartitionStatus> = logs
+        .iter()
+        .map(|log| {
+            let checkpoint = checkpoints.get(&(log.topic.clone(), log.partition));
+            // The stored offset as it is, never clamped to the log: a
+            // hole below the log start, or an offset past its end, shows.
+            let stored = checkpoint.map_or(log.low, |c| c.offset);
+            // Only a retention gap is judged here: the checkpoint is read
+            // after the watermarks, so a busy partition's stored offset
+            // may legitimately pass the high watermark read before it.
+            // Log resets are judged by the workers, checkpoint first.
+            let gap = Gap::find(&log.topic, log.partition, stored, log.low, log.high)
+                .map(|g| g.kind)
+                .filter(|kind| *kind == GapKind::RetentionGap);
+            PartitionStatus {
+                topic: log.topic.clone(),
+                partition: log.partition,
+                stored_offset: stored,
+                low_watermark: log.low,
+                high_watermark: log.high,
+                // Events still in the log and not applied.
+                lag_events: (log.high - stored.max(log.low)).max(0),
+                lag_seconds: 0.0,
+                stalled: false,
+                gap,
+            }
+        })
+        .collect();
+    GenerationStatus {
+        generation,
+        lag_events: partitions.iter().map(|p| p.lag_events).sum(),
+        partitions,
     }
 }

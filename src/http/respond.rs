@@ -32,16 +32,21 @@ fn accepts_gzip(request_headers: &HeaderMap) -> bool {
     for item in codings {
         let mut parts = item.split(';').map(str::trim);
         let coding = parts.next().unwrap_or("");
-        // "q=0", "q=0.0", "q=0.000": zero means refused; no weight means 1.
-        let admitted = parts
-            .filter_map(|p| p.replace(' ', "").strip_prefix("q=").map(str::to_owned))
-            .next_back()
-            .is_none_or(|q| q.parse::<f32>().is_ok_and(|q| q > 0.0));
-        if coding.eq_ignore_ascii_case("gzip") {
-            gzip = Some(admitted);
+        // "q=0", "Q=0.0", "q=0.000": a zero weight refuses; no weight, or
+        // one that does not parse, does not.
+        let refused = parts.any(|p| {
+            let p = p.replace(' ', "");
+            p.get(..2).is_some_and(|q| q.eq_ignore_ascii_case("q=")) && p[2..].parse::<f32>().is_ok_and(|q| q == 0.0)
+        });
+        // Listed more than once: admitted if any entry admits it.
+        let entry = if coding.eq_ignore_ascii_case("gzip") {
+            &mut gzip
         } else if coding == "*" {
-            any = Some(admitted);
-        }
+            &mut any
+        } else {
+            continue;
+        };
+        *entry = Some(entry.unwrap_or(false) || !refused);
     }
     gzip.or(any).unwrap_or(false)
 }
@@ -147,7 +152,16 @@ mod tests {
 
     #[test]
     fn gzip_is_sent_only_where_accept_encoding_admits_it() {
-        for yes in ["gzip", "GZIP", "br, gzip;q=0.5", "*", "deflate, *;q=0.1", "gzip; q=1"] {
+        for yes in [
+            "gzip",
+            "GZIP",
+            "br, gzip;q=0.5",
+            "*",
+            "deflate, *;q=0.1",
+            "gzip; q=1",
+            "gzip;q=",
+            "gzip, gzip;q=0",
+        ] {
             assert!(accepts(yes), "{yes}");
         }
         for no in [

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::params::{Cursor, Params};
+use super::params::{Cursor, Params, Sort};
 use super::{ApiError, AppState, AppStateExt, Expensive};
 use crate::mongo::{ListQuery, Listing, Store};
 use crate::read_model::ReadModel;
@@ -89,6 +89,7 @@ pub async fn catalog_list(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref(), CATALOG_LIST_QUERY)?;
+    let sort = params.sort()?;
     let teacher = params.text("teacherId")?.map(str::to_owned);
     let text = params.text("q")?;
     // A search walks every listed course: bounded in how many read MongoDB
@@ -98,7 +99,7 @@ pub async fn catalog_list(
         teacher,
         text: text.map(str::to_owned),
     };
-    list(&state, ReadModel::Catalog, listing, &params, expensive, &headers).await
+    list(&state, ReadModel::Catalog, listing, sort, &params, expensive, &headers).await
 }
 
 /// `GET /teachers/{teacherId}/courses?sort=newest|name&limit=&cursor=`:
@@ -130,8 +131,18 @@ pub async fn teacher_courses(
     // Before anything is read: drafts are private.
     state.auth.authorize(&headers, &teacher_id)?;
     let params = Params::parse(query.as_deref(), TEACHER_COURSES_QUERY)?;
+    let sort = params.sort()?;
     let listing = Listing::Teacher { teacher: teacher_id };
-    list(&state, ReadModel::TeacherCourses, listing, &params, None, &headers).await
+    list(
+        &state,
+        ReadModel::TeacherCourses,
+        listing,
+        sort,
+        &params,
+        None,
+        &headers,
+    )
+    .await
 }
 
 /// One page of a listing, through the cache.
@@ -139,11 +150,11 @@ async fn list(
     state: &AppState,
     model: ReadModel,
     listing: Listing,
+    sort: Sort,
     params: &Params,
     expensive: Option<Expensive>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let sort = params.sort()?;
     let page = ListQuery {
         listing,
         order: sort.into(),

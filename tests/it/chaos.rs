@@ -193,8 +193,6 @@ fn garbage(app: &TestApp, n: usize) -> Vec<Outgoing> {
         .collect()
 }
 
-/// Sends records in concurrent chunks, retrying each until the broker
-/// takes it (a broker restart makes sends fail for a while).
 /// A private server a row SIGKILLs and brings back.
 trait Killable {
     fn kill(&mut self);
@@ -238,6 +236,8 @@ async fn produce_across_a_kill(
     futures::join!(producing, faulting);
 }
 
+/// Sends records in concurrent chunks, retrying each until the broker
+/// takes it (a broker restart makes sends fail for a while).
 async fn produce(app: &TestApp, records: &[Outgoing], rate_per_sec: Option<u64>) {
     for chunk in records.chunks(200) {
         let started = Instant::now();
@@ -348,7 +348,6 @@ fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
     (lost, differing + extra)
 }
 
-/// Compares with a clean replay, records the row and holds it to zero.
 /// How most rows end: the last worker settles, and the row is judged
 /// with the default record limit.
 async fn settle_and_judge(app: &TestApp, worker: Reaped, mut row: Row, started: Instant) {
@@ -356,6 +355,7 @@ async fn settle_and_judge(app: &TestApp, worker: Reaped, mut row: Row, started: 
     judge(app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
 
+/// Compares with a clean replay, records the row and holds it to zero.
 async fn judge(app: &TestApp, mut row: Row, limit: usize, started: Instant) {
     verdict(app, &mut row, limit).await;
     row.finish(started);
