@@ -789,6 +789,7 @@ mod tests {
                     lag_events: 0,
                     lag_seconds: 0.0,
                     stalled: false,
+                    stuck: None,
                     gap: None,
                 })
                 .collect(),

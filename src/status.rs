@@ -39,6 +39,10 @@ pub struct PartitionStatus {
     /// Age of the oldest unapplied event; 0 without lag.
     pub lag_seconds: f64,
     pub stalled: bool,
+    /// Set while a worker of this generation cannot get past an offset:
+    /// its fetch keeps failing there (the offset and the error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stuck: Option<String>,
     /// Set when the stored offset is not in the log: below its start
     /// (retention gap) or beyond its end (log reset).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,6 +97,10 @@ pub enum State {
     /// The serving generation's stored offsets and the log disagree (a
     /// retention gap or a log reset): events were or may be missed.
     Gap,
+    /// A worker's fetch keeps failing at one offset of a partition (a
+    /// codec, a corrupt batch, a record over the fetch settings): nothing
+    /// after it is applied until its cause is fixed.
+    Stuck,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -124,6 +132,21 @@ pub struct GapReport {
     pub low_watermark: i64,
     pub high_watermark: i64,
     pub message: String,
+}
+
+/// Marks the partitions that live workers of this generation report stuck.
+fn mark_stuck(status: &mut GenerationStatus, workers: &[WorkerEntry]) {
+    for worker in workers.iter().filter(|w| w.generation == status.generation) {
+        for stuck in &worker.stuck {
+            if let Some(p) = status
+                .partitions
+                .iter_mut()
+                .find(|p| p.topic == stuck.topic && p.partition == stuck.partition)
+            {
+                p.stuck = Some(format!("at offset {}: {}", stuck.offset, stuck.reason));
+            }
+        }
+    }
 }
 
 /// How long the age of the oldest unapplied event is looked for; a
@@ -231,8 +254,13 @@ impl StatusProbe {
                 })
             })
             .collect();
+        let workers = self.store.live_workers(Some(model.name())).await?;
+        let mut serving = serving;
+        mark_stuck(&mut serving, &workers);
         let state = if !gaps.is_empty() || serving.partitions.iter().any(|p| p.gap.is_some()) {
             State::Gap
+        } else if serving.partitions.iter().any(|p| p.stuck.is_some()) {
+            State::Stuck
         } else if serving.partitions.iter().any(|p| p.stalled) {
             State::Stalled
         } else if rebuild.is_some() {
@@ -240,7 +268,6 @@ impl StatusProbe {
         } else {
             State::Live
         };
-        let workers = self.store.live_workers(Some(model.name())).await?;
         let dead_letters = self.store.count_dead_letters(model.name()).await?;
         Ok(ProjectionStatus {
             projection: model.name(),
@@ -382,6 +409,7 @@ fn positions_at(
                 lag_events: (log.high - stored.max(log.low)).max(0),
                 lag_seconds: 0.0,
                 stalled: false,
+                stuck: None,
                 gap,
             }
         })

@@ -23,6 +23,7 @@ const TRANSIENT_ERRORS_TOTAL: &str = "courseview_transient_errors_total";
 const CONSUMER_LAG_EVENTS: &str = "courseview_consumer_lag_events";
 const CONSUMER_LAG_SECONDS: &str = "courseview_consumer_lag_seconds";
 const PROJECTION_STALLED: &str = "courseview_projection_stalled";
+const PARTITION_STUCK: &str = "courseview_partition_stuck";
 const CACHE_LOOKUPS_TOTAL: &str = "courseview_cache_lookups_total";
 const CACHE_ERRORS_TOTAL: &str = "courseview_cache_errors_total";
 const HTTP_REQUESTS_TOTAL: &str = "courseview_http_requests_total";
@@ -41,6 +42,7 @@ pub const METRIC_NAMES: &[&str] = &[
     CONSUMER_LAG_EVENTS,
     CONSUMER_LAG_SECONDS,
     PROJECTION_STALLED,
+    PARTITION_STUCK,
     CACHE_LOOKUPS_TOTAL,
     CACHE_ERRORS_TOTAL,
     HTTP_REQUESTS_TOTAL,
@@ -155,6 +157,13 @@ pub fn consumer_lag(projection: &'static str, topic: &str, partition: i32, event
 
 pub fn stalled(projection: &'static str, stalled: bool) {
     gauge!(PROJECTION_STALLED, "projection" => projection).set(if stalled { 1.0 } else { 0.0 });
+}
+
+/// A partition whose fetch keeps failing at one offset (1), or not (0).
+/// Labelled by consumer group (one per projection, and per rebuild).
+pub fn partition_stuck(group: &str, topic: &str, partition: i32, stuck: bool) {
+    gauge!(PARTITION_STUCK, "group" => group.to_owned(), "topic" => topic.to_owned(), "partition" => partition.to_string())
+        .set(if stuck { 1.0 } else { 0.0 });
 }
 
 /// A lookup in one cache layer: `memory` (this process) or `redis`.

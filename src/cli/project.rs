@@ -136,6 +136,7 @@ impl WorkerArgs {
                 metadata_refresh: self.metadata_refresh,
                 session_timeout: self.session_timeout,
                 on_gap: self.on_gap,
+                stuck: std::sync::Arc::default(),
             },
             batch_size: self.batch_size.max(1),
             batch_linger: self.batch_linger,
@@ -179,9 +180,16 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
         let (generation_tx, generation_rx) = tokio::sync::watch::channel(worker::Phase::default());
         settings.on_phase = Some(Arc::new(generation_tx));
         settings.cache_held = health.held_flag(model);
+        settings.kafka.stuck = health.stuck_board(model);
         let mut entry = WorkerEntry::new(model.name(), metrics_addr.to_string(), args.status_interval);
         entry.invalidates = invalidates.clone();
-        services.spawn(heartbeat(store.clone(), entry, generation_rx, shutdown.clone()));
+        services.spawn(heartbeat(
+            store.clone(),
+            entry,
+            generation_rx,
+            Arc::clone(&settings.kafka.stuck),
+            shutdown.clone(),
+        ));
         let (store, cache, token) = (store.clone(), cache.clone(), shutdown.child_token());
         workers.spawn(async move { (model, worker::run(settings, store, cache, token).await) });
     }
@@ -193,6 +201,13 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
                 projection = model.name(),
                 "Worker stopped at the shutdown deadline; its unwritten batch will be read again on the next start."
             ),
+            Ok((model, Err(e @ worker::WorkerError::KafkaFatal(_)))) => {
+                // The client can do nothing more: end the process (non-zero)
+                // so its supervisor starts a fresh one.
+                error!(projection = model.name(), error = %e, "Fatal Kafka client error; the process exits so its supervisor restarts it.");
+                failed.push(model.name());
+                shutdown.cancel();
+            }
             Ok((model, Err(e))) => {
                 error!(projection = model.name(), error = %e, "Worker failed; other projections go on.");
                 failed.push(model.name());
@@ -239,10 +254,12 @@ async fn heartbeat(
     store: Store,
     mut entry: WorkerEntry,
     mut generation: tokio::sync::watch::Receiver<worker::Phase>,
+    stuck: Arc<crate::kafka::StuckBoard>,
     shutdown: CancellationToken,
 ) {
     loop {
         let phase = *generation.borrow_and_update();
+        entry.stuck = stuck.now();
         (entry.generation, entry.applying, entry.paused_for) = (phase.generation, phase.applying, phase.paused_for);
         entry.heartbeat_at = chrono::Utc::now().timestamp_millis();
         if let Err(e) = store.put_worker(&entry).await {

@@ -77,14 +77,18 @@ fn table(all: &[ProjectionStatus]) -> String {
         out.push_str("  topic                                   part    stored      high     lag  lag(s)\n");
         for part in &p.serving.partitions {
             out.push_str(&format!(
-                "  {:<40} {:>4} {:>9} {:>9} {:>7} {:>7.1}{}\n",
+                "  {:<40} {:>4} {:>9} {:>9} {:>7} {:>7.1}{}{}\n",
                 part.topic,
                 part.partition,
                 part.stored_offset,
                 part.high_watermark,
                 part.lag_events,
                 part.lag_seconds,
-                if part.stalled { "  STALLED" } else { "" }
+                if part.stalled { "  STALLED" } else { "" },
+                part.stuck
+                    .as_ref()
+                    .map(|why| format!("  STUCK {why}"))
+                    .unwrap_or_default()
             ));
         }
         for w in &p.workers {

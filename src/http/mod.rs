@@ -53,6 +53,16 @@ const GENERATION_TTL: Duration = Duration::from_millis(250);
 /// How often [`serve`] re-reads the generation pointers in the background.
 const POINTER_EVERY: Duration = Duration::from_millis(200);
 
+/// How long one background read of a generation pointer may take: a read
+/// that hangs (a half-open socket) must not freeze the follower.
+const POINTER_READ_LIMIT: Duration = Duration::from_millis(500);
+
+/// How long a pointer read by the follower is served. Past it the API may
+/// be cut off from MongoDB while a rebuild switches, so a request reads
+/// the pointer itself (and waits, or fails, on MongoDB) rather than serve
+/// a generation that may no longer be the one readers follow.
+const FOLLOWED_TRUST: Duration = Duration::from_secs(1);
+
 /// Kinds of request that cost the database far more than a cached read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expensive {
@@ -258,12 +268,17 @@ impl AppState {
 
     /// The generation readers currently follow for this read model.
     async fn generation(&self, model: ReadModel) -> Result<u32, StoreError> {
+        // Followed in the background, the last read is trusted a little
+        // longer, so a cached answer does not wait on MongoDB for the
+        // pointer; never longer than FOLLOWED_TRUST.
+        let trusted = if self.pointers_followed.load(std::sync::atomic::Ordering::Acquire) {
+            FOLLOWED_TRUST
+        } else {
+            GENERATION_TTL
+        };
         if let Ok(known) = self.generations.lock() {
             if let Some((generation, at)) = known.get(&model) {
-                // Followed in the background, the last generation read is
-                // the best known even while MongoDB does not answer: a
-                // cached answer never waits on MongoDB for the pointer.
-                if at.elapsed() < GENERATION_TTL || self.pointers_followed.load(std::sync::atomic::Ordering::Acquire) {
+                if at.elapsed() < trusted {
                     return Ok(*generation);
                 }
             }
@@ -274,22 +289,36 @@ impl AppState {
 
     /// Re-reads every read model's generation pointer every
     /// [`POINTER_EVERY`] until `cancel` (readers follow a switch within
-    /// that and one read), so requests find it in memory.
+    /// that and one read), so requests find it in memory. Each read is
+    /// bounded by [`POINTER_READ_LIMIT`]; failures are logged once per
+    /// episode, and the recovery too.
     async fn follow_pointers(self, cancel: CancellationToken) {
         self.pointers_followed.store(true, std::sync::atomic::Ordering::Release);
+        let mut failing = false;
         loop {
             for model in ReadModel::ALL {
                 let read = tokio::select! {
                     () = cancel.cancelled() => return,
-                    read = self.store.serving_generation(model.name()) => read,
+                    read = tokio::time::timeout(POINTER_READ_LIMIT, self.store.serving_generation(model.name())) => read,
                 };
-                match read {
-                    Ok(generation) => {
+                let failure = match read {
+                    Ok(Ok(generation)) => {
                         self.remember_generation(model, generation);
+                        None
                     }
-                    Err(e) => {
-                        tracing::debug!(projection = model.name(), error = %e, "Cannot read the generation pointer; serving the last one read.")
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within {POINTER_READ_LIMIT:?}")),
+                };
+                match failure {
+                    Some(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(projection = model.name(), %error, trusted_for = ?FOLLOWED_TRUST, "Cannot read the generation pointer; the last one read is served for a moment, then requests read it themselves.");
                     }
+                    None if failing => {
+                        failing = false;
+                        tracing::info!(projection = model.name(), "Generation pointer read again.");
+                    }
+                    _ => {}
                 }
             }
             tokio::select! {

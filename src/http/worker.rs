@@ -1,7 +1,7 @@
 //! The worker's own small HTTP surface: `/metrics`, `/healthz`, `/readyz`.
 //! Readiness fails while any of the process's projections is stalled, has a
-//! gap in its log, waits for Redis to take a write announcement, or cannot
-//! be measured (MongoDB or Kafka unreachable).
+//! gap in its log, has a stuck partition, waits for Redis to take a write
+//! announcement, or cannot be measured (MongoDB or Kafka unreachable).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::routes;
+use crate::kafka::StuckBoard;
 use crate::read_model::ReadModel;
 
 /// Readiness per projection run by this process.
@@ -24,6 +25,8 @@ pub struct WorkerHealth {
     /// Per projection: raised while its batch waits because Redis did not
     /// take the write announcement.
     held: HashMap<ReadModel, Arc<std::sync::atomic::AtomicBool>>,
+    /// Per projection: partitions its reader finds stuck.
+    stuck: HashMap<ReadModel, Arc<StuckBoard>>,
 }
 
 impl WorkerHealth {
@@ -35,7 +38,13 @@ impl WorkerHealth {
                 .iter()
                 .map(|m| (*m, Arc::new(std::sync::atomic::AtomicBool::new(false))))
                 .collect(),
+            stuck: models.iter().map(|m| (*m, Arc::default())).collect(),
         }
+    }
+
+    /// Where a projection's reader posts its stuck partitions.
+    pub fn stuck_board(&self, model: ReadModel) -> Arc<StuckBoard> {
+        self.stuck.get(&model).cloned().unwrap_or_default()
     }
 
     /// The flag a projection's worker raises while its batch waits on Redis.
@@ -49,6 +58,11 @@ impl WorkerHealth {
         }
     }
 
+    /// Every stuck partition of this process's projections.
+    pub fn stuck_now(&self) -> Vec<crate::kafka::StuckPartition> {
+        self.stuck.values().flat_map(|b| b.now()).collect()
+    }
+
     /// Projections that are not ready.
     pub fn not_ready(&self) -> Vec<&'static str> {
         let map = self.ready.lock().map(|m| m.clone()).unwrap_or_default();
@@ -57,9 +71,10 @@ impl WorkerHealth {
                 .get(m)
                 .is_some_and(|h| h.load(std::sync::atomic::Ordering::Relaxed))
         };
+        let stuck = |m: &ReadModel| self.stuck.get(m).is_some_and(|b| !b.now().is_empty());
         let mut names: Vec<_> = map
             .into_iter()
-            .filter(|(m, r)| !r || held(m))
+            .filter(|(m, r)| !r || held(m) || stuck(m))
             .map(|(m, _)| m.name())
             .collect();
         names.sort_unstable();
@@ -82,7 +97,7 @@ async fn readyz(State(health): State<Arc<WorkerHealth>>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "stalledOrUnmeasured": not_ready})),
+            Json(json!({"status": "not ready", "stalledOrUnmeasured": not_ready, "stuck": health.stuck_now()})),
         )
             .into_response()
     }

@@ -60,7 +60,22 @@ const RESERVED: &[(&str, &str)] = &[
     ("transactional.id", "courseview's producers are not transactional"),
     ("acks", ACKS),
     ("request.required.acks", ACKS),
+    ("api.version.request", API_VERSIONS),
+    ("broker.version.fallback", API_VERSIONS),
+    ("api.version.fallback.ms", API_VERSIONS),
+    (
+        "check.crcs",
+        "librdkafka skips a batch that fails its CRC check and delivers the next, so later offsets would be stored past it",
+    ),
 ];
+
+const API_VERSIONS: &str = "without the broker's API versions librdkafka may fetch without an isolation level \
+     (Fetch below v4), and would apply aborted transactions";
+
+/// `fetch.max.bytes` of courseview's consumers; librdkafka refuses a
+/// `receive.message.max.bytes` below it plus 512 when the consumer is
+/// created, so `PropertiesBuilder::build` checks the pair at start.
+pub(super) const FETCH_MAX_BYTES: i64 = 2_097_152;
 
 const ACKS: &str = "a produced record counts as sent once every in-sync replica has it";
 
@@ -78,6 +93,10 @@ const SENTINELS: &[(&str, &str)] = &[
     ("enable.partition.eof", "false"),
     ("partition.assignment.strategy", "range,roundrobin"),
     ("acks", "all"),
+    ("api.version.request", "true"),
+    ("broker.version.fallback", "0.10.0"),
+    ("api.version.fallback.ms", "0"),
+    ("check.crcs", "false"),
 ];
 
 /// Whether a property's value must never be shown.
@@ -341,11 +360,48 @@ impl PropertiesBuilder {
                 });
             }
         }
+        self.check_receive_limit()?;
         Ok(KafkaConnection {
             servers: servers.to_owned(),
             properties: Arc::new(self.properties),
             report: ConnectionReport::new(),
         })
+    }
+}
+
+impl PropertiesBuilder {
+    /// librdkafka checks `receive.message.max.bytes` against
+    /// `fetch.max.bytes` only when a consumer is created, long after start:
+    /// check the pair here, with courseview's fetch size where the user
+    /// gave none.
+    fn check_receive_limit(&self) -> Result<(), KafkaConfigError> {
+        let given = |key: &str| self.properties.iter().find(|p| p.key == key);
+        let number = |p: &Property| {
+            p.value.trim().parse::<i64>().map_err(|_| KafkaConfigError::Refused {
+                key: p.key.clone(),
+                source_name: p.source.clone(),
+                problem: "not a number of bytes".into(),
+            })
+        };
+        // Unset, librdkafka raises it to fit the fetch size itself.
+        let Some(limit) = given("receive.message.max.bytes") else {
+            return Ok(());
+        };
+        let fetch = given("fetch.max.bytes")
+            .map(number)
+            .transpose()?
+            .unwrap_or(FETCH_MAX_BYTES);
+        let (receive, source) = (number(limit)?, limit.source.clone());
+        if receive < fetch + 512 {
+            return Err(KafkaConfigError::Refused {
+                key: "receive.message.max.bytes".into(),
+                source_name: source,
+                problem: format!(
+                    "{receive} is below fetch.max.bytes ({fetch}) + 512, which librdkafka requires of a consumer; raise it or lower fetch.max.bytes"
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -440,6 +496,67 @@ mod tests {
         let mut b = PropertiesBuilder::default();
         b.assignment("fetch.wait.max.ms=100", "-X").expect("well formed");
         b.build("b:9092").expect("tuning is the user's");
+    }
+
+    #[test]
+    fn properties_that_would_apply_aborted_or_corrupt_batches_are_refused_with_the_reason() {
+        for (assignment, named, reason) in [
+            (
+                "api.version.request=false",
+                "api.version.request",
+                "aborted transactions",
+            ),
+            (
+                "broker.version.fallback=0.9.0",
+                "broker.version.fallback",
+                "aborted transactions",
+            ),
+            (
+                "api.version.fallback.ms=60000",
+                "api.version.fallback.ms",
+                "aborted transactions",
+            ),
+            ("check.crcs=true", "check.crcs", "skips a batch"),
+        ] {
+            let mut b = PropertiesBuilder::default();
+            let text = match b.assignment(assignment, "-X") {
+                Err(e) => e.to_string(),
+                Ok(b) => std::mem::take(b).build("b:9092").expect_err("refused").to_string(),
+            };
+            assert!(text.contains(named) && text.contains(reason), "{assignment}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_receive_limit_below_the_fetch_size_is_refused_at_start_not_at_subscribe() {
+        let refused = |lines: &[&str]| {
+            let mut b = PropertiesBuilder::default();
+            for line in lines {
+                b.assignment(line, "-X").expect("well formed");
+            }
+            b.build("b:9092").err().map(|e| e.to_string())
+        };
+        let text = refused(&["receive.message.max.bytes=1000000"]).expect("below courseview's 2 MiB fetch");
+        assert!(
+            text.contains("receive.message.max.bytes") && text.contains("2097152"),
+            "{text}"
+        );
+        let text = refused(&["receive.message.max.bytes=100000", "fetch.max.bytes=99800"]).expect("below + 512");
+        assert!(text.contains("fetch.max.bytes (99800)"), "{text}");
+        assert_eq!(
+            refused(&["receive.message.max.bytes=2097664"]),
+            None,
+            "exactly fetch + 512"
+        );
+        assert_eq!(
+            refused(&["fetch.max.bytes=200000000"]),
+            None,
+            "librdkafka raises an unset limit itself"
+        );
+        assert!(
+            refused(&["receive.message.max.bytes=lots"]).is_some_and(|t| t.contains("receive.message.max.bytes")),
+            "not a number"
+        );
     }
 
     #[test]

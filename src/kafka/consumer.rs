@@ -17,6 +17,111 @@ pub struct ConsumerSettings {
     pub session_timeout: Duration,
     /// What to do with a partition whose stored offset the log does not hold.
     pub on_gap: OnGap,
+    /// Where the reader posts partitions whose fetch keeps failing at one
+    /// offset (the worker's readiness, metrics and registry entry read it).
+    pub stuck: Arc<StuckBoard>,
+}
+
+/// A partition whose fetch fails again and again at one offset: a record
+/// that cannot be read at all cannot be dead-lettered, so it must be seen.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StuckPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// The offset the consumer cannot get past.
+    pub offset: i64,
+    /// The error the fetch keeps failing with.
+    pub reason: String,
+}
+
+/// The partitions a reader finds stuck, shared with whoever reports them.
+#[derive(Debug, Default)]
+pub struct StuckBoard(std::sync::Mutex<Vec<StuckPartition>>);
+
+impl StuckBoard {
+    pub fn now(&self) -> Vec<StuckPartition> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn replace(&self, stuck: Vec<StuckPartition>) {
+        if let Ok(mut v) = self.0.lock() {
+            *v = stuck;
+        }
+    }
+}
+
+/// How long a partition with records ahead of it may make no progress
+/// while fetch errors repeat before it is reported stuck.
+pub const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// Watches positions against fetch errors, on the reader thread.
+#[derive(Debug, Default)]
+struct StuckWatch {
+    /// The last fetch error that is not about reaching the cluster, and when.
+    last_error: Option<(String, std::time::Instant)>,
+    /// Per partition: the position last seen and since when it has not moved.
+    still: HashMap<(String, i32), (i64, std::time::Instant)>,
+    reported: Vec<StuckPartition>,
+}
+
+impl StuckWatch {
+    fn error(&mut self, error: String) {
+        self.last_error = Some((error, std::time::Instant::now()));
+    }
+
+    /// Judges every assigned partition; returns the stuck ones when that changed.
+    fn judge(
+        &mut self,
+        consumer: &BaseConsumer<AssignContext>,
+        starts: &HashMap<(String, i32), i64>,
+    ) -> Option<Vec<StuckPartition>> {
+        let now = std::time::Instant::now();
+        let positions = consumer.position().ok()?;
+        let mut stuck = Vec::new();
+        let mut seen = HashMap::new();
+        for elem in positions.elements() {
+            let key = (elem.topic().to_owned(), elem.partition());
+            // Nothing consumed since assignment: the position is where it was assigned.
+            let position = match elem.offset() {
+                Offset::Offset(at) => at,
+                _ => match starts.get(&key) {
+                    Some(at) => *at,
+                    None => continue,
+                },
+            };
+            let since = match self.still.get(&key) {
+                Some((at, since)) if *at == position => *since,
+                _ => now,
+            };
+            seen.insert(key.clone(), (position, since));
+            let failing = self
+                .last_error
+                .as_ref()
+                .filter(|(_, at)| now.duration_since(*at) < STUCK_AFTER / 2);
+            if let Some((reason, _)) = failing {
+                // Records after the position (asked only of a partition
+                // that has not moved for long while fetches fail).
+                if now.duration_since(since) >= STUCK_AFTER
+                    && consumer
+                        .fetch_watermarks(&key.0, key.1, Duration::from_secs(1))
+                        .is_ok_and(|(_, high)| high > position)
+                {
+                    stuck.push(StuckPartition {
+                        topic: key.0,
+                        partition: key.1,
+                        offset: position,
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+        self.still = seen;
+        (stuck != self.reported).then(|| {
+            self.reported = stuck.clone();
+            stuck
+        })
+    }
 }
 
 /// What the reader hands the worker, in log order per partition.
@@ -50,6 +155,10 @@ pub enum ReaderExit {
     /// A fetch position fell outside the log (retention overtook it, or the
     /// topic was re-created): a fresh assignment finds and records the gap.
     OffsetOutOfRange(String),
+    /// librdkafka raised a fatal error (a fenced or unreleased instance,
+    /// and the like): this client can do nothing more, so the process
+    /// ends and its supervisor restarts it.
+    Fatal(String),
 }
 
 /// Caps the bytes of records read but not yet applied, so a run of large
@@ -116,6 +225,12 @@ struct AssignContext {
     /// Set once partitions (possibly none) are assigned at stored offsets:
     /// the consumer then follows its generation, records or not.
     assigned: Arc<std::sync::atomic::AtomicBool>,
+    /// Where each assigned partition started (its position until a record
+    /// of it is consumed).
+    starts: Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>,
+    /// librdkafka's words for the last error that is not about reaching
+    /// the cluster (a fetch error's poll result carries only its code).
+    last_reason: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ClientContext for AssignContext {
@@ -124,9 +239,19 @@ impl ClientContext for AssignContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if !self.report.error(&error, reason) {
+        if self.report.error(&error, reason) {
+            return;
+        }
+        let mut last = self
+            .last_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A fetch error repeats every fetch: said once per change of words
+        // (the stuck watch reports a partition it stops).
+        if last.as_deref() != Some(reason) {
             warn!(group = %self.group, %error, reason, "Kafka client error.");
         }
+        *last = Some(reason.to_owned());
     }
 }
 
@@ -169,6 +294,9 @@ impl ConsumerContext for AssignContext {
                     };
                     if let Err(e) = assigned.add_partition_offset(topic, partition, offset) {
                         warn!(error = %e, "Cannot set assigned offset.");
+                    }
+                    if let (Offset::Offset(at), Ok(mut starts)) = (offset, self.starts.lock()) {
+                        starts.insert((topic.to_owned(), partition), at);
                     }
                 }
                 info!(group = %self.group, partitions = assigned.count(), "Partitions assigned at stored offsets.");
@@ -263,6 +391,9 @@ pub struct Consumer {
     group: String,
     failed: Arc<std::sync::Mutex<Option<String>>>,
     assigned: Arc<std::sync::atomic::AtomicBool>,
+    starts: Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>,
+    last_reason: Arc<std::sync::Mutex<Option<String>>>,
+    stuck: Arc<StuckBoard>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -279,6 +410,8 @@ impl Consumer {
     ) -> Result<Consumer, KafkaClientError> {
         let failed = Arc::new(std::sync::Mutex::new(None));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starts = Arc::default();
+        let last_reason = Arc::default();
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
@@ -288,6 +421,8 @@ impl Consumer {
             failed: Arc::clone(&failed),
             report: settings.brokers.report(),
             assigned: Arc::clone(&assigned),
+            starts: Arc::clone(&starts),
+            last_reason: Arc::clone(&last_reason),
         };
         let mut config = settings.brokers.config();
         config
@@ -332,7 +467,7 @@ impl Consumer {
             // two of them were 8 of the worker's 35 MiB heap peak
             // (heaptrack, 100 k events); 2 MiB is still ~3,000 records,
             // more than a batch, and the broker is not the worker's limit.
-            .set("fetch.max.bytes", "2097152");
+            .set("fetch.max.bytes", super::config::FETCH_MAX_BYTES.to_string());
         let consumer: BaseConsumer<AssignContext> =
             settings.brokers.finish(&mut config).create_with_context(context)?;
         let topics = topic_subscription(&settings.topics);
@@ -344,6 +479,9 @@ impl Consumer {
             group: settings.group_id.clone(),
             failed,
             assigned,
+            starts,
+            last_reason,
+            stuck: Arc::clone(&settings.stuck),
         })
     }
 
@@ -366,15 +504,23 @@ impl Consumer {
     ) -> std::thread::JoinHandle<ReaderExit> {
         let consumer = Arc::clone(&self.inner);
         let failed = Arc::clone(&self.failed);
+        let (starts, board) = (Arc::clone(&self.starts), Arc::clone(&self.stuck));
+        let last_reason = Arc::clone(&self.last_reason);
         let group = self.group.clone();
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
             .spawn(move || {
                 let mut advanced: HashMap<(String, i32), i64> = HashMap::new();
                 let mut last_check = std::time::Instant::now();
+                let mut watch = StuckWatch::default();
                 let exit = loop {
                     if cancel.is_cancelled() {
                         break ReaderExit::Cancelled;
+                    }
+                    // Fatal: this client can do nothing more (librdkafka
+                    // says so through poll or its error callback).
+                    if let Some(reason) = fatal_error(&consumer) {
+                        break ReaderExit::Fatal(reason);
                     }
                     // Here, before the next poll, every record polled so far
                     // is on the channel, so a position read now is never
@@ -384,6 +530,10 @@ impl Consumer {
                         let moved = positions_moved(&consumer, &mut advanced);
                         if moved.into_iter().any(|feed| tx.blocking_send(feed).is_err()) {
                             break ReaderExit::ReceiverGone;
+                        }
+                        let starts = starts.lock().map(|s| s.clone()).unwrap_or_default();
+                        if let Some(stuck) = watch.judge(&consumer, &starts) {
+                            report_stuck(&group, &board, stuck);
                         }
                     }
                     let polled = consumer.poll(Duration::from_millis(100));
@@ -407,13 +557,24 @@ impl Consumer {
                         {
                             break ReaderExit::OffsetOutOfRange(e.to_string());
                         }
+                        Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                            break ReaderExit::Fatal(fatal_error(&consumer).unwrap_or_else(|| e.to_string()));
+                        }
                         // Reaching the cluster failed: the context said so, once.
                         Some(Err(e)) if report::reach_failure(&e) => {
                             debug!(group = %group, error = %e, "Kafka poll error.")
                         }
-                        Some(Err(e)) => warn!(group = %group, error = %e, "Kafka poll error."),
+                        // A fetch error: if it repeats at one offset, the
+                        // stuck watch reports the partition.
+                        Some(Err(e)) => {
+                            debug!(group = %group, error = %e, "Kafka poll error.");
+                            // The error callback ran first, with the detail.
+                            let said = last_reason.lock().ok().and_then(|r| r.clone());
+                            watch.error(said.unwrap_or_else(|| e.to_string()));
+                        }
                     }
                 };
+                board.replace(Vec::new());
                 // Leave the group here, on the thread that serves callbacks.
                 consumer.unsubscribe();
                 debug!(group = %group, exit = ?exit, "Reader stopped.");
@@ -434,6 +595,29 @@ impl Consumer {
         }
     }
 
+    /// Makes librdkafka raise a fatal error on this consumer, through its
+    /// own entry point for testing (`rd_kafka_test_fatal_error`): no broker
+    /// can fence a consumer without static membership (courseview reserves
+    /// `group.instance.id`), and what follows a fatal error must be tested.
+    /// Returns whether it was raised (only the first one is).
+    #[doc(hidden)]
+    #[allow(unsafe_code)]
+    pub fn raise_fatal_error(&self, reason: &str) -> bool {
+        let Ok(reason) = std::ffi::CString::new(reason) else {
+            return false;
+        };
+        // SAFETY: the client pointer is valid while `self.inner` lives, and
+        // librdkafka copies `reason` before returning.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                self.inner.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
+                reason.as_ptr(),
+            )
+        };
+        err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+    }
+
     /// Currently assigned (topic, partition) pairs.
     pub fn assignment(&self) -> Vec<(String, i32)> {
         self.inner
@@ -451,6 +635,39 @@ impl Consumer {
     pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaClientError> {
         Ok(self.inner.fetch_watermarks(topic, partition, Duration::from_secs(2))?)
     }
+}
+
+/// librdkafka's fatal error, if it has raised one: the client is unusable.
+fn fatal_error(consumer: &BaseConsumer<AssignContext>) -> Option<String> {
+    consumer
+        .client()
+        .fatal_error()
+        .map(|(code, reason)| format!("{reason} ({code:?})"))
+}
+
+/// Posts the stuck partitions, says so once per change, and sets the gauge.
+fn report_stuck(group: &str, board: &StuckBoard, stuck: Vec<StuckPartition>) {
+    for was in board.now() {
+        if !stuck
+            .iter()
+            .any(|s| (s.topic.as_str(), s.partition) == (was.topic.as_str(), was.partition))
+        {
+            info!(group, topic = %was.topic, partition = was.partition, "Partition moves again.");
+            crate::telemetry::partition_stuck(group, &was.topic, was.partition, false);
+        }
+    }
+    for s in &stuck {
+        tracing::error!(
+            group,
+            topic = %s.topic,
+            partition = s.partition,
+            offset = s.offset,
+            reason = %s.reason,
+            "Partition stuck: its fetch keeps failing at this offset, so nothing after it is applied. Nothing can be dead-lettered for a record that cannot be read: fix its cause (a codec, a corrupt batch, a fetch size) or move the offset past it."
+        );
+        crate::telemetry::partition_stuck(group, &s.topic, s.partition, true);
+    }
+    board.replace(stuck);
 }
 
 /// Partitions whose consumer position is past the last offset handed over

@@ -39,7 +39,7 @@ pub mod report;
 pub use admin::{create_topics, Inspector, PartitionLog};
 pub use config::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 use consumer::topic_subscription;
-pub use consumer::{ByteBudget, Consumer, ConsumerSettings, Feed, ReaderExit};
+pub use consumer::{ByteBudget, Consumer, ConsumerSettings, Feed, ReaderExit, StuckBoard, StuckPartition, STUCK_AFTER};
 pub use gap::{Gap, GapKind, OffsetSource, OffsetsUnavailable, OnGap};
 pub use producer::{Outgoing, Producer};
 

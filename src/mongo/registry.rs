@@ -32,6 +32,9 @@ pub struct WorkerEntry {
     /// answers this worker never invalidates, and says so on `/readyz`.
     #[serde(default)]
     pub invalidates: Option<String>,
+    /// Partitions whose fetch keeps failing at one offset in this worker.
+    #[serde(default)]
+    pub stuck: Vec<crate::kafka::StuckPartition>,
 }
 
 impl WorkerEntry {
@@ -59,6 +62,7 @@ impl WorkerEntry {
                 .unwrap_or(i64::MAX)
                 .max(1_000),
             invalidates: None,
+            stuck: Vec::new(),
         }
     }
 }
@@ -114,6 +118,10 @@ impl Store {
                 heartbeat_at,
                 stale_after_ms,
                 invalidates: d.get_str("invalidates").ok().map(str::to_owned),
+                stuck: d
+                    .get("stuck")
+                    .and_then(|s| bson::from_bson(s.clone()).ok())
+                    .unwrap_or_default(),
             });
         }
         live.sort_by(|a, b| a.id.cmp(&b.id));

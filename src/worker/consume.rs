@@ -128,6 +128,7 @@ pub async fn run_generation(
                 break Ok(match exit {
                     ReaderExit::AssignmentFailed(reason) => GenerationEnd::AssignmentFailed(reason),
                     ReaderExit::OffsetOutOfRange(reason) => GenerationEnd::OffsetOutOfRange(reason),
+                    ReaderExit::Fatal(reason) => GenerationEnd::KafkaFatal(reason),
                     other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
                 });
             };

@@ -158,6 +158,8 @@ pub enum GenerationEnd {
     OffsetOutOfRange(String),
     /// The reader thread ended on its own (it panicked or its channel closed).
     ReaderDied(String),
+    /// librdkafka raised a fatal error: the worker must end.
+    KafkaFatal(String),
 }
 
 /// Why a batch could not be applied this time, by what the caller does next.
@@ -212,6 +214,9 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("the Kafka reader thread died: {0}")]
     ReaderDied(String),
+    /// The Kafka client cannot go on; a supervisor restarts the process.
+    #[error("fatal Kafka client error: {0}")]
+    KafkaFatal(String),
     /// Only transient batch errors are retried; this one was given up.
     #[error(transparent)]
     Batch(BatchError),
@@ -308,6 +313,7 @@ pub async fn run(
                 backoff = (backoff * 2).min(settings.max_backoff);
             }
             (GenerationEnd::ReaderDied(reason), _) => return Err(WorkerError::ReaderDied(reason)),
+            (GenerationEnd::KafkaFatal(reason), _) => return Err(WorkerError::KafkaFatal(reason)),
         }
     }
 }

@@ -110,6 +110,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
         metadata_refresh: Duration::from_secs(1),
         session_timeout: Duration::from_secs(6),
         on_gap: courseview::kafka::OnGap::Stop,
+        stuck: std::sync::Arc::default(),
     };
     // The group's committed offset is ahead of the stored one, as after a
     // rebuild switch (it belongs to the previous generation).

@@ -275,6 +275,7 @@ impl TestApp {
                 metadata_refresh: Duration::from_secs(1),
                 session_timeout: Duration::from_secs(6),
                 on_gap: courseview::kafka::OnGap::Stop,
+                stuck: std::sync::Arc::default(),
             },
             batch_size: 200,
             batch_linger: Duration::from_millis(10),

@@ -9,6 +9,7 @@ mod broker;
 mod cache;
 mod chaos;
 mod cli;
+mod codecs;
 mod contract;
 mod cors;
 mod debezium;

@@ -86,3 +86,82 @@ async fn cached_answers_keep_coming_while_the_api_cannot_reach_mongodb() {
         "cached answers never waited on MongoDB (slowest {slowest:?})"
     );
 }
+
+#[tokio::test]
+async fn an_api_cut_off_from_mongodb_stops_serving_the_old_generation_within_a_second_of_a_switch() {
+    let path = crate::peers::FreezingProxy::start(crate::helpers::mongodb_port()).await;
+    let app = TestApp::with(Options {
+        mongodb_uri: format!("mongodb://127.0.0.1:{}/?directConnection=true", path.port),
+        // A request that reads the pointer itself waits on the frozen path
+        // until this, then answers 503.
+        request_timeout: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let events = big_history("swi", 3);
+    app.project_all(ReadModel::Catalog, &events).await;
+    let course = "/catalog/courses/swi0001";
+    for _ in 0..2 {
+        let (status, body) = app.get_json(course).await;
+        assert_eq!((status, body["name"].as_str()), (200, Some("Course 1")));
+    }
+
+    // Another client, on MongoDB's own path, builds a generation where the
+    // course is renamed and switches readers to it while the API's path is
+    // frozen (no answer, no reset: a half-open socket).
+    let direct = courseview::mongo::Store::connect(
+        &crate::helpers::mongodb_uri(),
+        app.store.database_name(),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("direct store");
+    let from = direct.serving_generation("catalog").await.expect("pointer");
+    let to = direct
+        .begin_rebuild("catalog")
+        .await
+        .expect("begin")
+        .building
+        .expect("building");
+    let client = mongodb::Client::with_uri_str(crate::helpers::mongodb_uri())
+        .await
+        .expect("client");
+    let db = client.database(app.store.database_name());
+    let old = db.collection::<bson::Document>(&courseview::mongo::Store::collection_name("catalog", from));
+    let new = db.collection::<bson::Document>(&courseview::mongo::Store::collection_name("catalog", to));
+    let mut copied: Vec<bson::Document> =
+        futures::TryStreamExt::try_collect(old.find(bson::doc! {}).await.expect("find"))
+            .await
+            .expect("docs");
+    for doc in &mut copied {
+        if doc.get_str("_id") == Ok("swi0001") {
+            doc.get_document_mut("view").expect("view").insert("name", "Renamed");
+        }
+    }
+    new.insert_many(copied).await.expect("new generation written");
+
+    path.freeze();
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(direct
+        .request_handover("catalog", from, to, now + 60_000)
+        .await
+        .expect("handover"));
+    assert!(direct
+        .switch_generation("catalog", from, to, now + 30_000)
+        .await
+        .expect("switch"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (status, body) = app.get_json(course).await;
+    path.thaw();
+    assert!(
+        status == 503 || (status == 200 && body["name"] == "Renamed"),
+        "1.5 s after the switch an API cut off from MongoDB answers 503 or the new generation, not the old one's {status} {body}"
+    );
+    // Once the path is back, the API serves the new generation.
+    eventually("the new generation served", Duration::from_secs(10), || async {
+        let (status, body) = app.get_json(course).await;
+        (status == 200 && body["name"] == "Renamed").then_some(())
+    })
+    .await;
+}

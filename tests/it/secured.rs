@@ -346,6 +346,16 @@ async fn a_property_courseview_sets_or_does_not_know_stops_the_process_at_start_
             "isolation.level",
         ),
         (vec!["-X", "sasl.mechansim=PLAIN", "status"], "sasl.mechansim"),
+        (vec!["-X", "api.version.request=false", "status"], "api.version.request"),
+        (
+            vec!["-X", "broker.version.fallback=0.9.0", "status"],
+            "broker.version.fallback",
+        ),
+        (vec!["-X", "check.crcs=true", "status"], "check.crcs"),
+        (
+            vec!["-X", "receive.message.max.bytes=1000000", "project", "catalog"],
+            "receive.message.max.bytes",
+        ),
     ] {
         let output = command(&app, &args, &[]);
         assert!(!output.status.success(), "{args:?} refused");
