@@ -53,6 +53,10 @@ pub struct RebuildOptions {
     /// Rebuild even when some partition's log no longer starts at offset 0
     /// (retention or DeleteRecords removed its first events).
     pub allow_partial_history: bool,
+    /// The operator says the projection's workers are stopped: an in-place
+    /// rebuild runs even if the registry still lists some (it refuses
+    /// otherwise, naming them).
+    pub workers_stopped: bool,
 }
 
 /// After every live worker consumes the new generation, the rebuild keeps
@@ -93,6 +97,16 @@ pub enum RebuildError {
         .0.join("; ")
     )]
     Overtaken(Vec<String>),
+    #[error(
+        "an in-place rebuild drops the serving generation and its offsets, and these live workers of {projection} would \
+         write their positions back, so the replay would start there and skip the history below: {}; stop them first \
+         (pass --workers-stopped if they are stopped and their registry entries not yet stale), or rebuild blue/green",
+        .workers.join(", ")
+    )]
+    LiveWorkers {
+        projection: &'static str,
+        workers: Vec<String>,
+    },
 }
 
 /// What a finished rebuild did.
@@ -273,6 +287,18 @@ pub async fn rebuild(
     let name = model.name();
     let mode = options.mode;
     check_history(probe, model, options.allow_partial_history).await?;
+    if mode == Mode::InPlace && !options.workers_stopped {
+        let live = store.live_workers(Some(name)).await?;
+        if !live.is_empty() {
+            return Err(RebuildError::LiveWorkers {
+                projection: name,
+                workers: live
+                    .into_iter()
+                    .map(|w| format!("{} (pid {} on {})", w.id, w.pid, w.host))
+                    .collect(),
+            });
+        }
+    }
     let (from, to) = mode.begin(store, name, sink).await?;
     sink.phase(&format!("replaying {name} from offset 0 into generation {to}"));
     info!(projection = name, from, to, "Rebuild started.");

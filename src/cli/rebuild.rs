@@ -21,9 +21,15 @@ pub struct RebuildArgs {
     #[arg(value_enum)]
     pub projection: ReadModel,
     /// Drop the serving generation and replay into it (downtime; development
-    /// only; stop the projection's workers first).
+    /// only). Refused while live workers of the projection are registered:
+    /// stop them first.
     #[arg(long)]
     pub in_place: bool,
+    /// With --in-place: the projection's workers are stopped, even if the
+    /// registry still lists them (an entry goes stale 3 status intervals
+    /// after its last heartbeat).
+    #[arg(long, requires = "in_place")]
+    pub workers_stopped: bool,
     /// Compare with the serving generation once the new one lags by at most
     /// this many events (it switches when it has reached the serving offsets).
     #[arg(long, env = "COURSEVIEW_CATCH_UP_LAG", default_value_t = 100)]
@@ -88,6 +94,7 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         report_every: Duration::from_millis(500),
         handover_timeout: args.handover_timeout,
         allow_partial_history: args.allow_partial_history,
+        workers_stopped: args.workers_stopped,
     };
     let cache = global.invalidated_cache(Duration::from_secs(60), args.no_cache_invalidation)?;
     let mut reporter = if std::io::stderr().is_terminal() {

@@ -294,9 +294,11 @@ impl AppState {
     /// episode, and the recovery too.
     async fn follow_pointers(self, cancel: CancellationToken) {
         self.pointers_followed.store(true, std::sync::atomic::Ordering::Release);
-        let mut failing = false;
+        // Per read model: one pointer may fail while the other reads fine.
+        let mut failing: HashMap<ReadModel, bool> = HashMap::new();
         loop {
             for model in ReadModel::ALL {
+                let failing = failing.entry(model).or_default();
                 let read = tokio::select! {
                     () = cancel.cancelled() => return,
                     read = tokio::time::timeout(POINTER_READ_LIMIT, self.store.serving_generation(model.name())) => read,
@@ -310,12 +312,12 @@ impl AppState {
                     Err(_) => Some(format!("no answer within {POINTER_READ_LIMIT:?}")),
                 };
                 match failure {
-                    Some(error) if !failing => {
-                        failing = true;
+                    Some(error) if !*failing => {
+                        *failing = true;
                         tracing::warn!(projection = model.name(), %error, trusted_for = ?FOLLOWED_TRUST, "Cannot read the generation pointer; the last one read is served for a moment, then requests read it themselves.");
                     }
-                    None if failing => {
-                        failing = false;
+                    None if *failing => {
+                        *failing = false;
                         tracing::info!(projection = model.name(), "Generation pointer read again.");
                     }
                     _ => {}

@@ -9,6 +9,8 @@
 //! drop), so the test peer and docker-compose's `mongod` run the same code.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawBson, RawDocumentBuf};
@@ -96,7 +98,15 @@ struct DuplicateKeys(Vec<usize>);
 /// set the writes may be rolled back (a primary stepping down while the
 /// batch waited for majority), so the batch must be retried and nothing
 /// after it (offsets, remembered states) may count on it.
-fn refused_statements(collection: &str, start: usize, reply: &Document) -> Result<Vec<usize>> {
+///
+/// Every statement courseview sends is an upsert, so each one is either
+/// counted in `n` (matched or upserted) or named by a write error. A reply
+/// that accounts for fewer (or names one twice, or out of range) cannot be
+/// trusted about which statement failed: FerretDB 1.x stops an unordered
+/// `update` at the first failure and names the wrong index, so taking it
+/// at its word would remember a conflict as written and lose its events.
+/// Such a reply is [`Reply::Miscounted`]: retry, remember nothing.
+fn refused_statements(collection: &str, start: usize, len: usize, reply: &Document) -> Result<Reply> {
     if let Ok(concern) = reply.get_document("writeConcernError") {
         let code = concern.get_i32("code").unwrap_or_default();
         let message = concern.get_str("errmsg").unwrap_or("write concern not satisfied");
@@ -111,7 +121,16 @@ fn refused_statements(collection: &str, start: usize, reply: &Document) -> Resul
             let index = error.get_i32("index").unwrap_or_default();
             let message = error.get_str("errmsg").unwrap_or("unknown write error");
             if code == DUPLICATE_KEY {
-                duplicates.push(start + usize::try_from(index).unwrap_or_default());
+                match usize::try_from(index) {
+                    Ok(index) if index < len && !duplicates.contains(&(start + index)) => {
+                        duplicates.push(start + index)
+                    }
+                    _ => {
+                        return Ok(Reply::Miscounted(format!(
+                            "write error index {index} of {len} statements"
+                        )))
+                    }
+                }
             } else if is_transient_code(code) {
                 return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
                     "update on {collection}: {message} (code {code})"
@@ -123,8 +142,28 @@ fn refused_statements(collection: &str, start: usize, reply: &Document) -> Resul
             }
         }
     }
-    Ok(duplicates)
+    let counted = get_int(reply, "n").and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    if counted + duplicates.len() != len {
+        return Ok(Reply::Miscounted(format!(
+            "n = {counted} and {} write errors for {len} statements",
+            duplicates.len()
+        )));
+    }
+    Ok(Reply::Accounted(duplicates))
 }
+
+/// What an `update` reply says of its statements.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    /// Every statement is counted: these (offset) were duplicate keys.
+    Accounted(Vec<usize>),
+    /// The reply does not account for every statement (what it lacks).
+    Miscounted(String),
+}
+
+/// Miscounted replies in a row after which a store is not trusted: the
+/// server keeps answering writes wrongly, so the caller stops.
+const MISCOUNTS_TOLERATED: u32 = 5;
 
 /// What the caller must do about a failed MongoDB operation.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +215,10 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Database,
+    /// Write replies in a row that did not account for every statement.
+    miscounts: Arc<AtomicU32>,
+    /// The hosts given (for messages that name the server).
+    hosts: Arc<str>,
 }
 
 impl Store {
@@ -191,14 +234,22 @@ impl Store {
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
         options.app_name = Some("courseview".into());
+        let hosts: Vec<String> = options.hosts.iter().map(ToString::to_string).collect();
         let client = Client::with_options(options)?;
         Ok(Store {
             db: client.database(database),
+            miscounts: Arc::default(),
+            hosts: hosts.join(",").into(),
         })
     }
 
     pub fn database_name(&self) -> &str {
         self.db.name()
+    }
+
+    /// The hosts this store talks to (for messages; no credentials).
+    fn server(&self) -> &str {
+        &self.hosts
     }
 
     #[instrument(skip_all)]
@@ -229,7 +280,26 @@ impl Store {
             command.append("updates", statements);
             command.append("ordered", false);
             let reply = self.db.run_raw_command(command).await?;
-            duplicates.extend(refused_statements(collection, start, &reply)?);
+            match refused_statements(collection, start, len, &reply)? {
+                Reply::Accounted(refused) => {
+                    self.miscounts.store(0, Ordering::Relaxed);
+                    duplicates.extend(refused);
+                }
+                Reply::Miscounted(what) => {
+                    let server = self.server();
+                    let times = self.miscounts.fetch_add(1, Ordering::Relaxed) + 1;
+                    if times >= MISCOUNTS_TOLERATED {
+                        return Err(StoreError::Failed(format!(
+                            "the MongoDB server at {server} answered {times} updates in a row without accounting for every statement \
+                             (last: {what}), so which writes failed cannot be known; it is not MongoDB-compatible enough for courseview \
+                             (FerretDB 1.x does this: README, \"MongoDB-compatible servers\")"
+                        )));
+                    }
+                    return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
+                        "update on {collection}: the server at {server} answered {what}; retrying, nothing counted"
+                    )))));
+                }
+            }
             start += len;
         }
         Ok(DuplicateKeys(duplicates))
@@ -320,7 +390,7 @@ mod tests {
             "ok": 1, "n": 3, "nModified": 3,
             "writeConcernError": {"code": 189, "codeName": "PrimarySteppedDown", "errmsg": "stepped down while waiting for replication"},
         };
-        match super::refused_statements("catalog_g1", 0, &reply) {
+        match super::refused_statements("catalog_g1", 0, 3, &reply) {
             Err(StoreError::Unavailable(e)) => {
                 assert!(e.to_string().contains("PrimarySteppedDown") || e.to_string().contains("189"))
             }
@@ -333,11 +403,48 @@ mod tests {
             "writeConcernError": {"code": 91, "errmsg": "shutting down"},
         };
         assert!(matches!(
-            super::refused_statements("c", 0, &both),
+            super::refused_statements("c", 0, 2, &both),
             Err(StoreError::Unavailable(_))
         ));
         // Without one: duplicates are refusals, offset by the chunk's start.
         let dups = doc! {"ok": 1, "n": 1, "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
-        assert_eq!(super::refused_statements("c", 10, &dups).expect("fine"), vec![11]);
+        assert_eq!(
+            super::refused_statements("c", 10, 2, &dups).expect("fine"),
+            Reply::Accounted(vec![11])
+        );
+    }
+
+    #[test]
+    fn a_reply_that_does_not_account_for_every_statement_is_not_believed() {
+        // FerretDB 1.24.2 on `[a: guard ok, b: stale guard]`, unordered.
+        let ferretdb =
+            doc! {"ok": 1.0, "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000 duplicate key error"}]};
+        assert!(matches!(
+            super::refused_statements("c", 0, 2, &ferretdb),
+            Ok(Reply::Miscounted(_))
+        ));
+        // MongoDB's answer to the same.
+        let mongodb = doc! {"ok": 1, "n": 1, "nModified": 0, "upserted": [{"index": 0, "_id": "a"}], "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
+        assert_eq!(
+            super::refused_statements("c", 0, 2, &mongodb).expect("fine"),
+            Reply::Accounted(vec![1])
+        );
+        // Stopped after the failure: the statements after it are unaccounted.
+        let stopped = doc! {"ok": 1, "n": 1, "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
+        assert!(matches!(
+            super::refused_statements("c", 0, 3, &stopped),
+            Ok(Reply::Miscounted(_))
+        ));
+        // An index out of range, or named twice.
+        for errors in [
+            vec![doc! {"index": 2, "code": 11000}],
+            vec![doc! {"index": 0, "code": 11000}, doc! {"index": 0, "code": 11000}],
+        ] {
+            let reply = doc! {"ok": 1, "n": 0, "writeErrors": errors};
+            assert!(matches!(
+                super::refused_statements("c", 0, 2, &reply),
+                Ok(Reply::Miscounted(_))
+            ));
+        }
     }
 }

@@ -575,6 +575,7 @@ impl ProgressSink for Quiet {
 fn quick_rebuild() -> RebuildOptions {
     RebuildOptions {
         allow_partial_history: false,
+        workers_stopped: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 50,
         grace: Duration::from_secs(2),

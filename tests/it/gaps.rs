@@ -105,6 +105,7 @@ impl ProgressSink for Quiet {
 fn options(allow_partial_history: bool) -> RebuildOptions {
     RebuildOptions {
         allow_partial_history,
+        workers_stopped: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 0,
         grace: Duration::from_millis(200),

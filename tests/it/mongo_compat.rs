@@ -3,6 +3,9 @@
 //! MONGODB_URI) and secantusdb (WiredTiger-based, SECANTUS_URI), which
 //! accepts what real MongoDB accepts where nx-27017 differs. It keeps the
 //! choice of peers honest (docs/COMPATIBILITY.md) and flags a regression.
+//! FerretDB 1.24.2 (FERRETDB_URI), a MongoDB-compatible server teams run,
+//! answers an unordered `update` wrongly: its test pins that courseview
+//! does not believe it.
 
 use bson::{doc, Document};
 use courseview::mongo::get_int;
@@ -14,6 +17,95 @@ use crate::helpers::{mongodb_uri, unique};
 
 fn secantus_uri() -> String {
     std::env::var("SECANTUS_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into())
+}
+
+pub fn ferretdb_uri() -> String {
+    std::env::var("FERRETDB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27019".into())
+}
+
+#[tokio::test]
+async fn courseview_indexes_and_sorted_keyset_pages_work_on_ferretdb() {
+    indexes_and_pages(&ferretdb_uri()).await;
+}
+
+/// Writes `a` with a current revision guard and `b` with a stale one, as a
+/// worker does when another changed `b` under it.
+async fn guarded_batch(uri: &str) -> (courseview::mongo::Store, String, Vec<courseview::mongo::DocWrite>) {
+    use courseview::mongo::{DocWrite, Store};
+    use courseview::read_model::ReadModel;
+    use courseview::worker::Applier;
+    let store = Store::connect(uri, &unique("cvguard_"), std::time::Duration::from_secs(5))
+        .await
+        .expect("store");
+    let collection = Store::collection_name("catalog", 1);
+    let events: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|course| {
+            let value = format!(
+                r#"{{"eventId":"{course}-1","eventType":"CourseCreatedEvent","courseId":"{course}","version":1,"name":"N","teacherId":"t"}}"#
+            );
+            let record = courseview::record::Record {
+                topic: "CourseCreatedEvent".into(),
+                value: Some(value.into_bytes()),
+                ..Default::default()
+            };
+            courseview::decode::decode(&record).expect("event")
+        })
+        .collect();
+    Applier::new(ReadModel::Catalog, store.clone(), None, 1)
+        .apply_events(&events)
+        .await
+        .expect("applied");
+    let stored = store
+        .load_states(&collection, &["a".into(), "b".into()])
+        .await
+        .expect("loaded");
+    let writes = vec![
+        DocWrite::new(
+            ReadModel::Catalog,
+            "a".into(),
+            stored["a"].rev,
+            stored["a"].state.clone(),
+        ),
+        DocWrite::new(
+            ReadModel::Catalog,
+            "b".into(),
+            stored["b"].rev - 1,
+            stored["b"].state.clone(),
+        ),
+    ];
+    (store, collection, writes)
+}
+
+#[tokio::test]
+async fn a_stale_guard_in_a_batch_is_a_conflict_of_that_course_on_nx_27017() {
+    let (store, collection, writes) = guarded_batch(&mongodb_uri()).await;
+    let conflicts = store.write_states(&collection, &writes).await.expect("accounted");
+    assert_eq!(conflicts.0, vec!["b".to_owned()]);
+}
+
+#[tokio::test]
+async fn ferretdb_misreporting_a_guarded_batch_is_retried_then_stops_the_caller_naming_the_server() {
+    use courseview::mongo::StoreError;
+    let (store, collection, writes) = guarded_batch(&ferretdb_uri()).await;
+    // FerretDB 1.24.2 answers `writeErrors: [{index: 0}]` and no `n`: taken
+    // at its word, `a` would be remembered as a conflict and `b` as written.
+    for attempt in 1..5 {
+        match store.write_states(&collection, &writes).await {
+            Err(e) if e.is_transient() => {}
+            other => panic!("attempt {attempt}: a miscounted reply is retried, nothing counted: {other:?}"),
+        }
+    }
+    match store.write_states(&collection, &writes).await {
+        Err(StoreError::Failed(message)) => {
+            let host = ferretdb_uri()
+                .trim_start_matches("mongodb://")
+                .trim_end_matches('/')
+                .to_owned();
+            assert!(message.contains(&host) && message.contains("FerretDB"), "{message}");
+        }
+        other => panic!("a server that keeps miscounting stops the caller: {other:?}"),
+    }
 }
 
 #[tokio::test]

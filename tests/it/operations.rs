@@ -109,6 +109,7 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
 
     let options = RebuildOptions {
         allow_partial_history: false,
+        workers_stopped: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 20,
         grace: Duration::from_secs(1),
@@ -402,6 +403,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_with_events() {
 fn quick(in_place: bool) -> RebuildOptions {
     RebuildOptions {
         allow_partial_history: false,
+        workers_stopped: false,
         mode: if in_place {
             courseview::rebuild::Mode::InPlace
         } else {
@@ -490,6 +492,58 @@ async fn an_interrupted_rebuild_resumes_its_generation_and_never_touches_the_ser
 }
 
 #[tokio::test]
+async fn an_in_place_rebuild_is_refused_while_a_live_worker_is_registered_naming_it() {
+    let events = big_history("ip", 20);
+    let app = TestApp::spawn().await;
+    let worker = app.worker_process(ReadModel::Catalog, &[]);
+    app.publish_all(&events).await;
+    eventually("every event applied", Duration::from_secs(60), || async {
+        let status = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        (status.serving.lag_events == 0 && status.serving.partitions.iter().any(|p| p.stored_offset > 0)).then_some(())
+    })
+    .await;
+    let live = eventually("the worker registered", Duration::from_secs(30), || async {
+        let live = app.store.live_workers(Some("catalog")).await.ok()?;
+        (!live.is_empty()).then_some(live)
+    })
+    .await;
+    let before = app.dump(ReadModel::Catalog).await;
+
+    let refused = rebuild(
+        &app.worker_settings(ReadModel::Catalog),
+        &app.store,
+        app.cache.clone(),
+        &app.probe,
+        &quick(true),
+        &mut Recorder::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("refused while a live worker runs");
+    let message = refused.to_string();
+    assert!(
+        matches!(refused, courseview::rebuild::RebuildError::LiveWorkers { .. }) && message.contains(&live[0].id),
+        "names the worker: {message}"
+    );
+    assert_eq!(app.dump(ReadModel::Catalog).await, before, "nothing was dropped");
+
+    // Stopped, it runs (its entry leaves the registry on a graceful stop).
+    crate::helpers::signal(&worker, "TERM");
+    eventually("the worker gone from the registry", Duration::from_secs(30), || async {
+        app.store
+            .live_workers(Some("catalog"))
+            .await
+            .ok()?
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let report = rebuild_to_end(&app, &quick(true), &mut Recorder::default()).await;
+    assert_eq!(report.events, events.len() as i64, "every event replayed");
+    assert_eq!(app.dump(ReadModel::Catalog).await, before);
+}
+
+#[tokio::test]
 async fn an_in_place_rebuild_replays_the_serving_generation_from_zero() {
     let events = big_history("p", 80);
     let app = TestApp::spawn().await;
@@ -526,6 +580,7 @@ async fn a_rebuild_hands_over_to_an_idle_live_worker_as_soon_as_it_follows_not_a
     // switch, has no record to apply.
     let options = RebuildOptions {
         allow_partial_history: false,
+        workers_stopped: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 20,
         grace: Duration::from_millis(100),
