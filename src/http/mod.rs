@@ -8,6 +8,7 @@ mod openapi;
 mod params;
 mod respond;
 mod routes;
+mod snapshot;
 mod worker;
 
 use bytes::Bytes;
@@ -35,14 +36,8 @@ use respond::{json_response, GzipMemo, GZIP_MEMO_BYTES};
 use crate::cache::{Cache, LocalCache, ReadThrough, Scope};
 use crate::mongo::{Store, StoreError};
 use crate::read_model::ReadModel;
-use crate::status::{ProjectionStatus, StatusError, StatusProbe};
+use crate::status::{ProjectionStatus, StatusProbe};
 use crate::telemetry;
-
-/// The last projection status measured (`None`: it failed) and when.
-type StatusSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Option<Arc<Vec<ProjectionStatus>>>)>>>;
-
-/// How long a measured projection status is shared between requests.
-const STATUS_FRESH: Duration = Duration::from_millis(250);
 
 /// How long `GET /projections` waits for a measurement.
 const STATUS_LIMIT: Duration = Duration::from_secs(3);
@@ -145,9 +140,9 @@ pub struct Shared {
     auth: DashboardAuth,
     /// This API's OpenAPI document as JSON (set when the router is built).
     openapi: Arc<Vec<u8>>,
-    /// The last projection status and when it was measured: one
-    /// measurement at a time, shared by concurrent requests.
-    status_snapshot: StatusSnapshot,
+    /// Projection status: one measurement at a time, shared by
+    /// concurrent requests.
+    status_share: Arc<snapshot::StatusShare>,
     /// Permits of the expensive request classes (see [`ApiSettings`]).
     searches: Arc<tokio::sync::Semaphore>,
     waits: Arc<tokio::sync::Semaphore>,
@@ -167,7 +162,7 @@ impl AppState {
             status: None,
             auth: DashboardAuth::Off,
             openapi: Arc::default(),
-            status_snapshot: Arc::default(),
+            status_share: Arc::default(),
             searches: Arc::new(tokio::sync::Semaphore::new(settings.max_searches.max(1))),
             waits: Arc::new(tokio::sync::Semaphore::new(settings.max_waits.max(1))),
             settings,
@@ -223,47 +218,15 @@ impl AppState {
         self
     }
 
-    /// Projection status, measured at most once per `STATUS_FRESH` however
-    /// many requests ask, and within `limit` (the request waits no longer).
+    /// Projection status, measured once however many requests ask, and
+    /// within `limit` (the request waits no longer).
     async fn projection_status(&self, limit: Duration) -> Result<Arc<Vec<ProjectionStatus>>, ApiError> {
         let Some(probe) = &self.status else {
             return Err(ApiError::NotFound(
                 "projection status is not enabled on this API".into(),
             ));
         };
-        // Detached, so a measurement outliving one request still lands for
-        // the next; the lock keeps it to one at a time, and a failure is
-        // remembered as briefly as a success so callers do not re-measure.
-        let (slot, probe) = (Arc::clone(&self.status_snapshot), probe.clone());
-        let measure = tokio::spawn(async move {
-            let mut slot = slot.lock().await;
-            if let Some((at, snapshot)) = slot.as_ref() {
-                if at.elapsed() < STATUS_FRESH {
-                    return snapshot.clone();
-                }
-            }
-            let fresh = match probe.all().await {
-                Ok(all) => Some(Arc::new(all)),
-                Err(StatusError::Store(e)) => {
-                    tracing::error!(error = %e, "MongoDB unavailable for projection status.");
-                    None
-                }
-                Err(StatusError::Kafka(e)) => {
-                    tracing::error!(error = %e, "Kafka unavailable for projection status.");
-                    None
-                }
-            };
-            *slot = Some((Instant::now(), fresh.clone()));
-            fresh
-        });
-        match tokio::time::timeout(limit, measure).await {
-            Ok(Ok(Some(all))) => Ok(all),
-            Ok(Ok(None) | Err(_)) => Err(ApiError::Unavailable),
-            Err(_) => {
-                tracing::warn!("Projection status took too long; answering 503.");
-                Err(ApiError::Unavailable)
-            }
-        }
+        self.status_share.get(probe, limit).await
     }
 
     /// The generation readers currently follow for this read model.

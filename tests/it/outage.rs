@@ -165,3 +165,39 @@ async fn an_api_cut_off_from_mongodb_stops_serving_the_old_generation_within_a_s
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_flood_of_projection_requests_while_kafka_does_not_answer_leaves_the_task_count_bounded() {
+    // The API's status probe asks a "broker" that accepts and never answers.
+    let silent = crate::peers::silent_listener();
+    let app = TestApp::with(Options {
+        status_brokers: Some(format!("127.0.0.1:{silent}")),
+        ..Options::default()
+    })
+    .await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    // No kept-alive connections: the server's connection tasks end with
+    // their requests, so what stays alive is what the requests left behind.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let url = format!("{}/projections", app.base_url);
+    for round in 0..10 {
+        let requests = (0..500).map(|_| client.get(&url).send());
+        for answer in futures::future::join_all(requests).await {
+            let status = answer.expect("every request is answered").status().as_u16();
+            assert_eq!(status, 503, "Kafka does not answer: a fast 503 (round {round})");
+        }
+        // A measurement waits up to 5 s on the silent broker, longer than
+        // a request waits (3 s): nothing may queue behind it past its request.
+        eventually(
+            "the tasks the round left behind end",
+            Duration::from_millis(500),
+            || async { (metrics.num_alive_tasks() <= before + 20).then_some(()) },
+        )
+        .await;
+    }
+}
