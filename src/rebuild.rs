@@ -411,6 +411,7 @@ impl Run<'_> {
         let name = model.name();
         let started = Instant::now();
         let mut first_done = None;
+        let mut gaps_accepted = false;
         loop {
             let Some(task) = worker.task.as_mut() else {
                 return Ok(None);
@@ -431,7 +432,24 @@ impl Run<'_> {
             // Retention overtook the replay (gap recorded for the new
             // generation, its partition stopped): it can never reach the
             // serving offsets, so say so instead of waiting forever.
+            // Told --allow-partial-history (the rerun its message
+            // recommends), the partitions go on from the log's start and
+            // the gaps stay on record for the new generation.
             match store.gaps(name, to).await {
+                Ok(gaps) if !gaps.is_empty() && options.allow_partial_history => {
+                    if !gaps_accepted {
+                        gaps_accepted = true;
+                        warn!(
+                            projection = name,
+                            gaps = gaps.len(),
+                            "Going on past the gaps retention left (--allow-partial-history); they stay on record."
+                        );
+                        sink.phase(&format!(
+                            "going on past {} recorded gap(s) (--allow-partial-history); they stay on record",
+                            gaps.len()
+                        ));
+                    }
+                }
                 Ok(gaps) if !gaps.is_empty() => {
                     worker.stop().await?;
                     return Err(RebuildError::Overtaken(gaps.into_iter().map(|g| g.error).collect()));

@@ -412,3 +412,59 @@ async fn a_partition_never_read_whose_log_no_longer_starts_at_zero_is_a_retentio
     );
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_rebuild_overtaken_by_retention_resumes_with_allow_partial_history_keeping_the_gap_on_record() {
+    let app = TestApp::spawn().await;
+    let mut events = courses("ov", "CourseCreatedEvent", 1, 0..20);
+    events.extend(courses("ov", "CoursePostedEvent", 2, 0..20));
+    app.project_all(ReadModel::Catalog, &events).await;
+
+    // Where a rebuild that retention overtook stops: its generation begun,
+    // the log's start moved past where it was reading, and the gap its
+    // worker found recorded for that generation (as the worker records it).
+    let topic = app.topic("CourseCreatedEvent");
+    let building = app
+        .store
+        .begin_rebuild("catalog")
+        .await
+        .expect("begun")
+        .building
+        .expect("a generation being built");
+    let high = watermarks(&app, &topic)[0].1;
+    assert!(high > 3, "records to delete");
+    delete_records(&app, &topic, &[3, 0]).await;
+    let gap = courseview::kafka::Gap::find(&topic, 0, 0, 3, high).expect("a retention gap");
+    app.store
+        .record_gap("catalog", building, &gap, false)
+        .await
+        .expect("recorded");
+    let rerun = |allow| {
+        let app = &app;
+        async move {
+            rebuild(
+                &app.worker_settings(ReadModel::Catalog),
+                &app.store,
+                app.cache.clone(),
+                &app.probe,
+                &options(allow),
+                &mut Quiet,
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+        }
+    };
+    // Without the flag: the history is partial, refused by name.
+    assert!(matches!(rerun(false).await, Err(RebuildError::PartialHistory(_))));
+    // With the flag its message recommends, the same generation completes.
+    let report = rerun(true)
+        .await
+        .expect("the resumed rebuild goes on past the recorded gap")
+        .expect("finished");
+    assert_eq!(report.to, building, "the same generation resumed");
+    let gaps = app.store.gaps("catalog", building).await.expect("gaps");
+    assert_eq!(gaps.len(), 1, "the gap stays on record for the new generation");
+    // Served from the new generation: every course but the three whose
+    // creation retention removed.
+    assert_eq!(visible(&app, (0..20).map(|i| format!("ov{i}"))).await, 17);
+}
