@@ -246,8 +246,9 @@ impl AppState {
                 }
             }
         }
+        let asked = Instant::now();
         let read = self.store.serving_generation(model.name()).await?;
-        Ok(self.remember_generation(model, read))
+        Ok(self.remember_generation(model, read, asked))
     }
 
     /// Re-reads every read model's generation pointer every
@@ -260,15 +261,21 @@ impl AppState {
         // Per read model: one pointer may fail while the other reads fine.
         let mut failing: HashMap<ReadModel, bool> = HashMap::new();
         loop {
-            for model in ReadModel::ALL {
+            // Both at once: one hanging read must not age the other's.
+            let asked = Instant::now();
+            let reads =
+                futures::future::join_all(ReadModel::ALL.map(|model| {
+                    tokio::time::timeout(POINTER_READ_LIMIT, self.store.serving_generation(model.name()))
+                }));
+            let reads = tokio::select! {
+                () = cancel.cancelled() => return,
+                reads = reads => reads,
+            };
+            for (model, read) in ReadModel::ALL.into_iter().zip(reads) {
                 let failing = failing.entry(model).or_default();
-                let read = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    read = tokio::time::timeout(POINTER_READ_LIMIT, self.store.serving_generation(model.name())) => read,
-                };
                 let failure = match read {
                     Ok(Ok(generation)) => {
-                        self.remember_generation(model, generation);
+                        self.remember_generation(model, generation, asked);
                         None
                     }
                     Ok(Err(e)) => Some(e.to_string()),
@@ -298,14 +305,16 @@ impl AppState {
     /// requests race: one that read the pointer just before a switch must
     /// not put the old generation back after another saw the new one; the
     /// old one is frozen, so readers would go back in time.) Generations
-    /// only grow, and an in-place rebuild keeps its number.
-    fn remember_generation(&self, model: ReadModel, read: u32) -> u32 {
+    /// only grow, and an in-place rebuild keeps its number. `asked` is when
+    /// the read was sent: the pointer is at least that fresh, and no more,
+    /// so the trust windows count from there.
+    fn remember_generation(&self, model: ReadModel, read: u32, asked: Instant) -> u32 {
         let Ok(mut known) = self.generations.lock() else {
             return read;
         };
-        let entry = known.entry(model).or_insert((read, Instant::now()));
+        let entry = known.entry(model).or_insert((read, asked));
         if read >= entry.0 {
-            *entry = (read, Instant::now());
+            *entry = (read, asked.max(entry.1));
         }
         entry.0
     }
@@ -455,13 +464,14 @@ mod tests {
             .await
             .expect("store");
         let state = AppState::new(store, None, ApiSettings::default());
-        assert_eq!(state.remember_generation(ReadModel::Catalog, 1), 1);
-        assert_eq!(state.remember_generation(ReadModel::Catalog, 2), 2);
+        let now = Instant::now();
+        assert_eq!(state.remember_generation(ReadModel::Catalog, 1, now), 1);
+        assert_eq!(state.remember_generation(ReadModel::Catalog, 2, now), 2);
         assert_eq!(
-            state.remember_generation(ReadModel::Catalog, 1),
+            state.remember_generation(ReadModel::Catalog, 1, now),
             2,
             "a slow request's read of the old pointer"
         );
-        assert_eq!(state.remember_generation(ReadModel::TeacherCourses, 1), 1);
+        assert_eq!(state.remember_generation(ReadModel::TeacherCourses, 1, now), 1);
     }
 }

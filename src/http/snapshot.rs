@@ -91,13 +91,20 @@ impl StatusShare {
         }
         let (share, probe) = (Arc::clone(self), probe.clone());
         tokio::spawn(async move {
-            let fresh = match tokio::time::timeout(MEASURE_LIMIT, probe.all()).await {
-                Ok(Ok(all)) => Some(Arc::new(all)),
-                Ok(Err(StatusError::Store(e))) => {
+            // In a task of its own, so a panic in it is a failed
+            // measurement here, not a flag left raised for good.
+            let measured = tokio::spawn(async move { probe.all().await });
+            let fresh = match tokio::time::timeout(MEASURE_LIMIT, measured).await {
+                Ok(Ok(Ok(all))) => Some(Arc::new(all)),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "Projection status measurement failed.");
+                    None
+                }
+                Ok(Ok(Err(StatusError::Store(e)))) => {
                     tracing::error!(error = %e, "MongoDB unavailable for projection status.");
                     None
                 }
-                Ok(Err(StatusError::Kafka(e))) => {
+                Ok(Ok(Err(StatusError::Kafka(e)))) => {
                     tracing::error!(error = %e, "Kafka unavailable for projection status.");
                     None
                 }

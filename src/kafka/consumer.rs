@@ -70,6 +70,13 @@ impl StuckWatch {
         self.last_error = Some((error, std::time::Instant::now()));
     }
 
+    /// No fetch error for a while.
+    fn quiet(&self) -> bool {
+        self.last_error
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= STUCK_AFTER)
+    }
+
     /// Judges every assigned partition; returns the stuck ones when that changed.
     fn judge(
         &mut self,
@@ -339,8 +346,17 @@ impl AssignContext {
         let Some(gap) = Gap::find(topic, partition, at, low, high) else {
             return Ok(Some(Offset::Offset(at)));
         };
+        if self.on_gap == OnGap::Accepted && at == 0 {
+            // A rebuild told --allow-partial-history, at a partition it has
+            // not read yet: the missing start is what it was told about.
+            return Ok(Some(Offset::Offset(gap.resume_at())));
+        }
         if self.on_gap == OnGap::Accepted {
-            // A rebuild told --allow-partial-history: the missing start is known.
+            // Retention overtook what it was reading: not what it was told
+            // about, so the gap is recorded (and the rebuild goes on past
+            // it, keeping it on record).
+            self.patiently("record a gap", || self.offsets.record_gap(&gap, OnGap::Continue))?;
+            tracing::error!(group = %self.group, gap = %gap.describe(), "Gap in the log while rebuilding with --allow-partial-history: recorded, going on from the log's start.");
             return Ok(Some(Offset::Offset(gap.resume_at())));
         }
         self.patiently("record a gap", || self.offsets.record_gap(&gap, self.on_gap))?;
@@ -535,6 +551,12 @@ impl Consumer {
                         if let Some(stuck) = watch.judge(&consumer, &starts) {
                             report_stuck(&group, &board, stuck);
                         }
+                        // Errors over: the same words, if they return, are said again.
+                        if watch.quiet() {
+                            if let Ok(mut said) = last_reason.lock() {
+                                *said = None;
+                            }
+                        }
                     }
                     let polled = consumer.poll(Duration::from_millis(100));
                     if let Some(reason) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
@@ -574,7 +596,8 @@ impl Consumer {
                         }
                     }
                 };
-                board.replace(Vec::new());
+                // Whatever it reported stuck is no longer this reader's.
+                report_stuck(&group, &board, Vec::new());
                 // Leave the group here, on the thread that serves callbacks.
                 consumer.unsubscribe();
                 debug!(group = %group, exit = ?exit, "Reader stopped.");

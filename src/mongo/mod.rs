@@ -9,7 +9,6 @@
 //! drop), so the test peer and docker-compose's `mongod` run the same code.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,7 +117,9 @@ fn refused_statements(collection: &str, start: usize, len: usize, reply: &Docume
     if let Ok(errors) = reply.get_array("writeErrors") {
         for error in errors.iter().filter_map(Bson::as_document) {
             let code = error.get_i32("code").unwrap_or_default();
-            let index = error.get_i32("index").unwrap_or_default();
+            let Some(index) = get_int(error, "index") else {
+                return Ok(Reply::Miscounted("a write error without its statement's index".into()));
+            };
             let message = error.get_str("errmsg").unwrap_or("unknown write error");
             if code == DUPLICATE_KEY {
                 match usize::try_from(index) {
@@ -215,8 +216,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Database,
-    /// Write replies in a row that did not account for every statement.
-    miscounts: Arc<AtomicU32>,
+    /// Per collection: write replies in a row that did not account for
+    /// every statement (another collection's good reply says nothing of it).
+    miscounts: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     /// The hosts given (for messages that name the server).
     hosts: Arc<str>,
 }
@@ -282,12 +284,18 @@ impl Store {
             let reply = self.db.run_raw_command(command).await?;
             match refused_statements(collection, start, len, &reply)? {
                 Reply::Accounted(refused) => {
-                    self.miscounts.store(0, Ordering::Relaxed);
+                    if let Ok(mut counts) = self.miscounts.lock() {
+                        counts.remove(collection);
+                    }
                     duplicates.extend(refused);
                 }
                 Reply::Miscounted(what) => {
                     let server = self.server();
-                    let times = self.miscounts.fetch_add(1, Ordering::Relaxed) + 1;
+                    let times = self.miscounts.lock().map_or(1, |mut counts| {
+                        let times = counts.entry(collection.to_owned()).or_default();
+                        *times += 1;
+                        *times
+                    });
                     if times >= MISCOUNTS_TOLERATED {
                         return Err(StoreError::Failed(format!(
                             "the MongoDB server at {server} answered {times} updates in a row without accounting for every statement \
