@@ -15,7 +15,7 @@
 //!   holds several (`mongo`: pointer, read models, checkpoints, dead
 //!   letters, registry, queries, and nothing outside it names BSON; `cache`:
 //!   redis, local, notice, read-through; `http`: routes, params, respond,
-//!   auth, cors, error).
+//!   snapshot, auth, cors, error).
 //! - [`cli`]: one file per subcommand; [`shutdown`], [`telemetry`]: cross-cutting.
 
 pub mod cache;
