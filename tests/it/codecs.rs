@@ -202,15 +202,7 @@ async fn a_batch_that_cannot_be_read_shows_its_partition_stuck_fails_readiness_a
     assert_eq!(ready.status(), 503, "a stuck partition fails the worker's readiness");
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["stuck"][0]["offset"], 10, "{body}");
-    let metrics = app
-        .http
-        .get(format!("http://{metrics_addr}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.get_text(&format!("http://{metrics_addr}/metrics")).await;
     assert!(
         metrics
             .lines()

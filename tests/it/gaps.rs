@@ -175,15 +175,7 @@ async fn a_retention_gap_is_recorded_once_reported_and_stops_its_partition_until
         (readyz(&app, port).await == 503).then_some(())
     })
     .await;
-    let metrics = app
-        .http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
     assert!(
         sum_of(&parse_prometheus(&metrics), "courseview_gaps_total") >= expected.len() as f64,
         "counted: {metrics}"

@@ -345,6 +345,18 @@ impl TestApp {
         self.http.get(url).send().await.map_or(0, |r| r.status().as_u16())
     }
 
+    /// The body of a GET to any URL (another process's `/metrics`, say).
+    pub async fn get_text(&self, url: &str) -> String {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .expect("answered")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let response = self.get(path).await;
         let status = response.status().as_u16();

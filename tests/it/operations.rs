@@ -218,13 +218,7 @@ async fn two_worker_processes_split_partitions_and_a_killed_one_loses_nothing() 
         .await
         .expect("readyz");
     assert_eq!(ready.status().as_u16(), 200);
-    let metrics = app
-        .http
-        .get(format!("http://127.0.0.1:{second_port}/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    let text = metrics.text().await.expect("text");
+    let text = app.get_text(&format!("http://127.0.0.1:{second_port}/metrics")).await;
     assert!(
         text.contains("courseview_events_applied_total{projection=\"catalog\""),
         "worker metrics: {text}"
