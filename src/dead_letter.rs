@@ -32,9 +32,10 @@ pub struct DeadLetter {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    #[serde(with = "serde_bytes")]
+    // Defaults: a query may leave the bytes out (comparing positions only).
+    #[serde(default, with = "serde_bytes")]
     pub key: Option<Vec<u8>>,
-    #[serde(with = "serde_bytes")]
+    #[serde(default, with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     #[serde(default)]
     pub headers: Vec<DeadHeader>,
@@ -51,6 +52,11 @@ pub struct DeadLetter {
     /// the projection can never read (`offset` is its stored offset then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gap: Option<GapLetter>,
+    /// The generation that could not apply it (absent in letters written
+    /// before generations were recorded): each generation keeps its own,
+    /// so a rebuild can tell what it lost against the serving one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
 }
 
 /// The part of a dead letter that says which gap it is.
@@ -88,6 +94,7 @@ impl DeadLetter {
             truncated_from: None,
             dead_at: None,
             gap: None,
+            generation: None,
         }
     }
 
@@ -97,6 +104,7 @@ impl DeadLetter {
         letter.topic.clone_from(&gap.topic);
         letter.partition = gap.partition;
         letter.offset = gap.stored;
+        letter.generation = Some(generation);
         letter.gap = Some(GapLetter {
             kind: gap.kind,
             generation,
@@ -133,14 +141,35 @@ impl DeadLetter {
         letter
     }
 
+    /// The letter as written by generation `generation`.
+    #[must_use]
+    pub fn of_generation(mut self, generation: u32) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
     /// Stable id, so that a batch replayed after a crash stores it once.
     pub fn id(&self) -> String {
         let record = format!("{}/{}/{}/{}", self.projection, self.topic, self.partition, self.offset);
-        match &self.gap {
-            None => record,
+        match (&self.gap, self.generation) {
             // Found again at every assignment; recorded once.
-            Some(g) => format!("{record}/{}-g{}", g.kind.name(), g.generation),
+            (Some(g), _) => format!("{record}/{}-g{}", g.kind.name(), g.generation),
+            (None, Some(generation)) => {
+                Self::record_id(&self.projection, generation, &self.topic, self.partition, self.offset)
+            }
+            (None, None) => record,
         }
+    }
+
+    /// The id of a record's letter written by `generation`.
+    pub fn record_id(projection: &str, generation: u32, topic: &str, partition: i32, offset: i64) -> String {
+        format!("{projection}/g{generation}/{topic}/{partition}/{offset}")
+    }
+
+    /// The id a letter of this record had before letters carried their
+    /// generation.
+    pub fn unversioned_id(projection: &str, topic: &str, partition: i32, offset: i64) -> String {
+        format!("{projection}/{topic}/{partition}/{offset}")
     }
 
     /// The record as it was consumed, for replay; `None` when the letter
@@ -185,6 +214,7 @@ impl DeadLetter {
             "timestamp": self.timestamp,
             "error": self.error,
             "truncatedFrom": self.truncated_from,
+            "generation": self.generation,
             "gap": self.gap.as_ref().map(|g| json!({
                 "kind": g.kind,
                 "generation": g.generation,
@@ -219,6 +249,11 @@ pub(crate) mod tests {
         let letter = DeadLetter::new("catalog", &record, "bad");
         assert_eq!(letter.to_record(), Some(record));
         assert_eq!(letter.id(), "catalog/CourseCreatedEvent/1/7");
+        assert_eq!(
+            letter.clone().of_generation(3).id(),
+            "catalog/g3/CourseCreatedEvent/1/7",
+            "each generation keeps its own letter of a record"
+        );
         assert_eq!(letter.to_json("x")["key"]["base64"], "/2s=");
     }
 

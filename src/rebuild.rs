@@ -11,7 +11,7 @@
 //! hold it. An interrupted rebuild resumes its generation from its stored
 //! offsets and never touches the serving one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cache::Cache;
+use crate::dead_letter::DeadLetter;
 use crate::mongo::{RebuildProgress, Store, StoreError};
 use crate::read_model::ReadModel;
 use crate::status::{Beside, StatusError, StatusProbe};
@@ -57,6 +58,13 @@ pub struct RebuildOptions {
     /// rebuild runs even if the registry still lists some (it refuses
     /// otherwise, naming them).
     pub workers_stopped: bool,
+    /// Switch even when the new generation dead-lettered records the
+    /// serving one applied (their courses then regress, or vanish, for
+    /// readers); refused by default, naming them.
+    pub accept_dead_letters: bool,
+    /// Drop a generation a stopped rebuild left, and replay anew (instead
+    /// of resuming it).
+    pub restart: bool,
 }
 
 /// After every live worker consumes the new generation, the rebuild keeps
@@ -106,6 +114,20 @@ pub enum RebuildError {
     LiveWorkers {
         projection: &'static str,
         workers: Vec<String>,
+    },
+    #[error(
+        "generation {to} of {projection} dead-lettered {} record(s) that the serving generation {from} applied, so switching \
+         would take them back from readers: {}; nothing was switched and generation {to} is kept. See them with \
+         `courseview dlq list`; fix the cause (a lower --max-record-bytes, a stricter decoder) and replay anew with \
+         `courseview rebuild {projection} --restart`, or run the rebuild again with --accept-dead-letters to switch to it",
+        .letters.len(),
+        .letters.join(", ")
+    )]
+    DeadLettered {
+        projection: &'static str,
+        from: u32,
+        to: u32,
+        letters: Vec<String>,
     },
 }
 
@@ -202,7 +224,13 @@ impl Drop for RebuildWorker {
 impl Mode {
     /// Readies the generation to replay into: returns it and the serving
     /// one (the same, in place, after dropping it).
-    async fn begin(self, store: &Store, name: &str, sink: &mut dyn ProgressSink) -> Result<(u32, u32), RebuildError> {
+    async fn begin(
+        self,
+        store: &Store,
+        name: &str,
+        restart: bool,
+        sink: &mut dyn ProgressSink,
+    ) -> Result<(u32, u32), RebuildError> {
         match self {
             Mode::InPlace => {
                 let serving = store.serving_generation(name).await?;
@@ -213,6 +241,18 @@ impl Mode {
                 Ok((serving, serving))
             }
             Mode::BlueGreen => {
+                if restart {
+                    if let Some(left) = store.abandon_rebuild(name).await? {
+                        sink.phase(&format!(
+                            "dropped generation {left}, which a stopped rebuild left (--restart)"
+                        ));
+                        warn!(
+                            projection = name,
+                            generation = left,
+                            "Dropped the generation a stopped rebuild left (--restart)."
+                        );
+                    }
+                }
                 let pointer = store.begin_rebuild(name).await?;
                 Ok((pointer.generation, pointer.building.unwrap_or(pointer.generation + 1)))
             }
@@ -299,7 +339,7 @@ pub async fn rebuild(
             });
         }
     }
-    let (from, to) = mode.begin(store, name, sink).await?;
+    let (from, to) = mode.begin(store, name, options.restart, sink).await?;
     sink.phase(&format!("replaying {name} from offset 0 into generation {to}"));
     info!(projection = name, from, to, "Rebuild started.");
 
@@ -483,6 +523,12 @@ impl Run<'_> {
                 }
             }
             if beside.building.lag_events <= options.catch_up_lag && reached_serving(model, &beside) {
+                // Checked again at the switch; here it spares the live
+                // workers a pause for nothing.
+                if let Err(e) = check_dead_letters(store, options, self.generations).await {
+                    worker.stop().await?;
+                    return Err(e);
+                }
                 return Ok(Some(done));
             }
         }
@@ -545,6 +591,12 @@ impl Run<'_> {
             };
             let waiting = match outcome {
                 Reach::Reached => {
+                    // The serving generation is paused: its offsets are final.
+                    if let Err(e) = check_dead_letters(store, options, generations).await {
+                        handover.withdraw(store).await;
+                        worker.stop().await?;
+                        return Err(e);
+                    }
                     let latest = handover.until - i64::try_from(SWITCH_MARGIN.as_millis()).unwrap_or(0);
                     if store.switch_generation(name, from, to, latest).await? {
                         sink.phase(&format!("switched readers of {name} to generation {to}"));
@@ -609,6 +661,76 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// How many of the new generation's letters are compared with the serving
+/// one before a switch; past it the rebuild refuses (unless accepted), as
+/// it cannot tell that the rest lose nothing.
+const LETTERS_COMPARED: i64 = 100_000;
+
+/// Refuses a switch, unless accepted, when the new generation dead-lettered
+/// records the serving one applied.
+async fn check_dead_letters(
+    store: &Store,
+    options: &RebuildOptions,
+    generations: Generations,
+) -> Result<(), RebuildError> {
+    let Generations { model, from, to } = generations;
+    if options.accept_dead_letters || from == to {
+        return Ok(());
+    }
+    let letters = dead_lettered_applied(store, model.name(), from, to).await?;
+    if letters.is_empty() {
+        return Ok(());
+    }
+    Err(RebuildError::DeadLettered {
+        projection: model.name(),
+        from,
+        to,
+        letters,
+    })
+}
+
+/// Records generation `to` dead-lettered below the offsets generation
+/// `from` has stored, where `from` has no letter of its own (nor one from
+/// before letters carried their generation): `from` applied them.
+async fn dead_lettered_applied(store: &Store, name: &str, from: u32, to: u32) -> Result<Vec<String>, StoreError> {
+    let letters = store.record_letters_of(name, to, LETTERS_COMPARED).await?;
+    if letters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let serving = store.load_offsets(name, from).await?;
+    let applied: Vec<&DeadLetter> = letters
+        .iter()
+        .filter(|l| {
+            serving
+                .get(&(l.topic.clone(), l.partition))
+                .is_some_and(|&stored| l.offset < stored)
+        })
+        .collect();
+    let theirs = |l: &DeadLetter| {
+        [
+            DeadLetter::record_id(name, from, &l.topic, l.partition, l.offset),
+            DeadLetter::unversioned_id(name, &l.topic, l.partition, l.offset),
+        ]
+    };
+    let ids: Vec<String> = applied.iter().flat_map(|l| theirs(l)).collect();
+    let found = if ids.is_empty() {
+        HashSet::new()
+    } else {
+        store.existing_dead_letters(&ids).await?
+    };
+    let mut lost: Vec<String> = applied
+        .into_iter()
+        .filter(|l| !theirs(l).iter().any(|id| found.contains(id)))
+        .map(|l| format!("{}/{} offset {} ({})", l.topic, l.partition, l.offset, l.error))
+        .collect();
+    if letters.len() as i64 >= LETTERS_COMPARED {
+        lost.push(format!(
+            "and possibly more (over {LETTERS_COMPARED} letters, not all compared)"
+        ));
+    }
+    Ok(lost)
 }
 
 /// Whether the generation being built has reached, on every partition,

@@ -93,6 +93,7 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                 }
             };
             let (mut replayed, mut failing) = (0, 0);
+            let mut replayed_positions = std::collections::HashSet::new();
             for (id, letter) in letters {
                 let Ok(model) = letter.projection.parse::<ReadModel>() else {
                     continue;
@@ -111,15 +112,30 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                     );
                     continue;
                 };
+                let position = (letter.topic.clone(), letter.partition, letter.offset);
+                if replayed_positions.contains(&position) {
+                    // Another generation's letter of a record just replayed into every generation.
+                    continue;
+                }
                 match decode(&record) {
                     Ok(event) => {
                         let pointer = store.pointer(model.name()).await?;
+                        let mut settled = vec![id.clone()];
                         for generation in std::iter::once(pointer.generation).chain(pointer.building) {
                             let applier = Applier::new(model, store.clone(), cache.clone(), generation);
                             applier.apply_events(std::slice::from_ref(&event)).await?;
                             applier.bump_cache().await;
+                            settled.push(DeadLetter::record_id(
+                                &letter.projection,
+                                generation,
+                                &letter.topic,
+                                letter.partition,
+                                letter.offset,
+                            ));
                         }
-                        store.remove_dead_letter(&id).await?;
+                        // Applied to every generation: each one's letter of it is settled.
+                        store.remove_dead_letters(&settled).await?;
+                        replayed_positions.insert(position);
                         replayed += 1;
                         eprintln!("replayed {id}");
                     }

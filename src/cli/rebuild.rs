@@ -45,6 +45,17 @@ pub struct RebuildArgs {
     /// generation (refused by default, naming the partitions).
     #[arg(long)]
     pub allow_partial_history: bool,
+    /// Switch even when the new generation dead-lettered records that the
+    /// serving one applied (a lower --max-record-bytes, a stricter
+    /// decoder): readers then lose those courses' changes. Refused by
+    /// default, naming the records.
+    #[arg(long)]
+    pub accept_dead_letters: bool,
+    /// Drop the generation a stopped rebuild left and replay anew from
+    /// offset 0 (by default a rebuild resumes it), e.g. after changing
+    /// what made it dead-letter records.
+    #[arg(long, conflicts_with = "in_place")]
+    pub restart: bool,
     /// Write without telling the API's cache (see `project --help`).
     #[arg(long, env = "COURSEVIEW_NO_CACHE_INVALIDATION")]
     pub no_cache_invalidation: bool,
@@ -95,6 +106,8 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         handover_timeout: args.handover_timeout,
         allow_partial_history: args.allow_partial_history,
         workers_stopped: args.workers_stopped,
+        accept_dead_letters: args.accept_dead_letters,
+        restart: args.restart,
     };
     let cache = global.invalidated_cache(Duration::from_secs(60), args.no_cache_invalidation)?;
     let mut reporter = if std::io::stderr().is_terminal() {

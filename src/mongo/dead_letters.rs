@@ -46,6 +46,44 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the letters with these ids (those that exist).
+    pub async fn remove_dead_letters(&self, ids: &[String]) -> Result<()> {
+        self.docs(DEAD_LETTERS).delete_many(doc! {"_id": {"$in": ids}}).await?;
+        Ok(())
+    }
+
+    /// Records (not gaps) that `generation` of a projection dead-lettered,
+    /// at most `limit`, by position.
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn record_letters_of(&self, projection: &str, generation: u32, limit: i64) -> Result<Vec<DeadLetter>> {
+        let filter = doc! {"projection": projection, "generation": i64::from(generation)};
+        // Only the position: a letter may hold 64 KiB of record.
+        let options = FindOptions::builder()
+            .sort(doc! {"_id": 1})
+            .projection(doc! {"key": 0, "value": 0, "headers": 0, "deadAt": 0})
+            .limit(limit)
+            .build();
+        let cursor = self.docs(DEAD_LETTERS).find(filter).with_options(options).await?;
+        let docs: Vec<Document> = cursor.try_collect().await?;
+        let letters = docs.into_iter().map(letter_from_doc).collect::<Result<Vec<_>>>()?;
+        Ok(letters.into_iter().filter(|l| l.gap.is_none()).collect())
+    }
+
+    /// Which of `ids` are stored letters.
+    pub async fn existing_dead_letters(&self, ids: &[String]) -> Result<HashSet<String>> {
+        let options = FindOptions::builder().projection(doc! {"_id": 1}).build();
+        let cursor = self
+            .docs(DEAD_LETTERS)
+            .find(doc! {"_id": {"$in": ids}})
+            .with_options(options)
+            .await?;
+        let docs: Vec<Document> = cursor.try_collect().await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect())
+    }
+
     /// Records a gap in the log once (a letter of its own kind, keyed by
     /// generation, partition and stored offset). With `rewind`, for a log
     /// reset the worker goes on from, it then moves the checkpoint back to

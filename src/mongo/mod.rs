@@ -8,7 +8,7 @@
 //! the `update` command with several statements, `count`, `createIndexes`,
 //! drop), so the test peer and docker-compose's `mongod` run the same code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -137,6 +137,30 @@ impl Store {
         self.pointer(projection).await
     }
 
+    /// Drops the generation a stopped rebuild left and clears it from the
+    /// pointer, so the next rebuild replays anew; returns it, if any.
+    #[instrument(skip_all, fields(projection))]
+    pub async fn abandon_rebuild(&self, projection: &str) -> Result<Option<u32>> {
+        let current = self.pointer(projection).await?;
+        let Some(building) = current.building else {
+            return Ok(None);
+        };
+        let reply = self
+            .docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection, "building": i64::from(building)},
+                doc! {"$set": {"building": 0_i64, "rebuild": Bson::Null, "handoverTo": 0_i64, "handoverUntil": 0_i64}},
+            )
+            .await?;
+        if reply.matched_count == 0 {
+            return Err(StoreError::Failed(format!(
+                "the rebuild of {projection} into generation {building} moved on meanwhile (another rebuild is running?)"
+            )));
+        }
+        self.drop_generation(projection, building).await?;
+        Ok(Some(building))
+    }
+
     /// Publishes rebuild progress for `/projections` and `courseview status`.
     pub async fn record_rebuild_progress(&self, projection: &str, progress: &RebuildProgress) -> Result<()> {
         self.docs(POINTERS)
@@ -192,13 +216,15 @@ impl Store {
         Ok(reply.modified_count == 1)
     }
 
-    /// Drops a generation's collection and checkpoints.
+    /// Drops a generation's collection, checkpoints and dead letters (what
+    /// it could not apply is its own: a generation that replaced it keeps
+    /// letters of its own for what it could not apply either).
     #[instrument(skip_all, fields(projection, generation))]
     pub async fn drop_generation(&self, projection: &str, generation: u32) -> Result<()> {
         self.docs(&Self::collection_name(projection, generation)).drop().await?;
-        self.docs(CHECKPOINTS)
-            .delete_many(doc! {"projection": projection, "generation": i64::from(generation)})
-            .await?;
+        let of_generation = doc! {"projection": projection, "generation": i64::from(generation)};
+        self.docs(CHECKPOINTS).delete_many(of_generation.clone()).await?;
+        self.docs(DEAD_LETTERS).delete_many(of_generation).await?;
         Ok(())
     }
 

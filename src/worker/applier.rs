@@ -102,14 +102,14 @@ impl Applier {
                     limit: self.max_record_bytes,
                 };
                 warn!(projection, position = %record.position(), error = %e, "Dead-lettering oversized record.");
-                dead.push(DeadLetter::oversized(projection, record, &e.to_string()));
+                dead.push(DeadLetter::oversized(projection, record, &e.to_string()).of_generation(self.generation));
                 continue;
             }
             match decode(record) {
                 Ok(event) => events.push(event),
                 Err(e) => {
                     warn!(projection, position = %record.position(), error = %e, "Dead-lettering undecodable record.");
-                    dead.push(DeadLetter::new(projection, record, &e.to_string()));
+                    dead.push(DeadLetter::new(projection, record, &e.to_string()).of_generation(self.generation));
                 }
             }
         }

@@ -576,6 +576,8 @@ fn quick_rebuild() -> RebuildOptions {
     RebuildOptions {
         allow_partial_history: false,
         workers_stopped: false,
+        accept_dead_letters: false,
+        restart: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 50,
         grace: Duration::from_secs(2),

@@ -106,6 +106,8 @@ fn options(allow_partial_history: bool) -> RebuildOptions {
     RebuildOptions {
         allow_partial_history,
         workers_stopped: false,
+        accept_dead_letters: false,
+        restart: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 0,
         grace: Duration::from_millis(200),

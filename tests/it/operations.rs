@@ -110,6 +110,8 @@ async fn rebuild_under_load_serves_only_complete_generations_and_equals_a_clean_
     let options = RebuildOptions {
         allow_partial_history: false,
         workers_stopped: false,
+        accept_dead_letters: false,
+        restart: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 20,
         grace: Duration::from_secs(1),
@@ -398,6 +400,8 @@ fn quick(in_place: bool) -> RebuildOptions {
     RebuildOptions {
         allow_partial_history: false,
         workers_stopped: false,
+        accept_dead_letters: false,
+        restart: false,
         mode: if in_place {
             courseview::rebuild::Mode::InPlace
         } else {
@@ -575,6 +579,8 @@ async fn a_rebuild_hands_over_to_an_idle_live_worker_as_soon_as_it_follows_not_a
     let options = RebuildOptions {
         allow_partial_history: false,
         workers_stopped: false,
+        accept_dead_letters: false,
+        restart: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 20,
         grace: Duration::from_millis(100),
@@ -659,4 +665,95 @@ async fn a_rebuild_replays_without_query_indexes_and_builds_them_before_readers_
         at_switch, wanted,
         "readers switch to a generation that has every query index"
     );
+}
+
+/// A rebuild whose worker dead-letters a record the serving generation
+/// applied (here a lower `--max-record-bytes`) would make that course
+/// regress at the switch: it stops before switching, naming the letter,
+/// unless the operator accepts it.
+#[tokio::test]
+async fn a_rebuild_that_dead_letters_what_the_serving_generation_applied_stops_before_the_switch() {
+    let app = TestApp::spawn().await;
+    let live = app.start_worker(ReadModel::Catalog);
+    let events = big_history("reg", 20);
+    app.publish_all(&events).await;
+    // 600 KiB: under the live worker's limit (1 MiB), over the rebuild's.
+    app.publish(&crate::helpers::event(
+        "CourseCreatedEvent",
+        "reg-big",
+        1,
+        json!({"name": "big", "teacherId": "t", "description": "y".repeat(600 * 1024)}),
+    ))
+    .await;
+    app.publish(&crate::helpers::event("CoursePostedEvent", "reg-big", 2, json!({})))
+        .await;
+    app.wait_applied(ReadModel::Catalog, events.len() as i64 + 2).await;
+    assert_eq!(app.get_json("/catalog/courses/reg-big").await.0, 200, "served before");
+
+    let mut settings = app.worker_settings(ReadModel::Catalog);
+    settings.max_record_bytes = 500_000;
+    let run = |settings: courseview::worker::WorkerSettings, options: RebuildOptions| {
+        let app = &app;
+        async move {
+            rebuild(
+                &settings,
+                &app.store,
+                app.cache.clone(),
+                &app.probe,
+                &options,
+                &mut Recorder::default(),
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+        }
+    };
+    let refused = run(settings.clone(), quick(false))
+        .await
+        .expect_err("stops before the switch");
+    let message = refused.to_string();
+    assert!(
+        matches!(refused, courseview::rebuild::RebuildError::DeadLettered { .. })
+            && message.contains("generation 2")
+            && message.contains("--accept-dead-letters"),
+        "names what the new generation dead-lettered: {message}"
+    );
+    let pointer = app.store.pointer("catalog").await.expect("pointer");
+    assert_eq!(
+        (pointer.generation, pointer.building),
+        (1, Some(2)),
+        "nothing was switched"
+    );
+    assert_eq!(app.get_json("/catalog/courses/reg-big").await.0, 200, "still served");
+
+    // With the limit as it was, --restart drops generation 2 and replays anew.
+    let mut restart = quick(false);
+    restart.restart = true;
+    let report = run(app.worker_settings(ReadModel::Catalog), restart)
+        .await
+        .expect("runs")
+        .expect("finishes");
+    assert_eq!((report.from, report.to), (1, 3), "replayed into a fresh generation");
+    assert_eq!(app.get_json("/catalog/courses/reg-big").await.0, 200);
+
+    // Refused again against generation 3; accepted, it switches and the
+    // letter stays on record for generation 4.
+    let refused = run(settings.clone(), quick(false)).await.expect_err("refused again");
+    assert!(refused.to_string().contains("generation 4"), "{refused}");
+    let mut accepting = quick(false);
+    accepting.accept_dead_letters = true;
+    let report = run(settings.clone(), accepting).await.expect("runs").expect("finishes");
+    assert_eq!((report.from, report.to), (3, 4));
+    let letters = app.store.dead_letters(Some("catalog"), 100).await.expect("letters");
+    let ids: Vec<&String> = letters.iter().map(|(id, _)| id).collect();
+    assert!(
+        letters
+            .iter()
+            .any(|(_, l)| l.generation == Some(4) && l.truncated_from.is_some()),
+        "the oversized record is a dead letter of generation 4: {ids:?}"
+    );
+    assert!(
+        !letters.iter().any(|(_, l)| l.generation == Some(2)),
+        "the restarted generation's letters went with it: {ids:?}"
+    );
+    live.stop().await;
 }

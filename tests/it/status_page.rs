@@ -77,6 +77,8 @@ async fn the_status_page_shows_state_lag_partitions_and_a_running_rebuild_in_a_b
     let options = RebuildOptions {
         allow_partial_history: false,
         workers_stopped: false,
+        accept_dead_letters: false,
+        restart: false,
         mode: courseview::rebuild::Mode::BlueGreen,
         catch_up_lag: 0,
         grace: Duration::from_secs(1),
