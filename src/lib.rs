@@ -12,8 +12,10 @@
 //!   (a `Mode` and the `Phase`s it runs).
 //! - [`kafka`], [`mongo`], [`cache`] (Redis and the in-process layer), [`http`]:
 //!   one module per external system, a folder of one file per job where it
-//!   holds several (`mongo`: pointer, read models, checkpoints, dead
-//!   letters, registry, queries, and nothing outside it names BSON; `cache`:
+//!   holds several (`kafka`: config, consumer, gap, topic_id (DescribeTopics
+//!   through librdkafka's C API), admin, producer, report; `mongo`: pointer, read
+//!   models, checkpoints and topic ids, dead letters, registry, queries, and
+//!   nothing outside it names BSON; `cache`:
 //!   redis, local, notice, read-through; `http`: routes, params, respond,
 //!   snapshot, auth, cors, error).
 //! - [`cli`]: one file per subcommand; [`shutdown`], [`telemetry`]: cross-cutting.

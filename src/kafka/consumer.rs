@@ -268,18 +268,17 @@ impl ConsumerContext for AssignContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 // The group answered: whatever kept the cluster out of reach is over.
                 self.report.recovered();
+                // Never start a partition anywhere but at its stored offset:
+                // the group's committed offsets may belong to another
+                // generation. Unable to tell it, leave them unassigned and
+                // let the worker rejoin with a fresh consumer.
                 let stored = match self.load_offsets_patiently() {
                     Ok(map) => map,
-                    Err(e) => {
-                        // Never start a partition anywhere but at its stored
-                        // offset: the group's committed offsets may belong to
-                        // another generation. Leave it unassigned and let the
-                        // worker rejoin with a fresh consumer.
-                        warn!(group = %self.group, error = %e, "Cannot load stored offsets; not taking the partitions.");
-                        let _ = consumer.unassign();
-                        *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                        return;
-                    }
+                    Err(e) => return self.refuse(consumer, "Cannot load stored offsets", e),
+                };
+                let identities = match self.identities(consumer, tpl) {
+                    Ok(identities) => identities,
+                    Err(e) => return self.refuse(consumer, "Cannot check the topics' identity", e),
                 };
                 let mut assigned = TopicPartitionList::new();
                 for elem in tpl.elements() {
@@ -288,16 +287,12 @@ impl ConsumerContext for AssignContext {
                     // partition, so it starts at offset 0, and a log that
                     // no longer starts there is a retention gap too.
                     let at = stored.get(&(topic.to_owned(), partition)).copied().unwrap_or(0);
-                    let offset = match self.check_stored(consumer, topic, partition, at) {
+                    let identity = identities.of(topic, partition);
+                    let offset = match self.check_stored(consumer, topic, partition, at, identity) {
                         Ok(Some(offset)) => offset,
                         // Stopped at a gap: left unassigned, reported.
                         Ok(None) => continue,
-                        Err(e) => {
-                            warn!(group = %self.group, error = %e, "Cannot check stored offsets against the log; not taking the partitions.");
-                            let _ = consumer.unassign();
-                            *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                            return;
-                        }
+                        Err(e) => return self.refuse(consumer, "Cannot check stored offsets against the log", e),
                     };
                     if let Err(e) = assigned.add_partition_offset(topic, partition, offset) {
                         warn!(error = %e, "Cannot set assigned offset.");
@@ -331,6 +326,13 @@ impl ConsumerContext for AssignContext {
 }
 
 impl AssignContext {
+    /// Takes no partitions, and says why; the reader stops on it.
+    fn refuse(&self, consumer: &BaseConsumer<Self>, what: &str, error: String) {
+        warn!(group = %self.group, %error, "{what}; not taking the partitions.");
+        let _ = consumer.unassign();
+        *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+    }
+
     /// Where to start a partition stored at `at`: there when the log holds
     /// it; otherwise the gap is recorded and the policy says (`None`: stop).
     fn check_stored(
@@ -339,11 +341,55 @@ impl AssignContext {
         topic: &str,
         partition: i32,
         at: i64,
+        identity: Identity<'_>,
+    ) -> Result<Option<Offset>, String> {
+        let start = self.start_at(consumer, topic, partition, at, identity)?;
+        // Going on: this is the log the partition is read from now. A
+        // partition stopped at a gap keeps the old id, so it stays stopped.
+        if let (Some(_), Identity { now: Some(now), stored }) = (start, identity) {
+            if stored != Some(now) {
+                self.patiently("record the topic's id", || {
+                    self.offsets.record_topic_id(topic, partition, now)
+                })?;
+            }
+        }
+        Ok(start)
+    }
+
+    /// The topics' ids now and as stored with the offsets, for the
+    /// partitions being assigned.
+    fn identities(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Result<Identities, String> {
+        let elements = tpl.elements();
+        let mut topics: Vec<&str> = elements.iter().map(|e| e.topic()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        let now = super::topic_id::topic_ids(consumer.client(), &topics, Duration::from_secs(5))
+            .map_err(|e| format!("topic ids of {}: {e}", topics.join(", ")))?;
+        let stored = self.patiently("load stored topic ids", || self.offsets.stored_topic_ids())?;
+        Ok(Identities { now, stored })
+    }
+
+    fn start_at(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+        at: i64,
+        identity: Identity<'_>,
     ) -> Result<Option<Offset>, String> {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, Duration::from_secs(5))
             .map_err(|e| format!("watermarks of {topic}/{partition}: {e}"))?;
-        let Some(gap) = Gap::find(topic, partition, at, low, high) else {
+        let found = match identity {
+            // Read from another topic of that name: whatever the new log's
+            // length, the stored offset is not a position in it.
+            Identity {
+                stored: Some(old),
+                now: Some(new),
+            } if old != new && at > 0 => Some(Gap::recreated(topic, partition, at, (low, high), old, new)),
+            _ => Gap::find(topic, partition, at, low, high),
+        };
+        let Some(gap) = found else {
             return Ok(Some(Offset::Offset(at)));
         };
         if self.on_gap == OnGap::Accepted && at == 0 {
@@ -399,6 +445,29 @@ impl AssignContext {
             }
         }
     }
+}
+
+/// Topic ids at an assignment: the cluster's now, and those the offsets
+/// were stored under.
+struct Identities {
+    now: HashMap<String, String>,
+    stored: HashMap<(String, i32), String>,
+}
+
+impl Identities {
+    fn of(&self, topic: &str, partition: i32) -> Identity<'_> {
+        Identity {
+            stored: self.stored.get(&(topic.to_owned(), partition)).map(String::as_str),
+            now: self.now.get(topic).map(String::as_str),
+        }
+    }
+}
+
+/// One partition's topic id as stored and now (`None`: not known).
+#[derive(Debug, Clone, Copy)]
+struct Identity<'a> {
+    stored: Option<&'a str>,
+    now: Option<&'a str>,
 }
 
 /// A group consumer of the projection's topics.

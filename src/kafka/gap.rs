@@ -13,6 +13,18 @@ pub trait OffsetSource: Send + Sync + 'static {
     /// goes on after a log reset, moves the checkpoint back to the log's
     /// start: the one way a checkpoint ever goes back.
     fn record_gap(&self, gap: &Gap, policy: OnGap) -> Result<(), OffsetsUnavailable>;
+
+    /// The topic id each (topic, partition) was last read under. A source
+    /// that keeps none (the default) leaves a re-created topic to be found
+    /// by its watermarks alone.
+    fn stored_topic_ids(&self) -> Result<HashMap<(String, i32), String>, OffsetsUnavailable> {
+        Ok(HashMap::new())
+    }
+
+    /// Records the id of the topic a partition is read from now.
+    fn record_topic_id(&self, _topic: &str, _partition: i32, _id: &str) -> Result<(), OffsetsUnavailable> {
+        Ok(())
+    }
 }
 
 /// How a stored offset disagrees with the log it points into.
@@ -47,6 +59,9 @@ pub struct Gap {
     /// The partition's watermarks when it was found.
     pub low: i64,
     pub high: i64,
+    /// Set when the log was told apart by its topic id (old, new), not by
+    /// its length: a re-created topic refilled past the stored offset.
+    pub recreated: Option<(String, String)>,
 }
 
 impl Gap {
@@ -66,7 +81,23 @@ impl Gap {
             stored,
             low,
             high,
+            recreated: None,
         })
+    }
+
+    /// The gap of a stored offset read from a topic whose id has changed
+    /// since (`old`, now `new`): the offset belongs to a log that is gone,
+    /// whatever the new one's length.
+    pub fn recreated(topic: &str, partition: i32, stored: i64, (low, high): (i64, i64), old: &str, new: &str) -> Gap {
+        Gap {
+            kind: GapKind::LogReset,
+            topic: topic.to_owned(),
+            partition,
+            stored,
+            low,
+            high,
+            recreated: Some((old.to_owned(), new.to_owned())),
+        }
     }
 
     /// What happened, for logs, dead letters and status.
@@ -82,6 +113,13 @@ impl Gap {
                 self.low,
                 self.high
             ),
+            GapKind::LogReset if self.recreated.is_some() => {
+                let (old, new) = self.recreated.as_ref().map_or(("", ""), |(o, n)| (o.as_str(), n.as_str()));
+                format!(
+                    "log reset on {}/{}: the topic was deleted and re-created (topic id {old}, now {new}); the stored offset {} belongs to the old log, and what it held after {} is unknown (the new log holds {}..{})",
+                    self.topic, self.partition, self.stored, self.stored, self.low, self.high
+                )
+            }
             GapKind::LogReset => format!(
                 "log reset on {}/{}: the stored offset {} lies beyond the log's end {} (the topic was deleted and re-created?); what the old log held after {} is unknown",
                 self.topic, self.partition, self.stored, self.high, self.stored

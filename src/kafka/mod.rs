@@ -35,6 +35,7 @@ mod consumer;
 mod gap;
 mod producer;
 pub mod report;
+mod topic_id;
 
 pub use admin::{create_topics, Inspector, PartitionLog};
 pub use config::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
@@ -42,6 +43,7 @@ use consumer::topic_subscription;
 pub use consumer::{ByteBudget, Consumer, ConsumerSettings, Feed, ReaderExit, StuckBoard, StuckPartition, STUCK_AFTER};
 pub use gap::{Gap, GapKind, OffsetSource, OffsetsUnavailable, OnGap};
 pub use producer::{Outgoing, Producer};
+pub use topic_id::topic_ids;
 
 /// Kafka client errors. Broker trouble is transient; configuration is not.
 #[derive(Debug, thiserror::Error)]

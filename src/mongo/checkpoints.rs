@@ -81,6 +81,53 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The Kafka topic id each (topic, partition) of this generation was
+    /// last read under (none before its first assignment).
+    #[instrument(skip_all, fields(projection, generation))]
+    pub async fn load_topic_ids(&self, projection: &str, generation: u32) -> Result<HashMap<(String, i32), String>> {
+        let mut cursor = self
+            .docs(TOPIC_IDS)
+            .find(doc! {"projection": projection, "generation": i64::from(generation)})
+            .await?;
+        let mut ids = HashMap::new();
+        while let Some(doc) = cursor.try_next().await? {
+            if let (Ok(topic), Some(partition), Ok(id)) =
+                (doc.get_str("topic"), get_int(&doc, "partition"), doc.get_str("topicId"))
+            {
+                ids.insert((topic.to_owned(), partition as i32), id.to_owned());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Records the topic id a partition of this generation is read under.
+    #[instrument(skip_all, fields(projection, generation, topic, partition))]
+    pub async fn record_topic_id(
+        &self,
+        projection: &str,
+        generation: u32,
+        topic: &str,
+        partition: i32,
+        id: &str,
+    ) -> Result<()> {
+        self.docs(TOPIC_IDS)
+            .update_one(
+                doc! {"_id": Self::checkpoint_id(projection, generation, topic, partition)},
+                doc! {"$set": {
+                    "projection": projection,
+                    "generation": i64::from(generation),
+                    "topic": topic,
+                    "partition": i64::from(partition),
+                    "topicId": id,
+                }},
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+}
+
 /// How many offsets were not stored because the stored one was already
 /// higher (another owner of the partition moved on): nothing to do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

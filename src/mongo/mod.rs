@@ -41,6 +41,8 @@ pub use registry::WorkerEntry;
 const POINTERS: &str = "projections";
 const CHECKPOINTS: &str = "checkpoints";
 const DEAD_LETTERS: &str = "dead_letters";
+/// The Kafka topic id each stored offset was read under.
+const TOPIC_IDS: &str = "topic_ids";
 const WORKERS: &str = "workers";
 /// Server-side time limit (`maxTimeMS`) of every query the API makes.
 pub const API_QUERY_TIME_LIMIT: Duration = Duration::from_secs(2);

@@ -224,6 +224,7 @@ impl Store {
         self.docs(&Self::collection_name(projection, generation)).drop().await?;
         let of_generation = doc! {"projection": projection, "generation": i64::from(generation)};
         self.docs(CHECKPOINTS).delete_many(of_generation.clone()).await?;
+        self.docs(TOPIC_IDS).delete_many(of_generation.clone()).await?;
         self.docs(DEAD_LETTERS).delete_many(of_generation).await?;
         Ok(())
     }

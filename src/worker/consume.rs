@@ -44,6 +44,17 @@ impl OffsetSource for StoredOffsets {
         telemetry::gap(self.projection, gap.kind.name());
         Ok(())
     }
+
+    fn stored_topic_ids(&self) -> Result<HashMap<(String, i32), String>, OffsetsUnavailable> {
+        self.block_on(self.store.load_topic_ids(self.projection, self.generation))
+    }
+
+    fn record_topic_id(&self, topic: &str, partition: i32, id: &str) -> Result<(), OffsetsUnavailable> {
+        self.block_on(
+            self.store
+                .record_topic_id(self.projection, self.generation, topic, partition, id),
+        )
+    }
 }
 
 /// Consumes into one generation of the projection until `cancel` fires.

@@ -29,6 +29,24 @@ fn admin(app: &TestApp) -> AdminClient<DefaultClientContext> {
         .expect("admin")
 }
 
+/// Deletes `topic` and creates it again (two partitions, empty).
+async fn recreate(app: &TestApp, topic: &str) {
+    admin(app)
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("deleted");
+        });
+    eventually("the topic to come back", Duration::from_secs(30), || async {
+        courseview::kafka::create_topics(&app.brokers, &[topic.to_owned()], 2)
+            .await
+            .ok()
+    })
+    .await;
+}
+
 fn watermarks(app: &TestApp, topic: &str) -> Vec<(i64, i64)> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &app.brokers)
@@ -284,20 +302,7 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
 
     // The topic is deleted and re-created; its new log is shorter than the
     // stored offsets.
-    admin(&app)
-        .delete_topics(&[&topic], &AdminOptions::new())
-        .await
-        .expect("delete")
-        .into_iter()
-        .for_each(|r| {
-            r.expect("deleted");
-        });
-    eventually("the topic to come back", Duration::from_secs(30), || async {
-        courseview::kafka::create_topics(&app.brokers, std::slice::from_ref(&topic), 2)
-            .await
-            .ok()
-    })
-    .await;
+    recreate(&app, &topic).await;
     let newer: Vec<Value> = (0..2)
         .map(|i| {
             event(
@@ -461,4 +466,98 @@ async fn a_rebuild_overtaken_by_retention_resumes_with_allow_partial_history_kee
     // Served from the new generation: every course but the three whose
     // creation retention removed.
     assert_eq!(visible(&app, (0..20).map(|i| format!("ov{i}"))).await, 17);
+}
+
+/// A topic deleted and re-created, then refilled past the stored offsets
+/// before the worker comes back, has watermarks that look fine: only its
+/// identity (Kafka's topic id) tells the stored offsets belong to a log
+/// that is gone. Without the check the worker would start at the stored
+/// offset in the new log and skip everything below it without a word.
+#[tokio::test]
+async fn a_topic_re_created_and_refilled_past_the_stored_offset_is_a_log_reset_by_its_id() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("CourseUpdatedEvent");
+    let created = courses("r", "CourseCreatedEvent", 1, 0..10);
+    let posted = courses("r", "CoursePostedEvent", 2, 0..10);
+    let renamed = |version: i64, name: &str| -> Vec<Value> {
+        (0..10)
+            .map(|i| {
+                event(
+                    "CourseUpdatedEvent",
+                    &format!("r{i}"),
+                    version,
+                    json!({"name": format!("{name} {i}")}),
+                )
+            })
+            .collect()
+    };
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish_all(&created).await;
+    app.publish_all(&posted).await;
+    app.publish_all(&renamed(3, "old")).await;
+    app.publish_all(&renamed(4, "old")).await;
+    app.wait_applied(ReadModel::Catalog, 40).await;
+    worker.stop().await;
+    let before = stored(&app, &topic).await;
+
+    recreate(&app, &topic).await;
+    // Twelve events per course in the new log: every partition now holds
+    // at least ten more than its stored offset.
+    for version in 5..17 {
+        app.publish_all(&renamed(version, "new")).await;
+    }
+    let highs = watermarks(&app, &topic);
+    for (p, at) in &before {
+        assert!(
+            highs[usize::try_from(*p).expect("p")].1 >= at + 10,
+            "partition {p}: the new log ({highs:?}) holds more than the stored offset {at}"
+        );
+    }
+
+    let stopped = app.worker_process(ReadModel::Catalog, &[]);
+    let status = eventually("the log reset to be reported", Duration::from_secs(30), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        let resets = s
+            .gaps
+            .iter()
+            .filter(|g| g.topic == topic && g.kind == GapKind::LogReset)
+            .count();
+        (s.state == State::Gap && resets == before.len()).then_some(s)
+    })
+    .await;
+    let letters = app.store.dead_letters(Some("catalog"), 100).await.expect("letters");
+    assert_eq!(
+        letters
+            .iter()
+            .filter(|(_, l)| l.gap.as_ref().is_some_and(|g| g.kind == GapKind::LogReset))
+            .count(),
+        before.len(),
+        "one log_reset letter per partition read before: {:?}",
+        status.gaps
+    );
+    drop(stopped);
+    assert_eq!(
+        stored(&app, &topic).await,
+        before,
+        "stop: nothing of the new log was taken for the old one"
+    );
+
+    // continue: the new log is read from its start.
+    let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
+    eventually(
+        "the new log applied from its start",
+        Duration::from_secs(30),
+        || async {
+            let mut renamed = 0;
+            for i in 0..10 {
+                let (_, body) = app.get_json(&format!("/catalog/courses/r{i}")).await;
+                if body["name"] == format!("new {i}") {
+                    renamed += 1;
+                }
+            }
+            (renamed == 10).then_some(())
+        },
+    )
+    .await;
+    drop(going_on);
 }
