@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::helpers::{event, eventually, TestApp};
 
 /// Creates a topic with topic-level settings (the suite's broker).
-async fn create_topic_with(brokers: &str, topic: &str, config: &[(&str, &str)]) {
+pub(crate) async fn create_topic_with(brokers: &str, topic: &str, config: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -36,7 +36,7 @@ async fn create_topic_with(brokers: &str, topic: &str, config: &[(&str, &str)]) 
 }
 
 /// Sends `events` in one batch compressed with `codec` (`none` for none).
-async fn produce_compressed(brokers: &str, topic: &str, codec: &str, events: &[Value]) {
+pub(crate) async fn produce_compressed(brokers: &str, topic: &str, codec: &str, events: &[Value]) {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("compression.type", codec)
@@ -68,7 +68,7 @@ async fn produce_compressed(brokers: &str, topic: &str, codec: &str, events: &[V
 }
 
 /// Created and posted events of `n` courses named `prefix0..`.
-fn posted_courses(prefix: &str, n: usize) -> Vec<Value> {
+pub(crate) fn posted_courses(prefix: &str, n: usize) -> Vec<Value> {
     (0..n)
         .flat_map(|c| {
             let id = format!("{prefix}{c}");
@@ -120,7 +120,7 @@ fn partition_dir(topic: &str) -> std::path::PathBuf {
 /// Overwrites part of the compressed records of the batch starting at
 /// `base_offset` in the broker's segment file: real bad bytes on disk,
 /// served as they are (the broker does not re-check what it reads).
-fn corrupt_batch(topic: &str, base_offset: i64) {
+pub(crate) fn corrupt_batch(topic: &str, base_offset: i64) {
     let path = partition_dir(topic).join("00000000000000000000.log");
     let mut bytes = std::fs::read(&path).expect("segment");
     let mut at = 0;
