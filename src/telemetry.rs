@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 // in the README, and held to docs/grafana/courseview.json by a test.
 const EVENTS_APPLIED_TOTAL: &str = "courseview_events_applied_total";
 const DEAD_LETTERS_TOTAL: &str = "courseview_dead_letters_total";
+const DOCUMENTS_WRITTEN_TOTAL: &str = "courseview_documents_written_total";
 const GAPS_TOTAL: &str = "courseview_gaps_total";
 const BATCH_SIZE: &str = "courseview_batch_size";
 const BATCH_SECONDS: &str = "courseview_batch_seconds";
@@ -33,6 +34,7 @@ const HTTP_BUSY_TOTAL: &str = "courseview_http_busy_total";
 /// Every metric courseview emits.
 pub const METRIC_NAMES: &[&str] = &[
     EVENTS_APPLIED_TOTAL,
+    DOCUMENTS_WRITTEN_TOTAL,
     DEAD_LETTERS_TOTAL,
     GAPS_TOTAL,
     BATCH_SIZE,
@@ -110,8 +112,13 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-pub fn event_applied(projection: &'static str, event_type: &'static str) {
-    counter!(EVENTS_APPLIED_TOTAL, "projection" => projection, "type" => event_type).increment(1);
+pub fn events_applied(projection: &'static str, event_type: &'static str, count: u64) {
+    counter!(EVENTS_APPLIED_TOTAL, "projection" => projection, "type" => event_type).increment(count);
+}
+
+/// Course documents a flush wrote: against events applied, what folding saves.
+pub fn documents_written(projection: &'static str, count: u64) {
+    counter!(DOCUMENTS_WRITTEN_TOTAL, "projection" => projection).increment(count);
 }
 
 pub fn dead_letters(projection: &'static str, count: u64) {

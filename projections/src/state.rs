@@ -34,6 +34,19 @@ impl<T> Lww<T> {
     }
 }
 
+impl<T: Clone> Lww<T> {
+    /// Takes `other`'s write if it is newer than `slot`'s; returns whether it did.
+    fn merge(slot: &mut Option<Lww<T>>, other: &Option<Lww<T>>) -> bool {
+        match other {
+            Some(theirs) if slot.as_ref().is_none_or(|mine| theirs.stamp > mine.stamp) => {
+                *slot = Some(theirs.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Whether the course is posted, and since when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Posting {
@@ -136,6 +149,55 @@ impl CourseState {
                 };
             }
         }
+    }
+
+    /// Merges another state of the same course into this one, with the
+    /// effect of applying here every event `other` has applied: each
+    /// register keeps the newer write, counters the maximum, and the
+    /// tombstone wins. So a worker can fold events into a fresh state in
+    /// memory and merge it into the stored one later. Returns whether this
+    /// state changed (a state of another course changes nothing).
+    pub fn merge(&mut self, other: &CourseState) -> bool {
+        if other.course_id != self.course_id {
+            return false;
+        }
+        let version = self.version.max(other.version);
+        let mut changed = version != self.version;
+        self.version = version;
+        match (&mut self.deleted, &other.deleted) {
+            (Some(mine), Some(theirs)) => {
+                if theirs > mine {
+                    *mine = theirs.clone();
+                    changed = true;
+                }
+                return changed;
+            }
+            (Some(_), None) => return changed,
+            (None, Some(theirs)) => {
+                *self = CourseState {
+                    course_id: std::mem::take(&mut self.course_id),
+                    version: self.version,
+                    deleted: Some(theirs.clone()),
+                    ..CourseState::default()
+                };
+                return true;
+            }
+            (None, None) => {}
+        }
+        changed |= Lww::merge(&mut self.name, &other.name);
+        changed |= Lww::merge(&mut self.thumbnail, &other.thumbnail);
+        changed |= Lww::merge(&mut self.description, &other.description);
+        changed |= Lww::merge(&mut self.teacher_id, &other.teacher_id);
+        changed |= Lww::merge(&mut self.registered_at, &other.registered_at);
+        changed |= Lww::merge(&mut self.posting, &other.posting);
+        if other.created && !self.created {
+            self.created = true;
+            changed = true;
+        }
+        let last_updated_at = self.last_updated_at.max(other.last_updated_at);
+        changed |= last_updated_at != self.last_updated_at;
+        self.last_updated_at = last_updated_at;
+        changed
     }
 
     fn touch(&mut self, at: Millis) {

@@ -124,6 +124,29 @@ proptest! {
         assert_converges(&history, &delivered, every)?;
     }
 
+    /// A fold in memory merged into the stored state later (a worker folding
+    /// while behind) equals applying every event to the stored state, and
+    /// says whether it changed anything.
+    #[test]
+    fn a_state_folded_apart_and_merged_equals_applying_every_event(
+        (history, delivered) in history(true).prop_flat_map(delivery),
+        split in 0usize..24,
+        splits in 1usize..4,
+    ) {
+        let split = split.min(delivered.len());
+        let (stored_part, rest) = delivered.split_at(split);
+        let mut stored = apply_with_reloads(stored_part, 0);
+        let before = stored.clone();
+        // The rest folded in one to three separate states, merged in turn.
+        let chunk = rest.len().div_ceil(splits).max(1);
+        let mut changed = false;
+        for part in rest.chunks(chunk) {
+            changed |= stored.merge(&fold(COURSE, part));
+        }
+        prop_assert_eq!(&stored, &fold(COURSE, &history));
+        prop_assert_eq!(changed, stored != before);
+    }
+
     #[test]
     fn a_deleted_course_is_never_listed_again(
         (history, delivered) in history(true).prop_flat_map(delivery),

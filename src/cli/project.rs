@@ -62,6 +62,16 @@ pub struct WorkerArgs {
     /// How long a batch waits for more records after the first.
     #[arg(long, env = "COURSEVIEW_BATCH_LINGER", default_value = "20ms", value_parser = humantime_duration)]
     pub batch_linger: Duration,
+    /// While behind (catching up, rebuilding), fold batches together in
+    /// memory and write each touched course once per this interval (or
+    /// --fold-bytes, whichever comes first); caught up, every batch is
+    /// written at once. Offsets are stored only after a fold is written.
+    #[arg(long, env = "COURSEVIEW_FOLD_INTERVAL", default_value = "2s", value_parser = humantime_duration)]
+    pub fold_interval: Duration,
+    /// Most bytes (estimated) of folded course states held before they are
+    /// written (see --fold-interval).
+    #[arg(long, env = "COURSEVIEW_FOLD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub fold_bytes: usize,
     /// How often to look for new topics that match the regex.
     #[arg(long, env = "COURSEVIEW_METADATA_REFRESH", default_value = "30s", value_parser = humantime_duration)]
     pub metadata_refresh: Duration,
@@ -139,6 +149,10 @@ impl WorkerArgs {
                 stuck: std::sync::Arc::default(),
             },
             batch_size: self.batch_size.max(1),
+            fold: worker::FoldLimits {
+                interval: self.fold_interval,
+                bytes: self.fold_bytes,
+            },
             batch_linger: self.batch_linger,
             max_backoff: self.max_backoff,
             max_record_bytes: self.max_record_bytes,

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use super::fold::Fold;
 use super::states::{Checkout, Guessed, StateCache};
 use super::*;
 
@@ -84,16 +85,22 @@ impl Applier {
 
     /// As [`Applier::apply_batch`], also storing `advanced` next-offsets of
     /// partitions whose position moved past undelivered offsets.
-    #[instrument(skip_all, fields(projection = self.model.name(), records = records.len()))]
     pub async fn apply_batch_and_advance(
         &self,
         records: &[Record],
         advanced: &[(String, i32, i64)],
     ) -> Result<BatchOutcome, BatchError> {
-        let started = Instant::now();
+        let mut fold = Fold::default();
+        self.fold_in(&mut fold, records, advanced);
+        self.flush(&fold).await
+    }
+
+    /// Decodes records into `fold`: their events merged into its states,
+    /// the ones that cannot be applied kept as dead letters, their offsets
+    /// covered. Writes nothing.
+    pub fn fold_in(&self, fold: &mut Fold, records: &[Record], advanced: &[(String, i32, i64)]) {
         let projection = self.model.name();
         let mut events: Vec<CourseEvent> = Vec::with_capacity(records.len());
-        let mut dead = Vec::new();
         for record in records {
             let size = record.size();
             if size > self.max_record_bytes {
@@ -102,35 +109,52 @@ impl Applier {
                     limit: self.max_record_bytes,
                 };
                 warn!(projection, position = %record.position(), error = %e, "Dead-lettering oversized record.");
-                dead.push(DeadLetter::oversized(projection, record, &e.to_string()).of_generation(self.generation));
+                fold.add_dead_letter(
+                    DeadLetter::oversized(projection, record, &e.to_string()).of_generation(self.generation),
+                );
                 continue;
             }
             match decode(record) {
                 Ok(event) => events.push(event),
                 Err(e) => {
                     warn!(projection, position = %record.position(), error = %e, "Dead-lettering undecodable record.");
-                    dead.push(DeadLetter::new(projection, record, &e.to_string()).of_generation(self.generation));
+                    fold.add_dead_letter(
+                        DeadLetter::new(projection, record, &e.to_string()).of_generation(self.generation),
+                    );
                 }
             }
         }
-        let written = self.apply_events(&events).await?;
-        if !dead.is_empty() {
-            self.store.put_dead_letters(&dead).await?;
-            telemetry::dead_letters(projection, dead.len() as u64);
+        fold.add_events(&events);
+        fold.cover(records, advanced);
+    }
+
+    /// Writes a fold: each touched course once (revision-guarded), then its
+    /// dead letters, then the offsets it covers, so no offset is stored
+    /// before everything below it is written. Safe to call again with the
+    /// same fold after any failure.
+    #[instrument(skip_all, fields(projection = self.model.name(), records = fold.records, courses = fold.courses.len()))]
+    pub async fn flush(&self, fold: &Fold) -> Result<BatchOutcome, BatchError> {
+        let started = Instant::now();
+        let projection = self.model.name();
+        let written = self.write_folded(&fold.courses).await?;
+        if !fold.dead.is_empty() {
+            self.store.put_dead_letters(&fold.dead).await?;
+            telemetry::dead_letters(projection, fold.dead.len() as u64);
         }
-        let offsets = next_offsets(records, advanced);
+        let offsets = fold.offsets();
         let AlreadyNewer(behind) = self.store.store_offsets(projection, self.generation, &offsets).await?;
         if behind > 0 {
             // The partition's next owner stored a later offset: ours stays unwritten.
             debug!(projection, partitions = behind, "Offsets already stored further on.");
         }
-        for event in &events {
-            telemetry::event_applied(projection, event.kind.type_name());
+        for (kind, count) in &fold.kinds {
+            telemetry::events_applied(projection, kind, *count);
         }
-        telemetry::batch(projection, records.len(), started.elapsed());
+        telemetry::documents_written(projection, written as u64);
+        telemetry::batch(projection, fold.records, started.elapsed());
         Ok(BatchOutcome {
-            applied: events.len(),
-            dead_letters: dead.len(),
+            applied: fold.events,
+            dead_letters: fold.dead.len(),
             documents_written: written,
             offsets,
         })
@@ -154,22 +178,26 @@ impl Applier {
 
     /// Applies events to their courses' documents; returns documents written.
     pub async fn apply_events(&self, events: &[CourseEvent]) -> Result<usize, BatchError> {
-        if events.is_empty() {
+        let mut fold = Fold::default();
+        fold.add_events(events);
+        self.write_folded(&fold.courses).await
+    }
+
+    /// Merges each course's folded state into its stored one and writes the
+    /// changed ones; returns documents written.
+    async fn write_folded(&self, folded: &HashMap<String, CourseState>) -> Result<usize, BatchError> {
+        if folded.is_empty() {
             return Ok(0);
         }
         self.announce_write().await?;
-        let mut by_course: HashMap<&str, Vec<&CourseEvent>> = HashMap::new();
-        for event in events {
-            by_course.entry(event.course_id.as_str()).or_default().push(event);
-        }
-        let pending: Vec<String> = by_course.keys().map(|id| (*id).to_owned()).collect();
-        let (mut written, mut pending) = self.first_round(&by_course, &pending).await?;
+        let pending: Vec<String> = folded.keys().cloned().collect();
+        let (mut written, mut pending) = self.first_round(folded, &pending).await?;
         for _ in 1..MAX_CONFLICT_ROUNDS {
             if pending.is_empty() {
                 break;
             }
             // Later rounds load every course not in memory.
-            let round = self.round(&by_course, &pending, Missing::Load).await?;
+            let round = self.round(folded, &pending, Missing::Load).await?;
             written += round.written;
             pending = round.conflicts.0;
         }
@@ -205,21 +233,21 @@ impl Applier {
     /// refused ones come back as conflicts and are loaded next round.
     async fn first_round(
         &self,
-        by_course: &HashMap<&str, Vec<&CourseEvent>>,
+        folded: &HashMap<String, CourseState>,
         pending: &[String],
     ) -> Result<(usize, Vec<String>), BatchError> {
         let presume = self.states.presumes_absent();
         let missing = if presume { Missing::PresumeAbsent } else { Missing::Load };
-        let round = self.round(by_course, pending, missing).await?;
+        let round = self.round(folded, pending, missing).await?;
         self.states.learn(round.guessed, round.written);
         Ok((round.written, round.conflicts.0))
     }
 
-    /// Folds each pending course's events into its state and writes the
-    /// changed ones, revision-guarded.
+    /// Merges each pending course's folded state into its stored one and
+    /// writes the changed ones, revision-guarded.
     async fn round(
         &self,
-        by_course: &HashMap<&str, Vec<&CourseEvent>>,
+        folded: &HashMap<String, CourseState>,
         pending: &[String],
         missing: Missing,
     ) -> Result<Round, BatchError> {
@@ -238,17 +266,17 @@ impl Applier {
         let mut writes = Vec::with_capacity(pending.len());
         let mut unchanged = Vec::new();
         for id in pending {
+            let Some(events) = folded.get(id) else {
+                continue;
+            };
             let (mut state, rev) = match known.remove(id) {
                 Some(s) => (s.state, s.rev),
                 None => (CourseState::new(id.as_str()), 0),
             };
-            // Only a stored course can be left unchanged.
-            let before = (rev > 0).then(|| state.clone());
-            for event in by_course.get(id.as_str()).into_iter().flatten() {
-                state.apply(event);
-            }
-            // A replayed or duplicate event changes nothing: skip the write.
-            if before.as_ref() == Some(&state) {
+            let changed = state.merge(events);
+            // A replayed or duplicate event changes nothing: skip the write
+            // (only a stored course can be left unchanged).
+            if rev > 0 && !changed {
                 unchanged.push(Stored { state, rev });
                 continue;
             }
@@ -293,46 +321,4 @@ enum Missing {
     Load,
     /// Presume them new: write at revision 0, no read.
     PresumeAbsent,
-}
-
-/// The next offset to read per partition after this batch: one past its
-/// highest record, or a position `advanced` past undelivered offsets,
-/// whichever is higher.
-fn next_offsets(records: &[Record], advanced: &[(String, i32, i64)]) -> Vec<(String, i32, i64)> {
-    let positions = records
-        .iter()
-        .map(|r| (r.topic.as_str(), r.partition, r.offset + 1))
-        .chain(advanced.iter().map(|(t, p, o)| (t.as_str(), *p, *o)));
-    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-    for (topic, partition, offset) in positions {
-        let slot = next.entry((topic, partition)).or_insert(offset);
-        *slot = (*slot).max(offset);
-    }
-    let mut out: Vec<_> = next.into_iter().map(|((t, p), o)| (t.to_owned(), p, o)).collect();
-    out.sort();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::worker::rec;
-
-    #[test]
-    fn next_offsets_are_one_past_the_highest_offset_per_partition() {
-        let records = [rec("a", 0, 5), rec("a", 0, 3), rec("a", 1, 9), rec("b", 0, 0)];
-        assert_eq!(
-            next_offsets(&records, &[]),
-            vec![("a".into(), 0, 6), ("a".into(), 1, 10), ("b".into(), 0, 1)]
-        );
-    }
-
-    #[test]
-    fn advanced_positions_raise_the_stored_offsets_only_upwards() {
-        let merged = next_offsets(
-            &[rec("a", 0, 5), rec("b", 0, 1)],
-            &[("a".into(), 0, 4), ("b".into(), 0, 3), ("c".into(), 1, 7)],
-        );
-        assert_eq!(merged, vec![("a".into(), 0, 6), ("b".into(), 0, 3), ("c".into(), 1, 7)]);
-    }
 }

@@ -100,11 +100,16 @@ pub async fn run_generation(
         let hard = deadline_after(&cancel, settings.shutdown_timeout);
         let mut epoch_pending = false;
         let mut reported = false;
+        let mut fold = Fold::default();
         let result = loop {
             // Records that queued up while the last batch was written make
             // the next batch at once (group commit); only a record that
             // arrives into an idle worker waits the linger for company.
-            let queued = if cancel.is_cancelled() { None } else { rx.try_recv().ok() };
+            let queued = if cancel.is_cancelled() {
+                None
+            } else {
+                rx.try_recv().ok()
+            };
             let (first, arrival) = if let Some(feed) = queued {
                 (Some(feed), Arrival::Queued)
             } else {
@@ -148,38 +153,50 @@ pub async fn run_generation(
                 report(settings, generation, true);
                 reported = true;
             }
-            let (batch, advanced) = collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
+            let (batch, advanced) =
+                collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
             let bytes: usize = batch.iter().map(Record::size).sum();
-            // The batch in hand is finished even if shutdown starts now, but
-            // only until the shutdown deadline.
-            let outcome = tokio::select! {
-                r = retry_transient("apply batch", &hard, settings.max_backoff, || applier.apply_batch_and_advance(&batch, &advanced)) => r,
-                () = hard.cancelled() => Ok(None),
-            };
+            // Folded, the records are done with: the fold counts what it keeps.
+            applier.fold_in(&mut fold, &batch, &advanced);
             budget.release(bytes);
-            match outcome {
-                Ok(Some(outcome)) => {
-                    consumer.commit(&outcome.offsets);
-                    // A batch of position advances only changed no document.
-                    if !batch.is_empty() {
+            let why = settings.fold.judge(&fold, !rx.is_empty(), cancel.is_cancelled());
+            if why == Flush::Not {
+                continue;
+            }
+            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why).await {
+                Ok(Some(changed)) => {
+                    if changed {
                         epoch_pending = !applier.bump_cache().await;
                     }
-                    debug!(
-                        applied = outcome.applied,
-                        dead = outcome.dead_letters,
-                        written = outcome.documents_written,
-                        "Batch committed."
-                    );
                 }
-                Ok(None) => {
-                    warn!(
-                        records = batch.len(),
-                        "Shutdown deadline passed; batch abandoned, its offsets not stored."
-                    );
-                    break Ok(GenerationEnd::Abandoned);
-                }
+                Ok(None) => break Ok(GenerationEnd::Abandoned),
                 Err(e) => break Err(e.into()),
             }
+        };
+        // What was folded when the loop ended is written too (a handover
+        // waits for it), within the shutdown deadline.
+        let result = match result {
+            Ok(end) if !fold.is_empty() => {
+                match flush(
+                    &applier,
+                    &mut fold,
+                    &consumer,
+                    &hard,
+                    settings.max_backoff,
+                    Flush::Stopping,
+                )
+                .await
+                {
+                    Ok(Some(true)) => {
+                        applier.bump_cache().await;
+                        Ok(end)
+                    }
+                    Ok(Some(false)) => Ok(end),
+                    Ok(None) => Ok(GenerationEnd::Abandoned),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            other => other,
         };
         hard.cancel();
         reader_cancel.cancel();
@@ -199,6 +216,45 @@ pub async fn run_generation(
     }
     .instrument(span)
     .await
+}
+
+/// Writes the fold (retrying what is transient, until the shutdown
+/// deadline) and stores its offsets in the group too, leaving it empty.
+/// `Some(changed)`: written, and whether documents changed (the cache
+/// must then be told); `None`: the deadline passed, nothing stored.
+async fn flush(
+    applier: &Applier,
+    fold: &mut Fold,
+    consumer: &Consumer,
+    hard: &CancellationToken,
+    max_backoff: Duration,
+    why: Flush,
+) -> Result<Option<bool>, BatchError> {
+    let held: &Fold = fold;
+    let outcome = tokio::select! {
+        r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r?,
+        () = hard.cancelled() => None,
+    };
+    let Some(outcome) = outcome else {
+        warn!(
+            records = fold.records(),
+            "Shutdown deadline passed; batch abandoned, its offsets not stored."
+        );
+        return Ok(None);
+    };
+    consumer.commit(&outcome.offsets);
+    debug!(
+        ?why,
+        records = fold.records(),
+        applied = outcome.applied,
+        dead = outcome.dead_letters,
+        written = outcome.documents_written,
+        "Batch committed."
+    );
+    // A fold of position advances only changed no document.
+    let changed = outcome.applied + outcome.dead_letters > 0;
+    *fold = Fold::default();
+    Ok(Some(changed))
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -39,11 +39,13 @@ use crate::telemetry;
 
 mod applier;
 mod consume;
+mod fold;
 mod follow;
 mod states;
 
 pub use applier::{Applier, BatchOutcome};
 pub use consume::run_generation;
+pub use fold::{Flush, Fold, FoldLimits};
 use follow::{deadline_after, pause_for_handover, watch_pointer, Moved, Pause};
 
 /// Bytes of course states a worker remembers between batches.
@@ -58,6 +60,9 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// How long to wait for more records once one has arrived.
     pub batch_linger: Duration,
+    /// While behind, batches are folded together and written at this
+    /// interval or memory bound; caught up, each batch is written at once.
+    pub fold: FoldLimits,
     /// Longest pause between retries of a batch that failed transiently.
     pub max_backoff: Duration,
     /// Records larger than this (key + value + headers) are dead-lettered.

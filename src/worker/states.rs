@@ -4,6 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+use courseview_projections::CourseState;
+
 use crate::mongo::{Conflicts, DocWrite, Stored};
 
 /// Recently written states with their revisions, least recently used
@@ -122,36 +124,38 @@ struct StateBytes;
 
 impl quick_cache::Weighter<String, Stored> for StateBytes {
     fn weight(&self, key: &String, value: &Stored) -> u64 {
-        // What the heap really holds: each string or event id is its own
-        // allocation with a header. (The first estimate counted text plus
-        // a flat 512 bytes, and a 16 MiB budget held about 32 MiB: a
-        // 200 k replay peaked at 88 MiB RSS with it, 56 MiB with 1 MiB.)
-        const ALLOCATION: usize = 32;
-        let s = &value.state;
-        let text = |t: &str| t.len() + ALLOCATION;
-        let optional = |t: &Option<String>| t.as_deref().map_or(0, text);
-        let stamp = |e: &str| e.len() + ALLOCATION;
-        let registers = [
-            s.name.as_ref().map(|n| text(&n.value) + stamp(&n.stamp.event_id)),
-            s.teacher_id.as_ref().map(|t| text(&t.value) + stamp(&t.stamp.event_id)),
-            s.thumbnail
-                .as_ref()
-                .map(|t| optional(&t.value) + stamp(&t.stamp.event_id)),
-            s.description
-                .as_ref()
-                .map(|d| optional(&d.value) + stamp(&d.stamp.event_id)),
-            s.registered_at.as_ref().map(|r| stamp(&r.stamp.event_id)),
-            s.posting.as_ref().map(|p| stamp(&p.stamp.event_id)),
-            s.deleted.as_ref().map(|d| stamp(&d.event_id)),
-        ];
-        let bytes = std::mem::size_of::<Stored>()
-            + text(key)
-            + text(&s.course_id)
-            + registers.iter().flatten().sum::<usize>()
+        let bytes = state_bytes(&value.state) + std::mem::size_of::<Stored>() - std::mem::size_of::<CourseState>()
+            + key.len()
+            + 32
             // The cache's own entry.
             + 64;
         bytes as u64
     }
+}
+
+/// What the heap holds for a state: each string or event id is its own
+/// allocation with a header. (The first estimate counted text plus a flat
+/// 512 bytes, and a 16 MiB budget held about 32 MiB: a 200 k replay peaked
+/// at 88 MiB RSS with it, 56 MiB with 1 MiB.)
+pub(super) fn state_bytes(s: &CourseState) -> usize {
+    const ALLOCATION: usize = 32;
+    let text = |t: &str| t.len() + ALLOCATION;
+    let optional = |t: &Option<String>| t.as_deref().map_or(0, text);
+    let stamp = |e: &str| e.len() + ALLOCATION;
+    let registers = [
+        s.name.as_ref().map(|n| text(&n.value) + stamp(&n.stamp.event_id)),
+        s.teacher_id.as_ref().map(|t| text(&t.value) + stamp(&t.stamp.event_id)),
+        s.thumbnail
+            .as_ref()
+            .map(|t| optional(&t.value) + stamp(&t.stamp.event_id)),
+        s.description
+            .as_ref()
+            .map(|d| optional(&d.value) + stamp(&d.stamp.event_id)),
+        s.registered_at.as_ref().map(|r| stamp(&r.stamp.event_id)),
+        s.posting.as_ref().map(|p| stamp(&p.stamp.event_id)),
+        s.deleted.as_ref().map(|d| stamp(&d.event_id)),
+    ];
+    std::mem::size_of::<CourseState>() + text(&s.course_id) + registers.iter().flatten().sum::<usize>()
 }
 
 #[cfg(test)]

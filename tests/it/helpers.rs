@@ -279,6 +279,7 @@ impl TestApp {
             },
             batch_size: 200,
             batch_linger: Duration::from_millis(10),
+            fold: courseview::worker::FoldLimits::default(),
             max_backoff: Duration::from_secs(1),
             max_record_bytes: worker::DEFAULT_MAX_RECORD_BYTES,
             max_queue_bytes: 16 * 1024 * 1024,

@@ -1,0 +1,224 @@
+//! Folding while behind: the events of many batches merged into one state
+//! per course in memory, written once per flush, then the offsets the
+//! flush covers. A worker catching up writes each touched course once per
+//! flush instead of once per batch.
+//!
+//! Why it keeps the exactly-once effect: a fold stores no offset until the
+//! flush has written every state, and every dead letter, of the records it
+//! covers; a crash before that replays them from the offsets stored
+//! before, and folding them again gives the same states (the state is
+//! convergent: `CourseState::merge`).
+
+use super::states::state_bytes;
+use super::*;
+
+/// Events decoded and folded, not yet written.
+#[derive(Debug)]
+pub struct Fold {
+    /// Per course, the state its folded events give from empty.
+    pub(super) courses: HashMap<String, CourseState>,
+    pub(super) dead: Vec<DeadLetter>,
+    /// Next offset per partition once the fold is written.
+    next: HashMap<(String, i32), i64>,
+    /// Events folded per type (for the applied counter, at the flush).
+    pub(super) kinds: HashMap<&'static str, u64>,
+    pub(super) records: usize,
+    pub(super) events: usize,
+    /// Estimate of the heap it holds.
+    bytes: usize,
+    started: Instant,
+}
+
+impl Default for Fold {
+    fn default() -> Self {
+        Fold {
+            courses: HashMap::new(),
+            dead: Vec::new(),
+            next: HashMap::new(),
+            kinds: HashMap::new(),
+            records: 0,
+            events: 0,
+            bytes: 0,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Fold {
+    /// Folds decoded events in (their records' offsets are added apart).
+    pub(super) fn add_events<'a>(&mut self, events: impl IntoIterator<Item = &'a CourseEvent>) {
+        for event in events {
+            self.events += 1;
+            *self.kinds.entry(event.kind.type_name()).or_default() += 1;
+            let state = match self.courses.get_mut(event.course_id.as_str()) {
+                Some(state) => {
+                    self.bytes -= state_bytes(state);
+                    state
+                }
+                None => self
+                    .courses
+                    .entry(event.course_id.clone())
+                    .or_insert_with(|| CourseState::new(event.course_id.as_str())),
+            };
+            state.apply(event);
+            self.bytes += state_bytes(state) + event.course_id.len() + 32;
+        }
+    }
+
+    pub(super) fn add_dead_letter(&mut self, letter: DeadLetter) {
+        self.bytes += letter.key.as_ref().map_or(0, Vec::len) + letter.value.as_ref().map_or(0, Vec::len) + 256;
+        self.dead.push(letter);
+    }
+
+    /// Covers records and position advances: the flush stores one past the
+    /// highest offset of each partition (never lower than an advance).
+    pub(super) fn cover(&mut self, records: &[Record], advanced: &[(String, i32, i64)]) {
+        self.records += records.len();
+        let positions = records
+            .iter()
+            .map(|r| (r.topic.as_str(), r.partition, r.offset + 1))
+            .chain(advanced.iter().map(|(t, p, o)| (t.as_str(), *p, *o)));
+        for (topic, partition, offset) in positions {
+            match self.next.get_mut(&(topic.to_owned(), partition)) {
+                Some(slot) => *slot = (*slot).max(offset),
+                None => {
+                    self.next.insert((topic.to_owned(), partition), offset);
+                }
+            }
+        }
+    }
+
+    /// The next offset per partition, sorted.
+    pub(super) fn offsets(&self) -> Vec<(String, i32, i64)> {
+        let mut out: Vec<_> = self.next.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+        out.sort();
+        out
+    }
+
+    /// Whether it holds nothing to write and no position to store.
+    pub fn is_empty(&self) -> bool {
+        self.courses.is_empty() && self.dead.is_empty() && self.next.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Since the first batch folded in.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn records(&self) -> usize {
+        self.records
+    }
+}
+
+/// When a fold is written: at once when the worker is caught up, else at
+/// the interval or the memory bound, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldLimits {
+    /// Longest a fold waits before it is written.
+    pub interval: Duration,
+    /// Most bytes (estimated) a fold holds before it is written.
+    pub bytes: usize,
+}
+
+impl Default for FoldLimits {
+    fn default() -> Self {
+        FoldLimits {
+            interval: Duration::from_secs(2),
+            bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a fold is written now, or that it is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Nothing more is queued: the worker is caught up.
+    CaughtUp,
+    Interval,
+    Bytes,
+    /// Shutdown or a generation change: write what is in hand.
+    Stopping,
+    /// Behind, within the limits: fold the next batch in too.
+    Not,
+}
+
+impl FoldLimits {
+    pub fn judge(&self, fold: &Fold, more_queued: bool, stopping: bool) -> Flush {
+        if stopping {
+            Flush::Stopping
+        } else if !more_queued {
+            Flush::CaughtUp
+        } else if fold.bytes() >= self.bytes {
+            Flush::Bytes
+        } else if fold.age() >= self.interval {
+            Flush::Interval
+        } else {
+            Flush::Not
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::rec;
+
+    #[test]
+    fn a_fold_covers_one_past_the_highest_offset_per_partition_and_never_below_an_advance() {
+        let mut fold = Fold::default();
+        fold.cover(&[rec("a", 0, 5), rec("a", 0, 3), rec("a", 1, 9)], &[]);
+        fold.cover(
+            &[rec("b", 0, 1)],
+            &[("a".into(), 0, 4), ("b".into(), 0, 3), ("c".into(), 1, 7)],
+        );
+        assert_eq!(
+            fold.offsets(),
+            vec![
+                ("a".into(), 0, 6),
+                ("a".into(), 1, 10),
+                ("b".into(), 0, 3),
+                ("c".into(), 1, 7)
+            ]
+        );
+        assert_eq!(fold.records(), 4);
+    }
+
+    #[test]
+    fn a_caught_up_worker_writes_at_once_and_one_behind_folds_until_a_limit() {
+        let limits = FoldLimits {
+            interval: Duration::from_secs(60),
+            bytes: 1_000,
+        };
+        let mut fold = Fold::default();
+        assert_eq!(limits.judge(&fold, false, false), Flush::CaughtUp);
+        assert_eq!(limits.judge(&fold, true, false), Flush::Not);
+        assert_eq!(limits.judge(&fold, true, true), Flush::Stopping);
+        let events: Vec<CourseEvent> = (0..20)
+            .map(|i| CourseEvent {
+                event_id: format!("e{i}"),
+                course_id: format!("c{i}"),
+                version: Some(1),
+                occurred_at: 0,
+                kind: courseview_projections::EventKind::Created(courseview_projections::Created {
+                    name: "a course".into(),
+                    thumbnail: None,
+                    description: None,
+                    teacher_id: "t".into(),
+                    registered_at: 0,
+                }),
+            })
+            .collect();
+        fold.add_events(&events);
+        assert_eq!(fold.courses.len(), 20);
+        assert_eq!(limits.judge(&fold, true, false), Flush::Bytes, "{} bytes", fold.bytes());
+        let quick = FoldLimits {
+            interval: Duration::ZERO,
+            bytes: usize::MAX,
+        };
+        assert_eq!(quick.judge(&fold, true, false), Flush::Interval);
+    }
+}
