@@ -116,17 +116,19 @@ pub enum RebuildError {
         workers: Vec<String>,
     },
     #[error(
-        "generation {to} of {projection} dead-lettered {} record(s) that the serving generation {from} applied, so switching \
-         would take them back from readers: {}; nothing was switched and generation {to} is kept. See them with \
+        "generation {to} of {projection} dead-lettered {count} record(s) that the serving generation {from} applied, so switching \
+         would take them back from readers: {}{}; nothing was switched and generation {to} is kept. See them with \
          `courseview dlq list`; fix the cause (a lower --max-record-bytes, a stricter decoder) and replay anew with \
          `courseview rebuild {projection} --restart`, or run the rebuild again with --accept-dead-letters to switch to it",
-        .letters.len(),
-        .letters.join(", ")
+        .letters.join(", "),
+        if *.count > .letters.len() { format!(" and {} more", .count - .letters.len()) } else { String::new() }
     )]
     DeadLettered {
         projection: &'static str,
         from: u32,
         to: u32,
+        /// How many; `letters` names the first few.
+        count: usize,
         letters: Vec<String>,
     },
 }
@@ -242,7 +244,7 @@ impl Mode {
             }
             Mode::BlueGreen => {
                 if restart {
-                    if let Some(left) = store.abandon_rebuild(name).await? {
+                    if let Some(left) = store.abandon_rebuild(name, RESTART_LEASE).await? {
                         sink.phase(&format!(
                             "dropped generation {left}, which a stopped rebuild left (--restart)"
                         ));
@@ -663,6 +665,10 @@ impl Run<'_> {
     }
 }
 
+/// How recently a rebuild must have reported progress for `--restart` to
+/// take it as still running (it reports every half second).
+const RESTART_LEASE: Duration = Duration::from_secs(15);
+
 /// How many of the new generation's letters are compared with the serving
 /// one before a switch; past it the rebuild refuses (unless accepted), as
 /// it cannot tell that the rest lose nothing.
@@ -679,53 +685,67 @@ async fn check_dead_letters(
     if options.accept_dead_letters || from == to {
         return Ok(());
     }
-    let letters = dead_lettered_applied(store, model.name(), from, to).await?;
+    let mut letters = dead_lettered_applied(store, model.name(), from, to).await?;
     if letters.is_empty() {
         return Ok(());
     }
+    // Stopped: say so on the pointer, so `--restart` need not wait out the lease.
+    if let Err(e) = store.clear_rebuild_progress(model.name(), to).await {
+        warn!(error = %e, "Cannot clear the rebuild's progress.");
+    }
+    let count = letters.len();
+    letters.truncate(LETTERS_NAMED);
     Err(RebuildError::DeadLettered {
         projection: model.name(),
         from,
         to,
+        count,
         letters,
     })
 }
 
+/// How many of the records a refusal names (the count says the rest).
+const LETTERS_NAMED: usize = 20;
+
 /// Records generation `to` dead-lettered below the offsets generation
-/// `from` has stored, where `from` has no letter of its own (nor one from
-/// before letters carried their generation): `from` applied them.
+/// `from` has stored, where `from` has no letter of its own: `from`
+/// applied them. A letter from before letters carried their generation
+/// proves nothing either way, so it does not excuse one. A partition read
+/// under another topic id by each (a log reset the serving generation
+/// stopped at) is not compared: its stored offset is in a log that is gone.
 async fn dead_lettered_applied(store: &Store, name: &str, from: u32, to: u32) -> Result<Vec<String>, StoreError> {
     let letters = store.record_letters_of(name, to, LETTERS_COMPARED).await?;
     if letters.is_empty() {
         return Ok(Vec::new());
     }
     let serving = store.load_offsets(name, from).await?;
+    let (serving_ids, building_ids) = (
+        store.load_topic_ids(name, from).await?,
+        store.load_topic_ids(name, to).await?,
+    );
     let applied: Vec<&DeadLetter> = letters
         .iter()
         .filter(|l| {
-            serving
-                .get(&(l.topic.clone(), l.partition))
-                .is_some_and(|&stored| l.offset < stored)
+            let at = (l.topic.clone(), l.partition);
+            let same_log = match (serving_ids.get(&at), building_ids.get(&at)) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            same_log && serving.get(&at).is_some_and(|&stored| l.offset < stored)
         })
         .collect();
-    let theirs = |l: &DeadLetter| {
-        [
-            DeadLetter::record_id(name, from, &l.topic, l.partition, l.offset),
-            DeadLetter::unversioned_id(name, &l.topic, l.partition, l.offset),
-        ]
-    };
-    let ids: Vec<String> = applied.iter().flat_map(|l| theirs(l)).collect();
-    let found = if ids.is_empty() {
-        HashSet::new()
-    } else {
-        store.existing_dead_letters(&ids).await?
-    };
+    let theirs = |l: &DeadLetter| DeadLetter::record_id(name, from, &l.topic, l.partition, l.offset);
+    let mut found = HashSet::new();
+    for chunk in applied.chunks(1_000) {
+        let ids: Vec<String> = chunk.iter().map(|l| theirs(l)).collect();
+        found.extend(store.existing_dead_letters(&ids).await?);
+    }
     let mut lost: Vec<String> = applied
         .into_iter()
-        .filter(|l| !theirs(l).iter().any(|id| found.contains(id)))
+        .filter(|l| !found.contains(&theirs(l)))
         .map(|l| format!("{}/{} offset {} ({})", l.topic, l.partition, l.offset, l.error))
         .collect();
-    if letters.len() as i64 >= LETTERS_COMPARED {
+    if letters.len() as i64 >= LETTERS_COMPARED && !lost.is_empty() {
         lost.push(format!(
             "and possibly more (over {LETTERS_COMPARED} letters, not all compared)"
         ));

@@ -27,7 +27,8 @@ pub enum DlqCommand {
     List(DlqFilter),
     /// Print one dead letter whole (JSON), by id.
     Show {
-        /// The letter's id, as `list` prints it (projection/topic/partition/offset).
+        /// The letter's id, as `list` prints it (projection/g<generation>/topic/partition/offset;
+        /// projection/topic/partition/offset for a letter written before letters carried their generation).
         id: String,
     },
     /// Decode and apply dead letters again; those that now apply are removed.
@@ -105,6 +106,16 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                     );
                     continue;
                 }
+                let position = (
+                    letter.projection.clone(),
+                    letter.topic.clone(),
+                    letter.partition,
+                    letter.offset,
+                );
+                if replayed_positions.contains(&position) {
+                    // Another generation's letter of a record just replayed into every generation.
+                    continue;
+                }
                 let Some(record) = letter.to_record() else {
                     failing += 1;
                     eprintln!(
@@ -112,15 +123,18 @@ pub async fn run(global: Global, command: DlqCommand) -> anyhow::Result<()> {
                     );
                     continue;
                 };
-                let position = (letter.topic.clone(), letter.partition, letter.offset);
-                if replayed_positions.contains(&position) {
-                    // Another generation's letter of a record just replayed into every generation.
-                    continue;
-                }
                 match decode(&record) {
                     Ok(event) => {
                         let pointer = store.pointer(model.name()).await?;
-                        let mut settled = vec![id.clone()];
+                        let mut settled = vec![
+                            id.clone(),
+                            DeadLetter::unversioned_id(
+                                &letter.projection,
+                                &letter.topic,
+                                letter.partition,
+                                letter.offset,
+                            ),
+                        ];
                         for generation in std::iter::once(pointer.generation).chain(pointer.building) {
                             let applier = Applier::new(model, store.clone(), cache.clone(), generation);
                             applier.apply_events(std::slice::from_ref(&event)).await?;

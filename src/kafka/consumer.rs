@@ -148,6 +148,11 @@ pub enum Feed {
 /// How often an idle reader looks for positions that moved past markers.
 const ADVANCE_EVERY: Duration = Duration::from_millis(500);
 
+/// How often a reader compares the ids of the topics it reads with the
+/// cluster's (a re-created topic keeps its name, and librdkafka its
+/// position in it).
+const IDENTITY_EVERY: Duration = Duration::from_secs(5);
+
 /// Why the reader thread stopped. Each calls for something different from
 /// the worker: nothing (it asked), or a fresh consumer (assignment failed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +243,10 @@ struct AssignContext {
     /// librdkafka's words for the last error that is not about reaching
     /// the cluster (a fetch error's poll result carries only its code).
     last_reason: Arc<std::sync::Mutex<Option<String>>>,
+    /// The topic ids the assigned partitions are read under: librdkafka
+    /// goes on fetching at the same position when a topic is re-created
+    /// under a running consumer, so the reader compares them now and then.
+    reading: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 impl ClientContext for AssignContext {
@@ -280,6 +289,9 @@ impl ConsumerContext for AssignContext {
                     Ok(identities) => identities,
                     Err(e) => return self.refuse(consumer, "Cannot check the topics' identity", e),
                 };
+                if let Ok(mut reading) = self.reading.lock() {
+                    reading.clone_from(&identities.now);
+                }
                 let mut assigned = TopicPartitionList::new();
                 for elem in tpl.elements() {
                     let (topic, partition) = (elem.topic(), elem.partition());
@@ -349,7 +361,7 @@ impl AssignContext {
         if let (Some(_), Identity { now: Some(now), stored }) = (start, identity) {
             if stored != Some(now) {
                 self.patiently("record the topic's id", || {
-                    self.offsets.record_topic_id(topic, partition, now)
+                    self.offsets.record_topic_id(topic, partition, stored, now)
                 })?;
             }
         }
@@ -479,6 +491,7 @@ pub struct Consumer {
     starts: Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>,
     last_reason: Arc<std::sync::Mutex<Option<String>>>,
     stuck: Arc<StuckBoard>,
+    reading: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -497,6 +510,7 @@ impl Consumer {
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let starts = Arc::default();
         let last_reason = Arc::default();
+        let reading = Arc::default();
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
@@ -508,6 +522,7 @@ impl Consumer {
             assigned: Arc::clone(&assigned),
             starts: Arc::clone(&starts),
             last_reason: Arc::clone(&last_reason),
+            reading: Arc::clone(&reading),
         };
         let mut config = settings.brokers.config();
         config
@@ -567,6 +582,7 @@ impl Consumer {
             starts,
             last_reason,
             stuck: Arc::clone(&settings.stuck),
+            reading,
         })
     }
 
@@ -591,12 +607,14 @@ impl Consumer {
         let failed = Arc::clone(&self.failed);
         let (starts, board) = (Arc::clone(&self.starts), Arc::clone(&self.stuck));
         let last_reason = Arc::clone(&self.last_reason);
+        let reading = Arc::clone(&self.reading);
         let group = self.group.clone();
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
             .spawn(move || {
                 let mut advanced: HashMap<(String, i32), i64> = HashMap::new();
                 let mut last_check = std::time::Instant::now();
+                let mut last_identity = std::time::Instant::now();
                 let mut watch = StuckWatch::default();
                 let exit = loop {
                     if cancel.is_cancelled() {
@@ -625,6 +643,14 @@ impl Consumer {
                             if let Ok(mut said) = last_reason.lock() {
                                 *said = None;
                             }
+                        }
+                    }
+                    if last_identity.elapsed() >= IDENTITY_EVERY {
+                        last_identity = std::time::Instant::now();
+                        if let Some(reason) = recreated(&consumer, &reading) {
+                            // As a position out of the log: the worker rejoins,
+                            // and the assignment records the log reset.
+                            break ReaderExit::OffsetOutOfRange(reason);
                         }
                     }
                     let polled = consumer.poll(Duration::from_millis(100));
@@ -730,6 +756,32 @@ impl Consumer {
 }
 
 /// librdkafka's fatal error, if it has raised one: the client is unusable.
+/// Which topic being read was deleted and re-created since its partitions
+/// were assigned, said as a reason; `None` when none (or the cluster could
+/// not be asked: the next round asks again).
+fn recreated(
+    consumer: &BaseConsumer<AssignContext>,
+    reading: &std::sync::Mutex<HashMap<String, String>>,
+) -> Option<String> {
+    let reading = reading.lock().ok()?.clone();
+    if reading.is_empty() {
+        return None;
+    }
+    let topics: Vec<&str> = reading.keys().map(String::as_str).collect();
+    let now = match super::topic_id::topic_ids(consumer.client(), &topics, Duration::from_secs(2)) {
+        Ok(now) => now,
+        Err(e) => {
+            debug!(error = %e, "Cannot compare the topics' ids; asking again later.");
+            return None;
+        }
+    };
+    reading.iter().find_map(|(topic, old)| {
+        now.get(topic)
+            .filter(|new| *new != old)
+            .map(|new| format!("topic {topic} was deleted and re-created while being read (topic id {old}, now {new})"))
+    })
+}
+
 fn fatal_error(consumer: &BaseConsumer<AssignContext>) -> Option<String> {
     consumer
         .client()

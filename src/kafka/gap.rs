@@ -21,8 +21,16 @@ pub trait OffsetSource: Send + Sync + 'static {
         Ok(HashMap::new())
     }
 
-    /// Records the id of the topic a partition is read from now.
-    fn record_topic_id(&self, _topic: &str, _partition: i32, _id: &str) -> Result<(), OffsetsUnavailable> {
+    /// Records the id of the topic a partition is read from now, if the
+    /// id stored is still `previous` (a stale owner of the partition must
+    /// not put back an old id after the new owner recorded the new one).
+    fn record_topic_id(
+        &self,
+        _topic: &str,
+        _partition: i32,
+        _previous: Option<&str>,
+        _id: &str,
+    ) -> Result<(), OffsetsUnavailable> {
         Ok(())
     }
 }

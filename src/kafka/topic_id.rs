@@ -71,6 +71,10 @@ pub fn topic_ids<C: ClientContext>(
         let mut ids = HashMap::new();
         for i in 0..count {
             let description = *described.add(i);
+            // librdkafka leaves a hole for a topic the broker left out.
+            if description.is_null() {
+                continue;
+            }
             let name = text(rd::rd_kafka_TopicDescription_name(description));
             let error = rd::rd_kafka_TopicDescription_error(description);
             if !error.is_null() && rd::rd_kafka_error_code(error) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
@@ -87,7 +91,11 @@ pub fn topic_ids<C: ClientContext>(
             {
                 continue;
             }
-            ids.insert(name, text(rd::rd_kafka_Uuid_base64str(id)));
+            // Null (its allocation failed) reads as empty: unknown, not an id.
+            let id = text(rd::rd_kafka_Uuid_base64str(id));
+            if !id.is_empty() {
+                ids.insert(name, id);
+            }
         }
         Ok(ids)
     }

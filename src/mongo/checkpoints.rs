@@ -101,29 +101,39 @@ impl Store {
         Ok(ids)
     }
 
-    /// Records the topic id a partition of this generation is read under.
+    /// Records the topic id a partition of this generation is read under,
+    /// if the one stored is still `previous` (none: only if none is).
     #[instrument(skip_all, fields(projection, generation, topic, partition))]
     pub async fn record_topic_id(
         &self,
         projection: &str,
         generation: u32,
-        topic: &str,
-        partition: i32,
+        (topic, partition): (&str, i32),
+        previous: Option<&str>,
         id: &str,
     ) -> Result<()> {
-        self.docs(TOPIC_IDS)
-            .update_one(
-                doc! {"_id": Self::checkpoint_id(projection, generation, topic, partition)},
-                doc! {"$set": {
-                    "projection": projection,
-                    "generation": i64::from(generation),
-                    "topic": topic,
-                    "partition": i64::from(partition),
-                    "topicId": id,
-                }},
-            )
-            .upsert(true)
-            .await?;
+        let _id = Self::checkpoint_id(projection, generation, topic, partition);
+        let ids = self.docs(TOPIC_IDS);
+        match previous {
+            Some(previous) => {
+                ids.update_one(doc! {"_id": &_id, "topicId": previous}, doc! {"$set": {"topicId": id}})
+                    .await?;
+            }
+            None => {
+                ids.update_one(
+                    doc! {"_id": &_id},
+                    doc! {"$setOnInsert": {
+                        "projection": projection,
+                        "generation": i64::from(generation),
+                        "topic": topic,
+                        "partition": i64::from(partition),
+                        "topicId": id,
+                    }},
+                )
+                .upsert(true)
+                .await?;
+            }
+        }
         Ok(())
     }
 }

@@ -139,12 +139,28 @@ impl Store {
 
     /// Drops the generation a stopped rebuild left and clears it from the
     /// pointer, so the next rebuild replays anew; returns it, if any.
+    /// Refused while that rebuild reported progress within `lease` (it may
+    /// still be running: its worker would recreate what was dropped).
     #[instrument(skip_all, fields(projection))]
-    pub async fn abandon_rebuild(&self, projection: &str) -> Result<Option<u32>> {
+    pub async fn abandon_rebuild(&self, projection: &str, lease: Duration) -> Result<Option<u32>> {
         let current = self.pointer(projection).await?;
         let Some(building) = current.building else {
             return Ok(None);
         };
+        let now = chrono::Utc::now().timestamp_millis();
+        if let Some(progress) = current.rebuild.as_ref().filter(|p| p.generation == building) {
+            let age = now - progress.updated_at;
+            if age < i64::try_from(lease.as_millis()).unwrap_or(i64::MAX) {
+                return Err(StoreError::Failed(format!(
+                    "the rebuild of {projection} into generation {building} reported progress {:.1}s ago and may still be running; stop it first (or wait {}s)",
+                    age as f64 / 1000.0,
+                    lease.as_secs()
+                )));
+            }
+        }
+        // Dropped first: a crash before the pointer is cleared leaves an
+        // empty generation that a plain rerun replays from offset 0.
+        self.drop_generation(projection, building).await?;
         let reply = self
             .docs(POINTERS)
             .update_one(
@@ -157,8 +173,18 @@ impl Store {
                 "the rebuild of {projection} into generation {building} moved on meanwhile (another rebuild is running?)"
             )));
         }
-        self.drop_generation(projection, building).await?;
         Ok(Some(building))
+    }
+
+    /// Clears the progress a rebuild of `generation` published (it stopped).
+    pub async fn clear_rebuild_progress(&self, projection: &str, generation: u32) -> Result<()> {
+        self.docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection, "rebuild.generation": i64::from(generation)},
+                doc! {"$set": {"rebuild": Bson::Null}},
+            )
+            .await?;
+        Ok(())
     }
 
     /// Publishes rebuild progress for `/projections` and `courseview status`.
@@ -216,16 +242,16 @@ impl Store {
         Ok(reply.modified_count == 1)
     }
 
-    /// Drops a generation's collection, checkpoints and dead letters (what
-    /// it could not apply is its own: a generation that replaced it keeps
-    /// letters of its own for what it could not apply either).
+    /// Drops a generation's collection, checkpoints and topic ids. Its dead
+    /// letters stay: one may be the only copy left of a record retention
+    /// has since removed from the log (`dlq replay` applies it to whatever
+    /// generations serve and build then).
     #[instrument(skip_all, fields(projection, generation))]
     pub async fn drop_generation(&self, projection: &str, generation: u32) -> Result<()> {
         self.docs(&Self::collection_name(projection, generation)).drop().await?;
         let of_generation = doc! {"projection": projection, "generation": i64::from(generation)};
         self.docs(CHECKPOINTS).delete_many(of_generation.clone()).await?;
-        self.docs(TOPIC_IDS).delete_many(of_generation.clone()).await?;
-        self.docs(DEAD_LETTERS).delete_many(of_generation).await?;
+        self.docs(TOPIC_IDS).delete_many(of_generation).await?;
         Ok(())
     }
 

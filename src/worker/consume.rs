@@ -49,10 +49,16 @@ impl OffsetSource for StoredOffsets {
         self.block_on(self.store.load_topic_ids(self.projection, self.generation))
     }
 
-    fn record_topic_id(&self, topic: &str, partition: i32, id: &str) -> Result<(), OffsetsUnavailable> {
+    fn record_topic_id(
+        &self,
+        topic: &str,
+        partition: i32,
+        previous: Option<&str>,
+        id: &str,
+    ) -> Result<(), OffsetsUnavailable> {
         self.block_on(
             self.store
-                .record_topic_id(self.projection, self.generation, topic, partition, id),
+                .record_topic_id(self.projection, self.generation, (topic, partition), previous, id),
         )
     }
 }

@@ -561,3 +561,58 @@ async fn a_topic_re_created_and_refilled_past_the_stored_offset_is_a_log_reset_b
     .await;
     drop(going_on);
 }
+
+/// librdkafka keeps a running consumer's position when its topic is
+/// deleted and re-created, and fetches on from there once the new log is
+/// long enough: the reader compares topic ids now and then, and a change
+/// rejoins the group, where the log reset is found and recorded. The
+/// worker is frozen (SIGSTOP, shorter than its session) while the topic is
+/// re-created and refilled, so its consumer meets the new log only once it
+/// is already past the old position.
+#[tokio::test]
+async fn a_topic_re_created_and_refilled_under_a_running_worker_is_a_log_reset() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("CourseUpdatedEvent");
+    let renamed = |version: i64, name: &str| -> Vec<Value> {
+        (0..10)
+            .map(|i| {
+                event(
+                    "CourseUpdatedEvent",
+                    &format!("u{i}"),
+                    version,
+                    json!({"name": format!("{name} {i}")}),
+                )
+            })
+            .collect()
+    };
+    let worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_SESSION_TIMEOUT", "30s")]);
+    app.publish_all(&courses("u", "CourseCreatedEvent", 1, 0..10)).await;
+    app.publish_all(&courses("u", "CoursePostedEvent", 2, 0..10)).await;
+    app.publish_all(&renamed(3, "old")).await;
+    app.publish_all(&renamed(4, "old")).await;
+    app.wait_applied(ReadModel::Catalog, 40).await;
+    let before = stored(&app, &topic).await;
+
+    crate::helpers::signal(&worker, "STOP");
+    recreate(&app, &topic).await;
+    for version in 5..17 {
+        app.publish_all(&renamed(version, "new")).await;
+    }
+    crate::helpers::signal(&worker, "CONT");
+    let status = eventually("the log reset to be reported", Duration::from_secs(60), || async {
+        let s = app.probe.projection(ReadModel::Catalog).await.ok()?;
+        let resets = s
+            .gaps
+            .iter()
+            .filter(|g| g.topic == topic && g.kind == GapKind::LogReset)
+            .count();
+        (s.state == State::Gap && resets >= 1).then_some(s)
+    })
+    .await;
+    assert!(
+        status.gaps.iter().all(|g| g.topic == topic),
+        "only the re-created topic: {:?} (stored before: {before:?})",
+        status.gaps
+    );
+    drop(worker);
+}
