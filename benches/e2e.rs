@@ -901,42 +901,53 @@ async fn main() {
     let produce_rate = preload(&env, &producer, &records).await;
     eprintln!("e2e: preloaded at {produce_rate:.0} events/s");
 
-    let consume_rate = tokio::task::spawn_blocking({
-        let env = Env {
-            binary: env.binary.clone(),
-            prefix: env.prefix.clone(),
-            brokers: env.brokers.clone(),
-            mongodb_uri: String::new(),
-            redis_url: String::new(),
-            database: String::new(),
-        };
-        move || raw_consume(&env, n)
-    })
-    .await
-    .expect("raw consume");
-    eprintln!("e2e: raw consume {consume_rate:.0} events/s");
-    let upsert_rate = raw_upserts(&env.mongodb_uri, &format!("{}_raw", env.database), n).await;
-    eprintln!("e2e: raw bulk upsert {upsert_rate:.0} docs/s");
-
+    let project_only = args.iter().any(|a| a == "--project-only");
     let store = Store::connect(&env.mongodb_uri, &env.database, Duration::from_secs(5))
         .await
         .expect("store");
-    let own_rate = own_document_writes(&store, &corpus[..n.min(corpus.len())]).await;
-    eprintln!("e2e: the worker's own documents, written alone {own_rate:.0} docs/s");
-    // A rate, so a sample of the records does (the whole 1 M would take minutes).
-    let (sink_bare, sink_indexed) = sink_shape_writes(
-        &env.mongodb_uri,
-        &format!("{}_raw", env.database),
-        &records[..n.min(100_000)],
-    )
-    .await;
-    eprintln!("e2e: the sink's write shape alone: {sink_bare:.0} docs/s bare, {sink_indexed:.0} docs/s with the catalog's indexes");
+    let (consume_rate, upsert_rate, own_rate, (sink_bare, sink_indexed)) = if project_only {
+        (f64::NAN, f64::NAN, f64::NAN, (f64::NAN, f64::NAN))
+    } else {
+        let consume_rate = tokio::task::spawn_blocking({
+            let env = Env {
+                binary: env.binary.clone(),
+                prefix: env.prefix.clone(),
+                brokers: env.brokers.clone(),
+                mongodb_uri: String::new(),
+                redis_url: String::new(),
+                database: String::new(),
+            };
+            move || raw_consume(&env, n)
+        })
+        .await
+        .expect("raw consume");
+        eprintln!("e2e: raw consume {consume_rate:.0} events/s");
+        let upsert_rate = raw_upserts(&env.mongodb_uri, &format!("{}_raw", env.database), n).await;
+        eprintln!("e2e: raw bulk upsert {upsert_rate:.0} docs/s");
+
+        let own_rate = own_document_writes(&store, &corpus[..n.min(corpus.len())]).await;
+        eprintln!("e2e: the worker's own documents, written alone {own_rate:.0} docs/s");
+        // A rate, so a sample of the records does (the whole 1 M would take minutes).
+        let (sink_bare, sink_indexed) = sink_shape_writes(
+            &env.mongodb_uri,
+            &format!("{}_raw", env.database),
+            &records[..n.min(100_000)],
+        )
+        .await;
+        eprintln!("e2e: the sink's write shape alone: {sink_bare:.0} docs/s bare, {sink_indexed:.0} docs/s with the catalog's indexes");
+        (consume_rate, upsert_rate, own_rate, (sink_bare, sink_indexed))
+    };
     let worker = env.courseview(&["project", "catalog"], &[]);
     let (took, worker_rss) = wait_caught_up(&store, 1, n as i64, worker.0.id()).await;
     let worker_cpu = cpu_seconds(worker.0.id()).unwrap_or(f64::NAN);
     let project_rate = n as f64 / took.as_secs_f64();
     let project_docs = documents_per_event(&store).await;
     eprintln!("e2e: project {project_rate:.0} events/s ({project_docs:.2} documents written per event), peak RSS {worker_rss:.1} MiB");
+    if project_only {
+        // A quick look at row 2 alone (tuning the worker); no table written.
+        stop(worker);
+        return;
+    }
 
     // The tool users would pick instead, on the same records and servers.
     let mut sinks = Vec::new();

@@ -247,7 +247,13 @@ struct AssignContext {
     /// goes on fetching at the same position when a topic is re-created
     /// under a running consumer, so the reader compares them now and then.
     reading: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// A client of its own that asks for topic ids: asked on the consumer's
+    /// own handle, the answer's metadata would be taken for the consumer's.
+    describer: Arc<Describer>,
 }
+
+/// The admin client that describes topics for a consumer.
+type Describer = rdkafka::admin::AdminClient<super::report::Reporting>;
 
 impl ClientContext for AssignContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -285,7 +291,7 @@ impl ConsumerContext for AssignContext {
                     Ok(map) => map,
                     Err(e) => return self.refuse(consumer, "Cannot load stored offsets", e),
                 };
-                let identities = match self.identities(consumer, tpl) {
+                let identities = match self.identities(tpl) {
                     Ok(identities) => identities,
                     Err(e) => return self.refuse(consumer, "Cannot check the topics' identity", e),
                 };
@@ -370,12 +376,12 @@ impl AssignContext {
 
     /// The topics' ids now and as stored with the offsets, for the
     /// partitions being assigned.
-    fn identities(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Result<Identities, String> {
+    fn identities(&self, tpl: &TopicPartitionList) -> Result<Identities, String> {
         let elements = tpl.elements();
         let mut topics: Vec<&str> = elements.iter().map(|e| e.topic()).collect();
         topics.sort_unstable();
         topics.dedup();
-        let now = super::topic_id::topic_ids(consumer.client(), &topics, Duration::from_secs(5))
+        let now = super::topic_id::topic_ids(self.describer.inner(), &topics, Duration::from_secs(5))
             .map_err(|e| format!("topic ids of {}: {e}", topics.join(", ")))?;
         let stored = self.patiently("load stored topic ids", || self.offsets.stored_topic_ids())?;
         Ok(Identities { now, stored })
@@ -492,6 +498,8 @@ pub struct Consumer {
     last_reason: Arc<std::sync::Mutex<Option<String>>>,
     stuck: Arc<StuckBoard>,
     reading: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    backlog: Arc<std::sync::atomic::AtomicI64>,
+    describer: Arc<Describer>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -511,6 +519,12 @@ impl Consumer {
         let starts = Arc::default();
         let last_reason = Arc::default();
         let reading = Arc::default();
+        let describer: Arc<Describer> = Arc::new(
+            settings
+                .brokers
+                .finish(&mut settings.brokers.config())
+                .create_with_context(super::report::Reporting(settings.brokers.report()))?,
+        );
         let context = AssignContext {
             group: settings.group_id.clone(),
             offsets,
@@ -523,6 +537,7 @@ impl Consumer {
             starts: Arc::clone(&starts),
             last_reason: Arc::clone(&last_reason),
             reading: Arc::clone(&reading),
+            describer: Arc::clone(&describer),
         };
         let mut config = settings.brokers.config();
         config
@@ -583,6 +598,8 @@ impl Consumer {
             last_reason,
             stuck: Arc::clone(&settings.stuck),
             reading,
+            backlog: Arc::default(),
+            describer,
         })
     }
 
@@ -593,6 +610,12 @@ impl Consumer {
     /// the rebalance handler there, which must not run on an async thread.
     /// Whether the group has assigned this consumer its partitions (at
     /// their stored offsets) and not revoked them since.
+    /// Records in the log not yet handed over, over the assigned partitions
+    /// (measured every half second by the reader): how far behind it is.
+    pub fn backlog(&self) -> Arc<std::sync::atomic::AtomicI64> {
+        Arc::clone(&self.backlog)
+    }
+
     pub fn assigned(&self) -> Arc<std::sync::atomic::AtomicBool> {
         Arc::clone(&self.assigned)
     }
@@ -608,6 +631,8 @@ impl Consumer {
         let (starts, board) = (Arc::clone(&self.starts), Arc::clone(&self.stuck));
         let last_reason = Arc::clone(&self.last_reason);
         let reading = Arc::clone(&self.reading);
+        let backlog = Arc::clone(&self.backlog);
+        let describer = Arc::clone(&self.describer);
         let group = self.group.clone();
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
@@ -630,7 +655,9 @@ impl Consumer {
                     // ahead of what was sent. (After a poll it could be.)
                     if last_check.elapsed() >= ADVANCE_EVERY {
                         last_check = std::time::Instant::now();
-                        let moved = positions_moved(&consumer, &mut advanced);
+                        let positions = consumer.position().unwrap_or_default();
+                        backlog.store(log_backlog(&consumer, &positions), std::sync::atomic::Ordering::Relaxed);
+                        let moved = positions_moved(&positions, &mut advanced);
                         if moved.into_iter().any(|feed| tx.blocking_send(feed).is_err()) {
                             break ReaderExit::ReceiverGone;
                         }
@@ -647,7 +674,7 @@ impl Consumer {
                     }
                     if last_identity.elapsed() >= IDENTITY_EVERY {
                         last_identity = std::time::Instant::now();
-                        if let Some(reason) = recreated(&consumer, &reading) {
+                        if let Some(reason) = recreated(&describer, &reading) {
                             // As a position out of the log: the worker rejoins,
                             // and the assignment records the log reset.
                             break ReaderExit::OffsetOutOfRange(reason);
@@ -759,16 +786,13 @@ impl Consumer {
 /// Which topic being read was deleted and re-created since its partitions
 /// were assigned, said as a reason; `None` when none (or the cluster could
 /// not be asked: the next round asks again).
-fn recreated(
-    consumer: &BaseConsumer<AssignContext>,
-    reading: &std::sync::Mutex<HashMap<String, String>>,
-) -> Option<String> {
+fn recreated(describer: &Describer, reading: &std::sync::Mutex<HashMap<String, String>>) -> Option<String> {
     let reading = reading.lock().ok()?.clone();
     if reading.is_empty() {
         return None;
     }
     let topics: Vec<&str> = reading.keys().map(String::as_str).collect();
-    let now = match super::topic_id::topic_ids(consumer.client(), &topics, Duration::from_secs(2)) {
+    let now = match super::topic_id::topic_ids(describer.inner(), &topics, Duration::from_secs(2)) {
         Ok(now) => now,
         Err(e) => {
             debug!(error = %e, "Cannot compare the topics' ids; asking again later.");
@@ -817,10 +841,7 @@ fn report_stuck(group: &str, board: &StuckBoard, stuck: Vec<StuckPartition>) {
 /// Partitions whose consumer position is past the last offset handed over
 /// (or last reported): librdkafka advances it over transaction markers
 /// without delivering anything, and only the position tells.
-fn positions_moved(consumer: &BaseConsumer<AssignContext>, advanced: &mut HashMap<(String, i32), i64>) -> Vec<Feed> {
-    let Ok(positions) = consumer.position() else {
-        return Vec::new();
-    };
+fn positions_moved(positions: &TopicPartitionList, advanced: &mut HashMap<(String, i32), i64>) -> Vec<Feed> {
     let mut moved = Vec::new();
     for elem in positions.elements() {
         let Offset::Offset(next) = elem.offset() else {
@@ -840,6 +861,43 @@ fn positions_moved(consumer: &BaseConsumer<AssignContext>, advanced: &mut HashMa
         }
     }
     moved
+}
+
+/// Records in the log not yet handed to the worker, over the assigned
+/// partitions: each one's high watermark as its last fetch saw it (no
+/// request) less its position.
+fn log_backlog(consumer: &BaseConsumer<AssignContext>, positions: &TopicPartitionList) -> i64 {
+    positions
+        .elements()
+        .iter()
+        .filter_map(|elem| {
+            let Offset::Offset(next) = elem.offset() else {
+                return None;
+            };
+            let high = cached_high_watermark(consumer, elem.topic(), elem.partition())?;
+            Some((high - next).max(0))
+        })
+        .sum()
+}
+
+/// The high watermark librdkafka last saw for a partition, without asking
+/// the broker (rdkafka wraps only the asking kind).
+#[allow(unsafe_code)]
+fn cached_high_watermark(consumer: &BaseConsumer<AssignContext>, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; librdkafka
+    // only reads `topic` and writes the two integers before returning.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// `^regex` subscribes by pattern; anything else is a list of names.

@@ -11,6 +11,10 @@ use super::*;
 /// How many times a batch retries revision conflicts before backing off.
 const MAX_CONFLICT_ROUNDS: usize = 16;
 
+/// Courses written per round: a fold's documents are built and sent this
+/// many at a time.
+const WRITE_SLICE: usize = 2_000;
+
 /// What a batch did, for logs and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -190,23 +194,28 @@ impl Applier {
             return Ok(0);
         }
         self.announce_write().await?;
-        let pending: Vec<String> = folded.keys().cloned().collect();
-        let (mut written, mut pending) = self.first_round(folded, &pending).await?;
-        for _ in 1..MAX_CONFLICT_ROUNDS {
-            if pending.is_empty() {
-                break;
+        let courses: Vec<String> = folded.keys().cloned().collect();
+        let mut written = 0;
+        // A slice at a time: a large fold's documents are never all
+        // encoded at once.
+        for slice in courses.chunks(WRITE_SLICE) {
+            let (done, mut pending) = self.first_round(folded, slice).await?;
+            written += done;
+            for _ in 1..MAX_CONFLICT_ROUNDS {
+                if pending.is_empty() {
+                    break;
+                }
+                // Later rounds load every course not in memory.
+                let round = self.round(folded, &pending, Missing::Load).await?;
+                written += round.written;
+                pending = round.conflicts.0;
             }
-            // Later rounds load every course not in memory.
-            let round = self.round(folded, &pending, Missing::Load).await?;
-            written += round.written;
-            pending = round.conflicts.0;
+            if !pending.is_empty() {
+                // Contention this persistent is transient by nature: retry the batch.
+                return Err(BatchError::Store(StoreError::Contended(pending.len())));
+            }
         }
-        if pending.is_empty() {
-            Ok(written)
-        } else {
-            // Contention this persistent is transient by nature: retry the batch.
-            Err(BatchError::Store(StoreError::Contended(pending.len())))
-        }
+        Ok(written)
     }
 
     /// Readers bypass the cache from now until this batch's bump. A write

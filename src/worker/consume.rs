@@ -96,6 +96,7 @@ pub async fn run_generation(
         let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
         let assigned = consumer.assigned();
+        let backlog = consumer.backlog();
         let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
         info!(group = %settings.kafka.group_id, "Projector started.");
 
@@ -123,6 +124,22 @@ pub async fn run_generation(
                     biased;
                     () = cancel.cancelled() => break Ok(GenerationEnd::Cancelled),
                     r = rx.recv() => r,
+                    // Nothing arrives while a fold waits: it is written once
+                    // the worker has caught up or its interval is over, not
+                    // only when the next batch comes (none may).
+                    () = tokio::time::sleep(FOLD_CHECK), if !fold.is_empty() => {
+                        let behind = backlog.load(std::sync::atomic::Ordering::Relaxed) >= settings.batch_size as i64;
+                        let why = settings.fold.judge(&fold, behind, false);
+                        if why != Flush::Not {
+                            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why).await {
+                                Ok(Some(true)) => epoch_pending = !applier.bump_cache().await,
+                                Ok(Some(false)) => {}
+                                Ok(None) => break Ok(GenerationEnd::Abandoned),
+                                Err(e) => break Err(e.into()),
+                            }
+                        }
+                        continue;
+                    }
                     // Idle tick: retry a cache invalidation Redis refused earlier.
                     () = tokio::time::sleep(Duration::from_millis(200)), if epoch_pending => {
                         epoch_pending = !applier.bump_cache().await;
@@ -165,7 +182,9 @@ pub async fn run_generation(
             // Folded, the records are done with: the fold counts what it keeps.
             applier.fold_in(&mut fold, &batch, &advanced);
             budget.release(bytes);
-            let why = settings.fold.judge(&fold, !rx.is_empty(), cancel.is_cancelled());
+            // Behind: more than a batch still waits in the log.
+            let behind = backlog.load(std::sync::atomic::Ordering::Relaxed) >= settings.batch_size as i64;
+            let why = settings.fold.judge(&fold, behind, cancel.is_cancelled());
             if why == Flush::Not {
                 continue;
             }
@@ -223,6 +242,9 @@ pub async fn run_generation(
     .instrument(span)
     .await
 }
+
+/// How often an idle worker holding a fold looks whether to write it.
+const FOLD_CHECK: Duration = Duration::from_millis(50);
 
 /// Writes the fold (retrying what is transient, until the shutdown
 /// deadline) and stores its offsets in the group too, leaving it empty.

@@ -136,7 +136,7 @@ impl Default for FoldLimits {
 /// Why a fold is written now, or that it is not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flush {
-    /// Nothing more is queued: the worker is caught up.
+    /// No more than a batch waits in the log: the worker is caught up.
     CaughtUp,
     Interval,
     Bytes,
@@ -147,10 +147,10 @@ pub enum Flush {
 }
 
 impl FoldLimits {
-    pub fn judge(&self, fold: &Fold, more_queued: bool, stopping: bool) -> Flush {
+    pub fn judge(&self, fold: &Fold, behind: bool, stopping: bool) -> Flush {
         if stopping {
             Flush::Stopping
-        } else if !more_queued {
+        } else if !behind {
             Flush::CaughtUp
         } else if fold.bytes() >= self.bytes {
             Flush::Bytes

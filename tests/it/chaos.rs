@@ -1715,3 +1715,35 @@ async fn chaos_in_place_rebuild_asked_under_a_live_worker_then_run_with_it_stopp
     );
     judge(&app, row, worker::DEFAULT_MAX_RECORD_BYTES, started).await;
 }
+
+/// A worker folding a long backlog (written every 3 s, or when it has
+/// caught up) SIGKILLed at random instants, inside folds and between
+/// them: a fold stores no offset before its states are written, so each
+/// restart folds the same records again from the offsets stored before.
+#[tokio::test]
+async fn chaos_sigkill_during_a_long_fold() {
+    let (scale, started) = (Scale::from_env(), Instant::now());
+    let app = TestApp::spawn().await;
+    let mut records = mixed_corpus(&app, "f", scale.courses, 41);
+    records.extend(garbage(&app, records.len() / 50));
+    // All of it first: every worker starts behind and folds.
+    produce(&app, &records, None).await;
+    let env = [
+        ("COURSEVIEW_FOLD_INTERVAL", "3s"),
+        ("COURSEVIEW_FOLD_BYTES", "67108864"),
+        ("COURSEVIEW_BATCH_SIZE", "200"),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+    for _ in 0..scale.kills {
+        let worker = app.worker_process(ReadModel::Catalog, &env);
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1_000..6_000))).await;
+        drop(worker); // SIGKILL
+    }
+    let last = app.worker_process(ReadModel::Catalog, &env);
+    let row = Row::new(
+        "SIGKILL of a worker folding a backlog (flush every 3 s or when caught up), at random instants",
+        records.len(),
+        format!("{} × SIGKILL", scale.kills),
+    );
+    settle_and_judge(&app, last, row, started).await;
+}
