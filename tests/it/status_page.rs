@@ -74,6 +74,11 @@ async fn the_status_page_shows_state_lag_partitions_and_a_running_rebuild_in_a_b
     let mut settings = app.worker_settings(ReadModel::Catalog);
     settings.batch_size = 1;
     settings.batch_linger = Duration::ZERO;
+    // And no folding: each record written on its own.
+    settings.fold = courseview::worker::FoldLimits {
+        interval: Duration::ZERO,
+        bytes: 0,
+    };
     let options = RebuildOptions {
         allow_partial_history: false,
         workers_stopped: false,
