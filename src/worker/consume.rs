@@ -2,6 +2,7 @@
 //! assignment, and the batch loop that feeds the applier.
 
 use super::*;
+use std::ops::ControlFlow;
 
 /// Reads stored offsets from MongoDB on the Kafka reader thread.
 struct StoredOffsets {
@@ -132,10 +133,8 @@ pub async fn run_generation(
                         let why = settings.fold.judge(&fold, behind, false);
                         if why != Flush::Not {
                             match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why).await {
-                                Ok(Some(true)) => epoch_pending = !applier.bump_cache().await,
-                                Ok(Some(false)) => {}
-                                Ok(None) => break Ok(GenerationEnd::Abandoned),
-                                Err(e) => break Err(e.into()),
+                                ControlFlow::Continue(told) => epoch_pending = told.pending(epoch_pending),
+                                ControlFlow::Break(end) => break end,
                             }
                         }
                         continue;
@@ -189,13 +188,8 @@ pub async fn run_generation(
                 continue;
             }
             match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why).await {
-                Ok(Some(changed)) => {
-                    if changed {
-                        epoch_pending = !applier.bump_cache().await;
-                    }
-                }
-                Ok(None) => break Ok(GenerationEnd::Abandoned),
-                Err(e) => break Err(e.into()),
+                ControlFlow::Continue(told) => epoch_pending = told.pending(epoch_pending),
+                ControlFlow::Break(end) => break end,
             }
         };
         // What was folded when the loop ended is written too (a handover
@@ -212,13 +206,8 @@ pub async fn run_generation(
                 )
                 .await
                 {
-                    Ok(Some(true)) => {
-                        applier.bump_cache().await;
-                        Ok(end)
-                    }
-                    Ok(Some(false)) => Ok(end),
-                    Ok(None) => Ok(GenerationEnd::Abandoned),
-                    Err(e) => Err(e.into()),
+                    ControlFlow::Continue(_) => Ok(end),
+                    ControlFlow::Break(end) => end,
                 }
             }
             other => other,
@@ -246,10 +235,31 @@ pub async fn run_generation(
 /// How often an idle worker holding a fold looks whether to write it.
 const FOLD_CHECK: Duration = Duration::from_millis(50);
 
+/// Whether the cache heard of a flush's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    /// No document changed: there was nothing to tell.
+    NothingChanged,
+    Yes,
+    /// Redis refused: it is told again when the worker is idle.
+    Refused,
+}
+
+impl Told {
+    /// Whether a cache invalidation is still owed, given whether one was.
+    fn pending(self, before: bool) -> bool {
+        match self {
+            Self::NothingChanged => before,
+            Self::Yes => false,
+            Self::Refused => true,
+        }
+    }
+}
+
 /// Writes the fold (retrying what is transient, until the shutdown
-/// deadline) and stores its offsets in the group too, leaving it empty.
-/// `Some(changed)`: written, and whether documents changed (the cache
-/// must then be told); `None`: the deadline passed, nothing stored.
+/// deadline), stores its offsets in the group too and tells the cache,
+/// leaving the fold empty. `Break` ends the generation: the deadline
+/// passed with nothing stored, or the write failed for good.
 async fn flush(
     applier: &Applier,
     fold: &mut Fold,
@@ -257,18 +267,22 @@ async fn flush(
     hard: &CancellationToken,
     max_backoff: Duration,
     why: Flush,
-) -> Result<Option<bool>, BatchError> {
+) -> ControlFlow<Result<GenerationEnd, WorkerError>, Told> {
     let held: &Fold = fold;
     let outcome = tokio::select! {
-        r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r?,
-        () = hard.cancelled() => None,
+        r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r,
+        () = hard.cancelled() => Ok(None),
     };
-    let Some(outcome) = outcome else {
-        warn!(
-            records = fold.records(),
-            "Shutdown deadline passed; batch abandoned, its offsets not stored."
-        );
-        return Ok(None);
+    let outcome = match outcome {
+        Ok(Some(outcome)) => outcome,
+        Ok(None) => {
+            warn!(
+                records = fold.records(),
+                "Shutdown deadline passed; batch abandoned, its offsets not stored."
+            );
+            return ControlFlow::Break(Ok(GenerationEnd::Abandoned));
+        }
+        Err(e) => return ControlFlow::Break(Err(e.into())),
     };
     consumer.commit(&outcome.offsets);
     debug!(
@@ -279,10 +293,15 @@ async fn flush(
         written = outcome.documents_written,
         "Batch committed."
     );
-    // A fold of position advances only changed no document.
-    let changed = outcome.applied + outcome.dead_letters > 0;
     *fold = Fold::default();
-    Ok(Some(changed))
+    // A fold of position advances only changed no document.
+    if outcome.applied + outcome.dead_letters == 0 {
+        ControlFlow::Continue(Told::NothingChanged)
+    } else if applier.bump_cache().await {
+        ControlFlow::Continue(Told::Yes)
+    } else {
+        ControlFlow::Continue(Told::Refused)
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -1682,15 +1682,7 @@ async fn chaos_in_place_rebuild_asked_under_a_live_worker_then_run_with_it_stopp
     };
     futures::join!(producing, asking);
     let stalled = settle(&app, worker).await;
-    eventually("the worker gone from the registry", Duration::from_secs(30), || async {
-        app.store
-            .live_workers(Some("catalog"))
-            .await
-            .ok()?
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    app.no_live_workers(ReadModel::Catalog).await;
     let mut options = quick_rebuild();
     options.mode = courseview::rebuild::Mode::InPlace;
     let replayed = rebuild(

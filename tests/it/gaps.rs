@@ -351,21 +351,7 @@ async fn a_topic_re_created_below_the_stored_offset_is_a_log_reset_and_continue_
     // continue: the checkpoint goes back to the new log's start (the one
     // explicit rewind), and the new log's events are applied.
     let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
-    eventually(
-        "the new log's events to be applied",
-        Duration::from_secs(30),
-        || async {
-            let mut renamed = 0;
-            for i in 0..2 {
-                let (_, body) = app.get_json(&format!("/catalog/courses/z{i}")).await;
-                if body["name"] == format!("new {i}") {
-                    renamed += 1;
-                }
-            }
-            (renamed == 2).then_some(())
-        },
-    )
-    .await;
+    served_renamed(&app, "z", 2).await;
     let now = stored(&app, &topic).await;
     for p in &reset {
         assert_eq!(
@@ -544,21 +530,7 @@ async fn a_topic_re_created_and_refilled_past_the_stored_offset_is_a_log_reset_b
 
     // continue: the new log is read from its start.
     let going_on = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_ON_GAP", "continue")]);
-    eventually(
-        "the new log applied from its start",
-        Duration::from_secs(30),
-        || async {
-            let mut renamed = 0;
-            for i in 0..10 {
-                let (_, body) = app.get_json(&format!("/catalog/courses/r{i}")).await;
-                if body["name"] == format!("new {i}") {
-                    renamed += 1;
-                }
-            }
-            (renamed == 10).then_some(())
-        },
-    )
-    .await;
+    served_renamed(&app, "r", 10).await;
     drop(going_on);
 }
 
@@ -615,4 +587,23 @@ async fn a_topic_re_created_and_refilled_under_a_running_worker_is_a_log_reset()
         status.gaps
     );
     drop(worker);
+}
+
+/// Waits until courses `<prefix>0..n` are served under the names the new
+/// log gave them ("new <i>").
+async fn served_renamed(app: &TestApp, prefix: &str, n: usize) {
+    eventually(
+        "the new log's events to be applied",
+        Duration::from_secs(30),
+        || async {
+            for i in 0..n {
+                let (_, body) = app.get_json(&format!("/catalog/courses/{prefix}{i}")).await;
+                if body["name"] != format!("new {i}") {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
 }

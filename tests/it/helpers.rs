@@ -364,6 +364,20 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Waits until no live worker of `model` is registered (a stopped
+    /// worker's entry leaves the registry, by goodbye or by expiry).
+    pub async fn no_live_workers(&self, model: ReadModel) {
+        eventually("the worker gone from the registry", Duration::from_secs(30), || async {
+            self.store
+                .live_workers(Some(model.name()))
+                .await
+                .ok()?
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+    }
+
     /// The catalog read model, as a comparable value.
     pub async fn dump(&self, model: ReadModel) -> Vec<bson::Document> {
         let generation = self.store.serving_generation(model.name()).await.expect("generation");

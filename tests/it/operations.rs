@@ -527,15 +527,7 @@ async fn an_in_place_rebuild_is_refused_while_a_live_worker_is_registered_naming
 
     // Stopped, it runs (its entry leaves the registry on a graceful stop).
     crate::helpers::signal(&worker, "TERM");
-    eventually("the worker gone from the registry", Duration::from_secs(30), || async {
-        app.store
-            .live_workers(Some("catalog"))
-            .await
-            .ok()?
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    app.no_live_workers(ReadModel::Catalog).await;
     let report = rebuild_to_end(&app, &quick(true), &mut Recorder::default()).await;
     assert_eq!(report.events, events.len() as i64, "every event replayed");
     assert_eq!(app.dump(ReadModel::Catalog).await, before);
