@@ -3,6 +3,7 @@
 //!
 //! - [`event`]: decoded course events and their total order ([`Stamp`]).
 //! - [`state`]: [`CourseState`], the convergent per-course state.
+//! - [`packed`]: [`PackedState`], the compact form a state is stored in.
 //! - [`catalog`], [`teacher_courses`]: the read models' views of that state.
 //!
 //! No I/O lives here, so every guarantee about convergence is tested in
@@ -10,12 +11,14 @@
 
 pub mod catalog;
 pub mod event;
+pub mod packed;
 pub mod state;
 pub mod teacher_courses;
 pub mod time;
 
 pub use catalog::{Catalog, CatalogCourse};
 pub use event::{Changes, CourseEvent, Created, EventKind, Millis, Stamp, EVENT_TYPES};
+pub use packed::PackedState;
 pub use state::CourseState;
 pub use teacher_courses::{Status, TeacherCourse, TeacherCourses};
 

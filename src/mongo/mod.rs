@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawBson, RawDocumentBuf};
-use courseview_projections::CourseState;
+use courseview_projections::{CourseState, PackedState};
 use futures::TryStreamExt;
 use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::{ClientOptions, FindOptions, IndexOptions};

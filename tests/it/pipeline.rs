@@ -347,10 +347,11 @@ async fn a_replayed_dead_letter_lands_correctly_after_later_events_of_its_course
 }
 
 #[tokio::test]
-async fn states_stored_as_documents_by_earlier_releases_are_read_and_carried_on() {
-    // Earlier releases stored a course's state as an embedded document; it
-    // is now one encoded value. A read model written by an old release must
-    // carry on under the new one without a rebuild.
+async fn states_stored_in_the_forms_of_earlier_releases_are_read_and_carried_on() {
+    // Earlier releases stored a course's state as an embedded document,
+    // then as the plain state in JSON; it is now packed. A read model
+    // written by an old release must carry on under the new one without a
+    // rebuild.
     let (events, _, _) = scenario();
     let expected = run_to_completion(&TestApp::spawn().await, &events).await;
 
@@ -363,23 +364,39 @@ async fn states_stored_as_documents_by_earlier_releases_are_read_and_carried_on(
     for model in [ReadModel::Catalog, ReadModel::TeacherCourses] {
         let generation = app.store.serving_generation(model.name()).await.expect("generation");
         let name = Store::collection_name(model.name(), generation);
-        let mut written = std::collections::HashMap::new();
-        for doc in app.store.dump(&name).await.expect("dump") {
-            let encoded = doc.get_str("state").expect("state stored encoded");
-            let state: courseview_projections::CourseState = serde_json::from_str(encoded).expect("a state");
-            written.insert(state.course_id.clone(), state.clone());
-            let state = bson::to_document(&state).expect("as a document");
+        let ids: Vec<String> = app
+            .store
+            .dump(&name)
+            .await
+            .expect("dump")
+            .iter()
+            .map(|d| d.get_str("_id").expect("an id").to_owned())
+            .collect();
+        let written: std::collections::HashMap<_, _> = app
+            .store
+            .load_states(&name, &ids)
+            .await
+            .expect("states load")
+            .into_iter()
+            .map(|(id, s)| (id, s.state))
+            .collect();
+        assert_eq!(written.len(), ids.len(), "{name}: every stored state loads");
+        for (i, (id, state)) in written.iter().enumerate() {
+            let old: bson::Bson = if i % 2 == 0 {
+                bson::to_document(state).expect("as a document").into()
+            } else {
+                serde_json::to_string(state).expect("as JSON").into()
+            };
             db.collection::<bson::Document>(&name)
                 .update_one(
-                    bson::doc! {"_id": doc.get("_id").cloned()},
-                    bson::doc! {"$set": {"state": state}},
+                    bson::doc! {"_id": id},
+                    bson::doc! {"$set": {"state": old}, "$unset": {"st": ""}},
                 )
                 .await
                 .expect("rewritten the old way");
             rewritten += 1;
         }
         // Read back exactly, not merely well enough for the answers below.
-        let ids: Vec<String> = written.keys().cloned().collect();
         let loaded = app.store.load_states(&name, &ids).await.expect("old states load");
         let loaded: std::collections::HashMap<_, _> = loaded.into_iter().map(|(id, s)| (id, s.state)).collect();
         assert_eq!(loaded, written, "{name}: old-form states read back as written");
