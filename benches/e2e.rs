@@ -30,6 +30,9 @@ mod common;
 
 const PARTITIONS: i32 = 3;
 
+/// The MongoDB server the tables name unless BENCH_PEER says another.
+const DEFAULT_PEER: &str = "nx-27017";
+
 struct Env {
     prefix: String,
     brokers: String,
@@ -40,6 +43,11 @@ struct Env {
 }
 
 impl Env {
+    /// A sink run's own database.
+    fn sink_database(&self, tasks: u32, batch: u32) -> String {
+        format!("{}_sink_{tasks}_{batch}", self.database)
+    }
+
     fn topics(&self) -> Vec<String> {
         TYPES.iter().map(|t| format!("{}.{t}", self.prefix)).collect()
     }
@@ -431,8 +439,9 @@ fn committed(brokers: &str, group: &str, topics: &[String]) -> i64 {
 /// every record, then is deleted.
 async fn sink_connector(env: &Env, n: usize, tasks: u32, batch: u32) -> SinkRun {
     let name = format!("{}-sink-{tasks}-{batch}", env.prefix);
-    let database = format!("{}_sink", env.database);
-    let collection = format!("courses_{tasks}_{batch}");
+    // Each run its own fresh database, as `project`'s is.
+    let database = env.sink_database(tasks, batch);
+    let collection = "courses".to_owned();
     let config = serde_json::json!({
         "connector.class": "com.mongodb.kafka.connect.MongoSinkConnector",
         "tasks.max": tasks.to_string(),
@@ -511,11 +520,11 @@ async fn sink_connector(env: &Env, n: usize, tasks: u32, batch: u32) -> SinkRun 
 /// What the sink's collection says beside the reference catalog: how many
 /// courses it holds that the catalog does not list (unposted, deleted,
 /// never posted: the sink keeps the last record per key, whatever it says).
-async fn sink_beside_catalog(env: &Env, catalog: &str, collection: &str) -> (u64, u64, u64) {
+async fn sink_beside_catalog(env: &Env, catalog: &str, sink: &SinkRun) -> (u64, u64, u64) {
     let mongo = mongodb::Client::with_uri_str(&env.mongodb_uri).await.expect("client");
     let sink = mongo
-        .database(&format!("{}_sink", env.database))
-        .collection::<bson::Document>(collection);
+        .database(&env.sink_database(sink.tasks, sink.batch))
+        .collection::<bson::Document>("courses");
     let listed: std::collections::HashSet<String> = {
         let mut cursor = mongo
             .database(&env.database)
@@ -693,9 +702,15 @@ fn http_floor(body: bytes::Bytes, content_type: String) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-fn redis_benchmark_get() -> f64 {
+/// redis-benchmark's GET of values the size of the API's cached body, on
+/// keys its SET pass wrote first (`-r` draws both from one keyspace): a
+/// GET of a key never set answers a null, which is no work to compare.
+fn redis_benchmark_get(size: usize, keys: usize) -> f64 {
+    let (size, keys) = (size.to_string(), keys.to_string());
     let out = Command::new("redis-benchmark")
-        .args(["-t", "get", "-n", "200000", "-c", "32", "-q"])
+        .args([
+            "-t", "set,get", "-d", &size, "-r", &keys, "-n", "200000", "-c", "32", "-q",
+        ])
         .output()
         .expect("redis-benchmark (Debian redis-tools)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -841,6 +856,8 @@ async fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(if full { 1_000_000 } else { 200_000 });
     let out = flag("--out").unwrap_or_else(|| "docs/PERFORMANCE.md".into());
+    // Which MongoDB server MONGODB_URI names, for the table (scripts/bench --peer).
+    let peer = std::env::var("BENCH_PEER").unwrap_or_else(|_| DEFAULT_PEER.into());
     if std::env::var("COURSEVIEW_BENCH").is_err() {
         // A plain `cargo bench`: skip rather than need services and a release build.
         eprintln!("e2e: run through scripts/bench (needs the services and a release build)");
@@ -964,12 +981,7 @@ async fn main() {
         .max_by(|a, b| a.rate.total_cmp(&b.rate))
         .expect("a sink run");
     let connect_rss = connect_pid().and_then(peak_rss_mib).unwrap_or(f64::NAN);
-    let (sink_docs, listed, unlisted) = sink_beside_catalog(
-        &env,
-        &Store::collection_name("catalog", 1),
-        &format!("courses_{}_{}", best.tasks, best.batch),
-    )
-    .await;
+    let (sink_docs, listed, unlisted) = sink_beside_catalog(&env, &Store::collection_name("catalog", 1), best).await;
 
     // Rebuild while the live worker runs, as in production.
     let started = Instant::now();
@@ -1038,7 +1050,9 @@ async fn main() {
     // wait as `Retry-After` says after a 503; 4f's ignore it.
     let (polite, polite_refused) = flooded_load(&client, &base, &ids, true).await;
     let (flooded, refused) = flooded_load(&client, &base, &ids, false).await;
-    let floor_base = http_floor(sample.bytes().await.expect("body"), content_type);
+    let sample = sample.bytes().await.expect("body");
+    let body_bytes = sample.len();
+    let floor_base = http_floor(sample, content_type);
     let floor = load(&floor_base, &ids, 32, 5);
     let raw_ids: Vec<String> = ids
         .iter()
@@ -1055,7 +1069,7 @@ async fn main() {
     )
     .await;
     let api_rss = peak_rss_mib(api.0.id()).unwrap_or(f64::NAN);
-    let redis_get = redis_benchmark_get();
+    let redis_get = redis_benchmark_get(body_bytes, ids.len());
     eprintln!(
         "e2e: API by id {:.0} rps, list {:.0} rps, miss p99 {:.2} ms, redis GET {redis_get:.0} rps, failed requests {}",
         by_id.rps,
@@ -1076,7 +1090,7 @@ async fn main() {
     let cpu_ns = criterion_ns_per_event(common::corpus(1_000).len());
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     let mut table = String::new();
-    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`{}), MongoDB peer nx-27017, Apache Kafka {}, Redis 7.\n\n", machine(), if history { ", timestamps of a 1,000 events/s history" } else { ", `--no-history`: timestamps of the preload" }, std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "(version unknown)".into())));
+    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`{}), MongoDB peer {peer}, Apache Kafka {}, Redis 7.\n\n", machine(), if history { ", timestamps of a 1,000 events/s history" } else { ", `--no-history`: timestamps of the preload" }, std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "(version unknown)".into())));
     table.push_str(
         "| # | figure | measured | raw limit (same run) | ratio | target | |\n|---|---|---|---|---|---|---|\n",
     );
@@ -1114,11 +1128,12 @@ async fn main() {
         })
         .collect();
     table.push_str(&format!("| 7a | MongoDB Kafka sink connector {} (Connect {}), same records and MongoDB; best of tasks.max × max.batch.size ({}) | {:.0} records/s | `project catalog` {project_rate:.0} events/s (row 2) | project is {:.0} % of the sink | ≥ 100 % | {} |\n", std::env::var("MONGO_KAFKA_CONNECT_VERSION").unwrap_or_default(), std::env::var("KAFKA_VERSION").unwrap_or_default(), tried.join(", "), best.rate, project_rate / best.rate * 100.0, verdict(project_rate >= best.rate)));
+    table.push_str(&format!("| 7f | `rebuild catalog` from offset 0 to the switch, beside the same sink | {rebuild_rate:.0} events/s (row 3) | sink connector's best {:.0} records/s (row 7a) | rebuild is {:.0} % of the sink | ≥ 100 % | {} |\n", best.rate, rebuild_rate / best.rate * 100.0, verdict(rebuild_rate >= best.rate)));
     table.push_str(&format!("| 7b | CPU seconds per 1,000 records | worker {worker_per_k:.3} s | Connect JVM {sink_per_k:.3} s (its best run) | {:.0} % of Connect | ≤ 50 % | {} |\n", worker_per_k / sink_per_k * 100.0, verdict(worker_per_k <= sink_per_k * 0.5)));
     table.push_str(&format!("| 7c | peak RSS | worker {worker_rss:.1} MiB | Connect JVM {connect_rss:.1} MiB (heap capped at 768 MiB; all its connectors) | — | worker ≤ 64 MiB | {} |\n", verdict(worker_rss <= 64.0)));
     table.push_str(&format!("| 7d | what the sink's collection holds beside the catalog | {sink_docs} documents, one per key, each the course's last record as sent | catalog lists {listed} courses | {unlisted} sink documents are of courses the catalog does not list (unposted, deleted, never posted) | reported | |\n"));
     table.push_str(&format!("| 7e | the sink's write shape (each record replacing its key's document) by the driver alone, bare collection vs one with the catalog's four query indexes | {sink_bare:.0} docs/s bare, {sink_indexed:.0} docs/s indexed | the worker's own documents 2b: {own_rate:.0} docs/s (indexed) | the indexes take {:.0} % of the bare rate; 2b is {:.0} % of the indexed shape | locates row 7a's gap | |\n", (1.0 - sink_indexed / sink_bare) * 100.0, own_rate / sink_indexed * 100.0));
-    table.push_str(&format!("| 4a | cached `GET /catalog/courses/{{id}}`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 100 % | {} |\n", by_id.rps, by_id.p50_ms, by_id.p99_ms, r * 100.0, verdict(r >= 1.0)));
+    table.push_str(&format!("| 4a | cached `GET /catalog/courses/{{id}}`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET of {body_bytes}-byte values on {} set keys: {redis_get:.0} req/s | {:.0} % | ≥ 100 % | {} |\n", by_id.rps, by_id.p50_ms, by_id.p99_ms, ids.len(), r * 100.0, verdict(r >= 1.0)));
     let r = listing.rps / redis_get;
     table.push_str(&format!("| 4b | cached `GET /catalog/courses?limit=20`, 32 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | redis-benchmark GET {redis_get:.0} req/s | {:.0} % | ≥ 50 % | {} |\n", listing.rps, listing.p50_ms, listing.p99_ms, r * 100.0, verdict(r >= 0.5)));
     table.push_str(&format!("| 4c | cache-miss `GET /catalog/courses/{{id}}` (no Redis), 8 wrk connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | driver `find_one` alone, 8 tasks: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | p99 {:.1}× raw | — | |\n", miss.rps, miss.p50_ms, miss.p99_ms, raw_miss.rps, raw_miss.p50_ms, raw_miss.p99_ms, miss.p99_ms / raw_miss.p99_ms));
@@ -1141,7 +1156,11 @@ async fn main() {
     println!("{table}");
     let previous = std::fs::read_to_string(&out).unwrap_or_default();
     // One table per corpus size, so the document shows how cost grows.
-    let marker = format!("<!-- bench-table {} -->", size_label(events));
+    let marker = if peer == DEFAULT_PEER {
+        format!("<!-- bench-table {} -->", size_label(events))
+    } else {
+        format!("<!-- bench-table {} {peer} -->", size_label(events))
+    };
     let marker = marker.as_str();
     let doc = match previous.split_once(marker) {
         Some((head, tail)) => {
@@ -1155,7 +1174,9 @@ async fn main() {
 
     // The corpus is gigabytes at 1 M events: leave the peer as we found it.
     let client = mongodb::Client::with_uri_str(&env.mongodb_uri).await.expect("client");
-    for database in [env.database.clone(), format!("{}_raw", env.database)] {
+    let mut databases = vec![env.database.clone(), format!("{}_raw", env.database)];
+    databases.extend(sinks.iter().map(|r| env.sink_database(r.tasks, r.batch)));
+    for database in databases {
         if let Err(e) = client.database(&database).drop().await {
             eprintln!("e2e: could not drop {database}: {e}");
         }
