@@ -29,13 +29,13 @@
 //!   never reached Redis leaves memory no staler than Redis.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use super::notice::{TRUST, WRITE_LEASE};
+use super::read_through::Answer;
 
 /// Which changes an answer was stored after: the subscription's era and
 /// the scope's count of notices in it.
@@ -45,15 +45,70 @@ pub struct Stamp {
     seq: u64,
 }
 
+/// What this process knows of one scope's changes in the current era.
+/// A request reads it with atomics alone; notices (rare) take its lock.
 #[derive(Debug, Default)]
-struct Stamps {
+struct ScopeState {
+    /// Notices seen in this era.
+    seq: AtomicU64,
+    /// Until when (ms) some announced write may still be under way: the
+    /// latest lease of the writers in `known`, 0 with none.
+    writing_until: AtomicU64,
+    known: Mutex<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    /// The Redis epoch the current stamp goes with.
+    epoch: Option<String>,
+    /// Writes announced and not yet ended: writer → until (ms).
+    writing: HashMap<String, u64>,
+}
+
+impl ScopeState {
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        // Nothing here can panic while holding the lock; stay usable anyway.
+        self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn moved(&self) {
+        self.seq.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Recomputed under `known`'s lock, so two notices cannot interleave.
+    fn set_writing(&self, known: &Known) {
+        let until = known.writing.values().copied().max().unwrap_or(0);
+        self.writing_until.store(until, Ordering::Release);
+    }
+}
+
+/// The scopes of the current era. The era changes under the write lock,
+/// so a stamp's era and its scope's count are read together.
+#[derive(Debug, Default)]
+struct Scopes {
     era: u64,
-    /// Notices seen per scope in this era.
-    seqs: HashMap<String, u64>,
-    /// The Redis epoch each scope's current stamp goes with.
-    epochs: HashMap<String, String>,
-    /// Writes announced and not yet ended, per scope: writer → until (ms).
-    writing: HashMap<String, HashMap<String, u64>>,
+    scopes: HashMap<Box<str>, Arc<ScopeState>>,
+}
+
+/// An entry's key: its scope and the request within it. Looked up by
+/// [`KeyRef`], so a lookup allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    scope: Box<str>,
+    suffix: Box<str>,
+}
+
+/// Hashes as [`Key`] does (each `str` field in order).
+#[derive(Hash)]
+struct KeyRef<'a> {
+    scope: &'a str,
+    suffix: &'a str,
+}
+
+impl quick_cache::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *key.scope == *self.scope && *key.suffix == *self.suffix
+    }
 }
 
 /// Weighs an entry by its bytes, so the layer is bounded in memory.
@@ -62,11 +117,11 @@ struct EntryBytes;
 
 /// An answer, the stamp it was stored under, and until when it may be
 /// served (ms).
-type Entry = (Stamp, Bytes, u64);
+type Entry = (Stamp, Answer, u64);
 
-impl quick_cache::Weighter<String, Entry> for EntryBytes {
-    fn weight(&self, key: &String, value: &Entry) -> u64 {
-        (key.len() + value.1.len() + 64) as u64
+impl quick_cache::Weighter<Key, Entry> for EntryBytes {
+    fn weight(&self, key: &Key, value: &Entry) -> u64 {
+        (key.scope.len() + key.suffix.len() + value.1.body.len() + 96) as u64
     }
 }
 
@@ -75,11 +130,13 @@ pub struct LocalCache {
     /// False with no bytes to hold: the notices are still followed, for
     /// [`LocalCache::changes`], but nothing is stored or served.
     enabled: bool,
-    entries: quick_cache::sync::Cache<String, Entry, EntryBytes>,
+    entries: quick_cache::sync::Cache<Key, Entry, EntryBytes>,
     /// Counts epoch bumps heard and resubscriptions (which may have lost
     /// some): `minVersion` waits re-read MongoDB when it moves.
     changes: tokio::sync::watch::Sender<u64>,
-    stamps: Mutex<Stamps>,
+    /// Read by every request, written when a scope is first seen and on a
+    /// resubscription: readers never wait on one another.
+    scopes: RwLock<Scopes>,
     /// Oldest entry served (ms).
     max_age: u64,
     /// How long an announced write holds without its end (ms).
@@ -110,7 +167,7 @@ impl LocalCache {
                 max_bytes.max(1),
                 EntryBytes,
             ),
-            stamps: Mutex::new(Stamps::default()),
+            scopes: RwLock::default(),
             max_age: max_age.as_millis() as u64,
             lease: WRITE_LEASE.as_millis() as u64,
             trusted_until: AtomicU64::new(0),
@@ -121,9 +178,20 @@ impl LocalCache {
         })
     }
 
-    fn stamps(&self) -> std::sync::MutexGuard<'_, Stamps> {
-        // Nothing here can panic while holding the lock; stay usable anyway.
-        self.stamps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn read_scopes(&self) -> std::sync::RwLockReadGuard<'_, Scopes> {
+        self.scopes.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_scopes(&self) -> std::sync::RwLockWriteGuard<'_, Scopes> {
+        self.scopes.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The scope's state in this era, created on first sight.
+    fn scope(&self, scope: &str) -> Arc<ScopeState> {
+        if let Some(state) = self.read_scopes().scopes.get(scope) {
+            return Arc::clone(state);
+        }
+        Arc::clone(self.write_scopes().scopes.entry(scope.into()).or_default())
     }
 
     /// Now, on the clock fences are stamped with.
@@ -138,21 +206,13 @@ impl LocalCache {
             return None;
         }
         let now = self.now_ms();
-        let mut stamps = self.stamps();
-        if let Some(writers) = stamps.writing.get_mut(scope) {
-            writers.retain(|_, until| *until > now);
-            if !writers.is_empty() {
-                return None;
-            }
-        }
-        Some(Stamp {
-            era: stamps.era,
-            seq: stamps.seqs.get(scope).copied().unwrap_or(0),
-        })
-    }
-
-    fn key(scope: &str, suffix: &str) -> String {
-        format!("{scope}|{suffix}")
+        let scopes = self.read_scopes();
+        let seq = match scopes.scopes.get(scope) {
+            Some(state) if state.writing_until.load(Ordering::Acquire) > now => return None,
+            Some(state) => state.seq.load(Ordering::Acquire),
+            None => 0,
+        };
+        Some(Stamp { era: scopes.era, seq })
     }
 
     /// Whether every notice published until recently has been heard (a
@@ -167,82 +227,83 @@ impl LocalCache {
     }
 
     /// The answer stored for `suffix` under the scope's current stamp.
-    pub fn get(&self, scope: &str, suffix: &str, stamp: Stamp) -> Option<Bytes> {
-        let (stored, bytes, until) = self.entries.get(&Self::key(scope, suffix))?;
-        (stored == stamp && self.now_ms() < until).then_some(bytes)
+    pub fn get(&self, scope: &str, suffix: &str, stamp: Stamp) -> Option<Answer> {
+        let (stored, answer, until) = self.entries.get(&KeyRef { scope, suffix })?;
+        (stored == stamp && self.now_ms() < until).then_some(answer)
     }
 
     /// Stores an answer that was current when `stamp` was taken, for `left`
     /// (what remains of the Redis entry it copies) or the layer's max age,
     /// whichever is shorter. A notice that arrived since has moved the
     /// scope's stamp, so the entry is never served.
-    pub fn insert(&self, scope: &str, suffix: &str, stamp: Stamp, bytes: Bytes, left: Duration) {
+    pub fn insert(&self, scope: &str, suffix: &str, stamp: Stamp, answer: Answer, left: Duration) {
         let lives = (left.as_millis() as u64).min(self.max_age);
         if !self.enabled || lives == 0 {
             return;
         }
-        self.entries
-            .insert(Self::key(scope, suffix), (stamp, bytes, self.now_ms() + lives));
+        let key = Key {
+            scope: scope.into(),
+            suffix: suffix.into(),
+        };
+        self.entries.insert(key, (stamp, answer, self.now_ms() + lives));
     }
 
     /// Redis answered under `epoch`: if that is not the epoch the scope's
     /// stamp goes with, a change happened whose notice has not arrived yet,
     /// and the stamp moves now.
     pub fn observe_epoch(&self, scope: &str, epoch: &str) {
-        let mut stamps = self.stamps();
-        match stamps.epochs.get(scope) {
-            Some(known) if known == epoch => {}
+        let state = self.scope(scope);
+        let mut known = state.known();
+        match &known.epoch {
+            Some(seen) if seen == epoch => {}
             Some(_) => {
-                *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
-                stamps.epochs.insert(scope.to_owned(), epoch.to_owned());
+                state.moved();
+                known.epoch = Some(epoch.to_owned());
             }
             // First sight in this era: entries, if any, were stored under it.
-            None => {
-                stamps.epochs.insert(scope.to_owned(), epoch.to_owned());
-            }
+            None => known.epoch = Some(epoch.to_owned()),
         }
     }
 
     /// `writer` announced a write of the scope: nothing is served or
     /// stored for it until the write ends or its lease runs out.
     pub fn write_began(&self, scope: &str, writer: &str) {
-        let until = self.now_ms() + self.lease;
-        let mut stamps = self.stamps();
-        *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
-        stamps
-            .writing
-            .entry(scope.to_owned())
-            .or_default()
-            .insert(writer.to_owned(), until);
+        let now = self.now_ms();
+        let state = self.scope(scope);
+        let mut known = state.known();
+        // Ended by their leases: forgotten here, not on every request.
+        known.writing.retain(|_, until| *until > now);
+        known.writing.insert(writer.to_owned(), now + self.lease);
+        state.set_writing(&known);
+        state.moved();
     }
 
     /// The scope's epoch was bumped, ending `writer`'s write if named.
     pub fn bumped(&self, scope: &str, writer: Option<&str>) {
-        let mut stamps = self.stamps();
-        *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
-        stamps.epochs.remove(scope);
-        if let (Some(writer), Some(writers)) = (writer, stamps.writing.get_mut(scope)) {
-            writers.remove(writer);
+        let state = self.scope(scope);
+        let mut known = state.known();
+        known.epoch = None;
+        if let Some(writer) = writer {
+            known.writing.remove(writer);
+            state.set_writing(&known);
         }
-        drop(stamps);
+        state.moved();
+        drop(known);
         self.changes.send_modify(|n| *n += 1);
     }
 
     /// A worker began or ended a write of the scope (or a request learned
     /// of one from Redis): nothing stored before is served again.
     pub fn notice(&self, scope: &str) {
-        let mut stamps = self.stamps();
-        *stamps.seqs.entry(scope.to_owned()).or_insert(0) += 1;
+        self.scope(scope).moved();
     }
 
     /// The subscription was (re)established: notices may have been lost.
     pub fn new_era(&self) {
-        let mut stamps = self.stamps();
-        stamps.era += 1;
-        stamps.seqs.clear();
-        stamps.epochs.clear();
-        stamps.writing.clear();
-        drop(stamps);
+        let mut scopes = self.write_scopes();
+        scopes.era += 1;
+        scopes.scopes.clear();
+        drop(scopes);
         self.entries.clear();
         self.changes.send_modify(|n| *n += 1);
     }
@@ -268,8 +329,13 @@ impl LocalCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     const MINUTE: Duration = Duration::from_secs(60);
+
+    fn answer(body: &'static [u8]) -> Answer {
+        Answer::new(Bytes::from_static(body))
+    }
 
     fn fenced_cache() -> Arc<LocalCache> {
         let cache = LocalCache::new(1 << 20, Duration::from_secs(60));
@@ -289,8 +355,8 @@ mod tests {
     fn an_answer_stored_before_a_notice_is_never_served_after_it() {
         let cache = fenced_cache();
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "course:c1", stamp, Bytes::from_static(b"v1"), MINUTE);
-        assert_eq!(cache.get("s", "course:c1", stamp), Some(Bytes::from_static(b"v1")));
+        cache.insert("s", "course:c1", stamp, answer(b"v1"), MINUTE);
+        assert_eq!(cache.get("s", "course:c1", stamp), Some(answer(b"v1")));
         cache.notice("s");
         let now = cache.stamp("s").expect("trusted");
         assert_eq!(cache.get("s", "course:c1", now), None);
@@ -301,7 +367,7 @@ mod tests {
         let cache = fenced_cache();
         let before = cache.stamp("s").expect("trusted");
         cache.notice("s"); // arrives while the Redis call is in flight
-        cache.insert("s", "course:c1", before, Bytes::from_static(b"old"), MINUTE);
+        cache.insert("s", "course:c1", before, answer(b"old"), MINUTE);
         let now = cache.stamp("s").expect("trusted");
         assert_eq!(cache.get("s", "course:c1", now), None);
     }
@@ -310,11 +376,11 @@ mod tests {
     fn a_notice_for_one_scope_leaves_the_others_served() {
         let cache = fenced_cache();
         let a = cache.stamp("a").expect("trusted");
-        cache.insert("a", "k", a, Bytes::from_static(b"x"), MINUTE);
+        cache.insert("a", "k", a, answer(b"x"), MINUTE);
         cache.notice("b");
         assert_eq!(
             cache.get("a", "k", cache.stamp("a").expect("trusted")),
-            Some(Bytes::from_static(b"x"))
+            Some(answer(b"x"))
         );
     }
 
@@ -322,7 +388,7 @@ mod tests {
     fn a_resubscription_forgets_everything() {
         let cache = fenced_cache();
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "k", stamp, Bytes::from_static(b"x"), MINUTE);
+        cache.insert("s", "k", stamp, answer(b"x"), MINUTE);
         cache.new_era();
         let now = cache.stamp("s").expect("trusted");
         assert_ne!(now, stamp);
@@ -347,7 +413,7 @@ mod tests {
         let cache = fenced_cache();
         cache.observe_epoch("s", "e1");
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "page", stamp, Bytes::from_static(b"v57"), MINUTE);
+        cache.insert("s", "page", stamp, answer(b"v57"), MINUTE);
         cache.observe_epoch("s", "e1");
         assert_eq!(cache.stamp("s"), Some(stamp), "the same epoch changes nothing");
         // Another request's lookup shows the bump; its notice is late.
@@ -373,7 +439,7 @@ mod tests {
         let cache = LocalCache::new(1 << 20, Duration::ZERO);
         cache.fenced(cache.now_ms());
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "k", stamp, Bytes::from_static(b"x"), MINUTE);
+        cache.insert("s", "k", stamp, answer(b"x"), MINUTE);
         assert_eq!(cache.get("s", "k", stamp), None);
     }
 
@@ -381,8 +447,8 @@ mod tests {
     fn an_entry_lives_no_longer_than_what_was_left_of_its_redis_entry() {
         let cache = fenced_cache();
         let stamp = cache.stamp("s").expect("trusted");
-        cache.insert("s", "short", stamp, Bytes::from_static(b"x"), Duration::from_millis(30));
-        cache.insert("s", "gone", stamp, Bytes::from_static(b"y"), Duration::ZERO);
+        cache.insert("s", "short", stamp, answer(b"x"), Duration::from_millis(30));
+        cache.insert("s", "gone", stamp, answer(b"y"), Duration::ZERO);
         assert!(cache.get("s", "short", stamp).is_some());
         assert_eq!(cache.get("s", "gone", stamp), None);
         std::thread::sleep(Duration::from_millis(40));
@@ -411,7 +477,13 @@ mod tests {
         let stamp = cache.stamp("s");
         let stamp = stamp.unwrap_or(Stamp { era: 0, seq: 0 });
         for i in 0..1000 {
-            cache.insert("s", &format!("k{i}"), stamp, Bytes::from(vec![0u8; 1024]), MINUTE);
+            cache.insert(
+                "s",
+                &format!("k{i}"),
+                stamp,
+                Answer::new(Bytes::from(vec![0u8; 1024])),
+                MINUTE,
+            );
         }
         assert!(cache.weight() <= 64 * 1024, "held {} bytes", cache.weight());
     }

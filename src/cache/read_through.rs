@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::http::HeaderValue;
 use bytes::Bytes;
 
 use super::{Cache, LocalCache, Lookup, Put, Scope};
@@ -10,6 +11,25 @@ use crate::telemetry;
 
 /// An answer cached as absent (a 404), so hot misses stay cheap.
 const ABSENT: &[u8] = b"-";
+
+/// An answer and its ETag, the quoted XXH3 of its bytes: computed once
+/// when the answer is loaded or copied from Redis, not on every hit.
+/// (XXH3: stable across processes and releases, as an ETag shared by
+/// replicas must be.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub body: Bytes,
+    pub hash: u64,
+    pub etag: HeaderValue,
+}
+
+impl Answer {
+    pub fn new(body: Bytes) -> Self {
+        let hash = xxhash_rust::xxh3::xxh3_64(&body);
+        let etag = HeaderValue::from_str(&format!("\"{hash:016x}\"")).expect("quoted hex is a header value");
+        Answer { body, hash, etag }
+    }
+}
 
 /// The API's caches, either of which may be off.
 #[derive(Debug, Clone, Default)]
@@ -21,34 +41,34 @@ pub struct ReadThrough {
 impl ReadThrough {
     /// Serves an answer of `scope` from the caches, or from `load` and
     /// caches it. `None` from `load` (a 404) is cached too.
-    pub async fn get_or_load<F, Fut, E>(&self, scope: Scope<'_>, suffix: &str, load: F) -> Result<Option<Bytes>, E>
+    pub async fn get_or_load<F, Fut, E>(&self, scope: Scope<'_>, suffix: &str, load: F) -> Result<Option<Answer>, E>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Option<Vec<u8>>, E>>,
     {
-        let answer = |bytes: Bytes| (bytes != ABSENT).then_some(bytes);
+        let present = |answer: Answer| (answer.body != ABSENT).then_some(answer);
         let Some(cache) = &self.redis else {
-            return Ok(load().await?.map(Bytes::from));
+            return Ok(load().await?.map(|body| Answer::new(Bytes::from(body))));
         };
         let base = cache.base(scope);
         // Taken before Redis is asked, so a notice arriving meanwhile
         // keeps what Redis answers out of memory.
         let local = self.local.as_deref().and_then(|l| Some((l, l.stamp(&base)?)));
         if let Some((local, stamp)) = local {
-            if let Some(bytes) = local.get(&base, suffix, stamp) {
+            if let Some(answer) = local.get(&base, suffix, stamp) {
                 telemetry::cache_lookup("memory", true);
-                return Ok(answer(bytes));
+                return Ok(present(answer));
             }
             telemetry::cache_lookup("memory", false);
         }
         let epoch = match cache.get(scope, suffix).await {
             Lookup::Hit { epoch, bytes, left } => {
-                let bytes = Bytes::from(bytes);
+                let answer = Answer::new(Bytes::from(bytes));
                 if let Some((local, stamp)) = local {
                     local.observe_epoch(&base, &epoch);
-                    local.insert(&base, suffix, stamp, bytes.clone(), left);
+                    local.insert(&base, suffix, stamp, answer.clone(), left);
                 }
-                return Ok(answer(bytes));
+                return Ok(present(answer));
             }
             Lookup::Miss { epoch } => {
                 if let Some((local, _)) = local {
@@ -64,13 +84,14 @@ impl ReadThrough {
                 None
             }
         };
-        let loaded = load().await?.map(Bytes::from);
+        let loaded = load().await?.map(|body| Answer::new(Bytes::from(body)));
         if let Some(epoch) = epoch {
-            let bytes = loaded.clone().unwrap_or_else(|| Bytes::from_static(ABSENT));
+            let bytes = loaded.as_ref().map_or(Bytes::from_static(ABSENT), |a| a.body.clone());
             match cache.put(scope, &epoch, suffix, &bytes).await {
                 Put::Stored { left } => {
                     if let Some((local, stamp)) = local {
-                        local.insert(&base, suffix, stamp, bytes, left);
+                        let answer = loaded.clone().unwrap_or_else(|| Answer::new(bytes));
+                        local.insert(&base, suffix, stamp, answer, left);
                     }
                 }
                 // The store changed since the lookup (a write began or

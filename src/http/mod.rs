@@ -11,9 +11,8 @@ mod routes;
 mod snapshot;
 mod worker;
 
-use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -33,7 +32,7 @@ pub use worker::{serve_worker, worker_app, WorkerHealth};
 
 use respond::{json_response, GzipMemo, GZIP_MEMO_BYTES};
 
-use crate::cache::{Cache, LocalCache, ReadThrough, Scope};
+use crate::cache::{Answer, Cache, LocalCache, ReadThrough, Scope};
 use crate::mongo::{Store, StoreError};
 use crate::read_model::ReadModel;
 use crate::status::{ProjectionStatus, StatusProbe};
@@ -132,7 +131,7 @@ pub struct Shared {
     caches: ReadThrough,
     gzipped: Arc<GzipMemo>,
     settings: ApiSettings,
-    generations: Arc<Mutex<HashMap<ReadModel, (u32, Instant)>>>,
+    generations: Arc<RwLock<HashMap<ReadModel, (u32, Instant)>>>,
     /// Set while [`AppState::follow_pointers`] keeps `generations` fresh:
     /// requests then never read the pointer themselves.
     pointers_followed: Arc<std::sync::atomic::AtomicBool>,
@@ -239,7 +238,7 @@ impl AppState {
         } else {
             GENERATION_TTL
         };
-        if let Ok(known) = self.generations.lock() {
+        if let Ok(known) = self.generations.read() {
             if let Some((generation, at)) = known.get(&model) {
                 if at.elapsed() < trusted {
                     return Ok(*generation);
@@ -309,7 +308,7 @@ impl AppState {
     /// the read was sent: the pointer is at least that fresh, and no more,
     /// so the trust windows count from there.
     fn remember_generation(&self, model: ReadModel, read: u32, asked: Instant) -> u32 {
-        let Ok(mut known) = self.generations.lock() else {
+        let Ok(mut known) = self.generations.write() else {
             return read;
         };
         let entry = known.entry(model).or_insert((read, asked));
@@ -327,7 +326,7 @@ impl AppState {
         generation: u32,
         suffix: &str,
         load: F,
-    ) -> Result<Option<Bytes>, ApiError>
+    ) -> Result<Option<Answer>, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Option<Vec<u8>>, ApiError>>,
@@ -340,8 +339,8 @@ impl AppState {
     }
 
     /// A JSON 200 (or 304), compressed bodies memoized.
-    fn json(&self, request_headers: &HeaderMap, body: Bytes) -> Response {
-        json_response(request_headers, body, Some(&self.gzipped))
+    fn json(&self, request_headers: &HeaderMap, answer: Answer) -> Response {
+        json_response(request_headers, answer, Some(&self.gzipped))
     }
 
     /// An answer read from MongoDB outside the cache (`minVersion`) may be
@@ -359,16 +358,22 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     use utoipa::OpenApi as _;
     use utoipa_axum::router::OpenApiRouter;
     use utoipa_axum::routes;
-    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
-        .routes(routes!(routes::catalog_list))
-        .routes(routes!(routes::catalog_course))
-        .routes(routes!(routes::teacher_courses))
+    // The read models' JSON answers gzip themselves, from a memo
+    // (`respond`): the compression layer wraps only the other routes, and
+    // a cached answer does not pass through it.
+    let compressed = OpenApiRouter::new()
         .routes(routes!(routes::projections))
         .routes(routes!(routes::status_page))
         .routes(routes!(routes::healthz))
         .routes(routes!(routes::readyz))
         .routes(routes!(routes::metrics))
         .routes(routes!(routes::openapi))
+        .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))));
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(routes::catalog_list))
+        .routes(routes!(routes::catalog_course))
+        .routes(routes!(routes::teacher_courses))
+        .merge(compressed)
         .split_for_parts();
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
@@ -404,10 +409,7 @@ pub fn app(mut state: AppState) -> Router {
         Some(cors) => router.layer(cors).layer(middleware::from_fn(cors::only_preflights)),
         None => router,
     };
-    router
-        // Small bodies (a single course) cost more to gzip than they save.
-        .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))))
-        .layer(TraceLayer::new_for_http())
+    router.layer(TraceLayer::new_for_http())
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then drains requests.

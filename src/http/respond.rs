@@ -9,6 +9,8 @@
 
 use bytes::Bytes;
 
+use crate::cache::Answer;
+
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -102,16 +104,13 @@ impl std::fmt::Debug for GzipMemo {
 /// already holds it; gzipped (from `memo`, if given) when large and
 /// accepted. `no-cache`: clients may keep it but must revalidate, which
 /// the ETag makes cheap.
-pub(super) fn json_response(request_headers: &HeaderMap, body: Bytes, memo: Option<&GzipMemo>) -> Response {
-    // XXH3: stable across processes and releases, as an ETag shared by
-    // replicas must be, and fast: byte-wise FNV-1a over a list page (about
-    // 8 KiB) was a third of a cached list request's CPU (PERFORMANCE.md).
-    let hash = xxhash_rust::xxh3::xxh3_64(&body);
-    let etag = format!("\"{hash:016x}\"");
+pub(super) fn json_response(request_headers: &HeaderMap, answer: Answer, memo: Option<&GzipMemo>) -> Response {
+    let Answer { body, hash, etag } = answer;
+    let tag = etag.to_str().unwrap_or_default();
     let matches = request_headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
     let mut response = if matches {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -133,9 +132,7 @@ pub(super) fn json_response(request_headers: &HeaderMap, body: Bytes, memo: Opti
         r
     };
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, value);
-    }
+    headers.insert(header::ETAG, etag);
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }

@@ -6,10 +6,12 @@ use std::time::Duration;
 use axum::extract::{Path, RawQuery};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde_json::json;
 
 use super::params::{Cursor, Params, Sort};
 use super::{ApiError, AppState, AppStateExt, Expensive};
+use crate::cache::Answer;
 use crate::mongo::{ListQuery, Listing, Store};
 use crate::read_model::ReadModel;
 use crate::telemetry;
@@ -189,7 +191,8 @@ async fn list(
             ))
         })
         .await?
-        .unwrap_or_default();
+        // The loader always answers a page; nothing cached is absent.
+        .unwrap_or_else(|| Answer::new(Bytes::new()));
     Ok(state.json(headers, body))
 }
 
@@ -225,7 +228,7 @@ pub async fn catalog_course(
         let view = state.store.listed_view(&collection, &course_id).await?;
         state.forget_generation(model, generation);
         return match view {
-            Some(v) => Ok(state.json(&headers, serde_json::to_vec(&v).unwrap_or_default().into())),
+            Some(v) => Ok(state.json(&headers, Answer::new(serde_json::to_vec(&v).unwrap_or_default().into()))),
             None => Err(ApiError::NotFound(format!(
                 "course {course_id:?} is not in the catalog"
             ))),
