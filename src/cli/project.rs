@@ -215,27 +215,27 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
                 projection = model.name(),
                 "Worker stopped at the shutdown deadline; its unwritten batch will be read again on the next start."
             ),
-            Ok((model, Err(e @ worker::WorkerError::KafkaFatal(_)))) => {
-                // The client can do nothing more: end the process (non-zero)
-                // so its supervisor starts a fresh one.
-                error!(projection = model.name(), error = %e, "Fatal Kafka client error; the process exits so its supervisor restarts it.");
-                failed.push(model.name());
+            Ok((model, Err(e))) => {
+                // Nothing a worker gives up on gets better in this process
+                // (a fatal client error, a state no release can read, a
+                // server that keeps answering wrongly): the whole process
+                // ends non-zero so its supervisor restarts it, rather than
+                // run on, healthy to its probes, with one projection stopped.
+                error!(projection = model.name(), error = %e, "Worker cannot go on; the process exits so its supervisor restarts it.");
+                failed.push(format!("{} ({e})", model.name()));
                 shutdown.cancel();
             }
-            Ok((model, Err(e))) => {
-                error!(projection = model.name(), error = %e, "Worker failed; other projections go on.");
-                failed.push(model.name());
-            }
             Err(e) => {
-                error!(error = %e, "Worker task panicked.");
-                failed.push("unknown");
+                error!(error = %e, "Worker task panicked; the process exits.");
+                failed.push(format!("a worker task ({e})"));
+                shutdown.cancel();
             }
         }
     }
     shutdown.cancel();
     while services.join_next().await.is_some() {}
     if !failed.is_empty() {
-        bail!("projections failed: {}", failed.join(", "));
+        bail!("projections failed: {}", failed.join("; "));
     }
     Ok(())
 }

@@ -714,3 +714,45 @@ async fn a_course_presumed_new_but_written_by_another_worker_is_reloaded_and_not
         clean_replay(&[created, posted, renamed]).await
     );
 }
+
+/// A projection that cannot go on ends its whole process, non-zero and
+/// naming it, so a supervisor (Kubernetes) restarts it: `project --all`
+/// used to run on with the other projection while the failed one did
+/// nothing and the process stayed up. The failure is real: a state stored
+/// in bytes no release can read, which stops a worker rather than be
+/// skipped (its stamps make replays converge).
+#[tokio::test]
+async fn a_projection_that_cannot_go_on_ends_the_whole_process_non_zero_naming_it() {
+    let app = TestApp::spawn().await;
+    let collection = courseview::mongo::Store::collection_name(ReadModel::TeacherCourses.name(), 1);
+    mongodb::Client::with_uri_str(&app.mongodb_uri)
+        .await
+        .expect("client")
+        .database(app.store.database_name())
+        .collection::<bson::Document>(&collection)
+        .insert_one(bson::doc! {"_id": "u1", "st": "\u{1}not a state", "_rev": 1})
+        .await
+        .expect("unreadable state stored");
+    let mut process = app.process(&["project", "--all"], &[]);
+    let logs = log_lines(&mut process);
+    app.publish(&event(
+        "CourseCreatedEvent",
+        "u1",
+        1,
+        json!({"name": "A", "teacherId": "t1"}),
+    ))
+    .await;
+
+    let status = wait_exit(&mut process, Duration::from_secs(60)).await;
+    assert!(!status.success(), "{status:?}");
+    let named = logs.lock().expect("logs").iter().any(|l| {
+        l["level"] == "ERROR"
+            && l["projection"] == ReadModel::TeacherCourses.name()
+            && l["error"].as_str().is_some_and(|e| e.contains("state of \"u1\""))
+    });
+    assert!(
+        named,
+        "the failed projection and its cause are logged: {:?}",
+        logs.lock().expect("logs")
+    );
+}

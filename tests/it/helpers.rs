@@ -455,9 +455,15 @@ impl TestApp {
     /// A `courseview project <model>` process of this app with JSON logs on
     /// a pipe; `env` adds or overrides settings.
     pub fn worker_process(&self, model: ReadModel, env: &[(&str, &str)]) -> Reaped {
+        self.process(&["project", model.name()], env)
+    }
+
+    /// A `courseview <args>` process of this app (its Kafka, MongoDB,
+    /// Redis and worker settings) with JSON logs on a pipe.
+    pub fn process(&self, args: &[&str], env: &[(&str, &str)]) -> Reaped {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_courseview"));
         command
-            .args(["project", model.name()])
+            .args(args)
             .env("KAFKA_BROKERS", &self.brokers)
             .env("MONGODB_URI", &self.mongodb_uri)
             .env("MONGODB_DATABASE", self.store.database_name())
