@@ -8,6 +8,7 @@ mod auth;
 mod broker;
 mod cache;
 mod chaos;
+mod chart;
 mod cli;
 mod codecs;
 mod contract;

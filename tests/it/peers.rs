@@ -37,7 +37,7 @@ pub fn cache_dir() -> PathBuf {
     )
 }
 
-fn installed(relative: &str) -> PathBuf {
+pub fn installed(relative: &str) -> PathBuf {
     let binary = cache_dir().join(relative);
     assert!(
         binary.exists(),
