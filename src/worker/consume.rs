@@ -269,6 +269,7 @@ async fn flush(
     why: Flush,
 ) -> ControlFlow<Result<GenerationEnd, WorkerError>, Told> {
     let held: &Fold = fold;
+    let started = tokio::time::Instant::now();
     let outcome = tokio::select! {
         r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r,
         () = hard.cancelled() => Ok(None),
@@ -291,6 +292,8 @@ async fn flush(
         applied = outcome.applied,
         dead = outcome.dead_letters,
         written = outcome.documents_written,
+        age_ms = fold.age().as_millis() as u64,
+        write_ms = started.elapsed().as_millis() as u64,
         "Batch committed."
     );
     *fold = Fold::default();

@@ -48,7 +48,11 @@ pub fn installed(relative: &str) -> PathBuf {
 }
 
 fn wait_listening(port: u16, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    wait_listening_for(port, what, Duration::from_secs(30));
+}
+
+fn wait_listening_for(port: u16, what: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(std::time::Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(50));
@@ -655,7 +659,9 @@ impl PrivateConnect {
             .spawn()
             .expect("connect starts");
         self.process = Some(Reaped(child));
-        wait_listening(self.port, "kafka connect");
+        // A JVM that scans every plugin's jars: past 30 s on two busy cores
+        // (a cold run builds beside the suite).
+        wait_listening_for(self.port, "kafka connect", Duration::from_secs(120));
     }
 
     /// SIGKILL: offsets not yet flushed are lost, so records are sent again.
