@@ -189,7 +189,7 @@ impl Applier {
 
     /// Merges each course's folded state into its stored one and writes the
     /// changed ones; returns documents written.
-    async fn write_folded(&self, folded: &HashMap<String, CourseState>) -> Result<usize, BatchError> {
+    async fn write_folded(&self, folded: &HashMap<String, Box<CourseState>>) -> Result<usize, BatchError> {
         if folded.is_empty() {
             return Ok(0);
         }
@@ -242,7 +242,7 @@ impl Applier {
     /// refused ones come back as conflicts and are loaded next round.
     async fn first_round(
         &self,
-        folded: &HashMap<String, CourseState>,
+        folded: &HashMap<String, Box<CourseState>>,
         pending: &[String],
     ) -> Result<(usize, Vec<String>), BatchError> {
         let presume = self.states.presumes_absent();
@@ -256,7 +256,7 @@ impl Applier {
     /// writes the changed ones, revision-guarded.
     async fn round(
         &self,
-        folded: &HashMap<String, CourseState>,
+        folded: &HashMap<String, Box<CourseState>>,
         pending: &[String],
         missing: Missing,
     ) -> Result<Round, BatchError> {

@@ -15,8 +15,11 @@ use super::*;
 /// Events decoded and folded, not yet written.
 #[derive(Debug)]
 pub struct Fold {
-    /// Per course, the state its folded events give from empty.
-    pub(super) courses: HashMap<String, CourseState>,
+    /// Per course, the state its folded events give from empty. Boxed: the
+    /// table then holds a pointer per bucket, not a whole state, so its
+    /// spare capacity (up to half of it after it doubles) and the moment
+    /// it doubles (old and new tables both live) cost little.
+    pub(super) courses: HashMap<String, Box<CourseState>>,
     pub(super) dead: Vec<DeadLetter>,
     /// Next offset per partition once the fold is written.
     next: HashMap<(String, i32), i64>,
@@ -58,7 +61,7 @@ impl Fold {
                 None => self
                     .courses
                     .entry(event.course_id.clone())
-                    .or_insert_with(|| CourseState::new(event.course_id.as_str())),
+                    .or_insert_with(|| Box::new(CourseState::new(event.course_id.as_str()))),
             };
             state.apply(event);
             self.bytes += state_bytes(state) + event.course_id.len() + 32;
@@ -100,8 +103,11 @@ impl Fold {
         self.courses.is_empty() && self.dead.is_empty() && self.next.is_empty()
     }
 
+    /// Estimate of the heap it holds: the states, their ids and dead
+    /// letters, and the table of courses (a bucket per slot of capacity).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        const SLOT: usize = std::mem::size_of::<(String, Box<CourseState>)>() + 1;
+        self.bytes + self.courses.capacity() * SLOT
     }
 
     /// Since the first batch folded in.
@@ -220,5 +226,31 @@ mod tests {
             bytes: usize::MAX,
         };
         assert_eq!(quick.judge(&fold, true, false), Flush::Interval);
+    }
+
+    #[test]
+    fn the_memory_bound_counts_the_table_the_states_live_in() {
+        let mut fold = Fold::default();
+        let events: Vec<CourseEvent> = (0..5000)
+            .map(|i| CourseEvent {
+                event_id: format!("e{i}"),
+                course_id: format!("c{i}"),
+                version: Some(1),
+                occurred_at: 0,
+                kind: courseview_projections::EventKind::Posted,
+            })
+            .collect();
+        fold.add_events(&events);
+        // What the heap holds for the table alone: a slot per bucket (the
+        // key and whatever the map keeps for each state) and a control byte.
+        let (id, state) = fold.courses.iter().next().expect("a course");
+        let slot = std::mem::size_of_val(id) + std::mem::size_of_val(state);
+        let table = fold.courses.capacity() * (slot + 1);
+        let heap_of_states: usize = fold.courses.values().map(|s| state_bytes(s)).sum();
+        assert!(
+            fold.bytes() >= table + heap_of_states,
+            "estimate {} < table {table} + states {heap_of_states}",
+            fold.bytes()
+        );
     }
 }
