@@ -856,6 +856,28 @@ fn size_label(events: usize) -> String {
     }
 }
 
+/// The commit the figures come from, and whether the tree differed from it.
+fn code_version() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit)
+            if git(&["status", "--porcelain", "--", "src", "projections", "Cargo.lock"])
+                .is_some_and(|s| s.is_empty()) =>
+        {
+            format!("commit {commit}")
+        }
+        Some(commit) => format!("commit {commit} with uncommitted changes to the code"),
+        None => "commit unknown".into(),
+    }
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1155,7 +1177,7 @@ async fn main() {
     let cpu_ns = criterion_ns_per_event(common::corpus(1_000).len());
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     let mut table = String::new();
-    table.push_str(&format!("Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`{}), MongoDB peer {peer}, Apache Kafka {}, Redis 7.\n\n", machine(), if history { ", timestamps of a 1,000 events/s history" } else { ", `--no-history`: timestamps of the preload" }, std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "(version unknown)".into())));
+    table.push_str(&format!("Code: {}. Machine: {}. Corpus: {n} events over {courses} courses (`--events {n}`{}), MongoDB peer {peer}, Apache Kafka {}, Redis 7.\n\n", code_version(), machine(), if history { ", timestamps of a 1,000 events/s history" } else { ", `--no-history`: timestamps of the preload" }, std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "(version unknown)".into())));
     table.push_str(
         "| # | figure | measured | raw limit (same run) | ratio | target | |\n|---|---|---|---|---|---|---|\n",
     );
