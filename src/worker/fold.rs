@@ -203,22 +203,15 @@ mod tests {
         assert_eq!(limits.judge(&fold, false, false), Flush::CaughtUp);
         assert_eq!(limits.judge(&fold, true, false), Flush::Not);
         assert_eq!(limits.judge(&fold, true, true), Flush::Stopping);
-        let events: Vec<CourseEvent> = (0..20)
-            .map(|i| CourseEvent {
-                event_id: format!("e{i}"),
-                course_id: format!("c{i}"),
-                version: Some(1),
-                occurred_at: 0,
-                kind: courseview_projections::EventKind::Created(courseview_projections::Created {
-                    name: "a course".into(),
-                    thumbnail: None,
-                    description: None,
-                    teacher_id: "t".into(),
-                    registered_at: 0,
-                }),
+        fold.add_events(&one_event_each(20, || {
+            courseview_projections::EventKind::Created(courseview_projections::Created {
+                name: "a course".into(),
+                thumbnail: None,
+                description: None,
+                teacher_id: "t".into(),
+                registered_at: 0,
             })
-            .collect();
-        fold.add_events(&events);
+        }));
         assert_eq!(fold.courses.len(), 20);
         assert_eq!(limits.judge(&fold, true, false), Flush::Bytes, "{} bytes", fold.bytes());
         let quick = FoldLimits {
@@ -228,19 +221,23 @@ mod tests {
         assert_eq!(quick.judge(&fold, true, false), Flush::Interval);
     }
 
-    #[test]
-    fn the_memory_bound_counts_the_table_the_states_live_in() {
-        let mut fold = Fold::default();
-        let events: Vec<CourseEvent> = (0..5000)
+    /// One event of `kind` for each of `courses` distinct courses.
+    fn one_event_each(courses: usize, kind: impl Fn() -> courseview_projections::EventKind) -> Vec<CourseEvent> {
+        (0..courses)
             .map(|i| CourseEvent {
                 event_id: format!("e{i}"),
                 course_id: format!("c{i}"),
                 version: Some(1),
                 occurred_at: 0,
-                kind: courseview_projections::EventKind::Posted,
+                kind: kind(),
             })
-            .collect();
-        fold.add_events(&events);
+            .collect()
+    }
+
+    #[test]
+    fn the_memory_bound_counts_the_table_the_states_live_in() {
+        let mut fold = Fold::default();
+        fold.add_events(&one_event_each(5000, || courseview_projections::EventKind::Posted));
         // What the heap holds for the table alone: a slot per bucket (the
         // key and whatever the map keeps for each state) and a control byte.
         let (id, state) = fold.courses.iter().next().expect("a course");
