@@ -10,7 +10,10 @@ use courseview::{shutdown, telemetry};
 fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
     let cli = Cli::parse();
-    telemetry::init_tracing(cli.global.log_format);
+    // Traces are exported as the role that sends them: courseview-project,
+    // courseview-serve, …
+    let service = format!("courseview-{}", cli.command.name());
+    let _traces = telemetry::init_tracing(cli.global.log_format, &service)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

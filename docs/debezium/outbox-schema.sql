@@ -13,4 +13,8 @@ CREATE TABLE outbox (
   aggregateid VARCHAR(255) NOT NULL,
   type VARCHAR(255) NOT NULL,
   payload LONGTEXT NOT NULL,
-  timestamp DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6));
+  timestamp DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+  -- Debezium's outbox tracing column: the course service's trace context
+  -- as java.util.Properties text ("traceparent=00-…"); the connector places
+  -- it in a record header, where courseview's worker links its span to it.
+  tracingspancontext VARCHAR(512) NULL);

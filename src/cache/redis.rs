@@ -550,13 +550,13 @@ impl Cache {
     /// Under `maxmemory` with `noeviction` Redis refuses the `SET`; deleting
     /// the epoch is still allowed, and readers that find no epoch and cannot
     /// set one bypass the cache, so freshness holds even then.
-    #[instrument(skip_all, fields(projection = scope.projection))]
     pub async fn bump_epoch(&self, scope: Scope<'_>) -> bool {
         self.bump_epoch_for(scope, None).await
     }
 
     /// [`Cache::bump_epoch`], then ends `writer`'s write (in that order: the
     /// new epoch is in place before answers may be cached again).
+    #[instrument(name = "bump_epoch", skip_all, fields(projection = scope.projection))]
     pub async fn bump_epoch_for(&self, scope: Scope<'_>, writer: Option<&str>) -> bool {
         let base = self.base(scope);
         let key = format!("{base}:epoch");

@@ -52,6 +52,21 @@ pub enum Command {
     Token(token::TokenArgs),
 }
 
+impl Command {
+    /// The subcommand's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Project(_) => "project",
+            Command::Serve(_) => "serve",
+            Command::Dlq(_) => "dlq",
+            Command::Rebuild(_) => "rebuild",
+            Command::Status(_) => "status",
+            Command::Produce(_) => "produce",
+            Command::Token(_) => "token",
+        }
+    }
+}
+
 /// Connection settings every subcommand shares.
 #[derive(Debug, Clone, Args)]
 pub struct Global {

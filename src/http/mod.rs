@@ -409,7 +409,37 @@ pub fn app(mut state: AppState) -> Router {
         Some(cors) => router.layer(cors).layer(middleware::from_fn(cors::only_preflights)),
         None => router,
     };
-    router.layer(TraceLayer::new_for_http())
+    router.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(request_span)
+            .on_response(record_status),
+    )
+}
+
+/// The request's span: as tower-http's default (DEBUG, so off unless
+/// `RUST_LOG` asks) while traces are not exported; exported, a SERVER span
+/// continuing the caller's `traceparent`, named by its route in [`edge`].
+fn request_span(request: &Request) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !telemetry::traces::exporting() {
+        return tracing::debug_span!("request", method = %request.method(), uri = %request.uri(), version = ?request.version());
+    }
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %request.method(),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = request.uri().path(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    // A malformed traceparent starts a new trace (what W3C asks).
+    let _ = span.set_parent(telemetry::traces::http_context(request.headers()));
+    span
+}
+
+fn record_status(response: &Response, _latency: Duration, span: &tracing::Span) {
+    span.record("http.response.status_code", i64::from(response.status().as_u16()));
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then drains requests.
@@ -440,6 +470,16 @@ async fn edge(State(limit): State<Duration>, request: Request, next: Next) -> Re
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| routes::template(p.as_str()));
+    if telemetry::traces::exporting() {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let span = tracing::Span::current();
+        span.record("http.route", route);
+        // Started spans take a new name only through the API itself.
+        span.context()
+            .span()
+            .update_name(format!("{} {route}", request.method()));
+    }
     let response = if request.method() == Method::GET || request.method() == Method::HEAD {
         match tokio::time::timeout(limit, next.run(request)).await {
             Ok(response) => response,

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
+
+pub mod traces;
 
 // Metric names: stable (dashboards and alerts depend on them), documented
 // in the README, and held to docs/grafana/courseview.json by a test.
@@ -59,16 +61,44 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber (`RUST_LOG` filters, default info).
-pub fn init_tracing(format: LogFormat) {
+/// Installs the global tracing subscriber (`RUST_LOG` filters, default
+/// info), exporting spans over OTLP when the `OTEL_*` variables ask for it
+/// (as `service` unless `OTEL_SERVICE_NAME` names it). Keep the guard
+/// until the process ends: dropping it sends the spans still buffered.
+pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, traces::TraceSetupError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let provider = traces::exporter(service)?;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    let otel = provider.as_ref().map(traces::layer);
+    // `RUST_LOG` filters the logs only: traces have their own filter.
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Ok(TracingGuard { provider })
+}
+
+/// Flushes and stops the trace exporter when dropped.
+#[derive(Debug)]
+#[must_use = "dropping the guard stops exporting traces"]
+pub struct TracingGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("courseview: traces not all exported at exit: {e}");
+            }
+        }
+    }
 }
 
 /// The process-wide Prometheus recorder; installed on first use so tests
@@ -238,7 +268,7 @@ mod tests {
 
     #[test]
     fn the_grafana_dashboard_uses_only_metrics_courseview_emits() {
-        let dashboard = include_str!("../docs/grafana/courseview.json");
+        let dashboard = include_str!("../../docs/grafana/courseview.json");
         let json: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
         assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
         for name in mentioned(dashboard) {
@@ -251,7 +281,7 @@ mod tests {
 
     #[test]
     fn every_metric_is_documented_in_the_readme() {
-        let readme = mentioned(include_str!("../README.md"));
+        let readme = mentioned(include_str!("../../README.md"));
         for name in METRIC_NAMES {
             assert!(readme.contains(*name), "{name} is not documented in the README");
         }

@@ -77,6 +77,11 @@ impl Applier {
         self
     }
 
+    /// The projection it applies to.
+    pub fn projection(&self) -> &'static str {
+        self.model.name()
+    }
+
     fn collection(&self) -> String {
         Store::collection_name(self.model.name(), self.generation)
     }

@@ -132,7 +132,7 @@ pub async fn run_generation(
                         let behind = backlog.load(std::sync::atomic::Ordering::Relaxed) >= settings.batch_size as i64;
                         let why = settings.fold.judge(&fold, behind, false);
                         if why != Flush::Not {
-                            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why).await {
+                            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why, &settings.kafka.group_id).await {
                                 ControlFlow::Continue(told) => epoch_pending = told.pending(epoch_pending),
                                 ControlFlow::Break(end) => break end,
                             }
@@ -187,7 +187,7 @@ pub async fn run_generation(
             if why == Flush::Not {
                 continue;
             }
-            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why).await {
+            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why, &settings.kafka.group_id).await {
                 ControlFlow::Continue(told) => epoch_pending = told.pending(epoch_pending),
                 ControlFlow::Break(end) => break end,
             }
@@ -203,6 +203,7 @@ pub async fn run_generation(
                     &hard,
                     settings.max_backoff,
                     Flush::Stopping,
+                    &settings.kafka.group_id,
                 )
                 .await
                 {
@@ -267,44 +268,52 @@ async fn flush(
     hard: &CancellationToken,
     max_backoff: Duration,
     why: Flush,
+    group: &str,
 ) -> ControlFlow<Result<GenerationEnd, WorkerError>, Told> {
-    let held: &Fold = fold;
-    let started = tokio::time::Instant::now();
-    let outcome = tokio::select! {
-        r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r,
-        () = hard.cancelled() => Ok(None),
-    };
-    let outcome = match outcome {
-        Ok(Some(outcome)) => outcome,
-        Ok(None) => {
-            warn!(
-                records = fold.records(),
-                "Shutdown deadline passed; batch abandoned, its offsets not stored."
-            );
-            return ControlFlow::Break(Ok(GenerationEnd::Abandoned));
+    // The flush's CONSUMER span: its writes, offset store and cache
+    // announcement are its children.
+    let span = fold.process_span(applier.projection(), group);
+    async {
+        let held: &Fold = fold;
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::select! {
+            r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r,
+            () = hard.cancelled() => Ok(None),
+        };
+        let outcome = match outcome {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => {
+                warn!(
+                    records = fold.records(),
+                    "Shutdown deadline passed; batch abandoned, its offsets not stored."
+                );
+                return ControlFlow::Break(Ok(GenerationEnd::Abandoned));
+            }
+            Err(e) => return ControlFlow::Break(Err(e.into())),
+        };
+        consumer.commit(&outcome.offsets);
+        debug!(
+            ?why,
+            records = fold.records(),
+            applied = outcome.applied,
+            dead = outcome.dead_letters,
+            written = outcome.documents_written,
+            age_ms = fold.age().as_millis() as u64,
+            write_ms = started.elapsed().as_millis() as u64,
+            "Batch committed."
+        );
+        *fold = Fold::default();
+        // A fold of position advances only changed no document.
+        if outcome.applied + outcome.dead_letters == 0 {
+            ControlFlow::Continue(Told::NothingChanged)
+        } else if applier.bump_cache().await {
+            ControlFlow::Continue(Told::Yes)
+        } else {
+            ControlFlow::Continue(Told::Refused)
         }
-        Err(e) => return ControlFlow::Break(Err(e.into())),
-    };
-    consumer.commit(&outcome.offsets);
-    debug!(
-        ?why,
-        records = fold.records(),
-        applied = outcome.applied,
-        dead = outcome.dead_letters,
-        written = outcome.documents_written,
-        age_ms = fold.age().as_millis() as u64,
-        write_ms = started.elapsed().as_millis() as u64,
-        "Batch committed."
-    );
-    *fold = Fold::default();
-    // A fold of position advances only changed no document.
-    if outcome.applied + outcome.dead_letters == 0 {
-        ControlFlow::Continue(Told::NothingChanged)
-    } else if applier.bump_cache().await {
-        ControlFlow::Continue(Told::Yes)
-    } else {
-        ControlFlow::Continue(Told::Refused)
     }
+    .instrument(span)
+    .await
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -9,8 +9,12 @@
 //! before, and folding them again gives the same states (the state is
 //! convergent: `CourseState::merge`).
 
+use opentelemetry::trace::SpanContext;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
 use super::states::state_bytes;
 use super::*;
+use crate::telemetry::traces;
 
 /// Events decoded and folded, not yet written.
 #[derive(Debug)]
@@ -27,6 +31,9 @@ pub struct Fold {
     pub(super) kinds: HashMap<&'static str, u64>,
     pub(super) records: usize,
     pub(super) events: usize,
+    /// The trace contexts its records carried, when traces are exported
+    /// (up to the SDK's limit of links per span).
+    links: Vec<SpanContext>,
     /// Estimate of the heap it holds.
     bytes: usize,
     started: Instant,
@@ -41,6 +48,7 @@ impl Default for Fold {
             kinds: HashMap::new(),
             records: 0,
             events: 0,
+            links: Vec::new(),
             bytes: 0,
             started: Instant::now(),
         }
@@ -77,6 +85,11 @@ impl Fold {
     /// highest offset of each partition (never lower than an advance).
     pub(super) fn cover(&mut self, records: &[Record], advanced: &[(String, i32, i64)]) {
         self.records += records.len();
+        if traces::exporting() {
+            let room = traces::MAX_LINKS.saturating_sub(self.links.len());
+            self.links
+                .extend(records.iter().filter_map(traces::record_context).take(room));
+        }
         let positions = records
             .iter()
             .map(|r| (r.topic.as_str(), r.partition, r.offset + 1))
@@ -117,6 +130,46 @@ impl Fold {
 
     pub fn records(&self) -> usize {
         self.records
+    }
+
+    /// The CONSUMER span of its flush, `process <topic>` (`process` across
+    /// topics), a root linked to each record's context, with the messaging
+    /// conventions' attributes; its writes are its children. No span when
+    /// traces are not exported, so logs keep the worker's context.
+    pub(super) fn process_span(&self, projection: &'static str, group: &str) -> tracing::Span {
+        if !traces::exporting() {
+            return tracing::Span::none();
+        }
+        let mut topics = self.next.keys().map(|(t, _)| t.as_str());
+        let topic = topics.next().filter(|first| topics.all(|t| t == *first));
+        let mut partitions = self.next.keys().map(|(_, p)| *p);
+        let partition = partitions.next().filter(|first| partitions.all(|p| p == *first));
+        let name = topic.map_or_else(|| "process".to_owned(), |t| format!("process {t}"));
+        let span = tracing::info_span!(
+            parent: None,
+            "process",
+            otel.name = name,
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.consumer.group.name = group,
+            messaging.destination.name = tracing::field::Empty,
+            messaging.destination.partition.id = tracing::field::Empty,
+            // i64: the exporter writes unsigned integers as strings.
+            messaging.batch.message_count = i64::try_from(self.records).unwrap_or(i64::MAX),
+            courseview.projection = projection,
+        );
+        if let Some(topic) = topic {
+            span.record("messaging.destination.name", topic);
+            if let Some(partition) = partition {
+                span.record("messaging.destination.partition.id", partition.to_string());
+            }
+        }
+        for link in &self.links {
+            span.add_link(link.clone());
+        }
+        span
     }
 }
 

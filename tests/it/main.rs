@@ -26,3 +26,4 @@ mod peers;
 mod pipeline;
 mod secured;
 mod status_page;
+mod tracing;

@@ -86,6 +86,12 @@ impl CourseService {
     /// The statements the course service runs for one domain event: its
     /// change to `course`, and the event in `outbox`.
     fn statements(event: &Value) -> String {
+        Self::traced_statements(event, None)
+    }
+
+    /// As [`Self::statements`], the outbox row carrying a trace context in
+    /// Debezium's tracing column.
+    fn traced_statements(event: &Value, traceparent: Option<&str>) -> String {
         let course = event["courseId"].as_str().expect("courseId");
         let kind = event["eventType"].as_str().expect("eventType");
         let id = event["eventId"].as_str().expect("eventId");
@@ -124,8 +130,12 @@ impl CourseService {
         };
         format!(
             "{change}
-             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
-             VALUES ({id}, 'Course', {course}, {kind}, {payload});",
+             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tracingspancontext)
+             VALUES ({id}, 'Course', {course}, {kind}, {payload}, {context});",
+            context = traceparent.map_or_else(
+                || "NULL".to_owned(),
+                |t| literal(&format!("#written by the course service\ntraceparent={t}\n"))
+            ),
             id = literal(id),
             course = literal(course),
             kind = literal(kind),
@@ -136,6 +146,14 @@ impl CourseService {
     /// One committed transaction per event, as the course service does.
     pub fn commit(&self, event: &Value) -> Result<String, String> {
         self.sql(&format!("START TRANSACTION; {} COMMIT;", Self::statements(event)))
+    }
+
+    /// As [`Self::commit`], the outbox row carrying `traceparent`.
+    pub fn commit_traced(&self, event: &Value, traceparent: &str) -> Result<String, String> {
+        self.sql(&format!(
+            "START TRANSACTION; {} COMMIT;",
+            Self::traced_statements(event, Some(traceparent))
+        ))
     }
 
     /// The same writes, rolled back: nothing of them may ever show.
