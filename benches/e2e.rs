@@ -4,6 +4,7 @@
 //! builds the release binary and runs the criterion CPU benchmark first.
 //!
 //!   cargo bench --bench e2e -- [--events N] [--full] [--out docs/PERFORMANCE.md]
+//!   cargo bench --bench e2e -- --events N --tracing-overhead   (traces off against on)
 //!
 //! Phases: preload N events into the broker; raw broker consume rate (rdkafka
 //! alone); raw MongoDB bulk-upsert rate (driver alone); `courseview project
@@ -309,6 +310,68 @@ async fn sink_shape_writes(store_uri: &str, database: &str, records: &[Outgoing]
         rates.push(statements.len() as f64 / started.elapsed().as_secs_f64());
     }
     (rates[0], rates[1])
+}
+
+/// Issue 25's overhead of traces: `project catalog` from offset 0 with
+/// traces off and on (exported over OTLP/HTTP to `BENCH_OTLP`, default the
+/// local Jaeger's 4318), alternated twice, each run with its own database
+/// and consumer group. Prints one table: events/s and events per
+/// CPU-second of the worker.
+async fn tracing_overhead(env: &Env, n: usize) {
+    let endpoint = std::env::var("BENCH_OTLP").unwrap_or_else(|_| "http://127.0.0.1:4318".into());
+    let mut rows = Vec::new();
+    for (i, traced) in [false, true, false, true].into_iter().enumerate() {
+        let run = Env {
+            prefix: env.prefix.clone(),
+            brokers: env.brokers.clone(),
+            mongodb_uri: env.mongodb_uri.clone(),
+            redis_url: env.redis_url.clone(),
+            database: format!("{}_traces{i}", env.database),
+            binary: env.binary.clone(),
+        };
+        let store = Store::connect(&run.mongodb_uri, &run.database, Duration::from_secs(5))
+            .await
+            .expect("store");
+        let mut extra = vec![("COURSEVIEW_GROUP_PREFIX", format!("{}-traces{i}", env.prefix))];
+        if traced {
+            extra.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+            extra.push(("OTEL_SERVICE_NAME", format!("bench-{}", env.prefix)));
+        }
+        let worker = run.courseview(&["project", "catalog"], &extra);
+        let (took, rss) = wait_caught_up(&store, 1, n as i64, worker.0.id()).await;
+        let cpu = cpu_seconds(worker.0.id()).unwrap_or(f64::NAN);
+        stop(worker);
+        let rate = n as f64 / took.as_secs_f64();
+        eprintln!(
+            "e2e: traces {}: {rate:.0} events/s, {:.0} events per CPU-s",
+            if traced { "on" } else { "off" },
+            n as f64 / cpu
+        );
+        rows.push((traced, rate, cpu, rss));
+    }
+    println!(
+        "Code: {}. Machine: {}. {n} events, `project catalog` from offset 0, runs alternated; traces exported to {endpoint}.\n",
+        code_version(),
+        machine()
+    );
+    println!("| run | traces | events/s | worker CPU-s | events per CPU-second | peak RSS |");
+    println!("|---|---|---|---|---|---|");
+    for (i, (traced, rate, cpu, rss)) in rows.iter().enumerate() {
+        println!(
+            "| {} | {} | {rate:.0} | {cpu:.1} | {:.0} | {rss:.1} MiB |",
+            i + 1,
+            if *traced { "on" } else { "off" },
+            n as f64 / cpu
+        );
+    }
+    let per_cpu = |on: bool| {
+        let runs: Vec<f64> = rows.iter().filter(|r| r.0 == on).map(|r| n as f64 / r.2).collect();
+        runs.iter().sum::<f64>() / runs.len() as f64
+    };
+    println!(
+        "\nEvents per CPU-second with traces on: {:.0} % of off.",
+        per_cpu(true) / per_cpu(false) * 100.0
+    );
 }
 
 /// Waits until the catalog's stored offsets of `generation` cover `count`
@@ -994,6 +1057,10 @@ async fn main() {
     let produce_rate = preload(&env, &producer, &records).await;
     eprintln!("e2e: preloaded at {produce_rate:.0} events/s");
 
+    if args.iter().any(|a| a == "--tracing-overhead") {
+        tracing_overhead(&env, n).await;
+        return;
+    }
     let freshness_only = args.iter().any(|a| a == "--freshness-only");
     let project_only = freshness_only || args.iter().any(|a| a == "--project-only");
     let store = Store::connect(&env.mongodb_uri, &env.database, Duration::from_secs(5))
