@@ -438,8 +438,11 @@ fn request_span(request: &Request) -> tracing::Span {
     span
 }
 
-fn record_status(response: &Response, _latency: Duration, span: &tracing::Span) {
+fn record_status(response: &Response, latency: Duration, span: &tracing::Span) {
+    use tower_http::trace::OnResponse;
     span.record("http.response.status_code", i64::from(response.status().as_u16()));
+    // tower-http's own response log (DEBUG), as before.
+    tower_http::trace::DefaultOnResponse::default().on_response(response, latency, span);
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then drains requests.

@@ -3,7 +3,6 @@
 //! flush, linked to the context each record carries; the API continues an
 //! incoming `traceparent`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -109,64 +108,110 @@ where
         .with_filter(inside_a_root)
 }
 
-/// A record's headers as a propagator reads them. Debezium's properties
-/// text, when present, is read as if its lines were headers.
-struct RecordHeaders<'a> {
-    record: &'a Record,
-    debezium: HashMap<String, String>,
+/// Longest `traceparent` read (a valid one is 55 bytes; room for future
+/// versions): a longer one is ignored, not parsed.
+const MAX_TRACEPARENT: usize = 512;
+/// Longest Debezium context header (or `tracestate`) read.
+const MAX_CONTEXT_TEXT: usize = 4096;
+
+/// One source's `traceparent` and `tracestate`, as a propagator reads them.
+struct W3c {
+    traceparent: String,
+    tracestate: Option<String>,
 }
 
-impl<'a> RecordHeaders<'a> {
-    fn new(record: &'a Record) -> Self {
-        let debezium = match record.header(DEBEZIUM_CONTEXT_HEADER) {
-            Ok(Some(text)) => java_properties(text),
-            _ => HashMap::new(),
-        };
-        RecordHeaders { record, debezium }
-    }
-}
-
-impl Extractor for RecordHeaders<'_> {
+impl Extractor for W3c {
     fn get(&self, key: &str) -> Option<&str> {
-        // The record's own W3C headers first: the producer that sent it.
-        match self.record.header(key) {
-            Ok(Some(value)) => Some(value),
-            _ => self.debezium.get(key).map(String::as_str),
+        match key {
+            "traceparent" => Some(&self.traceparent),
+            "tracestate" => self.tracestate.as_deref(),
+            _ => None,
         }
     }
 
     fn keys(&self) -> Vec<&str> {
-        let own = self
-            .record
-            .headers
-            .iter()
-            .filter_map(|(k, _)| std::str::from_utf8(k).ok());
-        own.chain(self.debezium.keys().map(String::as_str)).collect()
+        vec!["traceparent", "tracestate"]
     }
 }
 
-/// `key=value` lines of `java.util.Properties` text (comments and blank
-/// lines skipped; `:` also separates, as in Java). Trace contexts hold no
-/// escapes, so none are decoded.
-fn java_properties(text: &str) -> HashMap<String, String> {
+/// The context's two values from one source, never mixed: the record's own
+/// W3C headers (the producer that sent it) when it has a `traceparent`,
+/// else Debezium's properties text.
+fn w3c(record: &Record) -> Option<W3c> {
+    let text = |name: &str, max: usize| record.header(name).ok().flatten().filter(|v| v.len() <= max);
+    if record.header("traceparent").ok().flatten().is_some() {
+        return Some(W3c {
+            traceparent: text("traceparent", MAX_TRACEPARENT)?.to_owned(),
+            tracestate: text("tracestate", MAX_CONTEXT_TEXT).map(str::to_owned),
+        });
+    }
+    let properties = text(DEBEZIUM_CONTEXT_HEADER, MAX_CONTEXT_TEXT)?;
+    Some(W3c {
+        traceparent: java_property(properties, "traceparent").filter(|v| v.len() <= MAX_TRACEPARENT)?,
+        tracestate: java_property(properties, "tracestate"),
+    })
+}
+
+/// The value of `key` in `java.util.Properties` text as `Properties.store`
+/// writes it: `key=value` lines (`:` also separates), comments and blank
+/// lines skipped, backslash escapes (`\=`, `\:`, `\uXXXX`, …) decoded.
+fn java_property(text: &str, key: &str) -> Option<String> {
     text.lines()
-        .map(str::trim)
+        .map(str::trim_start)
         .filter(|line| !line.is_empty() && !line.starts_with('#') && !line.starts_with('!'))
-        .filter_map(|line| {
-            let at = line.find(['=', ':'])?;
-            Some((line[..at].trim().to_owned(), line[at + 1..].trim().to_owned()))
+        .find_map(|line| {
+            let at = separator(line)?;
+            (unescape(line[..at].trim_end()) == key).then(|| unescape(line[at + 1..].trim_start()))
         })
-        .collect()
+}
+
+/// The first `=` or `:` not escaped by a backslash.
+fn separator(line: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '=' | ':' => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let hex: String = chars.by_ref().take(4).collect();
+                if let Some(c) = u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                    out.push(c);
+                }
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
 }
 
 /// The trace context a record carries (W3C `traceparent`/`tracestate`
 /// headers, or Debezium's outbox tracing header), when it carries a valid one.
 pub fn record_context(record: &Record) -> Option<SpanContext> {
-    let cx = TraceContextPropagator::new().extract(&RecordHeaders::new(record));
+    let cx = TraceContextPropagator::new().extract(&w3c(record)?);
     let span = cx.span().span_context().clone();
     span.is_valid().then_some(span)
 }
-
 /// The trace context of incoming HTTP headers, to continue.
 pub fn http_context(headers: &axum::http::HeaderMap) -> opentelemetry::Context {
     struct Headers<'a>(&'a axum::http::HeaderMap);
@@ -211,6 +256,40 @@ mod tests {
         let cx = record_context(&record(&[(DEBEZIUM_CONTEXT_HEADER, &props)])).expect("a context");
         assert_eq!(cx.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(cx.trace_state().get("vendor"), Some("value"));
+    }
+
+    #[test]
+    fn debezium_properties_as_java_stores_them_are_unescaped() {
+        // What `Properties.store` writes: `=` and `:` in values escaped.
+        let props = format!("#Sun Dec 06\ntraceparent={TRACEPARENT}\ntracestate=vendor\\=value,other\\=x\\u0031\n");
+        let cx = record_context(&record(&[(DEBEZIUM_CONTEXT_HEADER, &props)])).expect("a context");
+        assert_eq!(cx.trace_state().get("vendor"), Some("value"));
+        assert_eq!(cx.trace_state().get("other"), Some("x1"));
+        assert_eq!(java_property("a\\:b\\=c=d\\:e", "a:b=c"), Some("d:e".to_owned()));
+    }
+
+    #[test]
+    fn a_records_own_traceparent_is_never_mixed_with_debeziums_tracestate() {
+        let props = "traceparent=00-11111111111111111111111111111111-2222222222222222-01\ntracestate=vendor=debezium\n";
+        let cx = record_context(&record(&[
+            ("traceparent", TRACEPARENT),
+            (DEBEZIUM_CONTEXT_HEADER, props),
+        ]))
+        .expect("a context");
+        assert_eq!(cx.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            cx.trace_state().get("vendor"),
+            None,
+            "Debezium's state is another context's"
+        );
+    }
+
+    #[test]
+    fn oversized_context_headers_are_ignored_unparsed() {
+        let long = format!("{TRACEPARENT}{}", "-".repeat(1 << 20));
+        assert!(record_context(&record(&[("traceparent", &long)])).is_none());
+        let props = format!("traceparent={TRACEPARENT}\n#{}", "x".repeat(8192));
+        assert!(record_context(&record(&[(DEBEZIUM_CONTEXT_HEADER, &props)])).is_none());
     }
 
     #[test]

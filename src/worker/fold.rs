@@ -133,7 +133,7 @@ impl Fold {
     }
 
     /// The CONSUMER span of its flush, `process <topic>` (`process` across
-    /// topics), a root linked to each record's context, with the messaging
+    /// topics), the root of a trace, linked to each record's context, with the messaging
     /// conventions' attributes; its writes are its children. No span when
     /// traces are not exported, so logs keep the worker's context.
     pub(super) fn process_span(&self, projection: &'static str, group: &str) -> tracing::Span {
@@ -146,7 +146,6 @@ impl Fold {
         let partition = partitions.next().filter(|first| partitions.all(|p| p == *first));
         let name = topic.map_or_else(|| "process".to_owned(), |t| format!("process {t}"));
         let span = tracing::info_span!(
-            parent: None,
             "process",
             otel.name = name,
             otel.kind = "consumer",
@@ -166,6 +165,9 @@ impl Fold {
                 span.record("messaging.destination.partition.id", partition.to_string());
             }
         }
+        // A root of its own trace (linked, not parented, to the records'
+        // contexts), while logs keep the worker's span around it.
+        let _ = span.set_parent(opentelemetry::Context::new());
         for link in &self.links {
             span.add_link(link.clone());
         }
