@@ -34,6 +34,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => cli::serve::run(cli.global, args, token).await,
         Command::Dlq(command) => cli::dlq::run(cli.global, command).await,
         Command::Rebuild(args) => cli::rebuild::run(cli.global, args, token).await,
+        Command::Pause(args) => cli::pause::run(cli.global, args).await,
+        Command::Resume(args) => cli::resume::run(cli.global, args).await,
         Command::Status(args) => cli::status::run(cli.global, args, token).await,
         Command::Produce(args) => cli::produce::run(cli.global, args, token).await,
         Command::Token(args) => cli::token::run(&args),

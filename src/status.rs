@@ -101,6 +101,9 @@ pub enum State {
     /// codec, a corrupt batch, a record over the fetch settings): nothing
     /// after it is applied until its cause is fixed.
     Stuck,
+    /// An operator paused it (`courseview pause`): its workers apply
+    /// nothing until `courseview resume`. Not stalled: it is meant.
+    Paused,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -119,6 +122,8 @@ pub struct ProjectionStatus {
     /// Gaps recorded for the serving generation (also in the dead-letter
     /// store, as letters of their own kind); a rebuild clears them.
     pub gaps: Vec<GapReport>,
+    /// Who paused it, when and why, while it is paused.
+    pub paused: Option<crate::mongo::PauseInfo>,
 }
 
 /// One gap a worker found between its stored offset and the log.
@@ -261,6 +266,12 @@ impl StatusProbe {
             State::Gap
         } else if serving.partitions.iter().any(|p| p.stuck.is_some()) {
             State::Stuck
+        } else if pointer.paused.is_some() {
+            // Paused, it makes no progress by design: not a stall.
+            for p in &mut serving.partitions {
+                p.stalled = false;
+            }
+            State::Paused
         } else if serving.partitions.iter().any(|p| p.stalled) {
             State::Stalled
         } else if rebuild.is_some() {
@@ -277,6 +288,7 @@ impl StatusProbe {
             workers,
             dead_letters,
             gaps,
+            paused: pointer.paused,
         })
     }
 

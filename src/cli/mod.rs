@@ -1,9 +1,11 @@
 //! The command line: global connection settings and one file per subcommand.
 
 pub mod dlq;
+pub mod pause;
 pub mod produce;
 pub mod project;
 pub mod rebuild;
+pub mod resume;
 pub mod serve;
 pub mod status;
 pub mod token;
@@ -44,6 +46,10 @@ pub enum Command {
     Dlq(dlq::DlqCommand),
     /// Rebuild a projection from offset zero into a new generation, then switch readers to it.
     Rebuild(rebuild::RebuildArgs),
+    /// Pause a projection: every worker stores its offsets and applies nothing until `resume`.
+    Pause(pause::PauseArgs),
+    /// Resume a paused projection from its stored offsets.
+    Resume(resume::ResumeArgs),
     /// Print per projection and partition: stored offset, high watermark, lag, generation, rebuild progress.
     Status(status::StatusArgs),
     /// Produce a demo stream of course events (for docker compose and trying things out).
@@ -60,6 +66,8 @@ impl Command {
             Command::Serve(_) => "serve",
             Command::Dlq(_) => "dlq",
             Command::Rebuild(_) => "rebuild",
+            Command::Pause(_) => "pause",
+            Command::Resume(_) => "resume",
             Command::Status(_) => "status",
             Command::Produce(_) => "produce",
             Command::Token(_) => "token",

@@ -162,6 +162,7 @@ impl WorkerArgs {
             shutdown_timeout: self.shutdown_timeout,
             on_phase: None,
             cache_held: None,
+            operator_paused: None,
         })
     }
 }
@@ -194,6 +195,7 @@ pub async fn run(global: Global, args: ProjectArgs, shutdown: CancellationToken)
         let (generation_tx, generation_rx) = tokio::sync::watch::channel(worker::Phase::default());
         settings.on_phase = Some(Arc::new(generation_tx));
         settings.cache_held = health.held_flag(model);
+        settings.operator_paused = health.paused_flag(model);
         settings.kafka.stuck = health.stuck_board(model);
         let mut entry = WorkerEntry::new(model.name(), metrics_addr.to_string(), args.status_interval);
         entry.invalidates = invalidates.clone();
@@ -307,13 +309,15 @@ async fn watch_health(
                         telemetry::consumer_lag(model.name(), &p.topic, p.partition, p.lag_events, p.lag_seconds);
                     }
                     telemetry::stalled(model.name(), s.state == State::Stalled);
+                    telemetry::paused(model.name(), s.paused.is_some());
+                    health.set_pause_reason(*model, s.paused.as_ref().and_then(|p| p.reason.clone()));
                 }
                 Err(e) => warn!(projection = model.name(), error = %e, "Cannot measure lag."),
             }
             // A gap fails readiness as a stall does: events were or may be missed.
             health.set(
                 *model,
-                status.is_ok_and(|s| matches!(s.state, State::Live | State::Rebuilding)),
+                status.is_ok_and(|s| matches!(s.state, State::Live | State::Rebuilding | State::Paused)),
             );
         }
         tokio::select! {

@@ -109,6 +109,17 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         accept_dead_letters: args.accept_dead_letters,
         restart: args.restart,
     };
+    if let Some(paused) = store.pointer(args.projection.name()).await?.paused {
+        // Allowed: a rebuild has its own consumer; the pause holds the
+        // live workers, before and after the switch.
+        eprintln!(
+            "{} is paused (by {}{}): rebuilding anyway; its live workers stay paused, after the switch too, until `courseview resume {}`",
+            args.projection,
+            paused.by,
+            paused.reason.map(|r| format!(": {r}")).unwrap_or_default(),
+            args.projection
+        );
+    }
     let cache = global.invalidated_cache(Duration::from_secs(60), args.no_cache_invalidation)?;
     let mut reporter = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);

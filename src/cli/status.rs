@@ -61,6 +61,11 @@ fn print_or_stop(text: &str) -> anyhow::Result<bool> {
     }
 }
 
+/// Unix milliseconds as an RFC 3339 UTC time, for people.
+pub(super) fn millis_to_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.to_rfc3339())
+}
+
 fn table(all: &[ProjectionStatus]) -> String {
     let mut out = String::new();
     for p in all {
@@ -74,6 +79,14 @@ fn table(all: &[ProjectionStatus]) -> String {
                 .unwrap_or_default(),
             p.serving.lag_events
         ));
+        if let Some(paused) = &p.paused {
+            out.push_str(&format!(
+                "  paused by {} at {}{}\n",
+                paused.by,
+                millis_to_rfc3339(paused.at),
+                paused.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+            ));
+        }
         out.push_str("  topic                                   part    stored      high     lag  lag(s)\n");
         for part in &p.serving.partitions {
             out.push_str(&format!(

@@ -27,6 +27,11 @@ pub struct WorkerHealth {
     held: HashMap<ReadModel, Arc<std::sync::atomic::AtomicBool>>,
     /// Per projection: partitions its reader finds stuck.
     stuck: HashMap<ReadModel, Arc<StuckBoard>>,
+    /// Per projection: raised by its worker while it applies nothing
+    /// because an operator paused it.
+    paused: HashMap<ReadModel, Arc<std::sync::atomic::AtomicBool>>,
+    /// Per projection paused by an operator: the reason given.
+    reasons: Mutex<HashMap<ReadModel, String>>,
 }
 
 impl WorkerHealth {
@@ -39,7 +44,38 @@ impl WorkerHealth {
                 .map(|m| (*m, Arc::new(std::sync::atomic::AtomicBool::new(false))))
                 .collect(),
             stuck: models.iter().map(|m| (*m, Arc::default())).collect(),
+            paused: models
+                .iter()
+                .map(|m| (*m, Arc::new(std::sync::atomic::AtomicBool::new(false))))
+                .collect(),
+            reasons: Mutex::default(),
         }
+    }
+
+    /// The flag a projection's worker raises while an operator's pause holds it.
+    pub fn paused_flag(&self, model: ReadModel) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.paused.get(&model).cloned()
+    }
+
+    /// Records why an operator paused `model` (from the pointer).
+    pub fn set_pause_reason(&self, model: ReadModel, reason: Option<String>) {
+        if let Ok(mut map) = self.reasons.lock() {
+            match reason {
+                Some(reason) => map.insert(model, reason),
+                None => map.remove(&model),
+            };
+        }
+    }
+
+    /// Projections whose worker is holding for an operator's pause, by
+    /// name, with the reason given (empty if none or not read yet).
+    pub fn paused(&self) -> std::collections::BTreeMap<&'static str, String> {
+        let reasons = self.reasons.lock().map(|m| m.clone()).unwrap_or_default();
+        self.paused
+            .iter()
+            .filter(|(_, f)| f.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|(m, _)| (m.name(), reasons.get(m).cloned().unwrap_or_default()))
+            .collect()
     }
 
     /// Where a projection's reader posts its stuck partitions.
@@ -92,7 +128,11 @@ pub fn worker_app(health: Arc<WorkerHealth>) -> Router {
 
 async fn readyz(State(health): State<Arc<WorkerHealth>>) -> Response {
     let not_ready = health.not_ready();
-    if not_ready.is_empty() {
+    let paused = health.paused();
+    if not_ready.is_empty() && !paused.is_empty() {
+        // Ready (nothing to restart): paused on purpose, and said so.
+        (StatusCode::OK, Json(json!({"status": "paused", "paused": paused}))).into_response()
+    } else if not_ready.is_empty() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         (

@@ -32,7 +32,7 @@ mod read_models;
 mod registry;
 
 pub use checkpoints::{AlreadyNewer, Checkpoint};
-pub use pointer::{Pointer, RebuildProgress};
+pub use pointer::{PauseInfo, Pointer, RebuildProgress};
 pub use queries::{ListQuery, Listing, Order, Page, PageItem, SortKey};
 pub use read_models::{encoded_view, Conflicts, DocWrite, Stored};
 pub use registry::WorkerEntry;

@@ -1,5 +1,5 @@
 //! The generation pointer: which generation of a projection readers follow,
-//! which is being built, and the rebuild's handover.
+//! which is being built, the rebuild's handover, and an operator's pause.
 
 use super::*;
 
@@ -17,6 +17,20 @@ pub struct Pointer {
     /// the new one reaches it: (generation handed to, deadline in Unix ms).
     /// Past the deadline (a rebuild that died) workers ignore it.
     pub handover: Option<(u32, i64)>,
+    /// Set by `courseview pause`: every worker of the projection applies
+    /// nothing until `courseview resume` clears it.
+    pub paused: Option<PauseInfo>,
+}
+
+/// Who paused a projection, when and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseInfo {
+    /// `user@host` of the `courseview pause` that set it.
+    pub by: String,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub reason: Option<String>,
 }
 
 impl Pointer {
@@ -34,6 +48,7 @@ impl Default for Pointer {
             highest: 1,
             rebuild: None,
             handover: None,
+            paused: None,
         }
     }
 }
@@ -69,6 +84,19 @@ impl Pointer {
             handover: field("handoverTo")?
                 .filter(|to| *to > 0)
                 .zip(get_int(d, "handoverUntil")),
+            // Unreadable would resume a paused projection without a word.
+            paused: match d.get("paused") {
+                None | Some(Bson::Null) => None,
+                Some(Bson::Document(p)) => Some(
+                    bson::from_document(p.clone())
+                        .map_err(|e| StoreError::Failed(format!("malformed generation pointer {d}: paused: {e}")))?,
+                ),
+                Some(other) => {
+                    return Err(StoreError::Failed(format!(
+                        "malformed generation pointer {d}: paused is {other}"
+                    )))
+                }
+            },
         })
     }
 }
@@ -210,6 +238,46 @@ impl Store {
             )
             .await?;
         Ok(reply.matched_count == 1)
+    }
+
+    /// Pauses the projection (every worker, every generation) until
+    /// [`Store::resume`]; returns the pause already in place instead, if
+    /// there is one (it is kept: who paused first says why).
+    #[instrument(skip_all, fields(projection))]
+    pub async fn pause(&self, projection: &str, pause: &PauseInfo) -> Result<Option<PauseInfo>> {
+        let current = self.pointer(projection).await?;
+        if let Some(already) = current.paused {
+            return Ok(Some(already));
+        }
+        let info = bson::to_document(pause).map_err(|e| StoreError::Failed(format!("unencodable pause: {e}")))?;
+        self.docs(POINTERS)
+            .update_one(
+                doc! {"_id": projection, "paused": null},
+                doc! {"$set": {"paused": info}},
+            )
+            .await?;
+        // Read back: another pause may have come between the read and the
+        // write, and a server that matched nothing must not pass for one
+        // that paused.
+        match self.pointer(projection).await?.paused {
+            Some(now) if now == *pause => Ok(None),
+            Some(other) => Ok(Some(other)),
+            None => Err(StoreError::Failed(format!(
+                "the pause of {projection} was not recorded (the server matched no pointer)"
+            ))),
+        }
+    }
+
+    /// Clears the projection's pause; returns the pause it cleared.
+    #[instrument(skip_all, fields(projection))]
+    pub async fn resume(&self, projection: &str) -> Result<Option<PauseInfo>> {
+        let current = self.pointer(projection).await?;
+        if current.paused.is_some() {
+            self.docs(POINTERS)
+                .update_one(doc! {"_id": projection}, doc! {"$set": {"paused": null}})
+                .await?;
+        }
+        Ok(current.paused)
     }
 
     /// Withdraws a handover request (the rebuild stopped before switching).

@@ -26,6 +26,7 @@ const TRANSIENT_ERRORS_TOTAL: &str = "courseview_transient_errors_total";
 const CONSUMER_LAG_EVENTS: &str = "courseview_consumer_lag_events";
 const CONSUMER_LAG_SECONDS: &str = "courseview_consumer_lag_seconds";
 const PROJECTION_STALLED: &str = "courseview_projection_stalled";
+const PROJECTION_PAUSED: &str = "courseview_projection_paused";
 const PARTITION_STUCK: &str = "courseview_partition_stuck";
 const CACHE_LOOKUPS_TOTAL: &str = "courseview_cache_lookups_total";
 const CACHE_ERRORS_TOTAL: &str = "courseview_cache_errors_total";
@@ -46,6 +47,7 @@ pub const METRIC_NAMES: &[&str] = &[
     CONSUMER_LAG_EVENTS,
     CONSUMER_LAG_SECONDS,
     PROJECTION_STALLED,
+    PROJECTION_PAUSED,
     PARTITION_STUCK,
     CACHE_LOOKUPS_TOTAL,
     CACHE_ERRORS_TOTAL,
@@ -194,6 +196,11 @@ pub fn consumer_lag(projection: &'static str, topic: &str, partition: i32, event
 
 pub fn stalled(projection: &'static str, stalled: bool) {
     gauge!(PROJECTION_STALLED, "projection" => projection).set(if stalled { 1.0 } else { 0.0 });
+}
+
+/// 1 while an operator has the projection paused.
+pub fn paused(projection: &'static str, paused: bool) {
+    gauge!(PROJECTION_PAUSED, "projection" => projection).set(if paused { 1.0 } else { 0.0 });
 }
 
 /// A partition whose fetch keeps failing at one offset (1), or not (0).

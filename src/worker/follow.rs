@@ -14,6 +14,8 @@ pub enum Moved {
     /// A rebuild asks this generation's workers to pause until `until`
     /// (Unix ms) while it hands over to `to`.
     Handover { to: u32, until: i64 },
+    /// An operator paused the projection (`courseview pause`).
+    Paused,
 }
 
 /// Cancels `moved` once the serving generation is no longer `generation`,
@@ -40,6 +42,8 @@ pub(super) async fn watch_pointer(
             let now = chrono::Utc::now().timestamp_millis();
             let why = if pointer.generation != generation {
                 Some(Moved::Switched { to: pointer.generation })
+            } else if pointer.paused.is_some() {
+                Some(Moved::Paused)
             } else {
                 pointer
                     .handover
@@ -104,6 +108,65 @@ pub(super) async fn pause_for_handover(
         tokio::select! {
             () = cancel.cancelled() => return Pause::Shutdown,
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// While an operator has the projection paused, applies nothing: no
+/// consumer, so nothing is read; the offsets stay where the last flush
+/// stored them. Returns once a pointer read says it is not paused (a failed
+/// read keeps the pause: only `courseview resume` ends it).
+pub(super) async fn wait_while_paused(
+    settings: &WorkerSettings,
+    store: &Store,
+    projection: &'static str,
+    cancel: &CancellationToken,
+) -> Pause {
+    let mut announced = false;
+    let flag = |on: bool| {
+        if let Some(flag) = &settings.operator_paused {
+            flag.store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    loop {
+        let now = chrono::Utc::now().timestamp_millis();
+        match store.pointer(projection).await {
+            Ok(p) if p.paused.is_some() => {
+                flag(true);
+                if !announced {
+                    let reason = p.paused.as_ref().and_then(|i| i.reason.clone()).unwrap_or_default();
+                    let by = p.paused.as_ref().map(|i| i.by.clone()).unwrap_or_default();
+                    info!(
+                        projection,
+                        generation = p.generation,
+                        by,
+                        reason,
+                        "Paused by an operator; applying nothing until resumed."
+                    );
+                    announced = true;
+                }
+                // Applying nothing: a rebuild handing over from this
+                // generation may count this worker as paused for it too.
+                match p.handover.filter(|(to, until)| now < *until && *to != p.generation) {
+                    Some((_, until)) => report_paused(settings, p.generation, until),
+                    None => report(settings, p.generation, false),
+                }
+            }
+            Ok(_) => {
+                if announced {
+                    info!(projection, "Resumed; going on from the stored offsets.");
+                }
+                flag(false);
+                return Pause::Over;
+            }
+            Err(_) if announced => {}
+            // Not known to be paused, and MongoDB unreachable: the
+            // generation start retries it.
+            Err(_) => return Pause::Over,
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Pause::Shutdown,
+            () = tokio::time::sleep(POINTER_POLL) => {}
         }
     }
 }

@@ -46,7 +46,7 @@ mod states;
 pub use applier::{Applier, BatchOutcome};
 pub use consume::run_generation;
 pub use fold::{Flush, Fold, FoldLimits};
-use follow::{deadline_after, pause_for_handover, watch_pointer, Moved, Pause};
+use follow::{deadline_after, pause_for_handover, wait_while_paused, watch_pointer, Moved, Pause};
 
 /// Bytes of course states a worker remembers between batches.
 pub const DEFAULT_STATE_CACHE_BYTES: u64 = 8 * 1024 * 1024;
@@ -80,6 +80,9 @@ pub struct WorkerSettings {
     /// Set while the batch in hand waits because Redis did not take its
     /// write announcement (the worker's readiness reads it).
     pub cache_held: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Raised while the worker applies nothing because an operator paused
+    /// the projection (its fold written, its offsets stored).
+    pub operator_paused: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// When the generation's query indexes are made.
     pub indexes: IndexBuild,
 }
@@ -258,6 +261,11 @@ pub async fn run(
             return Ok(Stopped::Shutdown);
         };
         report(&settings, generation, false);
+        // Paused by an operator: take no partitions until resumed (a
+        // worker started while paused stays paused).
+        if wait_while_paused(&settings, &store, projection, &cancel).await == Pause::Shutdown {
+            return Ok(Stopped::Shutdown);
+        }
         // A rebuild handing over from this generation: pause before taking
         // partitions, or this worker could move the serving generation
         // after the rebuild saw every worker paused.
@@ -297,6 +305,10 @@ pub async fn run(
                             "Handed over; following the pointer."
                         );
                     }
+                    Some(Moved::Paused) => info!(
+                        projection,
+                        generation, "Paused by an operator; its fold written and its offsets stored."
+                    ),
                     None => info!(projection, from = generation, "Following the pointer."),
                 }
             }

@@ -288,6 +288,7 @@ impl TestApp {
             shutdown_timeout: Duration::from_secs(10),
             on_phase: None,
             cache_held: None,
+            operator_paused: None,
         }
     }
 

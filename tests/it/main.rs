@@ -22,6 +22,7 @@ mod mongo_compat;
 mod operations;
 mod outage;
 mod outbox;
+mod pause;
 mod peers;
 mod pipeline;
 mod secured;

@@ -1,0 +1,222 @@
+//! `courseview pause` / `resume` against real Kafka, MongoDB and Redis:
+//! a paused projection's workers write what they folded, store their
+//! offsets at that batch boundary and apply nothing more while events keep
+//! coming; they keep their process and health endpoints; `resume` goes on
+//! from the stored offsets, and nothing is lost across the pause.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use courseview::read_model::ReadModel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+use crate::helpers::{clean_replay, event, eventually, unique, Reaped, TestApp};
+
+/// `courses` courses, each created, updated, posted and updated again.
+fn stream(courses: usize) -> Vec<Value> {
+    let mut events = Vec::new();
+    for c in 0..courses {
+        let id = format!("p{c}");
+        events.push(event(
+            "CourseCreatedEvent",
+            &id,
+            1,
+            json!({"name": format!("Course {c}"), "teacherId": "t1"}),
+        ));
+        events.push(event("CourseUpdatedEvent", &id, 2, json!({"description": "first"})));
+        events.push(event("CoursePostedEvent", &id, 3, json!({})));
+        events.push(event(
+            "CourseUpdatedEvent",
+            &id,
+            4,
+            json!({"name": format!("Course {c} again")}),
+        ));
+    }
+    events
+}
+
+/// Publishes `events` at about `per_second`.
+async fn publish_steadily(app: &TestApp, events: &[Value], per_second: usize) {
+    for chunk in events.chunks(per_second / 10) {
+        let started = Instant::now();
+        app.publish_all(chunk).await;
+        tokio::time::sleep(Duration::from_millis(100).saturating_sub(started.elapsed())).await;
+    }
+}
+
+/// Runs `courseview <args>` for this app and waits for it to succeed.
+fn command(app: &TestApp, args: &[&str]) {
+    let mut child = app.process(args, &[]);
+    let status = child.0.wait().expect("the command ran");
+    assert!(status.success(), "courseview {args:?} failed: {status}");
+}
+
+fn worker(app: &TestApp) -> (Reaped, String) {
+    let port = crate::peers::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let worker = app.worker_process(ReadModel::Catalog, &[("COURSEVIEW_METRICS_LISTEN", addr.as_str())]);
+    (worker, format!("http://{addr}"))
+}
+
+async fn offsets(app: &TestApp) -> HashMap<(String, i32), i64> {
+    app.store.load_offsets("catalog", 1).await.expect("offsets")
+}
+
+/// The events of this app's log below `offsets`, partition by partition:
+/// what a worker that stored them has applied.
+fn events_below(app: &TestApp, offsets: &HashMap<(String, i32), i64>) -> Vec<Value> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .set("group.id", unique("scan"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        if *offset > 0 {
+            tpl.add_partition_offset(topic, *partition, Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assigned");
+    let want: i64 = offsets.values().sum();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (events.len() as i64) < want {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {want} records below the offsets",
+            events.len()
+        );
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        if m.offset() < offsets[&(m.topic().to_owned(), m.partition())] {
+            events.push(serde_json::from_slice(m.payload().expect("a value")).expect("an event"));
+        }
+    }
+    events
+}
+
+/// The worker's `/readyz` body once it answers 200 (before its first lag
+/// measurement it is not ready yet); a paused worker is ready: there is
+/// nothing to restart.
+async fn readyz(app: &TestApp, base: &str) -> Option<Value> {
+    let response = app.http.get(format!("{base}/readyz")).send().await.ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+fn sorted(mut docs: Vec<bson::Document>) -> Vec<bson::Document> {
+    docs.sort_by(|a, b| {
+        a.get_str("_id")
+            .unwrap_or_default()
+            .cmp(b.get_str("_id").unwrap_or_default())
+    });
+    docs
+}
+
+#[tokio::test]
+async fn a_pause_under_a_steady_stream_stops_at_a_batch_boundary_and_resume_loses_nothing() {
+    let app = TestApp::spawn().await;
+    let (mut worker, base) = worker(&app);
+    let events = stream(250);
+    let checks = async {
+        // Some applied first, while the stream runs.
+        eventually("the worker to apply some events", Duration::from_secs(30), || async {
+            (offsets(&app).await.values().sum::<i64>() > 50).then_some(())
+        })
+        .await;
+        command(&app, &["pause", "catalog", "--reason", "moving the cluster"]);
+        let body = eventually("the worker to say it is paused", Duration::from_secs(15), || async {
+            let body = readyz(&app, &base).await?;
+            (body["status"] == "paused").then_some(body)
+        })
+        .await;
+        assert!(body["paused"].get("catalog").is_some(), "{body}");
+        eventually(
+            "readiness to give the pause's reason",
+            Duration::from_secs(10),
+            || async { (readyz(&app, &base).await?["paused"]["catalog"] == "moving the cluster").then_some(()) },
+        )
+        .await;
+        // Once paused, nothing moves while events keep coming.
+        let (read_model, stored) = (app.dump(ReadModel::Catalog).await, offsets(&app).await);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(offsets(&app).await, stored, "offsets stopped");
+        assert_eq!(app.dump(ReadModel::Catalog).await, read_model, "the read model stopped");
+        let (status, projections) = app.get_json("/projections").await;
+        assert_eq!(status, 200);
+        let catalog = projections["projections"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["projection"] == "catalog"))
+            .cloned()
+            .expect("catalog");
+        assert_eq!(catalog["state"], "paused", "{catalog}");
+        assert_eq!(catalog["paused"]["reason"], "moving the cluster");
+        let metrics = app.get_text(&format!("{base}/metrics")).await;
+        assert!(
+            metrics.contains("courseview_projection_paused{projection=\"catalog\"} 1"),
+            "the paused gauge: {metrics}"
+        );
+        (read_model, stored)
+    };
+    let ((read_model, stored), ()) = tokio::join!(checks, publish_steadily(&app, &events, 100));
+    let total = events.len() as i64;
+    assert!(stored.values().sum::<i64>() < total, "paused before the stream ended");
+    // A batch boundary: what is stored is exactly what is applied.
+    let applied = events_below(&app, &stored);
+    assert_eq!(
+        sorted(read_model),
+        sorted(clean_replay(&applied).await),
+        "the read model at the pause equals a clean replay of the events below its offsets"
+    );
+
+    command(&app, &["resume", "catalog"]);
+    app.wait_applied(ReadModel::Catalog, total).await;
+    assert_eq!(
+        sorted(app.dump(ReadModel::Catalog).await),
+        sorted(clean_replay(&events).await),
+        "resumed, the read model equals a clean replay"
+    );
+    eventually(
+        "the resumed worker to say it is ready",
+        Duration::from_secs(15),
+        || async { (readyz(&app, &base).await?["status"] == "ready").then_some(()) },
+    )
+    .await;
+    crate::helpers::signal(&worker, "TERM");
+    let _ = worker.0.wait();
+}
+
+#[tokio::test]
+async fn a_worker_started_while_paused_stays_paused_until_resumed() {
+    let app = TestApp::spawn().await;
+    command(&app, &["pause", "catalog"]);
+    let (mut worker, base) = worker(&app);
+    let events = stream(10);
+    app.publish_all(&events).await;
+    eventually("the worker to say it is paused", Duration::from_secs(15), || async {
+        (readyz(&app, &base).await?["status"] == "paused").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(offsets(&app).await.is_empty(), "nothing stored while paused");
+    assert!(
+        app.dump(ReadModel::Catalog).await.is_empty(),
+        "nothing applied while paused"
+    );
+
+    command(&app, &["resume", "catalog"]);
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    assert_eq!(
+        sorted(app.dump(ReadModel::Catalog).await),
+        sorted(clean_replay(&events).await)
+    );
+    crate::helpers::signal(&worker, "TERM");
+    let _ = worker.0.wait();
+}
