@@ -36,6 +36,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rebuild(args) => cli::rebuild::run(cli.global, args, token).await,
         Command::Pause(args) => cli::pause::run(cli.global, args).await,
         Command::Resume(args) => cli::resume::run(cli.global, args).await,
+        Command::Offsets(args) => cli::offsets::run(cli.global, args).await,
         Command::Status(args) => cli::status::run(cli.global, args, token).await,
         Command::Produce(args) => cli::produce::run(cli.global, args, token).await,
         Command::Token(args) => cli::token::run(&args),

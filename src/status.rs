@@ -213,8 +213,22 @@ impl StatusProbe {
         self.projection_in(model, &logs).await
     }
 
+    /// Per partition, the first offset at or after `millis` (offsets-for-times).
+    pub async fn offsets_for_time(
+        &self,
+        logs: Vec<PartitionLog>,
+        millis: i64,
+    ) -> Result<HashMap<(String, i32), i64>, StatusError> {
+        let inspector = Arc::clone(&self.inspector);
+        Ok(
+            tokio::task::spawn_blocking(move || inspector.offsets_for_time(&logs, millis))
+                .await
+                .map_err(|e| KafkaClientError::Request(e.to_string()))??,
+        )
+    }
+
     /// Every partition the projections read, with its watermarks.
-    async fn logs(&self) -> Result<Vec<PartitionLog>, StatusError> {
+    pub async fn logs(&self) -> Result<Vec<PartitionLog>, StatusError> {
         let inspector = Arc::clone(&self.inspector);
         let topics = self.topics.clone();
         Ok(tokio::task::spawn_blocking(move || inspector.logs(&topics))

@@ -1,6 +1,7 @@
 //! The command line: global connection settings and one file per subcommand.
 
 pub mod dlq;
+pub mod offsets;
 pub mod pause;
 pub mod produce;
 pub mod project;
@@ -50,6 +51,8 @@ pub enum Command {
     Pause(pause::PauseArgs),
     /// Resume a paused projection from its stored offsets.
     Resume(resume::ResumeArgs),
+    /// Move a paused projection's stored offsets: to a time, an offset, or the log's start.
+    Offsets(offsets::OffsetsArgs),
     /// Print per projection and partition: stored offset, high watermark, lag, generation, rebuild progress.
     Status(status::StatusArgs),
     /// Produce a demo stream of course events (for docker compose and trying things out).
@@ -68,6 +71,7 @@ impl Command {
             Command::Rebuild(_) => "rebuild",
             Command::Pause(_) => "pause",
             Command::Resume(_) => "resume",
+            Command::Offsets(_) => "offsets",
             Command::Status(_) => "status",
             Command::Produce(_) => "produce",
             Command::Token(_) => "token",

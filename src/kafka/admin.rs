@@ -140,6 +140,38 @@ impl Inspector {
         Ok(logs)
     }
 
+    /// Per partition, the first offset whose record's timestamp is at or
+    /// after `millis` (Kafka's offsets-for-times); the log's end where no
+    /// record is that late.
+    pub fn offsets_for_time(
+        &self,
+        partitions: &[PartitionLog],
+        millis: i64,
+    ) -> Result<HashMap<(String, i32), i64>, KafkaClientError> {
+        let consumer = self.consumer();
+        let mut tpl = TopicPartitionList::new();
+        for log in partitions {
+            tpl.add_partition_offset(&log.topic, log.partition, Offset::Offset(millis))?;
+        }
+        let found = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
+        let mut out = HashMap::new();
+        for log in partitions {
+            let offset = match found.find_partition(&log.topic, log.partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                // No record at or after the time: the end of the log.
+                Some(Offset::End) | None => log.high,
+                Some(other) => {
+                    return Err(KafkaClientError::Config(format!(
+                        "offsets-for-times answered {other:?} for {}/{}",
+                        log.topic, log.partition
+                    )))
+                }
+            };
+            out.insert((log.topic.clone(), log.partition), offset);
+        }
+        Ok(out)
+    }
+
     /// The timestamp (ms) of the record at each (topic, partition, offset),
     /// for those that answer within `timeout`.
     pub fn timestamps_at(

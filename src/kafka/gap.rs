@@ -45,6 +45,9 @@ pub enum GapKind {
     /// Beyond the log end: the topic was deleted and re-created (or its
     /// log lost), so the stored offset belongs to a log that is gone.
     LogReset,
+    /// Moved past by an operator (`courseview offsets`), offsets
+    /// `[stored, high)`: never applied; a rebuild applies them.
+    Skipped,
 }
 
 impl GapKind {
@@ -52,6 +55,7 @@ impl GapKind {
         match self {
             GapKind::RetentionGap => "retention_gap",
             GapKind::LogReset => "log_reset",
+            GapKind::Skipped => "skipped",
         }
     }
 }
@@ -108,6 +112,19 @@ impl Gap {
         }
     }
 
+    /// Offsets `[from, to)` an operator moved a projection past.
+    pub fn skipped(topic: &str, partition: i32, from: i64, to: i64) -> Gap {
+        Gap {
+            kind: GapKind::Skipped,
+            topic: topic.to_owned(),
+            partition,
+            stored: from,
+            low: from,
+            high: to,
+            recreated: None,
+        }
+    }
+
     /// What happened, for logs, dead letters and status.
     pub fn describe(&self) -> String {
         match self.kind {
@@ -131,6 +148,14 @@ impl Gap {
             GapKind::LogReset => format!(
                 "log reset on {}/{}: the stored offset {} lies beyond the log's end {} (the topic was deleted and re-created?); what the old log held after {} is unknown",
                 self.topic, self.partition, self.stored, self.high, self.stored
+            ),
+            GapKind::Skipped => format!(
+                "skipped by an operator on {}/{}: offsets {}..{} ({} events) were moved past with `courseview offsets` and not applied; a rebuild applies them",
+                self.topic,
+                self.partition,
+                self.low,
+                self.high,
+                self.high - self.low
             ),
         }
     }

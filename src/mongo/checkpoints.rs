@@ -82,6 +82,38 @@ impl Store {
 }
 
 impl Store {
+    /// Sets these stored offsets as given, back or forth (`courseview
+    /// offsets`, only while the projection is paused).
+    #[instrument(skip_all, fields(projection, generation, partitions = offsets.len()))]
+    pub async fn set_offsets(&self, projection: &str, generation: u32, offsets: &[(String, i32, i64)]) -> Result<()> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let updates = offsets
+            .iter()
+            .map(|(topic, partition, offset)| {
+                doc! {
+                    "q": {"_id": Self::checkpoint_id(projection, generation, topic, *partition)},
+                    "u": {"$set": {
+                        "projection": projection,
+                        "generation": i64::from(generation),
+                        "topic": topic,
+                        "partition": i64::from(*partition),
+                        "offset": offset,
+                        "updatedAt": now,
+                    }},
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let refused = self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
+        if refused.0.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Failed(format!("{} offsets were not set", refused.0.len())))
+        }
+    }
+}
+
+impl Store {
     /// The Kafka topic id each (topic, partition) of this generation was
     /// last read under (none before its first assignment).
     #[instrument(skip_all, fields(projection, generation))]

@@ -253,7 +253,9 @@ impl Store {
         self.docs(POINTERS)
             .update_one(
                 doc! {"_id": projection, "paused": null},
-                doc! {"$set": {"paused": info}},
+                // `pausedAt` beside it: what `resume` matches on (the test
+                // peer cannot match a whole embedded document).
+                doc! {"$set": {"paused": info, "pausedAt": pause.at}},
             )
             .await?;
         // Read back: another pause may have come between the read and the
@@ -272,10 +274,20 @@ impl Store {
     #[instrument(skip_all, fields(projection))]
     pub async fn resume(&self, projection: &str) -> Result<Option<PauseInfo>> {
         let current = self.pointer(projection).await?;
-        if current.paused.is_some() {
-            self.docs(POINTERS)
-                .update_one(doc! {"_id": projection}, doc! {"$set": {"paused": null}})
+        if let Some(paused) = &current.paused {
+            // Only the pause read: one made since is not lifted unseen.
+            let reply = self
+                .docs(POINTERS)
+                .update_one(
+                    doc! {"_id": projection, "pausedAt": paused.at},
+                    doc! {"$set": {"paused": null, "pausedAt": null}},
+                )
                 .await?;
+            if reply.matched_count != 1 {
+                return Err(StoreError::Failed(format!(
+                    "the pause of {projection} changed while resuming it; run `courseview status` and resume again"
+                )));
+            }
         }
         Ok(current.paused)
     }

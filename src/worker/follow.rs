@@ -66,6 +66,9 @@ pub(super) enum Pause {
     Over,
     /// Shutdown came first.
     Shutdown,
+    /// An operator's pause held the worker, then was lifted: read the
+    /// pointer again (a rebuild may have switched meanwhile).
+    Resumed,
 }
 
 /// While a rebuild hands over from `generation` (still serving), applies
@@ -114,8 +117,9 @@ pub(super) async fn pause_for_handover(
 
 /// While an operator has the projection paused, applies nothing: no
 /// consumer, so nothing is read; the offsets stay where the last flush
-/// stored them. Returns once a pointer read says it is not paused (a failed
-/// read keeps the pause: only `courseview resume` ends it).
+/// stored them. Returns once a pointer read says it is not paused: `Over`
+/// if it never was, `Resumed` if it held. A failed read is retried, never
+/// taken for "not paused": only `courseview resume` ends a pause.
 pub(super) async fn wait_while_paused(
     settings: &WorkerSettings,
     store: &Store,
@@ -153,16 +157,15 @@ pub(super) async fn wait_while_paused(
                 }
             }
             Ok(_) => {
+                flag(false);
                 if announced {
                     info!(projection, "Resumed; going on from the stored offsets.");
+                    return Pause::Resumed;
                 }
-                flag(false);
                 return Pause::Over;
             }
-            Err(_) if announced => {}
-            // Not known to be paused, and MongoDB unreachable: the
-            // generation start retries it.
-            Err(_) => return Pause::Over,
+            // Unknown: neither start consuming nor end a pause.
+            Err(e) => debug!(projection, error = %e, "Cannot read the pointer to know whether paused; retrying."),
         }
         tokio::select! {
             () = cancel.cancelled() => return Pause::Shutdown,

@@ -263,13 +263,16 @@ pub async fn run(
         report(&settings, generation, false);
         // Paused by an operator: take no partitions until resumed (a
         // worker started while paused stays paused).
-        if wait_while_paused(&settings, &store, projection, &cancel).await == Pause::Shutdown {
-            return Ok(Stopped::Shutdown);
+        match wait_while_paused(&settings, &store, projection, &cancel).await {
+            Pause::Shutdown => return Ok(Stopped::Shutdown),
+            // Held, perhaps for long: the serving generation may have moved.
+            Pause::Resumed => continue,
+            Pause::Over => {}
         }
         // A rebuild handing over from this generation: pause before taking
         // partitions, or this worker could move the serving generation
         // after the rebuild saw every worker paused.
-        if pause_for_handover(&settings, &store, projection, generation, &cancel).await == Pause::Shutdown {
+        if pause_for_handover(&settings, &store, projection, generation, &cancel).await != Pause::Over {
             return Ok(Stopped::Shutdown);
         }
         let moved = cancel.child_token();

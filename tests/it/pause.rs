@@ -197,14 +197,19 @@ async fn a_pause_under_a_steady_stream_stops_at_a_batch_boundary_and_resume_lose
 async fn a_worker_started_while_paused_stays_paused_until_resumed() {
     let app = TestApp::spawn().await;
     command(&app, &["pause", "catalog"]);
-    let (mut worker, base) = worker(&app);
     let events = stream(10);
     app.publish_all(&events).await;
+    let (mut worker, base) = worker(&app);
+    let logs = crate::helpers::log_lines(&mut worker);
     eventually("the worker to say it is paused", Duration::from_secs(15), || async {
         (readyz(&app, &base).await?["status"] == "paused").then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !crate::helpers::logged(&logs, "Projector started."),
+        "no consumer started while paused"
+    );
     assert!(offsets(&app).await.is_empty(), "nothing stored while paused");
     assert!(
         app.dump(ReadModel::Catalog).await.is_empty(),
@@ -213,9 +218,130 @@ async fn a_worker_started_while_paused_stays_paused_until_resumed() {
 
     command(&app, &["resume", "catalog"]);
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+    assert!(
+        crate::helpers::logged(&logs, "Projector started."),
+        "its consumer started once resumed (the log line the check above looks for)"
+    );
     assert_eq!(
         sorted(app.dump(ReadModel::Catalog).await),
         sorted(clean_replay(&events).await)
+    );
+    crate::helpers::signal(&worker, "TERM");
+    let _ = worker.0.wait();
+}
+
+/// The sum of the catalog's stored offsets.
+async fn applied(app: &TestApp) -> i64 {
+    offsets(app).await.values().sum()
+}
+
+fn fails(app: &TestApp, args: &[&str]) {
+    let mut child = app.process(args, &[]);
+    let status = child.0.wait().expect("the command ran");
+    assert!(!status.success(), "courseview {args:?} must refuse");
+}
+
+#[tokio::test]
+async fn offsets_moved_to_a_time_while_paused_reapply_from_there_and_resume_equals_a_clean_replay() {
+    let app = TestApp::spawn().await;
+    let (mut worker, base) = worker(&app);
+    let before: Vec<Value> = stream(20);
+    let after: Vec<Value> = stream(40).split_off(80);
+    app.publish_all(&before).await;
+    app.wait_applied(ReadModel::Catalog, before.len() as i64).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let time = chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    app.publish_all(&after).await;
+    let total = (before.len() + after.len()) as i64;
+    app.wait_applied(ReadModel::Catalog, total).await;
+
+    fails(&app, &["offsets", "catalog", "--to-time", &time.to_string()]);
+    assert_eq!(applied(&app).await, total, "refused while running: nothing moved");
+    command(&app, &["pause", "catalog"]);
+    eventually("the worker to hold", Duration::from_secs(15), || async {
+        (readyz(&app, &base).await?["status"] == "paused").then_some(())
+    })
+    .await;
+    command(
+        &app,
+        &["offsets", "catalog", "--to-time", &time.to_string(), "--dry-run"],
+    );
+    assert_eq!(applied(&app).await, total, "a dry run changes nothing");
+    command(&app, &["offsets", "catalog", "--to-time", &time.to_string()]);
+    assert_eq!(
+        applied(&app).await,
+        before.len() as i64,
+        "every partition at its first record after the time"
+    );
+    command(&app, &["resume", "catalog"]);
+    app.wait_applied(ReadModel::Catalog, total).await;
+    assert_eq!(
+        sorted(app.dump(ReadModel::Catalog).await),
+        sorted(clean_replay(&[before, after].concat()).await),
+        "re-applied from the time, the read model equals a clean replay"
+    );
+    crate::helpers::signal(&worker, "TERM");
+    let _ = worker.0.wait();
+}
+
+#[tokio::test]
+async fn offsets_moved_forward_report_the_skipped_events_instead_of_losing_them_silently() {
+    let app = TestApp::spawn().await;
+    command(&app, &["pause", "catalog"]);
+    let events = stream(20);
+    app.publish_all(&events).await;
+    let topic = app.topic("CourseUpdatedEvent");
+    let (_, high) = {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &app.brokers)
+            .create()
+            .expect("consumer");
+        consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+            .expect("watermarks")
+    };
+    assert!(high > 0, "updates on partition 0 to skip");
+    command(
+        &app,
+        &["offsets", "catalog", "--to-offset", &format!("{topic}:0:{high}")],
+    );
+    let skipped: Vec<Value> = events_below(&app, &HashMap::from([((topic.clone(), 0), high)]));
+    let (mut worker, _) = worker(&app);
+    command(&app, &["resume", "catalog"]);
+    app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
+
+    let (_, projections) = app.get_json("/projections").await;
+    let catalog = projections["projections"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["projection"] == "catalog"))
+        .cloned()
+        .expect("catalog");
+    assert_eq!(catalog["state"], "gap", "shown like a gap: {catalog}");
+    let gap = catalog["gaps"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["kind"] == "skipped"))
+        .cloned()
+        .unwrap_or_else(|| panic!("a skipped range: {catalog}"));
+    assert_eq!(
+        (gap["topic"].as_str(), gap["partition"].as_i64()),
+        (Some(topic.as_str()), Some(0))
+    );
+    assert_eq!(
+        (gap["lowWatermark"].as_i64(), gap["highWatermark"].as_i64()),
+        (Some(0), Some(high)),
+        "the range: {gap}"
+    );
+    let ids: Vec<&Value> = skipped.iter().map(|e| &e["eventId"]).collect();
+    let kept: Vec<Value> = events
+        .iter()
+        .filter(|e| !ids.contains(&&e["eventId"]))
+        .cloned()
+        .collect();
+    assert_eq!(
+        sorted(app.dump(ReadModel::Catalog).await),
+        sorted(clean_replay(&kept).await),
+        "everything but the skipped range applied"
     );
     crate::helpers::signal(&worker, "TERM");
     let _ = worker.0.wait();
