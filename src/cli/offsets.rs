@@ -169,7 +169,9 @@ mod tests {
             Ok(("ops.CourseCreatedEvent".into(), 2, 17))
         );
         assert!(parse_position("topic:2").is_err());
-        assert!(parse_position("topic:x:1").expect_err("a bad partition").contains("partition"));
+        assert!(parse_position("topic:x:1")
+            .expect_err("a bad partition")
+            .contains("partition"));
         assert_eq!(parse_time("1764000000000"), Ok(1_764_000_000_000));
         assert_eq!(parse_time("2026-12-06T05:00:00Z"), Ok(1_796_533_200_000));
         assert!(parse_time("yesterday").expect_err("not a time").contains("RFC 3339"));

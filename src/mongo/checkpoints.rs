@@ -55,55 +55,17 @@ impl Store {
         generation: u32,
         offsets: &[(String, i32, i64)],
     ) -> Result<AlreadyNewer> {
-        // Epoch milliseconds rather than a BSON date: the test peer returns
-        // dates as strings (COMPATIBILITY.md), and stall detection reads it.
-        let now = chrono::Utc::now().timestamp_millis();
-        let updates = offsets
-            .iter()
-            .map(|(topic, partition, offset)| {
-                doc! {
-                    "q": {"_id": Self::checkpoint_id(projection, generation, topic, *partition), "offset": {"$lt": offset}},
-                    "u": {"$set": {
-                        "projection": projection,
-                        "generation": i64::from(generation),
-                        "topic": topic,
-                        "partition": i64::from(*partition),
-                        "offset": offset,
-                        "updatedAt": now,
-                    }},
-                    "upsert": true,
-                }
-            })
-            .collect();
+        let updates = Self::checkpoint_updates(projection, generation, offsets, Direction::ForwardOnly);
         // A duplicate key means a newer offset is already stored.
         let refused = self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
         Ok(AlreadyNewer(refused.0.len()))
     }
-}
 
-impl Store {
     /// Sets these stored offsets as given, back or forth (`courseview
     /// offsets`, only while the projection is paused).
     #[instrument(skip_all, fields(projection, generation, partitions = offsets.len()))]
     pub async fn set_offsets(&self, projection: &str, generation: u32, offsets: &[(String, i32, i64)]) -> Result<()> {
-        let now = chrono::Utc::now().timestamp_millis();
-        let updates = offsets
-            .iter()
-            .map(|(topic, partition, offset)| {
-                doc! {
-                    "q": {"_id": Self::checkpoint_id(projection, generation, topic, *partition)},
-                    "u": {"$set": {
-                        "projection": projection,
-                        "generation": i64::from(generation),
-                        "topic": topic,
-                        "partition": i64::from(*partition),
-                        "offset": offset,
-                        "updatedAt": now,
-                    }},
-                    "upsert": true,
-                }
-            })
-            .collect();
+        let updates = Self::checkpoint_updates(projection, generation, offsets, Direction::Either);
         let refused = self.update_many_statements(CHECKPOINTS, encoded(updates)?).await?;
         if refused.0.is_empty() {
             Ok(())
@@ -111,6 +73,48 @@ impl Store {
             Err(StoreError::Failed(format!("{} offsets were not set", refused.0.len())))
         }
     }
+
+    /// The upserts that store `offsets`.
+    fn checkpoint_updates(
+        projection: &str,
+        generation: u32,
+        offsets: &[(String, i32, i64)],
+        direction: Direction,
+    ) -> Vec<Document> {
+        // Epoch milliseconds rather than a BSON date: the test peer returns
+        // dates as strings (COMPATIBILITY.md), and stall detection reads it.
+        let now = chrono::Utc::now().timestamp_millis();
+        offsets
+            .iter()
+            .map(|(topic, partition, offset)| {
+                let mut q = doc! {"_id": Self::checkpoint_id(projection, generation, topic, *partition)};
+                if direction == Direction::ForwardOnly {
+                    q.insert("offset", doc! {"$lt": offset});
+                }
+                doc! {
+                    "q": q,
+                    "u": {"$set": {
+                        "projection": projection,
+                        "generation": i64::from(generation),
+                        "topic": topic,
+                        "partition": i64::from(*partition),
+                        "offset": offset,
+                        "updatedAt": now,
+                    }},
+                    "upsert": true,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Which way a checkpoint write may move a stored offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// A worker's flush: never back.
+    ForwardOnly,
+    /// An operator's move while paused.
+    Either,
 }
 
 impl Store {
