@@ -5,6 +5,7 @@
 //!
 //!   cargo bench --bench e2e -- [--events N] [--full] [--out docs/PERFORMANCE.md]
 //!   cargo bench --bench e2e -- --events N --tracing-overhead   (traces off against on)
+//!   cargo bench --bench e2e -- --events N --rebuild-beside-live [--throttle R[,R…]]   (live freshness during a rebuild)
 //!
 //! Phases: preload N events into the broker; raw broker consume rate (rdkafka
 //! alone); raw MongoDB bulk-upsert rate (driver alone); `courseview project
@@ -372,6 +373,18 @@ async fn tracing_overhead(env: &Env, n: usize) {
         "\nEvents per CPU-second with traces on: {:.0} % of off.",
         per_cpu(true) / per_cpu(false) * 100.0
     );
+}
+
+/// `courseview serve` of this run on a free port, once it answers.
+async fn serve_api(env: &Env) -> (Reaped, String) {
+    let port = free_port();
+    let api = env.courseview(&["serve"], &[("COURSEVIEW_LISTEN", format!("127.0.0.1:{port}"))]);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (api, base)
 }
 
 /// Waits until the catalog's stored offsets of `generation` cover `count`
@@ -798,7 +811,9 @@ fn redis_benchmark_get(size: usize, keys: usize) -> f64 {
 /// Each probe also times when its version is in MongoDB, so the delay splits
 /// into the pipeline's part (Kafka, the worker's batch and write) and the
 /// read path's (the cache's notice, the API).
-async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, seconds: u64) -> Freshness {
+/// `first`: the number of the first probe event; runs after one another
+/// start past the last one's, so their versions keep rising.
+async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, seconds: u64, first: u64) -> Freshness {
     let client = reqwest::Client::new();
     let store = Store::connect(&env.mongodb_uri, &env.database, Duration::from_secs(5))
         .await
@@ -814,7 +829,8 @@ async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, second
     let started = Instant::now();
     let mut probes = Vec::new();
     let mut writes = Vec::new();
-    for n in 0..total {
+    for i in 0..total {
+        let n = first + i;
         // Rename one of 1,000 posted courses; every 100th is timed end to end.
         let course = format!("3f1e7c2a-{:08}", 2 + 10 * (n % 100));
         let version = 1_000 + n as i64;
@@ -860,7 +876,7 @@ async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, second
             let producer = producer.clone();
             tokio::spawn(async move { producer.send(&record).await.expect("produced") });
         }
-        let due = started + interval * (n as u32 + 1);
+        let due = started + interval * (i as u32 + 1);
         tokio::time::sleep_until(due.into()).await;
     }
     let mut delays = Vec::new();
@@ -1062,7 +1078,8 @@ async fn main() {
         return;
     }
     let freshness_only = args.iter().any(|a| a == "--freshness-only");
-    let project_only = freshness_only || args.iter().any(|a| a == "--project-only");
+    let rebuild_beside = args.iter().any(|a| a == "--rebuild-beside-live");
+    let project_only = freshness_only || rebuild_beside || args.iter().any(|a| a == "--project-only");
     let store = Store::connect(&env.mongodb_uri, &env.database, Duration::from_secs(5))
         .await
         .expect("store");
@@ -1106,16 +1123,92 @@ async fn main() {
     eprintln!("e2e: project {project_rate:.0} events/s ({project_docs:.2} documents written per event), peak RSS {worker_rss:.1} MiB");
     if freshness_only {
         // Row 5 alone, beside the worker that caught up (tuning the live path).
-        let port = free_port();
-        let api = env.courseview(&["serve"], &[("COURSEVIEW_LISTEN", format!("127.0.0.1:{port}"))]);
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        while client.get(format!("{base}/healthz")).send().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let fresh = freshness(&env, &producer, &base, 5_000, 10).await;
+        let (api, base) = serve_api(&env).await;
+        let fresh = freshness(&env, &producer, &base, 5_000, 10, 0).await;
         eprintln!("e2e: {fresh}");
         stop(api);
+    }
+    if rebuild_beside {
+        // Issue 26, item 3: the live worker's freshness at 1,000 events/s,
+        // idle and while a rebuild replays the corpus beside it, without
+        // and with --max-rate.
+        let throttles: Vec<f64> = args
+            .iter()
+            .position(|a| a == "--throttle")
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(Vec::new, |r| {
+                r.split(',')
+                    .map(|r| r.parse().expect("--throttle R[,R…] (events/s)"))
+                    .collect()
+            });
+        let (api, base) = serve_api(&env).await;
+        const SECONDS: u64 = 15;
+        let mut rows = Vec::new();
+        let idle = freshness(&env, &producer, &base, 1_000, SECONDS, 0).await;
+        eprintln!("e2e: idle {idle}");
+        rows.push(("no rebuild (idle)".to_owned(), idle, f64::NAN));
+        // None: the default; then unlimited, then each --throttle.
+        let rates = [None, Some("unlimited".to_owned())]
+            .into_iter()
+            .chain(throttles.into_iter().map(|r| Some(format!("{r}"))));
+        for (i, rate) in rates.enumerate() {
+            // Each from offset 0 (the one before was stopped, not finished).
+            let mut rebuild_args = vec!["rebuild", "catalog", "--restart"];
+            if let Some(r) = &rate {
+                rebuild_args.extend(["--max-rate", r.as_str()]);
+            }
+            let mut rebuild = env.courseview(&rebuild_args, &[]);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let during = freshness(&env, &producer, &base, 1_000, SECONDS, (i as u64 + 1) * 1_000 * SECONDS).await;
+            let still_running = matches!(rebuild.0.try_wait(), Ok(None));
+            eprintln!("e2e: rebuild (max rate {rate:?}) beside the live worker: {during}; still running at the end: {still_running}");
+            // It must have run all through the measurement to count.
+            assert!(
+                still_running,
+                "the rebuild ended before the measurement did: use more --events"
+            );
+            let rebuild_rate = store
+                .pointer("catalog")
+                .await
+                .ok()
+                .and_then(|p| p.rebuild)
+                .map_or(f64::NAN, |p| p.rate);
+            // Stopped, not finished: the rows measure it running. The next
+            // `--restart` drops its generation once its progress is older
+            // than the rebuild's 15 s lease.
+            stop(rebuild);
+            tokio::time::sleep(Duration::from_secs(16)).await;
+            let label = match &rate {
+                None => "rebuild beside it, the defaults".to_owned(),
+                Some(r) => format!("rebuild beside it, `--max-rate {r}`"),
+            };
+            rows.push((label, during, rebuild_rate));
+        }
+        stop(api);
+        stop(worker);
+        println!(
+            "Code: {}. Machine: {}. Corpus: {n} events; the live worker caught up, then {SECONDS} s of 1,000 events/s (every 100th timed, produce → visible through the API) for each row; the rebuild (from offset 0) starts 2 s before its row's measurement, runs all through it and is stopped after it. MongoDB peer {peer}.\n",
+            code_version(),
+            machine()
+        );
+        println!("| live worker's freshness | p50 | p99 | max | p99 against idle | rebuild's rate while measured |");
+        println!("|---|---|---|---|---|---|");
+        let idle_p99 = rows[0].1.p99_ms;
+        for (label, f, rate) in &rows {
+            println!(
+                "| {label} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1}× | {} |",
+                f.p50_ms,
+                f.p99_ms,
+                f.max_ms,
+                f.p99_ms / idle_p99,
+                if rate.is_nan() {
+                    "—".to_owned()
+                } else {
+                    format!("{rate:.0} events/s")
+                }
+            );
+        }
+        return;
     }
     if project_only {
         // A quick look at row 2 (tuning the worker), or row 5 too; no table written.
@@ -1142,7 +1235,20 @@ async fn main() {
 
     // Rebuild while the live worker runs, as in production.
     let started = Instant::now();
-    let mut rebuild = env.courseview(&["rebuild", "catalog", "--grace", "0s", "--catch-up-lag", "0"], &[]);
+    // As fast as the store takes it: row 3 is the catch-up's own limit.
+    let mut rebuild = env.courseview(
+        &[
+            "rebuild",
+            "catalog",
+            "--grace",
+            "0s",
+            "--catch-up-lag",
+            "0",
+            "--max-rate",
+            "unlimited",
+        ],
+        &[],
+    );
     let mut rebuild_rss = 0.0f64;
     let mut switched = None;
     while rebuild.0.try_wait().ok().flatten().is_none() {
@@ -1235,7 +1341,7 @@ async fn main() {
         by_id.errors + listing.errors + miss.errors
     );
 
-    let fresh = freshness(&env, &producer, &base, 5_000, 10).await;
+    let fresh = freshness(&env, &producer, &base, 5_000, 10, 0).await;
     eprintln!("e2e: {fresh}");
     stop(api);
     stop(api_nocache);

@@ -163,6 +163,7 @@ impl WorkerArgs {
             on_phase: None,
             cache_held: None,
             operator_paused: None,
+            max_rate: None,
         })
     }
 }

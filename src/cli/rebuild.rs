@@ -59,6 +59,14 @@ pub struct RebuildArgs {
     /// Write without telling the API's cache (see `project --help`).
     #[arg(long, env = "COURSEVIEW_NO_CACHE_INVALIDATION")]
     pub no_cache_invalidation: bool,
+    /// Events the rebuild applies per second, at most, so it leaves the
+    /// store room for the live workers' writes; throttled, it also writes a
+    /// tenth of a second's events at a time. `unlimited`: as fast as the
+    /// store takes them, in large writes. The default kept a live worker's
+    /// freshness p99 within 3× of idle on the reference machine
+    /// (docs/PERFORMANCE.md); raise it for a store with room to spare.
+    #[arg(long, env = "COURSEVIEW_REBUILD_MAX_RATE", default_value = "2000", value_parser = max_rate)]
+    pub max_rate: MaxRate,
     /// Consumer and batching settings of the replaying worker.
     #[command(flatten)]
     pub worker: WorkerArgs,
@@ -94,10 +102,34 @@ impl ProgressSink for Reporter {
     }
 }
 
+/// Events per second, at most; `None`: unlimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaxRate(pub Option<f64>);
+
+fn max_rate(s: &str) -> Result<MaxRate, String> {
+    if s == "unlimited" {
+        return Ok(MaxRate(None));
+    }
+    match s.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(MaxRate(Some(rate))),
+        Ok(_) => Err("must be events per second above 0, or `unlimited`".into()),
+        Err(e) => Err(format!("not a number of events per second, or `unlimited`: {e}")),
+    }
+}
+
 pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = global.store().await?;
     let probe = global.status_probe(&store)?;
-    let settings = args.worker.settings(&global, args.projection)?;
+    let mut settings = args.worker.settings(&global, args.projection)?;
+    if let MaxRate(Some(rate)) = args.max_rate {
+        settings.max_rate = Some(rate);
+        // Throttled, it also writes in small pieces: a tenth of a second's
+        // events at a time, so no one write holds the store for long
+        // beside the live workers' (a fold of 2 s at full speed is
+        // thousands of documents in a few commands).
+        settings.fold.interval = settings.fold.interval.min(Duration::from_millis(100));
+        settings.batch_size = settings.batch_size.min((rate / 10.0).ceil().max(1.0) as usize);
+    }
     let options = RebuildOptions {
         mode: if args.in_place { Mode::InPlace } else { Mode::BlueGreen },
         catch_up_lag: args.catch_up_lag.max(0),
@@ -149,4 +181,17 @@ pub async fn run(global: Global, args: RebuildArgs, shutdown: CancellationToken)
         None => eprintln!("rebuild of {} interrupted; run it again to resume", args.projection),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_rate_takes_events_per_second_or_unlimited_and_refuses_the_rest_saying_why() {
+        assert_eq!(max_rate("2000"), Ok(MaxRate(Some(2000.0))));
+        assert_eq!(max_rate("unlimited"), Ok(MaxRate(None)));
+        assert!(max_rate("0").expect_err("zero").contains("above 0"));
+        assert!(max_rate("fast").expect_err("words").contains("unlimited"));
+    }
 }

@@ -109,6 +109,7 @@ pub async fn run_generation(
         let mut epoch_pending = false;
         let mut reported = false;
         let mut fold = Fold::default();
+        let mut pace = settings.max_rate.map(Pace::new);
         let result = loop {
             // Records that queued up while the last batch was written make
             // the next batch at once (group commit); only a record that
@@ -177,6 +178,10 @@ pub async fn run_generation(
             }
             let (batch, advanced) =
                 collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
+            if let Some(pace) = &mut pace {
+                // Throttled: the reader waits behind the queue meanwhile.
+                pace.take(batch.len(), &cancel).await;
+            }
             let bytes: usize = batch.iter().map(Record::size).sum();
             // Folded, the records are done with: the fold counts what it keeps.
             applier.fold_in(&mut fold, &batch, &advanced);
@@ -231,6 +236,34 @@ pub async fn run_generation(
     }
     .instrument(span)
     .await
+}
+
+/// Paces records to at most `rate` per second: each batch may go once the
+/// ones before it have had their share of time.
+#[derive(Debug)]
+struct Pace {
+    rate: f64,
+    next: tokio::time::Instant,
+}
+
+impl Pace {
+    fn new(rate: f64) -> Self {
+        Pace {
+            rate,
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until `records` more may go (or `cancel` fires).
+    async fn take(&mut self, records: usize, cancel: &CancellationToken) {
+        let now = tokio::time::Instant::now();
+        let start = self.next.max(now);
+        self.next = start + Duration::from_secs_f64(records as f64 / self.rate);
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = tokio::time::sleep_until(start) => {}
+        }
+    }
 }
 
 /// How often an idle worker holding a fold looks whether to write it.
@@ -373,6 +406,21 @@ async fn collect_batch(
 mod tests {
     use super::*;
     use crate::worker::rec;
+
+    #[tokio::test]
+    async fn a_pace_lets_through_no_more_than_its_rate() {
+        let mut pace = Pace::new(2_000.0);
+        let cancel = CancellationToken::new();
+        let started = std::time::Instant::now();
+        // 1,000 records at 2,000/s: the first batch goes at once, and the
+        // ten after it wait for the share of time the ones before took.
+        for _ in 0..10 {
+            pace.take(100, &cancel).await;
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(440), "paced: {took:?}");
+        assert!(took < Duration::from_millis(900), "not slower than the rate: {took:?}");
+    }
 
     #[tokio::test]
     async fn records_already_waiting_make_a_batch_at_once_without_waiting_out_the_linger() {

@@ -85,6 +85,9 @@ pub struct WorkerSettings {
     pub operator_paused: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// When the generation's query indexes are made.
     pub indexes: IndexBuild,
+    /// Records applied per second, at most (a rebuild's `--max-rate`);
+    /// `None`: as fast as the store takes them.
+    pub max_rate: Option<f64>,
 }
 
 /// When a worker makes its generation's query indexes.

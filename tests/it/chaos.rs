@@ -412,6 +412,53 @@ async fn sigkill_at_random_instants(scenario: &'static str, env: &[(&str, &str)]
     settle_and_judge(&app, last, row, started).await;
 }
 
+/// `courseview <args>` for `app`, waited for; false if it failed.
+fn run_command(app: &TestApp, args: &[&str]) -> bool {
+    let mut child = app.process(args, &[]);
+    child.0.wait().is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn chaos_sigkill_of_the_worker_during_a_pause_and_during_the_resume_after_it() {
+    let (scale, started) = (Scale::from_env(), Instant::now());
+    let app = TestApp::spawn().await;
+    let records = mixed_corpus(&app, "z", scale.courses, 13);
+    let producing = {
+        let records = records.clone();
+        let app = &app;
+        async move { produce(app, &records, Some(1_500)).await }
+    };
+    let cycling = async {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut worker = app.worker_process(ReadModel::Catalog, &[]);
+        for _ in 0..scale.kills / 2 {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1_500))).await;
+            assert!(run_command(&app, &["pause", "catalog"]), "paused");
+            // Killed while it writes its fold, stores its offsets or holds.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..900))).await;
+            drop(worker); // SIGKILL
+            worker = app.worker_process(ReadModel::Catalog, &[]); // starts paused
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_000))).await;
+            assert!(run_command(&app, &["resume", "catalog"]), "resumed");
+            // Killed while it reads the pointer, rejoins or applies again.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..900))).await;
+            drop(worker); // SIGKILL
+            worker = app.worker_process(ReadModel::Catalog, &[]);
+        }
+        worker
+    };
+    let ((), last) = futures::join!(producing, cycling);
+    let row = Row::new(
+        "SIGKILL of the worker during a pause and during the resume after it, under a steady stream",
+        records.len(),
+        format!(
+            "{} pauses, each with a SIGKILL while paused and one while resuming",
+            scale.kills / 2
+        ),
+    );
+    settle_and_judge(&app, last, row, started).await;
+}
+
 #[tokio::test]
 async fn chaos_two_workers_of_one_projection_one_killed_mid_stream() {
     let (scale, started) = (Scale::from_env(), Instant::now());

@@ -289,6 +289,7 @@ impl TestApp {
             on_phase: None,
             cache_held: None,
             operator_paused: None,
+            max_rate: None,
         }
     }
 
