@@ -276,7 +276,10 @@ impl StatusProbe {
         let workers = self.store.live_workers(Some(model.name())).await?;
         let mut serving = serving;
         mark_stuck(&mut serving, &workers);
-        let state = if !gaps.is_empty() || serving.partitions.iter().any(|p| p.gap.is_some()) {
+        // Ranges an operator skipped are listed in `gaps` but do not decide
+        // the state: they were chosen, and must not hide a stall behind them.
+        let found_gaps = gaps.iter().any(|g| g.kind != GapKind::Skipped);
+        let state = if found_gaps || serving.partitions.iter().any(|p| p.gap.is_some()) {
             State::Gap
         } else if serving.partitions.iter().any(|p| p.stuck.is_some()) {
             State::Stuck

@@ -2,8 +2,8 @@
 //! moves a paused projection's stored offsets (serving generation), showing
 //! the change partition by partition first. A rewind re-applies events,
 //! which convergence makes harmless; a forward move skips events, so each
-//! skipped range is recorded as a gap of its own kind (`skipped`), shown
-//! by `status` and `/projections` like any gap and cleared by a rebuild.
+//! skipped range is first recorded as a gap of its own kind (`skipped`),
+//! listed by `status` and `/projections` and cleared by a blue/green rebuild.
 
 use std::collections::BTreeMap;
 
@@ -76,11 +76,24 @@ pub async fn run(global: Global, args: OffsetsArgs) -> anyhow::Result<()> {
             applying.join(", ")
         );
     }
+    if let Some(building) = pointer.building {
+        bail!("a rebuild of {name} into generation {building} is under way: its worker stores offsets of its own, and its switch would leave this move on the old generation; run `offsets` before or after it");
+    }
     let generation = pointer.generation;
     let logs = probe.logs().await.context("reading the partitions' watermarks")?;
     let stored = store.load_offsets(name, generation).await?;
-    let current =
-        |topic: &str, partition: i32, low: i64| stored.get(&(topic.to_owned(), partition)).copied().unwrap_or(low);
+    // No checkpoint: the worker starts such a partition at 0 (and records
+    // a retention gap if the log starts later), so the move starts there too.
+    let current = |topic: &str, partition: i32| stored.get(&(topic.to_owned(), partition)).copied().unwrap_or(0);
+    if let Some(log) = logs.iter().find(|l| current(&l.topic, l.partition) > l.high) {
+        bail!(
+            "{}:{}: the stored offset {} lies beyond the log's end {} (a log reset): resume, and the worker records the reset first",
+            log.topic,
+            log.partition,
+            current(&log.topic, log.partition),
+            log.high
+        );
+    }
 
     // (topic, partition) -> (from, to, low, high)
     let mut moves: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
@@ -88,7 +101,7 @@ pub async fn run(global: Global, args: OffsetsArgs) -> anyhow::Result<()> {
         for log in &logs {
             moves.insert(
                 (log.topic.clone(), log.partition),
-                (current(&log.topic, log.partition, log.low), log.low),
+                (current(&log.topic, log.partition), log.low),
             );
         }
     } else if let Some(millis) = args.to_time {
@@ -100,7 +113,7 @@ pub async fn run(global: Global, args: OffsetsArgs) -> anyhow::Result<()> {
                 .unwrap_or(log.high);
             moves.insert(
                 (log.topic.clone(), log.partition),
-                (current(&log.topic, log.partition, log.low), to),
+                (current(&log.topic, log.partition), to),
             );
         }
     } else {
@@ -115,10 +128,7 @@ pub async fn run(global: Global, args: OffsetsArgs) -> anyhow::Result<()> {
                     log.high
                 );
             }
-            moves.insert(
-                (topic.clone(), *partition),
-                (current(topic, *partition, log.low), *offset),
-            );
+            moves.insert((topic.clone(), *partition), (current(topic, *partition), *offset));
         }
     }
 
@@ -151,6 +161,21 @@ pub async fn run(global: Global, args: OffsetsArgs) -> anyhow::Result<()> {
         .map(|((t, p), (_, to))| (t.clone(), *p, *to))
         .collect();
     store.set_offsets(name, generation, &changed).await?;
+    // A worker that was joining when the pause came may flush once more:
+    // look again after its pointer poll, and say so if one stored over us.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let now = store.load_offsets(name, generation).await?;
+    let overwritten: Vec<String> = changed
+        .iter()
+        .filter(|(t, p, o)| now.get(&(t.clone(), *p)) != Some(o))
+        .map(|(t, p, o)| format!("{t}:{p} (set {o}, now {:?})", now.get(&(t.clone(), *p))))
+        .collect();
+    if !overwritten.is_empty() {
+        bail!(
+            "a worker stored offsets over the move after it was made: {}; check `courseview status` and run `offsets` again",
+            overwritten.join(", ")
+        );
+    }
     println!(
         "moved {} partition(s); `courseview resume {name}` goes on from there",
         changed.len()

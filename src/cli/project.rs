@@ -318,13 +318,7 @@ async fn watch_health(
             // A gap fails readiness as a stall does: events were or may be missed.
             health.set(
                 *model,
-                status.is_ok_and(|s| {
-                    matches!(s.state, State::Live | State::Rebuilding | State::Paused)
-                        // Ranges an operator chose to skip are shown, not failed on.
-                        || (s.state == State::Gap
-                            && s.serving.partitions.iter().all(|p| p.gap.is_none())
-                            && s.gaps.iter().all(|g| g.kind == crate::kafka::GapKind::Skipped))
-                }),
+                status.is_ok_and(|s| matches!(s.state, State::Live | State::Rebuilding | State::Paused)),
             );
         }
         tokio::select! {

@@ -111,8 +111,8 @@ fn max_rate(s: &str) -> Result<MaxRate, String> {
         return Ok(MaxRate(None));
     }
     match s.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(MaxRate(Some(rate))),
-        Ok(_) => Err("must be events per second above 0, or `unlimited`".into()),
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(MaxRate(Some(rate))),
+        Ok(_) => Err("must be at least 1 event per second, or `unlimited`".into()),
         Err(e) => Err(format!("not a number of events per second, or `unlimited`: {e}")),
     }
 }
@@ -191,7 +191,10 @@ mod tests {
     fn max_rate_takes_events_per_second_or_unlimited_and_refuses_the_rest_saying_why() {
         assert_eq!(max_rate("2000"), Ok(MaxRate(Some(2000.0))));
         assert_eq!(max_rate("unlimited"), Ok(MaxRate(None)));
-        assert!(max_rate("0").expect_err("zero").contains("above 0"));
+        assert!(max_rate("0").expect_err("zero").contains("at least 1"));
+        assert!(max_rate("1e-300")
+            .expect_err("too small to pace")
+            .contains("at least 1"));
         assert!(max_rate("fast").expect_err("words").contains("unlimited"));
     }
 }
