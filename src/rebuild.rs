@@ -179,7 +179,7 @@ impl RebuildWorker {
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                match run_generation(&settings, store.clone(), cache.clone(), to, token.clone()).await {
+                match run_generation(&settings, store.clone(), cache.clone(), to, token.clone(), None).await {
                     // MongoDB was unreachable at assignment: rejoin, as live workers do.
                     Ok(GenerationEnd::AssignmentFailed(reason) | GenerationEnd::OffsetOutOfRange(reason))
                         if !token.is_cancelled() =>

@@ -143,6 +143,10 @@ pub enum Feed {
         partition: i32,
         next: i64,
     },
+    /// The reader paused its partitions, as the worker asked (an operator's
+    /// pause): every record before this was handed over, and none follows
+    /// until the worker lifts the hold. The consumer stays in its group.
+    Held,
 }
 
 /// How often an idle reader looks for positions that moved past markers.
@@ -250,6 +254,9 @@ struct AssignContext {
     /// A client of its own that asks for topic ids: asked on the consumer's
     /// own handle, the answer's metadata would be taken for the consumer's.
     describer: Arc<Describer>,
+    /// Raised by the worker while an operator pauses the projection:
+    /// partitions assigned meanwhile are paused as soon as they are taken.
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The admin client that describes topics for a consumer.
@@ -324,6 +331,14 @@ impl ConsumerContext for AssignContext {
                     warn!(group = %self.group, error = %e, "Assignment failed.");
                     *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                 } else {
+                    // Held: taken, to keep the group steady, but not read.
+                    // Paused before this callback returns, so no record of
+                    // them reaches a poll.
+                    if self.hold.load(std::sync::atomic::Ordering::Acquire) {
+                        if let Err(e) = consumer.pause(&assigned) {
+                            warn!(group = %self.group, error = %e, "Cannot pause the partitions just assigned.");
+                        }
+                    }
                     self.assigned.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
@@ -500,6 +515,7 @@ pub struct Consumer {
     reading: Arc<std::sync::Mutex<HashMap<String, String>>>,
     backlog: Arc<std::sync::atomic::AtomicI64>,
     describer: Arc<Describer>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -510,9 +526,12 @@ impl std::fmt::Debug for Consumer {
 
 impl Consumer {
     #[instrument(skip_all, fields(group = %settings.group_id))]
+    /// `hold`: while raised, the reader keeps the consumer in its group but
+    /// reads nothing (see [`Feed::Held`]).
     pub fn subscribe(
         settings: &ConsumerSettings,
         offsets: Arc<dyn OffsetSource>,
+        hold: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Consumer, KafkaClientError> {
         let failed = Arc::new(std::sync::Mutex::new(None));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -538,6 +557,7 @@ impl Consumer {
             last_reason: Arc::clone(&last_reason),
             reading: Arc::clone(&reading),
             describer: Arc::clone(&describer),
+            hold: Arc::clone(&hold),
         };
         let mut config = settings.brokers.config();
         config
@@ -600,6 +620,7 @@ impl Consumer {
             reading,
             backlog: Arc::default(),
             describer,
+            hold,
         })
     }
 
@@ -633,6 +654,7 @@ impl Consumer {
         let reading = Arc::clone(&self.reading);
         let backlog = Arc::clone(&self.backlog);
         let describer = Arc::clone(&self.describer);
+        let hold = Arc::clone(&self.hold);
         let group = self.group.clone();
         std::thread::Builder::new()
             .name(format!("kafka-{group}"))
@@ -641,6 +663,8 @@ impl Consumer {
                 let mut last_check = std::time::Instant::now();
                 let mut last_identity = std::time::Instant::now();
                 let mut watch = StuckWatch::default();
+                // Whether this thread paused the assignment for the worker.
+                let mut held = false;
                 let exit = loop {
                     if cancel.is_cancelled() {
                         break ReaderExit::Cancelled;
@@ -650,10 +674,34 @@ impl Consumer {
                     if let Some(reason) = fatal_error(&consumer) {
                         break ReaderExit::Fatal(reason);
                     }
+                    // Here, between polls, everything polled is on the
+                    // channel: pausing now, librdkafka will resume each
+                    // partition right after the last record handed over
+                    // (its pause keeps that position, and drops what it had
+                    // fetched beyond it). Polling goes on while held, so the
+                    // consumer keeps its place in the group.
+                    let want = hold.load(std::sync::atomic::Ordering::Acquire);
+                    if want != held {
+                        let assignment = consumer.assignment().unwrap_or_default();
+                        let done = if want {
+                            consumer.pause(&assignment)
+                        } else {
+                            consumer.resume(&assignment)
+                        };
+                        if let Err(e) = done {
+                            warn!(group = %group, error = %e, held = want, "Cannot pause or resume the partitions.");
+                        }
+                        held = want;
+                        if held && tx.blocking_send(Feed::Held).is_err() {
+                            break ReaderExit::ReceiverGone;
+                        }
+                    }
                     // Here, before the next poll, every record polled so far
                     // is on the channel, so a position read now is never
                     // ahead of what was sent. (After a poll it could be.)
-                    if last_check.elapsed() >= ADVANCE_EVERY {
+                    // Held, positions do not move and a partition is not
+                    // stuck: nothing is handed over or judged.
+                    if !held && last_check.elapsed() >= ADVANCE_EVERY {
                         last_check = std::time::Instant::now();
                         let positions = consumer.position().unwrap_or_default();
                         backlog.store(log_backlog(&consumer, &positions), std::sync::atomic::Ordering::Relaxed);

@@ -65,13 +65,15 @@ impl OffsetSource for StoredOffsets {
 }
 
 /// Consumes into one generation of the projection until `cancel` fires.
-/// The rebuild runs this with its own consumer group and a new generation.
+/// The rebuild runs this with its own consumer group and a new generation,
+/// and no `paused`: an operator's pause holds live workers only.
 pub async fn run_generation(
     settings: &WorkerSettings,
     store: Store,
     cache: Option<Cache>,
     generation: u32,
     cancel: CancellationToken,
+    mut paused: Option<Paused>,
 ) -> Result<GenerationEnd, WorkerError> {
     let model = settings.model;
     let span = tracing::info_span!("worker", projection = model.name(), generation);
@@ -92,7 +94,10 @@ pub async fn run_generation(
             generation,
             runtime: Handle::current(),
         });
-        let consumer = Consumer::subscribe(&settings.kafka, offsets)?;
+        let held_from_start = paused.as_mut().is_some_and(|p| p.borrow_and_update().is_some());
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(held_from_start));
+        let mut holding = if held_from_start { Holding::Asked } else { Holding::No };
+        let consumer = Consumer::subscribe(&settings.kafka, offsets, Arc::clone(&hold))?;
         let (tx, mut rx) = mpsc::channel::<Feed>(settings.batch_size * 2);
         let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
@@ -101,6 +106,11 @@ pub async fn run_generation(
         let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
         info!(group = %settings.kafka.group_id, "Projector started.");
 
+        let store_for_hold = store.clone();
+        if paused.is_some() {
+            // Raised again once the reader holds, if still paused.
+            paused_flag(settings, held_from_start);
+        }
         let applier = Applier::new(model, store, cache, generation)
             .with_record_limit(settings.max_record_bytes)
             .with_state_cache_bytes(settings.state_cache_bytes)
@@ -111,6 +121,14 @@ pub async fn run_generation(
         let mut fold = Fold::default();
         let mut pace = settings.max_rate.map(Pace::new);
         let result = loop {
+            // An operator paused the projection: ask the reader to hold;
+            // what it handed over before is applied and written when its
+            // `Held` arrives.
+            if holding == Holding::No && paused.as_mut().is_some_and(|p| p.borrow_and_update().is_some()) {
+                hold.store(true, std::sync::atomic::Ordering::Release);
+                holding = Holding::Asked;
+                info!("Pausing: writing what is in hand and storing its offsets.");
+            }
             // Records that queued up while the last batch was written make
             // the next batch at once (group commit); only a record that
             // arrives into an idle worker waits the linger for company.
@@ -145,9 +163,17 @@ pub async fn run_generation(
                         epoch_pending = !applier.bump_cache().await;
                         continue;
                     }
+                    // Asked to pause while idle: the reader's `Held` comes next.
+                    r = async { paused.as_mut()?.changed().await.ok() }, if holding == Holding::No && paused.is_some() => {
+                        // The pointer watcher is gone: the generation is ending.
+                        if r.is_none() {
+                            cancel.cancelled().await;
+                        }
+                        continue;
+                    }
                     // Assigned and idle: following this generation all the same
                     // (a rebuild's handover waits for it).
-                    () = tokio::time::sleep(Duration::from_millis(100)), if !reported => {
+                    () = tokio::time::sleep(Duration::from_millis(100)), if !reported && holding == Holding::No => {
                         if assigned.load(std::sync::atomic::Ordering::Acquire) {
                             report(settings, generation, true);
                             reported = true;
@@ -171,12 +197,12 @@ pub async fn run_generation(
                     other => GenerationEnd::ReaderDied(format!("reader stopped unasked: {other:?}")),
                 });
             };
-            if !reported {
+            if !reported && holding == Holding::No {
                 // Something arrived, so partitions are assigned: consuming.
                 report(settings, generation, true);
                 reported = true;
             }
-            let (batch, advanced) =
+            let (batch, advanced, reader_held) =
                 collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
             if let Some(pace) = &mut pace {
                 // Throttled: the reader waits behind the queue meanwhile.
@@ -188,13 +214,31 @@ pub async fn run_generation(
             budget.release(bytes);
             // Behind: more than a batch still waits in the log.
             let behind = backlog.load(std::sync::atomic::Ordering::Relaxed) >= settings.batch_size as i64;
-            let why = settings.fold.judge(&fold, behind, cancel.is_cancelled());
-            if why == Flush::Not {
-                continue;
+            let why = settings.fold.judge(&fold, behind, cancel.is_cancelled() || reader_held);
+            if why != Flush::Not && !fold.is_empty() {
+                match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why, &settings.kafka.group_id).await {
+                    ControlFlow::Continue(told) => epoch_pending = told.pending(epoch_pending),
+                    ControlFlow::Break(end) => break end,
+                }
             }
-            match flush(&applier, &mut fold, &consumer, &hard, settings.max_backoff, why, &settings.kafka.group_id).await {
-                ControlFlow::Continue(told) => epoch_pending = told.pending(epoch_pending),
-                ControlFlow::Break(end) => break end,
+            if reader_held {
+                report(settings, generation, false);
+                reported = false;
+                let Some(paused) = paused.as_mut() else {
+                    // Only a worker that watches for pauses asks to hold.
+                    hold.store(false, std::sync::atomic::Ordering::Release);
+                    holding = Holding::No;
+                    continue;
+                };
+                match hold_while_paused(settings, &store_for_hold, generation, &consumer, paused, &cancel).await {
+                    Ok(Resumed::Here) => {
+                        hold.store(false, std::sync::atomic::Ordering::Release);
+                        holding = Holding::No;
+                    }
+                    Ok(Resumed::OffsetsMoved) => break Ok(GenerationEnd::OffsetsMoved),
+                    Ok(Resumed::NotYet) => break Ok(GenerationEnd::Cancelled),
+                    Err(e) => break Err(e),
+                }
             }
         };
         // What was folded when the loop ended is written too (a handover
@@ -236,6 +280,92 @@ pub async fn run_generation(
     }
     .instrument(span)
     .await
+}
+
+/// Where an operator's pause stands in a generation's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holding {
+    /// Not paused: reading.
+    No,
+    /// The reader was asked to hold; its `Held` has not arrived yet, so
+    /// records before it may still come and are applied.
+    Asked,
+}
+
+/// How an operator's pause, held inside the generation, ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resumed {
+    /// Lifted, with the stored offsets where the pause left them: the
+    /// reader resumes each partition right after the last record it
+    /// handed over, which is where they are stored.
+    Here,
+    /// Lifted, but the stored offsets of this worker's partitions moved
+    /// meanwhile (`courseview offsets`): the consumer must start again
+    /// from them.
+    OffsetsMoved,
+    /// The generation ends first (shutdown, a switch or a handover).
+    NotYet,
+}
+
+fn paused_flag(settings: &WorkerSettings, on: bool) {
+    if let Some(flag) = &settings.operator_paused {
+        flag.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Holds while an operator has the projection paused. The fold is
+/// written and its offsets stored; the consumer keeps polling, so it stays
+/// in its group with its partitions paused, and applies nothing.
+async fn hold_while_paused(
+    settings: &WorkerSettings,
+    store: &Store,
+    generation: u32,
+    consumer: &Consumer,
+    paused: &mut Paused,
+    cancel: &CancellationToken,
+) -> Result<Resumed, WorkerError> {
+    let projection = settings.model.name();
+    let read = || store.load_offsets(projection, generation);
+    // Where the pause left the offsets: a resume compares.
+    let Some(left) = retry_transient("read stored offsets", cancel, settings.max_backoff, read).await? else {
+        return Ok(Resumed::NotYet);
+    };
+    paused_flag(settings, true);
+    let info = paused.borrow().clone().unwrap_or_else(|| PauseInfo {
+        by: String::new(),
+        at: 0,
+        reason: None,
+    });
+    info!(
+        projection,
+        generation,
+        by = info.by,
+        reason = info.reason.unwrap_or_default(),
+        "Paused by an operator; applying nothing until resumed, still in the group."
+    );
+    while paused.borrow_and_update().is_some() {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(Resumed::NotYet),
+            changed = paused.changed() => if changed.is_err() {
+                // The pointer watcher is gone: the generation is ending.
+                cancel.cancelled().await;
+                return Ok(Resumed::NotYet);
+            }
+        }
+    }
+    let Some(now) = retry_transient("read stored offsets", cancel, settings.max_backoff, read).await? else {
+        return Ok(Resumed::NotYet);
+    };
+    paused_flag(settings, false);
+    let moved = consumer
+        .assignment()
+        .into_iter()
+        .any(|partition| left.get(&partition) != now.get(&partition));
+    if moved {
+        return Ok(Resumed::OffsetsMoved);
+    }
+    info!(projection, generation, "Resumed; going on from the stored offsets.");
+    Ok(Resumed::Here)
 }
 
 /// Paces records to at most `rate` per second: each batch may go once the
@@ -376,30 +506,34 @@ async fn collect_batch(
     rx: &mut mpsc::Receiver<Feed>,
     max: usize,
     linger: Duration,
-) -> (Vec<Record>, Vec<(String, i32, i64)>) {
-    fn take(feed: Feed, batch: &mut Vec<Record>, advanced: &mut Vec<(String, i32, i64)>) {
+) -> (Vec<Record>, Vec<(String, i32, i64)>, bool) {
+    /// Takes `feed` in; true when it was the reader's `Held`.
+    fn take(feed: Feed, batch: &mut Vec<Record>, advanced: &mut Vec<(String, i32, i64)>) -> bool {
         match feed {
             Feed::Record(r) => batch.push(r),
             Feed::Advance { topic, partition, next } => advanced.push((topic, partition, next)),
+            Feed::Held => return true,
         }
+        false
     }
     let (mut batch, mut advanced) = (Vec::new(), Vec::new());
-    take(first, &mut batch, &mut advanced);
+    let mut held = take(first, &mut batch, &mut advanced);
     // An advance alone is a batch at once: nothing else is coming.
     let advance_only = !advanced.is_empty();
     let deadline = tokio::time::Instant::now() + linger;
-    while !advance_only && batch.len() < max {
+    // Nothing follows the reader's `Held`: the batch ends there.
+    while !advance_only && !held && batch.len() < max {
         match rx.try_recv() {
-            Ok(feed) => take(feed, &mut batch, &mut advanced),
+            Ok(feed) => held = take(feed, &mut batch, &mut advanced),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) if arrival == Arrival::Queued => break,
             Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(feed)) => take(feed, &mut batch, &mut advanced),
+                Ok(Some(feed)) => held = take(feed, &mut batch, &mut advanced),
                 Ok(None) | Err(_) => break,
             },
         }
     }
-    (batch, advanced)
+    (batch, advanced, held)
 }
 
 #[cfg(test)]
@@ -429,7 +563,7 @@ mod tests {
             tx.send(Feed::Record(rec("a", 0, offset))).await.expect("queued");
         }
         let started = std::time::Instant::now();
-        let (batch, _) = collect_batch(
+        let (batch, _, _) = collect_batch(
             Feed::Record(rec("a", 0, 0)),
             Arrival::Queued,
             &mut rx,
@@ -453,7 +587,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(30)).await;
             let _ = tx.send(Feed::Record(rec("a", 0, 1))).await;
         });
-        let (batch, _) = collect_batch(
+        let (batch, _, _) = collect_batch(
             Feed::Record(rec("a", 0, 0)),
             Arrival::Awaited,
             &mut rx,
@@ -471,7 +605,7 @@ mod tests {
             tx.send(Feed::Record(rec("a", 0, i))).await.expect("send");
         }
         for arrival in [Arrival::Queued, Arrival::Awaited] {
-            let (batch, _) = collect_batch(
+            let (batch, _, _) = collect_batch(
                 Feed::Record(rec("a", 0, 0)),
                 arrival,
                 &mut rx,

@@ -14,18 +14,22 @@ pub enum Moved {
     /// A rebuild asks this generation's workers to pause until `until`
     /// (Unix ms) while it hands over to `to`.
     Handover { to: u32, until: i64 },
-    /// An operator paused the projection (`courseview pause`).
-    Paused,
 }
+
+/// An operator's pause as the pointer last said (`None`: not paused); a
+/// failed read leaves it as it was, so only `courseview resume` lifts it.
+pub type Paused = tokio::sync::watch::Receiver<Option<PauseInfo>>;
 
 /// Cancels `moved` once the serving generation is no longer `generation`,
 /// or a rebuild asks this generation's workers to pause for its handover,
 /// and says which; `None` if `moved` fired for another reason (shutdown).
+/// Meanwhile it tells `paused` whether an operator paused the projection.
 pub(super) async fn watch_pointer(
     store: Store,
     projection: &'static str,
     generation: u32,
     moved: CancellationToken,
+    paused: tokio::sync::watch::Sender<Option<PauseInfo>>,
 ) -> Option<Moved> {
     loop {
         tokio::select! {
@@ -40,10 +44,10 @@ pub(super) async fn watch_pointer(
         };
         if let Ok(pointer) = read {
             let now = chrono::Utc::now().timestamp_millis();
+            // A handover comes first: a rebuild of a paused projection
+            // needs its workers out of the serving generation too.
             let why = if pointer.generation != generation {
                 Some(Moved::Switched { to: pointer.generation })
-            } else if pointer.paused.is_some() {
-                Some(Moved::Paused)
             } else {
                 pointer
                     .handover
@@ -54,6 +58,11 @@ pub(super) async fn watch_pointer(
                 moved.cancel();
                 return why;
             }
+            paused.send_if_modified(|was| {
+                let changed = *was != pointer.paused;
+                was.clone_from(&pointer.paused);
+                changed
+            });
         }
     }
 }
@@ -66,9 +75,6 @@ pub(super) enum Pause {
     Over,
     /// Shutdown came first.
     Shutdown,
-    /// An operator's pause held the worker, then was lifted: read the
-    /// pointer again (a rebuild may have switched meanwhile).
-    Resumed,
 }
 
 /// While a rebuild hands over from `generation` (still serving), applies
@@ -111,65 +117,6 @@ pub(super) async fn pause_for_handover(
         tokio::select! {
             () = cancel.cancelled() => return Pause::Shutdown,
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
-}
-
-/// While an operator has the projection paused, applies nothing: no
-/// consumer, so nothing is read; the offsets stay where the last flush
-/// stored them. Returns once a pointer read says it is not paused: `Over`
-/// if it never was, `Resumed` if it held. A failed read is retried, never
-/// taken for "not paused": only `courseview resume` ends a pause.
-pub(super) async fn wait_while_paused(
-    settings: &WorkerSettings,
-    store: &Store,
-    projection: &'static str,
-    cancel: &CancellationToken,
-) -> Pause {
-    let mut announced = false;
-    let flag = |on: bool| {
-        if let Some(flag) = &settings.operator_paused {
-            flag.store(on, std::sync::atomic::Ordering::Relaxed);
-        }
-    };
-    loop {
-        let now = chrono::Utc::now().timestamp_millis();
-        match store.pointer(projection).await {
-            Ok(p) if p.paused.is_some() => {
-                flag(true);
-                if !announced {
-                    let reason = p.paused.as_ref().and_then(|i| i.reason.clone()).unwrap_or_default();
-                    let by = p.paused.as_ref().map(|i| i.by.clone()).unwrap_or_default();
-                    info!(
-                        projection,
-                        generation = p.generation,
-                        by,
-                        reason,
-                        "Paused by an operator; applying nothing until resumed."
-                    );
-                    announced = true;
-                }
-                // Applying nothing: a rebuild handing over from this
-                // generation may count this worker as paused for it too.
-                match p.handover.filter(|(to, until)| now < *until && *to != p.generation) {
-                    Some((_, until)) => report_paused(settings, p.generation, until),
-                    None => report(settings, p.generation, false),
-                }
-            }
-            Ok(_) => {
-                flag(false);
-                if announced {
-                    info!(projection, "Resumed; going on from the stored offsets.");
-                    return Pause::Resumed;
-                }
-                return Pause::Over;
-            }
-            // Unknown: neither start consuming nor end a pause.
-            Err(e) => debug!(projection, error = %e, "Cannot read the pointer to know whether paused; retrying."),
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return Pause::Shutdown,
-            () = tokio::time::sleep(POINTER_POLL) => {}
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::kafka::{
     ByteBudget, Consumer, ConsumerSettings, Feed, Gap, GapKind, KafkaClientError, OffsetSource, OffsetsUnavailable,
     OnGap, ReaderExit,
 };
-use crate::mongo::{AlreadyNewer, Conflicts, DocWrite, Store, StoreError, Stored};
+use crate::mongo::{AlreadyNewer, Conflicts, DocWrite, PauseInfo, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
 use crate::record::Record;
 use crate::telemetry;
@@ -46,7 +46,8 @@ mod states;
 pub use applier::{Applier, BatchOutcome};
 pub use consume::run_generation;
 pub use fold::{Flush, Fold, FoldLimits};
-use follow::{deadline_after, pause_for_handover, wait_while_paused, watch_pointer, Moved, Pause};
+pub use follow::Paused;
+use follow::{deadline_after, pause_for_handover, watch_pointer, Moved, Pause};
 
 /// Bytes of course states a worker remembers between batches.
 pub const DEFAULT_STATE_CACHE_BYTES: u64 = 8 * 1024 * 1024;
@@ -171,6 +172,10 @@ pub enum GenerationEnd {
     ReaderDied(String),
     /// librdkafka raised a fatal error: the worker must end.
     KafkaFatal(String),
+    /// Resumed after an operator's pause, and the stored offsets are no
+    /// longer where the pause left them (`courseview offsets`): rejoin, so
+    /// the assignment starts each partition at its stored offset again.
+    OffsetsMoved,
 }
 
 /// Why a batch could not be applied this time, by what the caller does next.
@@ -256,22 +261,15 @@ pub async fn run(
     let projection = settings.model.name();
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Some(generation) = retry_transient("read generation pointer", &cancel, settings.max_backoff, || {
-            store.serving_generation(projection)
+        let Some(pointer) = retry_transient("read generation pointer", &cancel, settings.max_backoff, || {
+            store.pointer(projection)
         })
         .await?
         else {
             return Ok(Stopped::Shutdown);
         };
+        let generation = pointer.generation;
         report(&settings, generation, false);
-        // Paused by an operator: take no partitions until resumed (a
-        // worker started while paused stays paused).
-        match wait_while_paused(&settings, &store, projection, &cancel).await {
-            Pause::Shutdown => return Ok(Stopped::Shutdown),
-            // Held, perhaps for long: the serving generation may have moved.
-            Pause::Resumed => continue,
-            Pause::Over => {}
-        }
         // A rebuild handing over from this generation: pause before taking
         // partitions, or this worker could move the serving generation
         // after the rebuild saw every worker paused.
@@ -279,8 +277,25 @@ pub async fn run(
             return Ok(Stopped::Shutdown);
         }
         let moved = cancel.child_token();
-        let watcher = tokio::spawn(watch_pointer(store.clone(), projection, generation, moved.clone()));
-        let end = run_generation(&settings, store.clone(), cache.clone(), generation, moved.clone()).await;
+        // Paused by an operator as the pointer was read: the consumer joins
+        // the group held, so a worker started while paused reads nothing.
+        let (paused_tx, paused) = tokio::sync::watch::channel(pointer.paused);
+        let watcher = tokio::spawn(watch_pointer(
+            store.clone(),
+            projection,
+            generation,
+            moved.clone(),
+            paused_tx,
+        ));
+        let end = run_generation(
+            &settings,
+            store.clone(),
+            cache.clone(),
+            generation,
+            moved.clone(),
+            Some(paused),
+        )
+        .await;
         // The watcher ends once `moved` fired, saying whether it fired it.
         moved.cancel();
         let why = watcher.await.ok().flatten();
@@ -311,10 +326,6 @@ pub async fn run(
                             "Handed over; following the pointer."
                         );
                     }
-                    Some(Moved::Paused) => info!(
-                        projection,
-                        generation, "Paused by an operator; its fold written and its offsets stored."
-                    ),
                     None => info!(projection, from = generation, "Following the pointer."),
                 }
             }
@@ -334,6 +345,12 @@ pub async fn run(
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(settings.max_backoff);
+            }
+            (GenerationEnd::OffsetsMoved, _) => {
+                info!(
+                    projection,
+                    generation, "Offsets were moved while paused; rejoining the group to read from them."
+                );
             }
             (GenerationEnd::ReaderDied(reason), _) => return Err(WorkerError::ReaderDied(reason)),
             (GenerationEnd::KafkaFatal(reason), _) => return Err(WorkerError::KafkaFatal(reason)),

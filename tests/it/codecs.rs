@@ -242,7 +242,8 @@ async fn a_fatal_client_error_ends_the_reader_with_its_reason() {
             panic!("no gap here: {gap:?}")
         }
     }
-    let consumer = Consumer::subscribe(&settings, std::sync::Arc::new(NoOffsets)).expect("consumer");
+    let consumer =
+        Consumer::subscribe(&settings, std::sync::Arc::new(NoOffsets), std::sync::Arc::default()).expect("consumer");
     let (tx, _rx) = tokio::sync::mpsc::channel(100);
     let reader = consumer.spawn_reader(tx, ByteBudget::new(1 << 20), tokio_util::sync::CancellationToken::new());
     tokio::time::sleep(Duration::from_millis(500)).await;

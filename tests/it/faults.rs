@@ -131,7 +131,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
             failures,
             offsets: stored.clone(),
         });
-        let consumer = Consumer::subscribe(&settings, source).expect("consumer");
+        let consumer = Consumer::subscribe(&settings, source, Default::default()).expect("consumer");
         let (tx, rx) = tokio::sync::mpsc::channel(100);
         // A reader that never gives up is stopped after 30 s, so the test
         // fails on its exit reason instead of hanging.
@@ -167,6 +167,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
                 courseview::kafka::Feed::Record(r) => return r,
                 // Positions reported while idle are not records.
                 courseview::kafka::Feed::Advance { next, .. } => assert!(next <= 3, "advanced to {next}"),
+                courseview::kafka::Feed::Held => panic!("held though never asked to"),
             }
         }
     })

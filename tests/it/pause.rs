@@ -1,7 +1,8 @@
 //! `courseview pause` / `resume` against real Kafka, MongoDB and Redis:
 //! a paused projection's workers write what they folded, store their
 //! offsets at that batch boundary and apply nothing more while events keep
-//! coming; they keep their process and health endpoints; `resume` goes on
+//! coming; they keep their process, their consumer group membership and
+//! their health endpoints; `resume` goes on
 //! from the stored offsets, and nothing is lost across the pause.
 
 use std::collections::HashMap;
@@ -111,6 +112,34 @@ async fn readyz(app: &TestApp, base: &str) -> Option<Value> {
     response.json().await.ok()
 }
 
+/// The projection's consumer group as the broker describes it: its state
+/// and how many members it has.
+fn group(app: &TestApp) -> (String, usize) {
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .expect("client");
+    let name = format!("{}.catalog", app.id);
+    let list = client
+        .fetch_group_list(Some(&name), Duration::from_secs(5))
+        .expect("the group described");
+    list.groups()
+        .iter()
+        .find(|g| g.name() == name)
+        .map(|g| (g.state().to_owned(), g.members().len()))
+        .unwrap_or_else(|| ("Dead".to_owned(), 0))
+}
+
+/// Waits for the group to be stable with `members` members.
+async fn group_stable_with(app: &TestApp, members: usize) {
+    eventually(
+        &format!("the group to be stable with {members} member(s)"),
+        Duration::from_secs(30),
+        || async { (group(app) == ("Stable".to_owned(), members)).then_some(()) },
+    )
+    .await;
+}
+
 fn sorted(mut docs: Vec<bson::Document>) -> Vec<bson::Document> {
     docs.sort_by(|a, b| {
         a.get_str("_id")
@@ -163,6 +192,13 @@ async fn a_pause_under_a_steady_stream_stops_at_a_batch_boundary_and_resume_lose
             metrics.contains("courseview_projection_paused{projection=\"catalog\"} 1"),
             "the paused gauge: {metrics}"
         );
+        // Paused, the worker is still in its group: no rebalance at the
+        // pause or at the resume, and lag tools still see the member.
+        assert_eq!(
+            group(&app),
+            ("Stable".to_owned(), 1),
+            "a paused worker keeps its group membership"
+        );
         (read_model, stored)
     };
     let ((read_model, stored), ()) = tokio::join!(checks, publish_steadily(&app, &events, 100));
@@ -205,10 +241,15 @@ async fn a_worker_started_while_paused_stays_paused_until_resumed() {
         (readyz(&app, &base).await?["status"] == "paused").then_some(())
     })
     .await;
+    // It joins its group, takes its partitions and reads none of them.
+    group_stable_with(&app, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        !crate::helpers::logged(&logs, "Projector started."),
-        "no consumer started while paused"
+        crate::helpers::logged(
+            &logs,
+            "Paused by an operator; applying nothing until resumed, still in the group."
+        ),
+        "the worker said it holds"
     );
     assert!(offsets(&app).await.is_empty(), "nothing stored while paused");
     assert!(
@@ -219,8 +260,8 @@ async fn a_worker_started_while_paused_stays_paused_until_resumed() {
     command(&app, &["resume", "catalog"]);
     app.wait_applied(ReadModel::Catalog, events.len() as i64).await;
     assert!(
-        crate::helpers::logged(&logs, "Projector started."),
-        "its consumer started once resumed (the log line the check above looks for)"
+        crate::helpers::logged(&logs, "Resumed; going on from the stored offsets."),
+        "the same consumer went on, without rejoining"
     );
     assert_eq!(
         sorted(app.dump(ReadModel::Catalog).await),
@@ -232,7 +273,17 @@ async fn a_worker_started_while_paused_stays_paused_until_resumed() {
 
 /// The sum of the catalog's stored offsets.
 async fn applied(app: &TestApp) -> i64 {
-    offsets(app).await.values().sum()
+    applied_to(app, 1).await
+}
+
+/// The sum of the stored offsets of the catalog's `generation`.
+async fn applied_to(app: &TestApp, generation: u32) -> i64 {
+    app.store
+        .load_offsets("catalog", generation)
+        .await
+        .expect("offsets")
+        .values()
+        .sum()
 }
 
 fn fails(app: &TestApp, args: &[&str]) {
@@ -245,6 +296,7 @@ fn fails(app: &TestApp, args: &[&str]) {
 async fn offsets_moved_to_a_time_while_paused_reapply_from_there_and_resume_equals_a_clean_replay() {
     let app = TestApp::spawn().await;
     let (mut worker, base) = worker(&app);
+    let logs = crate::helpers::log_lines(&mut worker);
     let before: Vec<Value> = stream(20);
     let after: Vec<Value> = stream(40).split_off(80);
     app.publish_all(&before).await;
@@ -280,6 +332,15 @@ async fn offsets_moved_to_a_time_while_paused_reapply_from_there_and_resume_equa
         sorted(app.dump(ReadModel::Catalog).await),
         sorted(clean_replay(&[before, after].concat()).await),
         "re-applied from the time, the read model equals a clean replay"
+    );
+    // Its paused partitions would have resumed where they stopped: it
+    // rejoined to start them at the moved offsets instead.
+    assert!(
+        crate::helpers::logged(
+            &logs,
+            "Offsets were moved while paused; rejoining the group to read from them."
+        ),
+        "the worker rejoined at the moved offsets"
     );
     crate::helpers::signal(&worker, "TERM");
     let _ = worker.0.wait();
@@ -345,6 +406,68 @@ async fn offsets_moved_forward_report_the_skipped_events_instead_of_losing_them_
         sorted(app.dump(ReadModel::Catalog).await),
         sorted(clean_replay(&kept).await),
         "everything but the skipped range applied"
+    );
+    crate::helpers::signal(&worker, "TERM");
+    let _ = worker.0.wait();
+}
+
+#[tokio::test]
+async fn a_rebuild_of_a_paused_projection_switches_and_its_worker_stays_held_in_its_group_until_resumed() {
+    let app = TestApp::spawn().await;
+    let (mut worker, base) = worker(&app);
+    let logs = crate::helpers::log_lines(&mut worker);
+    let first = stream(10);
+    app.publish_all(&first).await;
+    app.wait_applied(ReadModel::Catalog, first.len() as i64).await;
+    command(&app, &["pause", "catalog", "--reason", "rebuilding"]);
+    eventually("the worker to hold", Duration::from_secs(15), || async {
+        (readyz(&app, &base).await?["status"] == "paused").then_some(())
+    })
+    .await;
+    command(
+        &app,
+        &["rebuild", "catalog", "--handover-timeout", "3s", "--grace", "1s"],
+    );
+    assert_eq!(
+        app.store.serving_generation("catalog").await.expect("pointer"),
+        2,
+        "the rebuild switched"
+    );
+    // Events after the switch: the held worker, now on generation 2, reads none.
+    let later: Vec<Value> = stream(20).split_off(first.len());
+    app.publish_all(&later).await;
+    group_stable_with(&app, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        applied_to(&app, 2).await,
+        first.len() as i64,
+        "the new generation holds what the rebuild applied, no more"
+    );
+    assert_eq!(
+        readyz(&app, &base).await.map(|b| b["status"].clone()),
+        Some(json!("paused")),
+        "still paused after the switch"
+    );
+
+    command(&app, &["resume", "catalog"]);
+    let all = [first, later].concat();
+    eventually(
+        "the resumed worker to apply the rest",
+        Duration::from_secs(30),
+        || async {
+            let stored: i64 = app.store.load_offsets("catalog", 2).await.ok()?.values().sum();
+            (stored == all.len() as i64).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        sorted(app.dump(ReadModel::Catalog).await),
+        sorted(clean_replay(&all).await),
+        "resumed on the new generation, the read model equals a clean replay"
+    );
+    assert!(
+        crate::helpers::logged(&logs, "Resumed; going on from the stored offsets."),
+        "it went on with the consumer it held, not a fresh one"
     );
     crate::helpers::signal(&worker, "TERM");
     let _ = worker.0.wait();
