@@ -899,6 +899,62 @@ async fn freshness(env: &Env, producer: &Producer, base: &str, rate: u64, second
     }
 }
 
+/// Latency of cache misses: `GET /catalog/courses/{id}` of posted courses
+/// (ids ending 2..9 of each ten) from `first` on, none asked for before, one
+/// at a time at `rate` a second for `seconds`.
+async fn miss_latency(base: &str, rate: u64, seconds: u64, first: usize, courses: usize) -> Latency {
+    let client = reqwest::Client::new();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut ids = (first..courses).filter(|c| c % 10 >= 2);
+    let mut took = Vec::new();
+    let mut failed = 0;
+    for i in 0..rate * seconds {
+        let Some(c) = ids.next() else { break };
+        let asked = Instant::now();
+        let answered = match client
+            .get(format!("{base}/catalog/courses/3f1e7c2a-{c:08}"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+            _ => false,
+        };
+        if answered {
+            took.push(asked.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            failed += 1;
+        }
+        tokio::time::sleep_until((started + interval * (i as u32 + 1)).into()).await;
+    }
+    took.sort_by(f64::total_cmp);
+    Latency {
+        p50_ms: percentile(&took, 0.5),
+        p99_ms: percentile(&took, 0.99),
+        max_ms: took.last().copied().unwrap_or(f64::NAN),
+        answered: took.len(),
+        failed,
+    }
+}
+
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    answered: usize,
+    failed: usize,
+}
+
+impl std::fmt::Display for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} answers ({} failed)",
+            self.p50_ms, self.p99_ms, self.max_ms, self.answered, self.failed
+        )
+    }
+}
+
 struct Freshness {
     p50_ms: f64,
     p99_ms: f64,
@@ -1144,9 +1200,16 @@ async fn main() {
         let (api, base) = serve_api(&env).await;
         const SECONDS: u64 = 15;
         let mut rows = Vec::new();
-        let idle = freshness(&env, &producer, &base, 1_000, SECONDS, 0).await;
-        eprintln!("e2e: idle {idle}");
-        rows.push(("no rebuild (idle)".to_owned(), idle, f64::NAN));
+        // Beside each freshness row, cache misses: posted courses never
+        // asked for before (a range of its own per row), 50 a second.
+        const MISSES_PER_SECOND: u64 = 50;
+        let misses_from = |row: usize| 2_000 + row * 2_000;
+        let (idle, idle_misses) = tokio::join!(
+            freshness(&env, &producer, &base, 1_000, SECONDS, 0),
+            miss_latency(&base, MISSES_PER_SECOND, SECONDS, misses_from(0), courses)
+        );
+        eprintln!("e2e: idle {idle}; cache misses {idle_misses}");
+        rows.push(("no rebuild (idle)".to_owned(), idle, idle_misses, f64::NAN));
         // None: the default; then unlimited, then each --throttle.
         let rates = [None, Some("unlimited".to_owned())]
             .into_iter()
@@ -1159,9 +1222,12 @@ async fn main() {
             }
             let mut rebuild = env.courseview(&rebuild_args, &[]);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let during = freshness(&env, &producer, &base, 1_000, SECONDS, (i as u64 + 1) * 1_000 * SECONDS).await;
+            let (during, misses) = tokio::join!(
+                freshness(&env, &producer, &base, 1_000, SECONDS, (i as u64 + 1) * 1_000 * SECONDS),
+                miss_latency(&base, MISSES_PER_SECOND, SECONDS, misses_from(i + 1), courses)
+            );
             let still_running = matches!(rebuild.0.try_wait(), Ok(None));
-            eprintln!("e2e: rebuild (max rate {rate:?}) beside the live worker: {during}; still running at the end: {still_running}");
+            eprintln!("e2e: rebuild (max rate {rate:?}) beside the live worker: {during}; cache misses {misses}; still running at the end: {still_running}");
             // It must have run all through the measurement to count.
             assert!(
                 still_running,
@@ -1182,25 +1248,29 @@ async fn main() {
                 None => "rebuild beside it, the defaults".to_owned(),
                 Some(r) => format!("rebuild beside it, `--max-rate {r}`"),
             };
-            rows.push((label, during, rebuild_rate));
+            rows.push((label, during, misses, rebuild_rate));
         }
         stop(api);
         stop(worker);
         println!(
-            "Code: {}. Machine: {}. Corpus: {n} events; the live worker caught up, then {SECONDS} s of 1,000 events/s (every 100th timed, produce → visible through the API) for each row; the rebuild (from offset 0) starts 2 s before its row's measurement, runs all through it and is stopped after it. MongoDB peer {peer}.\n",
+            "Code: {}. Machine: {}. Corpus: {n} events; the live worker caught up, then {SECONDS} s of 1,000 events/s (every 100th timed, produce → visible through the API) for each row, and beside it {MISSES_PER_SECOND} cache misses a second (`GET /catalog/courses/{{id}}` of posted courses never asked for before, one at a time); the rebuild (from offset 0) starts 2 s before its row's measurement, runs all through it and is stopped after it. MongoDB peer {peer}.\n",
             code_version(),
             machine()
         );
-        println!("| live worker's freshness | p50 | p99 | max | p99 against idle | rebuild's rate while measured |");
-        println!("|---|---|---|---|---|---|");
-        let idle_p99 = rows[0].1.p99_ms;
-        for (label, f, rate) in &rows {
+        println!("| live worker's freshness | p50 | p99 | max | p99 against idle | cache-miss GET p50 / p99 / max | miss p99 against idle | rebuild's rate while measured |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let (idle_p99, idle_miss_p99) = (rows[0].1.p99_ms, rows[0].2.p99_ms);
+        for (label, f, m, rate) in &rows {
             println!(
-                "| {label} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1}× | {} |",
+                "| {label} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1}× | {:.1} / {:.1} / {:.1} ms | {:.1}× | {} |",
                 f.p50_ms,
                 f.p99_ms,
                 f.max_ms,
                 f.p99_ms / idle_p99,
+                m.p50_ms,
+                m.p99_ms,
+                m.max_ms,
+                m.p99_ms / idle_miss_p99,
                 if rate.is_nan() {
                     "—".to_owned()
                 } else {

@@ -229,6 +229,36 @@ impl ByteBudget {
     }
 }
 
+/// The worker's request that the reader hold (read nothing, stay in the
+/// group) or read. Requests are numbered, odd ones to hold, so a request
+/// the reader has not seen yet is never lost behind a later one.
+#[derive(Debug, Default)]
+pub struct HoldRequest(std::sync::atomic::AtomicU64);
+
+impl HoldRequest {
+    pub fn new(hold: bool) -> Self {
+        HoldRequest(std::sync::atomic::AtomicU64::new(u64::from(hold)))
+    }
+
+    /// Asks to hold or to read; nothing new if that is already asked.
+    /// Only the worker asks, so this read-then-add does not race.
+    pub fn set(&self, hold: bool) {
+        if self.holding() != hold {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    pub fn holding(&self) -> bool {
+        self.read().1
+    }
+
+    /// The request's number, and whether it asks to hold.
+    fn read(&self) -> (u64, bool) {
+        let n = self.0.load(std::sync::atomic::Ordering::Acquire);
+        (n, n % 2 == 1)
+    }
+}
+
 struct AssignContext {
     group: String,
     offsets: Arc<dyn OffsetSource>,
@@ -256,7 +286,7 @@ struct AssignContext {
     describer: Arc<Describer>,
     /// Raised by the worker while an operator pauses the projection:
     /// partitions assigned meanwhile are paused as soon as they are taken.
-    hold: Arc<std::sync::atomic::AtomicBool>,
+    hold: Arc<HoldRequest>,
 }
 
 /// The admin client that describes topics for a consumer.
@@ -333,11 +363,17 @@ impl ConsumerContext for AssignContext {
                 } else {
                     // Held: taken, to keep the group steady, but not read.
                     // Paused before this callback returns, so no record of
-                    // them reaches a poll.
-                    if self.hold.load(std::sync::atomic::Ordering::Acquire) {
-                        if let Err(e) = consumer.pause(&assigned) {
-                            warn!(group = %self.group, error = %e, "Cannot pause the partitions just assigned.");
-                        }
+                    // them reaches a poll. Not held: resumed, since
+                    // librdkafka keeps a partition's pause across its
+                    // revocation, and one paused during a hold and taken
+                    // back later would never be read again.
+                    let (held, done) = if self.hold.holding() {
+                        (true, consumer.pause(&assigned))
+                    } else {
+                        (false, consumer.resume(&assigned))
+                    };
+                    if let Err(e) = done {
+                        warn!(group = %self.group, error = %e, held, "Cannot pause or resume the partitions just assigned.");
                     }
                     self.assigned.store(true, std::sync::atomic::Ordering::Release);
                 }
@@ -515,7 +551,7 @@ pub struct Consumer {
     reading: Arc<std::sync::Mutex<HashMap<String, String>>>,
     backlog: Arc<std::sync::atomic::AtomicI64>,
     describer: Arc<Describer>,
-    hold: Arc<std::sync::atomic::AtomicBool>,
+    hold: Arc<HoldRequest>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -531,7 +567,7 @@ impl Consumer {
     pub fn subscribe(
         settings: &ConsumerSettings,
         offsets: Arc<dyn OffsetSource>,
-        hold: Arc<std::sync::atomic::AtomicBool>,
+        hold: Arc<HoldRequest>,
     ) -> Result<Consumer, KafkaClientError> {
         let failed = Arc::new(std::sync::Mutex::new(None));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -663,8 +699,9 @@ impl Consumer {
                 let mut last_check = std::time::Instant::now();
                 let mut last_identity = std::time::Instant::now();
                 let mut watch = StuckWatch::default();
-                // Whether this thread paused the assignment for the worker.
-                let mut held = false;
+                // The last request of the worker's this thread acted on,
+                // and whether it paused the assignment for it.
+                let (mut seen, mut held) = (0, false);
                 let exit = loop {
                     if cancel.is_cancelled() {
                         break ReaderExit::Cancelled;
@@ -680,8 +717,12 @@ impl Consumer {
                     // (its pause keeps that position, and drops what it had
                     // fetched beyond it). Polling goes on while held, so the
                     // consumer keeps its place in the group.
-                    let want = hold.load(std::sync::atomic::Ordering::Acquire);
-                    if want != held {
+                    // Each request is answered, even one undone and made
+                    // again since this thread last looked: the worker
+                    // waits for a `Held` after each request to hold.
+                    let (request, want) = hold.read();
+                    if request != seen {
+                        seen = request;
                         let assignment = consumer.assignment().unwrap_or_default();
                         let done = if want {
                             consumer.pause(&assignment)
@@ -822,6 +863,41 @@ impl Consumer {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Moves each assigned partition that has an offset in `stored` to
+    /// it (paused ones too: they resume there). Fails, naming the
+    /// partitions, if any could not be moved (revoked meanwhile, say).
+    pub async fn seek_to(&self, stored: &HashMap<(String, i32), i64>) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in self.assignment() {
+            if let Some(offset) = stored.get(&(topic.clone(), partition)) {
+                tpl.add_partition_offset(&topic, partition, Offset::Offset(*offset))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        let sought = tokio::task::spawn_blocking(move || inner.seek_partitions(tpl, Duration::from_secs(5)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let failed: Vec<String> = sought
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                e.error()
+                    .err()
+                    .map(|err| format!("{}[{}]: {err}", e.topic(), e.partition()))
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join(", "))
+        }
     }
 
     /// Low and high watermarks of a partition (blocking network call).
@@ -1003,4 +1079,28 @@ fn raw_headers(headers: &BorrowedHeaders) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HoldRequest;
+
+    #[test]
+    fn a_hold_undone_and_asked_again_before_the_reader_looks_is_a_new_request() {
+        let hold = HoldRequest::new(false);
+        let (never, _) = hold.read();
+        hold.set(true);
+        let (asked, holding) = hold.read();
+        assert!(holding);
+        hold.set(true);
+        assert_eq!(hold.read().0, asked, "asking again what is asked is nothing new");
+        hold.set(false);
+        hold.set(true);
+        let (again, holding) = hold.read();
+        assert!(holding);
+        assert!(
+            again != asked && again != never,
+            "a reader that saw the first request sees this one as new"
+        );
+    }
 }

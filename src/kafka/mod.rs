@@ -40,7 +40,9 @@ mod topic_id;
 pub use admin::{create_topics, Inspector, PartitionLog};
 pub use config::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 use consumer::topic_subscription;
-pub use consumer::{ByteBudget, Consumer, ConsumerSettings, Feed, ReaderExit, StuckBoard, StuckPartition, STUCK_AFTER};
+pub use consumer::{
+    ByteBudget, Consumer, ConsumerSettings, Feed, HoldRequest, ReaderExit, StuckBoard, StuckPartition, STUCK_AFTER,
+};
 pub use gap::{Gap, GapKind, OffsetSource, OffsetsUnavailable, OnGap};
 pub use producer::{Outgoing, Producer};
 pub use topic_id::topic_ids;

@@ -95,7 +95,7 @@ pub async fn run_generation(
             runtime: Handle::current(),
         });
         let held_from_start = paused.as_mut().is_some_and(|p| p.borrow_and_update().is_some());
-        let hold = Arc::new(std::sync::atomic::AtomicBool::new(held_from_start));
+        let hold = Arc::new(HoldRequest::new(held_from_start));
         let mut holding = if held_from_start { Holding::Asked } else { Holding::No };
         let consumer = Consumer::subscribe(&settings.kafka, offsets, Arc::clone(&hold))?;
         let (tx, mut rx) = mpsc::channel::<Feed>(settings.batch_size * 2);
@@ -125,7 +125,7 @@ pub async fn run_generation(
             // what it handed over before is applied and written when its
             // `Held` arrives.
             if holding == Holding::No && paused.as_mut().is_some_and(|p| p.borrow_and_update().is_some()) {
-                hold.store(true, std::sync::atomic::Ordering::Release);
+                hold.set(true);
                 holding = Holding::Asked;
                 info!("Pausing: writing what is in hand and storing its offsets.");
             }
@@ -226,17 +226,20 @@ pub async fn run_generation(
                 reported = false;
                 let Some(paused) = paused.as_mut() else {
                     // Only a worker that watches for pauses asks to hold.
-                    hold.store(false, std::sync::atomic::Ordering::Release);
+                    hold.set(false);
                     holding = Holding::No;
                     continue;
                 };
-                match hold_while_paused(settings, &store_for_hold, generation, &consumer, paused, &cancel).await {
+                let reader_ended = || reader.as_ref().is_none_or(std::thread::JoinHandle::is_finished);
+                match hold_while_paused(settings, &store_for_hold, generation, &consumer, paused, &cancel, &reader_ended).await {
                     Ok(Resumed::Here) => {
-                        hold.store(false, std::sync::atomic::Ordering::Release);
+                        hold.set(false);
                         holding = Holding::No;
                     }
-                    Ok(Resumed::OffsetsMoved) => break Ok(GenerationEnd::OffsetsMoved),
+                    Ok(Resumed::Rejoin(why)) => break Ok(GenerationEnd::ResumeRejoin(why)),
                     Ok(Resumed::NotYet) => break Ok(GenerationEnd::Cancelled),
+                    // Its channel closes: the next receive finds out why.
+                    Ok(Resumed::ReaderEnded) => {}
                     Err(e) => break Err(e),
                 }
             }
@@ -293,18 +296,20 @@ enum Holding {
 }
 
 /// How an operator's pause, held inside the generation, ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Resumed {
-    /// Lifted, with the stored offsets where the pause left them: the
-    /// reader resumes each partition right after the last record it
-    /// handed over, which is where they are stored.
+    /// Lifted, and every assigned partition moved to its stored offset
+    /// (where the pause left it, or where `courseview offsets` put it).
     Here,
-    /// Lifted, but the stored offsets of this worker's partitions moved
-    /// meanwhile (`courseview offsets`): the consumer must start again
-    /// from them.
-    OffsetsMoved,
+    /// Lifted, but some partition could not be moved there (revoked
+    /// meanwhile, say): the consumer must start again from the stored
+    /// offsets.
+    Rejoin(String),
     /// The generation ends first (shutdown, a switch or a handover).
     NotYet,
+    /// The reader stopped while held (a rebalance it could not make, a
+    /// fatal client error): the member is gone, and why is on its channel.
+    ReaderEnded,
 }
 
 fn paused_flag(settings: &WorkerSettings, on: bool) {
@@ -312,6 +317,9 @@ fn paused_flag(settings: &WorkerSettings, on: bool) {
         flag.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// How often a held worker looks whether its reader is still there.
+const READER_CHECK: Duration = Duration::from_millis(500);
 
 /// Holds while an operator has the projection paused. The fold is
 /// written and its offsets stored; the consumer keeps polling, so it stays
@@ -323,26 +331,20 @@ async fn hold_while_paused(
     consumer: &Consumer,
     paused: &mut Paused,
     cancel: &CancellationToken,
+    reader_ended: &(dyn Fn() -> bool + Sync),
 ) -> Result<Resumed, WorkerError> {
     let projection = settings.model.name();
-    let read = || store.load_offsets(projection, generation);
-    // Where the pause left the offsets: a resume compares.
-    let Some(left) = retry_transient("read stored offsets", cancel, settings.max_backoff, read).await? else {
-        return Ok(Resumed::NotYet);
-    };
-    paused_flag(settings, true);
-    let info = paused.borrow().clone().unwrap_or_else(|| PauseInfo {
-        by: String::new(),
-        at: 0,
-        reason: None,
-    });
-    info!(
-        projection,
-        generation,
-        by = info.by,
-        reason = info.reason.unwrap_or_default(),
-        "Paused by an operator; applying nothing until resumed, still in the group."
-    );
+    // Resumed before the reader held: nothing to say.
+    if let Some(info) = paused.borrow().clone() {
+        paused_flag(settings, true);
+        info!(
+            projection,
+            generation,
+            by = info.by,
+            reason = info.reason.unwrap_or_default(),
+            "Paused by an operator; applying nothing until resumed, still in the group."
+        );
+    }
     while paused.borrow_and_update().is_some() {
         tokio::select! {
             () = cancel.cancelled() => return Ok(Resumed::NotYet),
@@ -350,22 +352,26 @@ async fn hold_while_paused(
                 // The pointer watcher is gone: the generation is ending.
                 cancel.cancelled().await;
                 return Ok(Resumed::NotYet);
-            }
+            },
+            () = tokio::time::sleep(READER_CHECK) => if reader_ended() {
+                return Ok(Resumed::ReaderEnded);
+            },
         }
     }
-    let Some(now) = retry_transient("read stored offsets", cancel, settings.max_backoff, read).await? else {
+    // Each partition starts at its stored offset, not where librdkafka
+    // paused it: `courseview offsets` may have moved it meanwhile.
+    let read = || store.load_offsets(projection, generation);
+    let Some(stored) = retry_transient("read stored offsets", cancel, settings.max_backoff, read).await? else {
         return Ok(Resumed::NotYet);
     };
     paused_flag(settings, false);
-    let moved = consumer
-        .assignment()
-        .into_iter()
-        .any(|partition| left.get(&partition) != now.get(&partition));
-    if moved {
-        return Ok(Resumed::OffsetsMoved);
+    match consumer.seek_to(&stored).await {
+        Ok(()) => {
+            info!(projection, generation, "Resumed; going on from the stored offsets.");
+            Ok(Resumed::Here)
+        }
+        Err(why) => Ok(Resumed::Rejoin(why)),
     }
-    info!(projection, generation, "Resumed; going on from the stored offsets.");
-    Ok(Resumed::Here)
 }
 
 /// Paces records to at most `rate` per second: each batch may go once the

@@ -29,8 +29,8 @@ use crate::cache::{Cache, Scope};
 use crate::dead_letter::DeadLetter;
 use crate::decode::decode;
 use crate::kafka::{
-    ByteBudget, Consumer, ConsumerSettings, Feed, Gap, GapKind, KafkaClientError, OffsetSource, OffsetsUnavailable,
-    OnGap, ReaderExit,
+    ByteBudget, Consumer, ConsumerSettings, Feed, Gap, GapKind, HoldRequest, KafkaClientError, OffsetSource,
+    OffsetsUnavailable, OnGap, ReaderExit,
 };
 use crate::mongo::{AlreadyNewer, Conflicts, DocWrite, PauseInfo, Store, StoreError, Stored};
 use crate::read_model::ReadModel;
@@ -172,10 +172,10 @@ pub enum GenerationEnd {
     ReaderDied(String),
     /// librdkafka raised a fatal error: the worker must end.
     KafkaFatal(String),
-    /// Resumed after an operator's pause, and the stored offsets are no
-    /// longer where the pause left them (`courseview offsets`): rejoin, so
-    /// the assignment starts each partition at its stored offset again.
-    OffsetsMoved,
+    /// Resumed after an operator's pause, but some partition could not be
+    /// moved to its stored offset: rejoin, so the assignment starts each
+    /// partition there.
+    ResumeRejoin(String),
 }
 
 /// Why a batch could not be applied this time, by what the caller does next.
@@ -346,11 +346,8 @@ pub async fn run(
                 }
                 backoff = (backoff * 2).min(settings.max_backoff);
             }
-            (GenerationEnd::OffsetsMoved, _) => {
-                info!(
-                    projection,
-                    generation, "Offsets were moved while paused; rejoining the group to read from them."
-                );
+            (GenerationEnd::ResumeRejoin(reason), _) => {
+                warn!(projection, generation, error = %reason, "Resumed, but a partition could not be moved to its stored offset; rejoining the group to start there.");
             }
             (GenerationEnd::ReaderDied(reason), _) => return Err(WorkerError::ReaderDied(reason)),
             (GenerationEnd::KafkaFatal(reason), _) => return Err(WorkerError::KafkaFatal(reason)),
