@@ -140,6 +140,14 @@ async fn group_stable_with(app: &TestApp, members: usize) {
     .await;
 }
 
+/// Waits until the worker's `/readyz` says it is paused.
+async fn held(app: &TestApp, base: &str) {
+    eventually("the worker to say it is paused", Duration::from_secs(15), || async {
+        (readyz(app, base).await?["status"] == "paused").then_some(())
+    })
+    .await;
+}
+
 fn sorted(mut docs: Vec<bson::Document>) -> Vec<bson::Document> {
     docs.sort_by(|a, b| {
         a.get_str("_id")
@@ -237,10 +245,7 @@ async fn a_worker_started_while_paused_stays_paused_until_resumed() {
     app.publish_all(&events).await;
     let (mut worker, base) = worker(&app);
     let logs = crate::helpers::log_lines(&mut worker);
-    eventually("the worker to say it is paused", Duration::from_secs(15), || async {
-        (readyz(&app, &base).await?["status"] == "paused").then_some(())
-    })
-    .await;
+    held(&app, &base).await;
     // It joins its group, takes its partitions and reads none of them.
     group_stable_with(&app, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -311,10 +316,7 @@ async fn offsets_moved_to_a_time_while_paused_reapply_from_there_and_resume_equa
     fails(&app, &["offsets", "catalog", "--to-time", &time.to_string()]);
     assert_eq!(applied(&app).await, total, "refused while running: nothing moved");
     command(&app, &["pause", "catalog"]);
-    eventually("the worker to hold", Duration::from_secs(15), || async {
-        (readyz(&app, &base).await?["status"] == "paused").then_some(())
-    })
-    .await;
+    held(&app, &base).await;
     command(
         &app,
         &["offsets", "catalog", "--to-time", &time.to_string(), "--dry-run"],
@@ -418,10 +420,7 @@ async fn a_rebuild_of_a_paused_projection_switches_and_its_worker_stays_held_in_
     app.publish_all(&first).await;
     app.wait_applied(ReadModel::Catalog, first.len() as i64).await;
     command(&app, &["pause", "catalog", "--reason", "rebuilding"]);
-    eventually("the worker to hold", Duration::from_secs(15), || async {
-        (readyz(&app, &base).await?["status"] == "paused").then_some(())
-    })
-    .await;
+    held(&app, &base).await;
     command(
         &app,
         &["rebuild", "catalog", "--handover-timeout", "3s", "--grace", "1s"],
@@ -479,10 +478,7 @@ async fn partitions_taken_away_during_a_pause_and_given_back_after_the_resume_ar
     app.publish_all(&before).await;
     app.wait_applied(ReadModel::Catalog, before.len() as i64).await;
     command(&app, &["pause", "catalog"]);
-    eventually("the worker to hold", Duration::from_secs(15), || async {
-        (readyz(&app, &base).await?["status"] == "paused").then_some(())
-    })
-    .await;
+    held(&app, &base).await;
     // A second worker joins while paused: the first gives it one partition
     // of each topic (librdkafka keeps those paused on the first's side).
     let (mut second_worker, _) = worker(&app);
