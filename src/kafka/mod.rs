@@ -1,5 +1,6 @@
 //! Kafka: the only module that knows rdkafka. One file per job: `consumer`
-//! (feeds the projections), `gap` (stored offsets the log does not hold),
+//! (feeds the projections; `align` keeps its partitions in step by time),
+//! `gap` (stored offsets the log does not hold),
 //! `producer` (for the demo and tests), `admin` (topics and watermarks),
 //! `config` (client properties), `report` (connection failure episodes);
 //! here, the client error type they share.
@@ -30,6 +31,7 @@ use crate::record::Record;
 use report::{ConnectionReport, Reporting};
 
 mod admin;
+mod align;
 pub mod config;
 mod consumer;
 mod gap;

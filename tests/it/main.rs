@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod broker;
 mod cache;
+mod catchup;
 mod chaos;
 mod chart;
 mod cli;

@@ -1,0 +1,313 @@
+//! Reading partitions in step by time while behind. librdkafka fetches
+//! each partition by bytes, so across a backlog a topic of small records
+//! runs far ahead, in the log's time, of one of large records: a course's
+//! `CoursePostedEvent` is read minutes of history before its
+//! `CourseCreatedEvent`, and a fold can never merge them into one write.
+//! Kafka Streams picks the partition with the oldest head for the same
+//! reason. Here the reader pauses a partition that is behind and has run
+//! more than [`AHEAD`] past the oldest partition still catching up, and
+//! resumes it once that one has come within half of it.
+//!
+//! Only the order in which partitions are read changes, never what is read
+//! or which offsets are stored: a projection converges whatever the order
+//! across partitions (DESIGN §2). A partition near its end (less than
+//! [`BEHIND`] records to read) is never paused and never waited for, so a
+//! caught-up worker reads as before, and one that has delivered nothing
+//! for [`IDLE`] (stuck at a bad batch, its leader away) holds no one back.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How far, in the records' own time, a partition may run ahead of the
+/// oldest one still catching up before it is paused.
+pub const AHEAD: Duration = Duration::from_secs(1);
+
+/// Records still to read before a partition counts as behind.
+pub const BEHIND: i64 = 1000;
+
+/// A partition that has delivered nothing for this long of the reader's
+/// polling is not waited for. Counted in time spent polling, not waiting
+/// for the worker: a reader blocked while the worker writes a fold would
+/// otherwise find every partition idle after each write.
+pub const IDLE: Duration = Duration::from_secs(1);
+
+/// What the reader knows of one assigned partition.
+#[derive(Debug, Clone, Copy, Default)]
+struct Part {
+    /// The timestamp of the last record it delivered (ms since the epoch);
+    /// none before its first.
+    at: Option<i64>,
+    /// The reader's polling clock when that record was delivered.
+    when: Duration,
+    /// Records left to read, as the last judgement measured.
+    left: i64,
+    /// Paused by this alignment.
+    paused: bool,
+}
+
+/// The assigned partitions' times, and the reader's polling clock.
+#[derive(Debug, Default)]
+pub struct Align {
+    parts: HashMap<String, HashMap<i32, Part>>,
+    clock: Duration,
+}
+
+/// The pauses and resumes one judgement asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Moves {
+    pub pause: Vec<(String, i32)>,
+    pub resume: Vec<(String, i32)>,
+}
+
+impl Align {
+    /// The reader spent `took` in a poll.
+    pub fn polled(&mut self, took: Duration) {
+        self.clock += took;
+    }
+
+    /// A record of the partition was handed over: pauses the partition
+    /// right after it if it ran ahead of the oldest one still catching up,
+    /// and resumes those that record brought near again. Checked at every
+    /// record, not only at judgements: between two, a worker folding in
+    /// memory reads thousands. No allocation unless something moves.
+    pub fn delivered(&mut self, topic: &str, partition: i32, timestamp: Option<i64>) -> Option<Moves> {
+        let at = timestamp?;
+        let clock = self.clock;
+        let part = match self.parts.get_mut(topic) {
+            Some(partitions) => partitions.entry(partition).or_default(),
+            None => self
+                .parts
+                .entry(topic.to_owned())
+                .or_default()
+                .entry(partition)
+                .or_default(),
+        };
+        part.at = Some(at);
+        part.when = clock;
+        let (paused, left) = (part.paused, part.left);
+        let frontier = self.frontier();
+        let mut moves = Moves::default();
+        if !paused && left >= BEHIND && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead())) {
+            if let Some(part) = self.parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
+                part.paused = true;
+            }
+            moves.pause.push((topic.to_owned(), partition));
+        }
+        if self.parts.values().flat_map(HashMap::values).any(|p| p.paused) {
+            self.resume_near(frontier, &mut moves);
+        }
+        (!moves.pause.is_empty() || !moves.resume.is_empty()).then_some(moves)
+    }
+
+    /// Forgets everything: the assignment changed, or the reader paused or
+    /// resumed every partition itself (an operator's pause).
+    pub fn reset(&mut self) {
+        self.parts.clear();
+    }
+
+    pub fn is_paused(&self, topic: &str, partition: i32) -> bool {
+        self.parts
+            .get(topic)
+            .and_then(|p| p.get(&partition))
+            .is_some_and(|p| p.paused)
+    }
+
+    /// The time of the oldest partition still catching up and still
+    /// delivering.
+    fn frontier(&self) -> Option<i64> {
+        self.parts
+            .values()
+            .flat_map(HashMap::values)
+            .filter(|p| !p.paused && p.left >= BEHIND && self.clock.saturating_sub(p.when) < IDLE)
+            .filter_map(|p| p.at)
+            .min()
+    }
+
+    /// Takes each assigned partition's records still to read (0 when
+    /// unknown), forgets the partitions no longer assigned, and decides which to pause and which
+    /// to resume; records them as done.
+    pub fn judge(&mut self, backlog: &[(String, i32, i64)]) -> Moves {
+        let mut parts: HashMap<String, HashMap<i32, Part>> = HashMap::new();
+        for (topic, partition, left) in backlog {
+            let known = self.parts.get(topic).and_then(|p| p.get(partition)).copied();
+            let part = Part {
+                left: *left,
+                ..known.unwrap_or_default()
+            };
+            parts.entry(topic.clone()).or_default().insert(*partition, part);
+        }
+        self.parts = parts;
+        let frontier = self.frontier();
+        let mut moves = Moves::default();
+        for (topic, partitions) in &mut self.parts {
+            for (partition, part) in partitions.iter_mut() {
+                let Some(at) = part.at else { continue };
+                if !part.paused
+                    && part.left >= BEHIND
+                    && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead()))
+                {
+                    part.paused = true;
+                    moves.pause.push((topic.clone(), *partition));
+                }
+            }
+        }
+        self.resume_near(frontier, &mut moves);
+        moves.pause.sort();
+        moves.resume.sort();
+        moves
+    }
+}
+
+impl Align {
+    /// Resumes the paused partitions the oldest one came within half the
+    /// allowance of, and those near their end (never held). A resumed
+    /// partition keeps its last time and counts as just heard from: until
+    /// its next record arrives, it holds the others back as if it were
+    /// still there, and is let go after [`IDLE`] if nothing comes.
+    fn resume_near(&mut self, frontier: Option<i64>, moves: &mut Moves) {
+        let clock = self.clock;
+        for (topic, partitions) in &mut self.parts {
+            for (partition, part) in partitions.iter_mut() {
+                if !part.paused {
+                    continue;
+                }
+                let far =
+                    matches!((part.at, frontier), (Some(at), Some(oldest)) if at > oldest.saturating_add(ahead() / 2));
+                if part.left < BEHIND || !far {
+                    part.paused = false;
+                    part.when = clock;
+                    moves.resume.push((topic.clone(), *partition));
+                }
+            }
+        }
+    }
+}
+
+fn ahead() -> i64 {
+    i64::try_from(AHEAD.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(topic: &str, partition: i32, left: i64) -> (String, i32, i64) {
+        (topic.to_owned(), partition, left)
+    }
+
+    fn one(topic: &str, partition: i32) -> Vec<(String, i32)> {
+        vec![(topic.to_owned(), partition)]
+    }
+
+    fn pauses(moves: Option<Moves>) -> Vec<(String, i32)> {
+        moves.map(|m| m.pause).unwrap_or_default()
+    }
+
+    fn resumes(moves: Option<Moves>) -> Vec<(String, i32)> {
+        moves.map(|m| m.resume).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_partition_behind_and_ahead_in_time_of_the_oldest_one_catching_up_is_paused_until_it_comes_near() {
+        let mut align = Align::default();
+        let backlog = [part("created", 0, 50_000), part("posted", 0, 20_000)];
+        align.judge(&backlog);
+        assert_eq!(align.delivered("created", 0, Some(10_000)), None);
+        assert_eq!(align.delivered("posted", 0, Some(10_900)), None, "within the allowance");
+        assert_eq!(
+            pauses(align.delivered("posted", 0, Some(15_000))),
+            one("posted", 0),
+            "ran ahead: paused after this record"
+        );
+        assert!(align.is_paused("posted", 0));
+        assert_eq!(align.judge(&backlog), Moves::default(), "paused already");
+        // The oldest catches up to within half the allowance: the record
+        // that brings it there resumes the other.
+        assert_eq!(align.delivered("created", 0, Some(14_000)), None, "still 1 s behind");
+        assert_eq!(resumes(align.delivered("created", 0, Some(14_600))), one("posted", 0));
+        assert!(!align.is_paused("posted", 0));
+    }
+
+    #[test]
+    fn a_resumed_partition_holds_the_others_back_before_its_next_record_arrives() {
+        let mut align = Align::default();
+        align.judge(&[part("created", 0, 50_000), part("posted", 0, 20_000)]);
+        align.delivered("created", 0, Some(10_000));
+        align.delivered("posted", 0, Some(15_000));
+        align.delivered("created", 0, Some(14_600));
+        assert!(!align.is_paused("posted", 0));
+        // Created runs on while posted refetches: paused at 1 s past it.
+        assert_eq!(align.delivered("created", 0, Some(15_900)), None);
+        assert_eq!(pauses(align.delivered("created", 0, Some(16_100))), one("created", 0));
+    }
+
+    #[test]
+    fn a_judgement_pauses_what_ran_ahead_between_judgements() {
+        let mut align = Align::default();
+        align.delivered("created", 0, Some(10_000));
+        align.delivered("posted", 0, Some(15_000));
+        let moves = align.judge(&[part("created", 0, 50_000), part("posted", 0, 20_000)]);
+        assert_eq!(moves.pause, one("posted", 0));
+    }
+
+    #[test]
+    fn a_partition_near_its_end_is_never_paused_and_never_waited_for() {
+        let mut align = Align::default();
+        align.judge(&[part("created", 0, 50_000), part("live", 0, 3)]);
+        align.delivered("created", 0, Some(10_000));
+        assert_eq!(
+            align.delivered("live", 0, Some(99_000)),
+            None,
+            "few records left: read as they come"
+        );
+        // The old partition near its end holds no one back either.
+        align.judge(&[part("created", 0, 10), part("other", 0, 50_000)]);
+        assert_eq!(align.delivered("other", 0, Some(60_000)), None);
+    }
+
+    #[test]
+    fn a_partition_that_delivers_nothing_while_the_reader_polls_holds_no_one_back() {
+        let mut align = Align::default();
+        let backlog = [part("stuck", 0, 50_000), part("fast", 0, 50_000)];
+        align.judge(&backlog);
+        align.delivered("stuck", 0, Some(10_000));
+        assert_eq!(pauses(align.delivered("fast", 0, Some(20_000))), one("fast", 0));
+        // Time spent waiting for the worker is not polling: still waited for.
+        assert_eq!(align.judge(&backlog), Moves::default());
+        // A second of polling with nothing from it: the paused one resumes.
+        align.polled(IDLE);
+        assert_eq!(align.judge(&backlog).resume, one("fast", 0));
+        assert_eq!(align.delivered("fast", 0, Some(21_000)), None, "not paused again");
+    }
+
+    #[test]
+    fn with_every_partition_behind_paused_the_rest_resume() {
+        let mut align = Align::default();
+        let backlog = [part("a", 0, 5_000), part("b", 0, 5_000)];
+        align.judge(&backlog);
+        align.delivered("a", 0, Some(0));
+        assert_eq!(pauses(align.delivered("b", 0, Some(5_000))), one("b", 0));
+        // The only partition left near its end: no one to wait for.
+        assert_eq!(align.judge(&[part("a", 0, 0), part("b", 0, 5_000)]).resume, one("b", 0));
+    }
+
+    #[test]
+    fn a_paused_partition_whose_backlog_is_unknown_or_small_is_resumed() {
+        let mut align = Align::default();
+        align.judge(&[part("a", 0, 5_000), part("b", 0, 5_000)]);
+        align.delivered("a", 0, Some(0));
+        assert_eq!(pauses(align.delivered("b", 0, Some(5_000))), one("b", 0));
+        assert_eq!(align.judge(&[part("a", 0, 5_000), part("b", 0, 0)]).resume, one("b", 0));
+        assert!(!align.is_paused("b", 0));
+    }
+
+    #[test]
+    fn a_paused_partition_taken_away_is_forgotten() {
+        let mut align = Align::default();
+        align.judge(&[part("a", 0, 5_000), part("b", 0, 5_000)]);
+        align.delivered("a", 0, Some(0));
+        assert_eq!(pauses(align.delivered("b", 0, Some(5_000))), one("b", 0));
+        align.judge(&[part("a", 0, 5_000)]);
+        assert!(!align.is_paused("b", 0));
+    }
+}
