@@ -100,9 +100,22 @@ impl Align {
     }
 
     /// Forgets everything: the assignment changed, or the reader paused or
-    /// resumed every partition itself (an operator's pause).
-    pub fn reset(&mut self) {
+    /// resumed every partition itself (an operator's pause). Returns the
+    /// partitions it had paused, for the caller to resume where no one
+    /// else did.
+    pub fn reset(&mut self) -> Vec<(String, i32)> {
+        let paused = self
+            .parts
+            .iter()
+            .flat_map(|(topic, partitions)| {
+                partitions
+                    .iter()
+                    .filter(|(_, p)| p.paused)
+                    .map(move |(partition, _)| (topic.clone(), *partition))
+            })
+            .collect();
         self.parts.clear();
+        paused
     }
 
     pub fn is_paused(&self, topic: &str, partition: i32) -> bool {
@@ -299,6 +312,17 @@ mod tests {
         assert_eq!(pauses(align.delivered("b", 0, Some(5_000))), one("b", 0));
         assert_eq!(align.judge(&[part("a", 0, 5_000), part("b", 0, 0)]).resume, one("b", 0));
         assert!(!align.is_paused("b", 0));
+    }
+
+    #[test]
+    fn a_reset_forgets_and_names_what_it_had_paused() {
+        let mut align = Align::default();
+        align.judge(&[part("a", 0, 5_000), part("b", 0, 5_000)]);
+        align.delivered("a", 0, Some(0));
+        align.delivered("b", 0, Some(5_000));
+        assert_eq!(align.reset(), one("b", 0));
+        assert!(!align.is_paused("b", 0));
+        assert_eq!(align.reset(), Vec::new());
     }
 
     #[test]

@@ -762,7 +762,7 @@ impl Consumer {
                         held = want;
                         // Every partition paused or resumed: none is
                         // paused for time any more.
-                        align.reset();
+                        let _ = align.reset();
                         if held && tx.blocking_send(Feed::Held).is_err() {
                             break ReaderExit::ReceiverGone;
                         }
@@ -791,11 +791,20 @@ impl Consumer {
                             }
                         }
                     }
-                    // An assignment resumes what it assigns: start over.
+                    // The assignment changed: start over, and resume what
+                    // this alignment had paused, whether or not the
+                    // assignment did (unless an operator holds them all).
                     let now_rebalances = consumer.context().rebalances.load(std::sync::atomic::Ordering::Relaxed);
                     if now_rebalances != rebalances {
                         rebalances = now_rebalances;
-                        align.reset();
+                        let resume = align.reset();
+                        if !held && !resume.is_empty() {
+                            let moves = super::align::Moves {
+                                pause: Vec::new(),
+                                resume,
+                            };
+                            move_partitions(&consumer, &moves, &group);
+                        }
                     }
                     if !held && last_align.elapsed() >= ALIGN_EVERY {
                         last_align = std::time::Instant::now();
