@@ -14,6 +14,9 @@
 //! [`BEHIND`] records to read) is never paused and never waited for, so a
 //! caught-up worker reads as before, and one that has delivered nothing
 //! for [`IDLE`] (stuck at a bad batch, its leader away) holds no one back.
+//! No partition stays paused for more than [`HELD_AT_MOST`] of polling: a
+//! record dated in the future, or a topic of old records beside a busy
+//! one, slows a partition down but never stops it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,6 +34,10 @@ pub const BEHIND: i64 = 1000;
 /// otherwise find every partition idle after each write.
 pub const IDLE: Duration = Duration::from_secs(1);
 
+/// The longest a partition stays paused, in the reader's polling time;
+/// then it is resumed whatever the others' times.
+pub const HELD_AT_MOST: Duration = Duration::from_secs(10);
+
 /// What the reader knows of one assigned partition.
 #[derive(Debug, Clone, Copy, Default)]
 struct Part {
@@ -43,6 +50,8 @@ struct Part {
     left: i64,
     /// Paused by this alignment.
     paused: bool,
+    /// The reader's polling clock when it was paused.
+    since: Duration,
 }
 
 /// The assigned partitions' times, and the reader's polling clock.
@@ -50,6 +59,9 @@ struct Part {
 pub struct Align {
     parts: HashMap<String, HashMap<i32, Part>>,
     clock: Duration,
+    /// Whether any partition was paused or behind at the last judgement:
+    /// when none, as for a caught-up worker, a record costs one lookup.
+    engaged: bool,
 }
 
 /// The pauses and resumes one judgement asks for.
@@ -85,17 +97,19 @@ impl Align {
         part.at = Some(at);
         part.when = clock;
         let (paused, left) = (part.paused, part.left);
+        if !self.engaged {
+            return None;
+        }
         let frontier = self.frontier();
         let mut moves = Moves::default();
         if !paused && left >= BEHIND && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead())) {
             if let Some(part) = self.parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
                 part.paused = true;
+                part.since = clock;
             }
             moves.pause.push((topic.to_owned(), partition));
         }
-        if self.parts.values().flat_map(HashMap::values).any(|p| p.paused) {
-            self.resume_near(frontier, &mut moves);
-        }
+        self.resume_near(frontier, &mut moves);
         (!moves.pause.is_empty() || !moves.resume.is_empty()).then_some(moves)
     }
 
@@ -115,7 +129,19 @@ impl Align {
             })
             .collect();
         self.parts.clear();
+        self.engaged = false;
         paused
+    }
+
+    /// librdkafka refused a move: undone here too, so that the next
+    /// judgement tries again (a partition marked resumed but still paused
+    /// would be neither read nor watched).
+    pub fn refused(&mut self, topic: &str, partition: i32, pause: bool) {
+        if let Some(part) = self.parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
+            part.paused = !pause;
+            part.since = self.clock;
+        }
+        self.engaged = true;
     }
 
     pub fn is_paused(&self, topic: &str, partition: i32) -> bool {
@@ -160,11 +186,17 @@ impl Align {
                     && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead()))
                 {
                     part.paused = true;
+                    part.since = self.clock;
                     moves.pause.push((topic.clone(), *partition));
                 }
             }
         }
         self.resume_near(frontier, &mut moves);
+        self.engaged = self
+            .parts
+            .values()
+            .flat_map(HashMap::values)
+            .any(|p| p.paused || p.left >= BEHIND);
         moves.pause.sort();
         moves.resume.sort();
         moves
@@ -173,7 +205,8 @@ impl Align {
 
 impl Align {
     /// Resumes the paused partitions the oldest one came within half the
-    /// allowance of, and those near their end (never held). A resumed
+    /// allowance of, those near their end (never held), and those paused
+    /// for [`HELD_AT_MOST`]. A resumed
     /// partition keeps its last time and counts as just heard from: until
     /// its next record arrives, it holds the others back as if it were
     /// still there, and is let go after [`IDLE`] if nothing comes.
@@ -186,7 +219,8 @@ impl Align {
                 }
                 let far =
                     matches!((part.at, frontier), (Some(at), Some(oldest)) if at > oldest.saturating_add(ahead() / 2));
-                if part.left < BEHIND || !far {
+                let too_long = clock.saturating_sub(part.since) >= HELD_AT_MOST;
+                if part.left < BEHIND || !far || too_long {
                     part.paused = false;
                     part.when = clock;
                     moves.resume.push((topic.clone(), *partition));
@@ -312,6 +346,43 @@ mod tests {
         assert_eq!(pauses(align.delivered("b", 0, Some(5_000))), one("b", 0));
         assert_eq!(align.judge(&[part("a", 0, 5_000), part("b", 0, 0)]).resume, one("b", 0));
         assert!(!align.is_paused("b", 0));
+    }
+
+    #[test]
+    fn a_partition_ahead_for_good_is_resumed_after_the_longest_hold() {
+        let mut align = Align::default();
+        let backlog = [part("busy", 0, 50_000), part("future", 0, 50_000)];
+        align.judge(&backlog);
+        align.delivered("busy", 0, Some(10_000));
+        // A producer's clock a day ahead.
+        assert_eq!(pauses(align.delivered("future", 0, Some(86_410_000))), one("future", 0));
+        align.polled(HELD_AT_MOST / 2);
+        assert_eq!(align.delivered("busy", 0, Some(11_000)), None, "still held");
+        align.polled(HELD_AT_MOST / 2);
+        assert_eq!(resumes(align.delivered("busy", 0, Some(12_000))), one("future", 0));
+    }
+
+    #[test]
+    fn a_move_librdkafka_refused_is_tried_again() {
+        let mut align = Align::default();
+        let backlog = [part("a", 0, 5_000), part("b", 0, 5_000)];
+        align.judge(&backlog);
+        align.delivered("a", 0, Some(0));
+        assert_eq!(pauses(align.delivered("b", 0, Some(5_000))), one("b", 0));
+        align.refused("b", 0, true);
+        assert!(!align.is_paused("b", 0), "the pause did not happen");
+        assert_eq!(align.judge(&backlog).pause, one("b", 0), "asked again");
+        align.refused("b", 0, false);
+        assert!(align.is_paused("b", 0), "the resume did not happen");
+    }
+
+    #[test]
+    fn a_caught_up_reader_is_not_held_between_judgements() {
+        let mut align = Align::default();
+        align.judge(&[part("a", 0, 10), part("b", 0, 10)]);
+        align.delivered("a", 0, Some(0));
+        assert_eq!(align.delivered("b", 0, Some(99_000)), None);
+        assert_eq!(align.judge(&[part("a", 0, 10), part("b", 0, 10)]), Moves::default());
     }
 
     #[test]
