@@ -93,26 +93,61 @@ const DUPLICATE_KEY: i32 = 11000;
 #[derive(Debug, Default, PartialEq, Eq)]
 struct DuplicateKeys(Vec<usize>);
 
-/// What an `update` command's reply (`ok: 1`) says of its statements: the
+/// The write command a run of statements goes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteCommand {
+    /// `update` with upserts: each statement is counted in `n` (matched
+    /// or upserted) or named by a write error.
+    Update,
+    /// `insert` of documents presumed new: each is counted in `n` or
+    /// named by a write error (a duplicate key when its `_id` exists).
+    Insert,
+}
+
+impl WriteCommand {
+    fn name(self) -> &'static str {
+        match self {
+            WriteCommand::Update => "update",
+            WriteCommand::Insert => "insert",
+        }
+    }
+
+    /// The command's field that holds the statements.
+    fn statements(self) -> &'static str {
+        match self {
+            WriteCommand::Update => "updates",
+            WriteCommand::Insert => "documents",
+        }
+    }
+}
+
+/// What a write command's reply (`ok: 1`) says of its statements: the
 /// indexes (offset by `start`) refused as duplicate keys, or an error.
 /// A `writeConcernError` makes the whole command transient: on a replica
 /// set the writes may be rolled back (a primary stepping down while the
 /// batch waited for majority), so the batch must be retried and nothing
 /// after it (offsets, remembered states) may count on it.
 ///
-/// Every statement courseview sends is an upsert, so each one is either
-/// counted in `n` (matched or upserted) or named by a write error. A reply
+/// Every statement courseview sends is an upsert or an insert, so each one
+/// is either counted in `n` or named by a write error. A reply
 /// that accounts for fewer (or names one twice, or out of range) cannot be
 /// trusted about which statement failed: FerretDB 1.x stops an unordered
 /// `update` at the first failure and names the wrong index, so taking it
 /// at its word would remember a conflict as written and lose its events.
 /// Such a reply is [`Reply::Miscounted`]: retry, remember nothing.
-fn refused_statements(collection: &str, start: usize, len: usize, reply: &Document) -> Result<Reply> {
+fn refused_statements(
+    command: WriteCommand,
+    collection: &str,
+    start: usize,
+    len: usize,
+    reply: &Document,
+) -> Result<Reply> {
+    let command = command.name();
     if let Ok(concern) = reply.get_document("writeConcernError") {
         let code = concern.get_i32("code").unwrap_or_default();
         let message = concern.get_str("errmsg").unwrap_or("write concern not satisfied");
         return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
-            "update on {collection}: write concern error: {message} (code {code})"
+            "{command} on {collection}: write concern error: {message} (code {code})"
         )))));
     }
     let mut duplicates = Vec::new();
@@ -136,11 +171,11 @@ fn refused_statements(collection: &str, start: usize, len: usize, reply: &Docume
                 }
             } else if is_transient_code(code) {
                 return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
-                    "update on {collection}: {message} (code {code})"
+                    "{command} on {collection}: {message} (code {code})"
                 )))));
             } else {
                 return Err(StoreError::Failed(format!(
-                    "update on {collection}: {message} (code {code})"
+                    "{command} on {collection}: {message} (code {code})"
                 )));
             }
         }
@@ -270,21 +305,33 @@ impl Store {
     /// trips as the command size limit allows, and returns the statements
     /// that hit a duplicate key.
     async fn update_many_statements(&self, collection: &str, updates: Vec<RawDocumentBuf>) -> Result<DuplicateKeys> {
+        self.write_statements(WriteCommand::Update, collection, updates).await
+    }
+
+    /// Runs `command` (unordered) with many statements, in as few round
+    /// trips as the command size limit allows, and returns the statements
+    /// that hit a duplicate key.
+    async fn write_statements(
+        &self,
+        write: WriteCommand,
+        collection: &str,
+        all: Vec<RawDocumentBuf>,
+    ) -> Result<DuplicateKeys> {
         let mut duplicates = Vec::new();
         let mut start = 0;
-        for chunk in chunk_by_size(updates, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS) {
+        for chunk in chunk_by_size(all, MAX_COMMAND_BYTES, MAX_COMMAND_STATEMENTS) {
             let len = chunk.len();
             let mut statements = RawArrayBuf::new();
             for statement in chunk {
                 statements.push(statement);
             }
-            // `update` first: a command is named by its first field.
+            // The command's name first: a command is named by its first field.
             let mut command = RawDocumentBuf::new();
-            command.append("update", collection);
-            command.append("updates", statements);
+            command.append(write.name(), collection);
+            command.append(write.statements(), statements);
             command.append("ordered", false);
             let reply = self.db.run_raw_command(command).await?;
-            match refused_statements(collection, start, len, &reply)? {
+            match refused_statements(write, collection, start, len, &reply)? {
                 Reply::Accounted(refused) => {
                     if let Ok(mut counts) = self.miscounts.lock() {
                         counts.remove(collection);
@@ -306,7 +353,8 @@ impl Store {
                         )));
                     }
                     return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
-                        "update on {collection}: the server at {server} answered {what}; retrying, nothing counted"
+                        "{} on {collection}: the server at {server} answered {what}; retrying, nothing counted",
+                        write.name()
                     )))));
                 }
             }
@@ -400,7 +448,7 @@ mod tests {
             "ok": 1, "n": 3, "nModified": 3,
             "writeConcernError": {"code": 189, "codeName": "PrimarySteppedDown", "errmsg": "stepped down while waiting for replication"},
         };
-        match super::refused_statements("catalog_g1", 0, 3, &reply) {
+        match super::refused_statements(super::WriteCommand::Update, "catalog_g1", 0, 3, &reply) {
             Err(StoreError::Unavailable(e)) => {
                 assert!(e.to_string().contains("PrimarySteppedDown") || e.to_string().contains("189"))
             }
@@ -413,13 +461,13 @@ mod tests {
             "writeConcernError": {"code": 91, "errmsg": "shutting down"},
         };
         assert!(matches!(
-            super::refused_statements("c", 0, 2, &both),
+            super::refused_statements(super::WriteCommand::Update, "c", 0, 2, &both),
             Err(StoreError::Unavailable(_))
         ));
         // Without one: duplicates are refusals, offset by the chunk's start.
         let dups = doc! {"ok": 1, "n": 1, "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
         assert_eq!(
-            super::refused_statements("c", 10, 2, &dups).expect("fine"),
+            super::refused_statements(super::WriteCommand::Update, "c", 10, 2, &dups).expect("fine"),
             Reply::Accounted(vec![11])
         );
     }
@@ -430,19 +478,19 @@ mod tests {
         let ferretdb =
             doc! {"ok": 1.0, "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000 duplicate key error"}]};
         assert!(matches!(
-            super::refused_statements("c", 0, 2, &ferretdb),
+            super::refused_statements(super::WriteCommand::Update, "c", 0, 2, &ferretdb),
             Ok(Reply::Miscounted(_))
         ));
         // MongoDB's answer to the same.
         let mongodb = doc! {"ok": 1, "n": 1, "nModified": 0, "upserted": [{"index": 0, "_id": "a"}], "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
         assert_eq!(
-            super::refused_statements("c", 0, 2, &mongodb).expect("fine"),
+            super::refused_statements(super::WriteCommand::Update, "c", 0, 2, &mongodb).expect("fine"),
             Reply::Accounted(vec![1])
         );
         // Stopped after the failure: the statements after it are unaccounted.
         let stopped = doc! {"ok": 1, "n": 1, "writeErrors": [{"index": 1, "code": 11000, "errmsg": "dup"}]};
         assert!(matches!(
-            super::refused_statements("c", 0, 3, &stopped),
+            super::refused_statements(super::WriteCommand::Update, "c", 0, 3, &stopped),
             Ok(Reply::Miscounted(_))
         ));
         // An index out of range, or named twice.
@@ -452,7 +500,7 @@ mod tests {
         ] {
             let reply = doc! {"ok": 1, "n": 0, "writeErrors": errors};
             assert!(matches!(
-                super::refused_statements("c", 0, 2, &reply),
+                super::refused_statements(super::WriteCommand::Update, "c", 0, 2, &reply),
                 Ok(Reply::Miscounted(_))
             ));
         }

@@ -29,7 +29,9 @@ async fn courseview_indexes_and_sorted_keyset_pages_work_on_ferretdb() {
 }
 
 /// Writes `a` with a current revision guard and `b` with a stale one, as a
-/// worker does when another changed `b` under it.
+/// worker does when another changed `b` under it. Both are stored at
+/// revision 2 first, so both writes are guarded updates (a write at
+/// revision 0 is an insert).
 async fn guarded_batch(uri: &str) -> (courseview::mongo::Store, String, Vec<courseview::mongo::DocWrite>) {
     use courseview::mongo::{DocWrite, Store};
     use courseview::read_model::ReadModel;
@@ -38,24 +40,27 @@ async fn guarded_batch(uri: &str) -> (courseview::mongo::Store, String, Vec<cour
         .await
         .expect("store");
     let collection = Store::collection_name("catalog", 1);
-    let events: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|course| {
-            let value = format!(
-                r#"{{"eventId":"{course}-1","eventType":"CourseCreatedEvent","courseId":"{course}","version":1,"name":"N","teacherId":"t"}}"#
-            );
-            let record = courseview::record::Record {
-                topic: "CourseCreatedEvent".into(),
-                value: Some(value.into_bytes()),
-                ..Default::default()
-            };
-            courseview::decode::decode(&record).expect("event")
-        })
-        .collect();
-    Applier::new(ReadModel::Catalog, store.clone(), None, 1)
-        .apply_events(&events)
-        .await
-        .expect("applied");
+    for (version, kind) in [(1, "CourseCreatedEvent"), (2, "CourseUpdatedEvent")] {
+        let events: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|course| {
+                let value = format!(
+                    r#"{{"eventId":"{course}-{version}","eventType":"{kind}","courseId":"{course}","version":{version},"name":"N{version}","teacherId":"t"}}"#
+                );
+                let record = courseview::record::Record {
+                    topic: kind.into(),
+                    value: Some(value.into_bytes()),
+                    ..Default::default()
+                };
+                courseview::decode::decode(&record).expect("event")
+            })
+            .collect();
+        // A new applier each time: it reloads what the first one stored.
+        Applier::new(ReadModel::Catalog, store.clone(), None, 1)
+            .apply_events(&events)
+            .await
+            .expect("applied");
+    }
     let stored = store
         .load_states(&collection, &["a".into(), "b".into()])
         .await
@@ -106,6 +111,49 @@ async fn ferretdb_misreporting_a_guarded_batch_is_retried_then_stops_the_caller_
         }
         other => panic!("a server that keeps miscounting stops the caller: {other:?}"),
     }
+}
+
+/// Stores course `a`, then writes `a`, `c` and `d` as new (revision 0),
+/// as a worker replaying from zero presumes: `a` must come back as the
+/// one conflict, untouched, and `c` and `d` stored at revision 1.
+async fn presumed_new_batch(uri: &str) -> Result<courseview::mongo::Conflicts, courseview::mongo::StoreError> {
+    use courseview::mongo::DocWrite;
+    use courseview::read_model::ReadModel;
+    let (store, collection, stored) = guarded_batch(uri).await;
+    let writes: Vec<DocWrite> = ["a", "c", "d"]
+        .iter()
+        .map(|id| {
+            let mut state = stored[0].state.clone();
+            state.course_id = (*id).into();
+            DocWrite::new(ReadModel::Catalog, (*id).into(), 0, state)
+        })
+        .collect();
+    let conflicts = store.write_states(&collection, &writes).await?;
+    let now = store
+        .load_states(&collection, &["a".into(), "c".into(), "d".into()])
+        .await
+        .expect("loaded");
+    let revs: Vec<i64> = ["a", "c", "d"].iter().map(|id| now[*id].rev).collect();
+    assert_eq!(revs, [stored[0].expected_rev, 1, 1], "a untouched, c and d new");
+    Ok(conflicts)
+}
+
+#[tokio::test]
+async fn a_course_presumed_new_but_stored_is_a_conflict_of_that_course_on_nx_27017() {
+    let conflicts = presumed_new_batch(&mongodb_uri()).await.expect("accounted");
+    assert_eq!(conflicts.0, vec!["a".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_course_presumed_new_but_stored_is_a_conflict_of_that_course_on_secantusdb() {
+    let conflicts = presumed_new_batch(&secantus_uri()).await.expect("accounted");
+    assert_eq!(conflicts.0, vec!["a".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_course_presumed_new_but_stored_is_a_conflict_of_that_course_on_ferretdb() {
+    let conflicts = presumed_new_batch(&ferretdb_uri()).await.expect("accounted");
+    assert_eq!(conflicts.0, vec!["a".to_owned()]);
 }
 
 #[tokio::test]
@@ -234,6 +282,40 @@ async fn the_operations_courseview_uses(uri: &str) {
     );
     let a = coll.find_one(doc! {"_id": "a"}).await.expect("find").expect("a exists");
     assert_eq!((a.get_str("name").ok(), get_int(&a, "_rev")), (Some("A2"), Some(2)));
+
+    // Unordered multi-document `insert` (a course presumed new is written
+    // at revision 0 this way): one that exists is refused as a duplicate
+    // key at its index, the rest are inserted, and `n` counts them.
+    let new = |id: &str| doc! {"_id": id, "_rev": 1_i64, "name": id, "listed": true};
+    let reply = db
+        .run_command(doc! {"insert": "docs", "documents": [new("d"), new("a"), new("e")], "ordered": false})
+        .await
+        .expect("unordered insert");
+    let errors = reply
+        .get_array("writeErrors")
+        .expect("a write error for the existing _id");
+    let error = errors[0].as_document().expect("doc");
+    assert_eq!(
+        (
+            errors.len(),
+            get_int(error, "index"),
+            error.get_i32("code").ok(),
+            get_int(&reply, "n")
+        ),
+        (1, Some(1), Some(11000), Some(2)),
+        "{reply}"
+    );
+    let a = coll.find_one(doc! {"_id": "a"}).await.expect("find").expect("a exists");
+    assert_eq!(a.get_str("name").ok(), Some("A2"), "an insert never overwrites");
+    assert_eq!(
+        coll.count_documents(doc! {"_id": {"$in": ["d", "e"]}})
+            .await
+            .expect("count"),
+        2
+    );
+    coll.delete_many(doc! {"_id": {"$in": ["d", "e"]}})
+        .await
+        .expect("delete_many");
 
     // $set / $setOnInsert upserts and a `$lt`-guarded upsert (checkpoints).
     let cp = db.collection::<Document>("checkpoints");
