@@ -52,6 +52,8 @@ struct Part {
     paused: bool,
     /// The reader's polling clock when it was paused.
     since: Duration,
+    /// Named by the judgement under way (the others are no longer assigned).
+    assigned: bool,
 }
 
 /// The assigned partitions' times, and the reader's polling clock.
@@ -163,19 +165,28 @@ impl Align {
     }
 
     /// Takes each assigned partition's records still to read (0 when
-    /// unknown), forgets the partitions no longer assigned, and decides which to pause and which
-    /// to resume; records them as done.
-    pub fn judge(&mut self, backlog: &[(String, i32, i64)]) -> Moves {
-        let mut parts: HashMap<String, HashMap<i32, Part>> = HashMap::new();
-        for (topic, partition, left) in backlog {
-            let known = self.parts.get(topic).and_then(|p| p.get(partition)).copied();
-            let part = Part {
-                left: *left,
-                ..known.unwrap_or_default()
-            };
-            parts.entry(topic.clone()).or_default().insert(*partition, part);
+    /// unknown), forgets the partitions no longer assigned, and decides
+    /// which to pause and which to resume; records them as done. Updated
+    /// in place: a judgement allocates only for a newly assigned topic.
+    pub fn judge<T: AsRef<str>>(&mut self, backlog: &[(T, i32, i64)]) -> Moves {
+        for part in self.parts.values_mut().flat_map(HashMap::values_mut) {
+            part.assigned = false;
         }
-        self.parts = parts;
+        for (topic, partition, left) in backlog {
+            let topic = topic.as_ref();
+            if !self.parts.contains_key(topic) {
+                self.parts.insert(topic.to_owned(), HashMap::new());
+            }
+            if let Some(partitions) = self.parts.get_mut(topic) {
+                let part = partitions.entry(*partition).or_default();
+                part.left = *left;
+                part.assigned = true;
+            }
+        }
+        for partitions in self.parts.values_mut() {
+            partitions.retain(|_, part| part.assigned);
+        }
+        self.parts.retain(|_, partitions| !partitions.is_empty());
         let frontier = self.frontier();
         let mut moves = Moves::default();
         for (topic, partitions) in &mut self.parts {

@@ -1048,23 +1048,17 @@ fn positions_moved(positions: &TopicPartitionList, advanced: &mut HashMap<(Strin
 
 /// Pauses the partitions that ran ahead in time while behind and resumes
 /// those the others came near again (`align`). Between polls, like the
-/// hold: every record polled is on the channel, so a pause drops only what
-/// was fetched beyond it, and the partition resumes right after it.
+/// hold: every record polled is on the channel, so a pause drops only the
+/// partition's prefetched records (fetched again on resume), and the
+/// partition resumes right after the last record handed over.
 fn align_partitions(consumer: &BaseConsumer<AssignContext>, align: &mut super::align::Align, group: &str) {
     let Ok(positions) = consumer.position() else { return };
-    let backlog: Vec<(String, i32, i64)> = positions
-        .elements()
+    // Unknown (nothing fetched yet): counted as near its end, so never
+    // held paused.
+    let left = records_left(consumer, &positions);
+    let backlog: Vec<(&str, i32, i64)> = left
         .iter()
-        .map(|elem| {
-            // Unknown (nothing fetched yet): counted as near its end, so
-            // never held paused.
-            let left = match elem.offset() {
-                Offset::Offset(next) => cached_high_watermark(consumer, elem.topic(), elem.partition())
-                    .map_or(0, |high| (high - next).max(0)),
-                _ => 0,
-            };
-            (elem.topic().to_owned(), elem.partition(), left)
-        })
+        .map(|(elem, left)| (elem.topic(), elem.partition(), left.unwrap_or(0)))
         .collect();
     let moves = align.judge(&backlog);
     move_partitions(consumer, align, &moves, group);
@@ -1104,20 +1098,34 @@ fn move_partitions(
 }
 
 /// Records in the log not yet handed to the worker, over the assigned
-/// partitions: each one's high watermark as its last fetch saw it (no
-/// request) less its position.
+/// partitions whose count is known.
 fn log_backlog(consumer: &BaseConsumer<AssignContext>, positions: &TopicPartitionList) -> i64 {
+    records_left(consumer, positions)
+        .iter()
+        .filter_map(|(_, left)| *left)
+        .sum()
+}
+
+/// Per assigned partition, the records in the log not yet handed to the
+/// worker: its high watermark as its last fetch saw it (no request) less
+/// its position; `None` while either is unknown.
+fn records_left<'a>(
+    consumer: &BaseConsumer<AssignContext>,
+    positions: &'a TopicPartitionList,
+) -> Vec<(rdkafka::topic_partition_list::TopicPartitionListElem<'a>, Option<i64>)> {
     positions
         .elements()
-        .iter()
-        .filter_map(|elem| {
-            let Offset::Offset(next) = elem.offset() else {
-                return None;
+        .into_iter()
+        .map(|elem| {
+            let left = match elem.offset() {
+                Offset::Offset(next) => {
+                    cached_high_watermark(consumer, elem.topic(), elem.partition()).map(|high| (high - next).max(0))
+                }
+                _ => None,
             };
-            let high = cached_high_watermark(consumer, elem.topic(), elem.partition())?;
-            Some((high - next).max(0))
+            (elem, left)
         })
-        .sum()
+        .collect()
 }
 
 /// The high watermark librdkafka last saw for a partition, without asking
