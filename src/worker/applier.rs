@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use super::fold::Fold;
+use super::fold::{Fold, Folded};
 use super::states::{Checkout, Guessed, StateCache};
 use super::*;
 
@@ -109,7 +109,6 @@ impl Applier {
     /// covered. Writes nothing.
     pub fn fold_in(&self, fold: &mut Fold, records: &[Record], advanced: &[(String, i32, i64)]) {
         let projection = self.model.name();
-        let mut events: Vec<CourseEvent> = Vec::with_capacity(records.len());
         for record in records {
             let size = record.size();
             if size > self.max_record_bytes {
@@ -124,7 +123,10 @@ impl Applier {
                 continue;
             }
             match decode(record) {
-                Ok(event) => events.push(event),
+                Ok(event) => fold.add_event(
+                    &event,
+                    Some((&record.topic, record.partition, record.offset, record.timestamp)),
+                ),
                 Err(e) => {
                     warn!(projection, position = %record.position(), error = %e, "Dead-lettering undecodable record.");
                     fold.add_dead_letter(
@@ -133,7 +135,6 @@ impl Applier {
                 }
             }
         }
-        fold.add_events(&events);
         fold.cover(records, advanced);
     }
 
@@ -194,7 +195,7 @@ impl Applier {
 
     /// Merges each course's folded state into its stored one and writes the
     /// changed ones; returns documents written.
-    async fn write_folded(&self, folded: &HashMap<String, Box<CourseState>>) -> Result<usize, BatchError> {
+    async fn write_folded(&self, folded: &Folded) -> Result<usize, BatchError> {
         if folded.is_empty() {
             return Ok(0);
         }
@@ -245,11 +246,7 @@ impl Applier {
     /// Courses seen recently come from memory, and unseen ones are presumed
     /// new (a replay from zero, a rebuild) while that keeps being true;
     /// refused ones come back as conflicts and are loaded next round.
-    async fn first_round(
-        &self,
-        folded: &HashMap<String, Box<CourseState>>,
-        pending: &[String],
-    ) -> Result<(usize, Vec<String>), BatchError> {
+    async fn first_round(&self, folded: &Folded, pending: &[String]) -> Result<(usize, Vec<String>), BatchError> {
         let presume = self.states.presumes_absent();
         let missing = if presume { Missing::PresumeAbsent } else { Missing::Load };
         let round = self.round(folded, pending, missing).await?;
@@ -259,12 +256,7 @@ impl Applier {
 
     /// Merges each pending course's folded state into its stored one and
     /// writes the changed ones, revision-guarded.
-    async fn round(
-        &self,
-        folded: &HashMap<String, Box<CourseState>>,
-        pending: &[String],
-        missing: Missing,
-    ) -> Result<Round, BatchError> {
+    async fn round(&self, folded: &Folded, pending: &[String], missing: Missing) -> Result<Round, BatchError> {
         let collection = self.collection();
         let Checkout {
             mut known,
@@ -280,7 +272,7 @@ impl Applier {
         let mut writes = Vec::with_capacity(pending.len());
         let mut unchanged = Vec::new();
         for id in pending {
-            let Some(events) = folded.get(id) else {
+            let Some(events) = folded.get(id).map(|course| &course.state) else {
                 continue;
             };
             let (mut state, rev) = match known.remove(id) {

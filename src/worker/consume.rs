@@ -442,6 +442,16 @@ async fn flush(
     // The flush's CONSUMER span: its writes, offset store and cache
     // announcement are its children.
     let span = fold.process_span(applier.projection(), group);
+    // Behind, the youngest courses wait for the next fold (and hold back
+    // the offsets of their records).
+    let young = if why.carries() {
+        fold.take_young()
+    } else {
+        Fold::default()
+    };
+    // Whether the cache must hear of this flush: a carried fold's courses
+    // were counted when folded, so courses count too.
+    let changes = fold.events() + fold.dead.len() + fold.courses.len() > 0;
     async {
         let held: &Fold = fold;
         let started = tokio::time::Instant::now();
@@ -471,9 +481,10 @@ async fn flush(
             write_ms = started.elapsed().as_millis() as u64,
             "Batch committed."
         );
-        *fold = Fold::default();
+        *fold = young;
+        fold.restart_clock();
         // A fold of position advances only changed no document.
-        if outcome.applied + outcome.dead_letters == 0 {
+        if !changes {
             ControlFlow::Continue(Told::NothingChanged)
         } else if applier.bump_cache().await {
             ControlFlow::Continue(Told::Yes)

@@ -16,17 +16,91 @@ use super::states::state_bytes;
 use super::*;
 use crate::telemetry::traces;
 
+/// Per course, what a fold's events give from empty. Boxed: the table then
+/// holds a pointer per bucket, not a whole state, so its spare capacity (up
+/// to half of it after it doubles) and the moment it doubles (old and new
+/// tables both live) cost little.
+pub(super) type Folded = HashMap<String, Box<FoldedCourse>>;
+
+/// Partitions a course's records may span and it still be carried over.
+const CARRIED_PARTITIONS: usize = 4;
+
+/// Share of a fold's record-time span, at its young end, whose new courses
+/// a flush while behind carries over to the next fold.
+const CARRY_SHARE: i64 = 3;
+
+/// One course's folded state, and where its records lie.
+#[derive(Debug)]
+pub(super) struct FoldedCourse {
+    pub(super) state: CourseState,
+    /// The earliest record time (ms) among its events in this fold.
+    first_at: Option<i64>,
+    /// Per partition (index into the fold's `partitions`), the lowest
+    /// offset of its records in this fold, in the first `spans` slots: a
+    /// fold that carries it over stores no offset past these.
+    lowest: [(u32, i64); CARRIED_PARTITIONS],
+    spans: usize,
+    /// An event came without a record, or a record without a time, or from
+    /// more partitions than `lowest` holds: never carried over.
+    untracked: bool,
+    /// Carried over from the fold before: written at the next flush,
+    /// whatever its time, so no course is held back twice.
+    carried: bool,
+}
+
+impl FoldedCourse {
+    fn new(id: &str) -> Self {
+        FoldedCourse {
+            state: CourseState::new(id),
+            first_at: None,
+            lowest: [(0, 0); CARRIED_PARTITIONS],
+            spans: 0,
+            untracked: false,
+            carried: false,
+        }
+    }
+
+    /// Notes one of its records (`None`: an event without a record).
+    fn saw(&mut self, at: Option<(u32, i64, Option<i64>)>) {
+        if self.untracked {
+            return;
+        }
+        let Some((partition, offset, Some(time))) = at else {
+            self.untracked = true;
+            return;
+        };
+        self.first_at = Some(self.first_at.map_or(time, |first| first.min(time)));
+        match self.lowest[..self.spans].iter_mut().find(|(p, _)| *p == partition) {
+            Some(slot) => slot.1 = slot.1.min(offset),
+            None if self.spans < CARRIED_PARTITIONS => {
+                self.lowest[self.spans] = (partition, offset);
+                self.spans += 1;
+            }
+            None => self.untracked = true,
+        }
+    }
+
+    /// Whether a flush carries it over when `cut` is the fold's young end.
+    fn young(&self, cut: i64) -> bool {
+        !self.carried && !self.untracked && self.first_at.is_some_and(|t| t >= cut)
+    }
+}
+
+/// Where an event's record lies: topic, partition, offset, time.
+pub(super) type At<'a> = (&'a str, i32, i64, Option<i64>);
+
 /// Events decoded and folded, not yet written.
 #[derive(Debug)]
 pub struct Fold {
-    /// Per course, the state its folded events give from empty. Boxed: the
-    /// table then holds a pointer per bucket, not a whole state, so its
-    /// spare capacity (up to half of it after it doubles) and the moment
-    /// it doubles (old and new tables both live) cost little.
-    pub(super) courses: HashMap<String, Box<CourseState>>,
+    pub(super) courses: Folded,
     pub(super) dead: Vec<DeadLetter>,
     /// Next offset per partition once the fold is written.
     next: HashMap<(String, i32), i64>,
+    /// The partitions its courses' records came from (`FoldedCourse::lowest`
+    /// indexes them).
+    partitions: Vec<(String, i32)>,
+    /// The earliest and latest record times its events came with.
+    times: Option<(i64, i64)>,
     /// Events folded per type (for the applied counter, at the flush).
     pub(super) kinds: HashMap<&'static str, u64>,
     pub(super) records: usize,
@@ -45,6 +119,8 @@ impl Default for Fold {
             courses: HashMap::new(),
             dead: Vec::new(),
             next: HashMap::new(),
+            partitions: Vec::new(),
+            times: None,
             kinds: HashMap::new(),
             records: 0,
             events: 0,
@@ -56,24 +132,108 @@ impl Default for Fold {
 }
 
 impl Fold {
-    /// Folds decoded events in (their records' offsets are added apart).
+    /// Folds decoded events in that came without records: their courses
+    /// are never carried over (their records' offsets are added apart).
     pub(super) fn add_events<'a>(&mut self, events: impl IntoIterator<Item = &'a CourseEvent>) {
         for event in events {
-            self.events += 1;
-            *self.kinds.entry(event.kind.type_name()).or_default() += 1;
-            let state = match self.courses.get_mut(event.course_id.as_str()) {
-                Some(state) => {
-                    self.bytes -= state_bytes(state);
-                    state
-                }
-                None => self
-                    .courses
-                    .entry(event.course_id.clone())
-                    .or_insert_with(|| Box::new(CourseState::new(event.course_id.as_str()))),
-            };
-            state.apply(event);
-            self.bytes += state_bytes(state) + event.course_id.len() + 32;
+            self.add_event(event, None);
         }
+    }
+
+    /// Folds one decoded event in, noting where its record lies.
+    pub(super) fn add_event(&mut self, event: &CourseEvent, at: Option<At<'_>>) {
+        /// Beside the state's heap: the box, the id's allocation, the slot.
+        const EXTRA: usize = std::mem::size_of::<FoldedCourse>() + 32;
+        self.events += 1;
+        *self.kinds.entry(event.kind.type_name()).or_default() += 1;
+        let at = at.map(|(topic, partition, offset, time)| {
+            if let Some(t) = time {
+                self.times = Some(self.times.map_or((t, t), |(low, high)| (low.min(t), high.max(t))));
+            }
+            (self.partition_index(topic, partition), offset, time)
+        });
+        let course = match self.courses.get_mut(event.course_id.as_str()) {
+            Some(course) => {
+                self.bytes -= state_bytes(&course.state);
+                course
+            }
+            None => {
+                self.bytes += event.course_id.len() + EXTRA;
+                self.courses
+                    .entry(event.course_id.clone())
+                    .or_insert_with(|| Box::new(FoldedCourse::new(event.course_id.as_str())))
+            }
+        };
+        course.state.apply(event);
+        course.saw(at);
+        self.bytes += state_bytes(&course.state);
+    }
+
+    /// The index of a partition in `partitions`, added if new. Records come
+    /// in runs of one partition, and a worker reads a few dozen at most.
+    fn partition_index(&mut self, topic: &str, partition: i32) -> u32 {
+        let found = self.partitions.iter().rposition(|(t, p)| *p == partition && t == topic);
+        let index = found.unwrap_or_else(|| {
+            self.partitions.push((topic.to_owned(), partition));
+            self.partitions.len() - 1
+        });
+        u32::try_from(index).unwrap_or(u32::MAX)
+    }
+
+    /// Takes out the courses a flush while behind need not write yet: those
+    /// whose first record in this fold lies in the youngest third of its
+    /// records' time span (likely to hear more soon: a course created and
+    /// posted seconds apart is then written once, not once per fold). The
+    /// offsets this fold stores are lowered to the lowest record of each
+    /// carried course, partition by partition, so none is stored before the
+    /// carried states are written; the fold returned holds them, the
+    /// offsets they held back, and is written at the next flush, carrying
+    /// nothing of them twice.
+    pub(super) fn take_young(&mut self) -> Fold {
+        let mut young = Fold {
+            partitions: self.partitions.clone(),
+            ..Fold::default()
+        };
+        let Some((first, last)) = self.times else {
+            return young;
+        };
+        let cut = last - (last - first) / CARRY_SHARE;
+        if cut <= first {
+            return young;
+        }
+        let ids: Vec<String> = self
+            .courses
+            .iter()
+            .filter(|(_, course)| course.young(cut))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut lowest: HashMap<u32, i64> = HashMap::new();
+        for id in ids {
+            let Some(mut course) = self.courses.remove(&id) else {
+                continue;
+            };
+            for (partition, offset) in &course.lowest[..course.spans] {
+                let low = lowest.entry(*partition).or_insert(*offset);
+                *low = (*low).min(*offset);
+            }
+            let bytes = state_bytes(&course.state) + id.len() + std::mem::size_of::<FoldedCourse>() + 32;
+            self.bytes = self.bytes.saturating_sub(bytes);
+            young.bytes += bytes;
+            course.carried = true;
+            young.courses.insert(id, course);
+        }
+        for (partition, low) in lowest {
+            let Some(key) = self.partitions.get(partition as usize) else {
+                continue;
+            };
+            if let Some(next) = self.next.get_mut(key) {
+                if *next > low {
+                    young.next.insert(key.clone(), *next);
+                    *next = low;
+                }
+            }
+        }
+        young
     }
 
     pub(super) fn add_dead_letter(&mut self, letter: DeadLetter) {
@@ -130,6 +290,18 @@ impl Fold {
 
     pub fn records(&self) -> usize {
         self.records
+    }
+
+    /// Starts its age now: a carried fold becomes the one folded into only
+    /// once the flush that carried it is written.
+    pub(super) fn restart_clock(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Events folded in (a carried fold starts at 0: they were counted
+    /// in the fold they came in).
+    pub fn events(&self) -> usize {
+        self.events
     }
 
     /// The CONSUMER span of its flush, `process <topic>` (`process` across
@@ -207,6 +379,15 @@ pub enum Flush {
     Not,
 }
 
+impl Flush {
+    /// Whether a flush for this reason carries the youngest courses over:
+    /// only while behind and going on; caught up or stopping, everything
+    /// in hand is written.
+    pub fn carries(self) -> bool {
+        matches!(self, Flush::Interval | Flush::Bytes)
+    }
+}
+
 impl FoldLimits {
     pub fn judge(&self, fold: &Fold, behind: bool, stopping: bool) -> Flush {
         if stopping {
@@ -276,6 +457,79 @@ mod tests {
         assert_eq!(quick.judge(&fold, true, false), Flush::Interval);
     }
 
+    /// An event of `course` from a record at `at`, folded and covered.
+    fn fold_at(fold: &mut Fold, course: &str, at: At<'_>) {
+        let event = CourseEvent {
+            event_id: format!("{course}-{}-{}", at.1, at.2),
+            course_id: course.into(),
+            version: Some(1),
+            occurred_at: 0,
+            kind: courseview_projections::EventKind::Posted,
+        };
+        fold.add_event(&event, Some(at));
+        let mut record = rec(at.0, at.1, at.2);
+        record.timestamp = at.3;
+        fold.cover(&[record], &[]);
+    }
+
+    fn ids(fold: &Fold) -> Vec<&str> {
+        let mut ids: Vec<&str> = fold.courses.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn a_flush_behind_carries_courses_first_seen_in_the_youngest_third_and_stores_no_offset_past_their_records() {
+        let mut fold = Fold::default();
+        // Record times 1000..3000: the youngest third starts after 2333.
+        fold_at(&mut fold, "a", ("t", 0, 0, Some(1000)));
+        fold_at(&mut fold, "a", ("u", 0, 1, Some(1500)));
+        fold_at(&mut fold, "b", ("t", 0, 2, Some(2500)));
+        fold_at(&mut fold, "b", ("u", 0, 3, Some(2600)));
+        fold_at(&mut fold, "c", ("t", 0, 4, Some(2000)));
+        fold_at(&mut fold, "c", ("u", 0, 5, Some(3000)));
+        let mut young = fold.take_young();
+        assert_eq!((ids(&fold), ids(&young)), (vec!["a", "c"], vec!["b"]));
+        assert_eq!(
+            fold.offsets(),
+            vec![("t".into(), 0, 2), ("u".into(), 0, 3)],
+            "stored up to b's first record in each partition, not past it"
+        );
+        assert_eq!(young.offsets(), vec![("t".into(), 0, 5), ("u".into(), 0, 6)]);
+        assert_eq!(
+            (young.events(), fold.events()),
+            (0, 6),
+            "events count where they were folded"
+        );
+
+        // The next fold: `b` was carried once, so it is written now, and
+        // only the newest course is carried.
+        fold_at(&mut young, "b", ("t", 0, 6, Some(3100)));
+        fold_at(&mut young, "d", ("t", 0, 7, Some(3200)));
+        let next = young.take_young();
+        assert_eq!((ids(&young), ids(&next)), (vec!["b"], vec!["d"]));
+        assert_eq!(young.offsets(), vec![("t".into(), 0, 7), ("u".into(), 0, 6)]);
+        assert_eq!(next.offsets(), vec![("t".into(), 0, 8)]);
+    }
+
+    #[test]
+    fn courses_whose_records_lack_a_time_or_span_too_many_partitions_are_never_carried() {
+        let mut fold = Fold::default();
+        fold_at(&mut fold, "old", ("t", 0, 0, Some(1000)));
+        fold_at(&mut fold, "timeless", ("t", 0, 1, Some(2900)));
+        fold_at(&mut fold, "timeless", ("t", 0, 2, None));
+        for partition in 0..=CARRIED_PARTITIONS as i32 {
+            fold_at(&mut fold, "wide", ("w", partition, 0, Some(2950)));
+        }
+        fold.add_events(&one_event_each(1, || courseview_projections::EventKind::Posted));
+        fold_at(&mut fold, "c0", ("t", 0, 3, Some(3000)));
+        let young = fold.take_young();
+        assert!(young.courses.is_empty(), "carried {:?}", ids(&young));
+        assert_eq!(fold.offsets()[0], ("t".into(), 0, 4));
+        assert!(!Flush::CaughtUp.carries() && !Flush::Stopping.carries());
+        assert!(Flush::Bytes.carries() && Flush::Interval.carries());
+    }
+
     /// One event of `kind` for each of `courses` distinct courses.
     fn one_event_each(courses: usize, kind: impl Fn() -> courseview_projections::EventKind) -> Vec<CourseEvent> {
         (0..courses)
@@ -298,7 +552,7 @@ mod tests {
         let (id, state) = fold.courses.iter().next().expect("a course");
         let slot = std::mem::size_of_val(id) + std::mem::size_of_val(state);
         let table = fold.courses.capacity() * (slot + 1);
-        let heap_of_states: usize = fold.courses.values().map(|s| state_bytes(s)).sum();
+        let heap_of_states: usize = fold.courses.values().map(|c| state_bytes(&c.state)).sum();
         assert!(
             fold.bytes() >= table + heap_of_states,
             "estimate {} < table {table} + states {heap_of_states}",
