@@ -86,7 +86,7 @@ pub fn is_transient_code(code: i32) -> bool {
 }
 const DUPLICATE_KEY: i32 = 11000;
 
-/// Statements an `update` command refused as duplicate keys, by index in
+/// Statements a write command refused as duplicate keys, by index in
 /// the statements given. What a refusal means is the caller's to say: a
 /// revision that moved ([`Conflicts`]), an offset already newer
 /// ([`AlreadyNewer`]), a document a concurrent upsert created first.
@@ -94,7 +94,7 @@ const DUPLICATE_KEY: i32 = 11000;
 struct DuplicateKeys(Vec<usize>);
 
 /// The write command a run of statements goes in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum WriteCommand {
     /// `update` with upserts: each statement is counted in `n` (matched
     /// or upserted) or named by a write error.
@@ -190,7 +190,7 @@ fn refused_statements(
     Ok(Reply::Accounted(duplicates))
 }
 
-/// What an `update` reply says of its statements.
+/// What a write command's reply says of its statements.
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     /// Every statement is counted: these (offset) were duplicate keys.
@@ -253,9 +253,10 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Database,
-    /// Per collection: write replies in a row that did not account for
-    /// every statement (another collection's good reply says nothing of it).
-    miscounts: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    /// Per command and collection: write replies in a row that did not
+    /// account for every statement (another collection's good reply says
+    /// nothing of it, nor does an `insert`'s of the `update`s).
+    miscounts: Arc<std::sync::Mutex<HashMap<(WriteCommand, String), u32>>>,
     /// The hosts given (for messages that name the server).
     hosts: Arc<str>,
 }
@@ -334,22 +335,23 @@ impl Store {
             match refused_statements(write, collection, start, len, &reply)? {
                 Reply::Accounted(refused) => {
                     if let Ok(mut counts) = self.miscounts.lock() {
-                        counts.remove(collection);
+                        counts.remove(&(write, collection.to_owned()));
                     }
                     duplicates.extend(refused);
                 }
                 Reply::Miscounted(what) => {
                     let server = self.server();
                     let times = self.miscounts.lock().map_or(1, |mut counts| {
-                        let times = counts.entry(collection.to_owned()).or_default();
+                        let times = counts.entry((write, collection.to_owned())).or_default();
                         *times += 1;
                         *times
                     });
                     if times >= MISCOUNTS_TOLERATED {
                         return Err(StoreError::Failed(format!(
-                            "the MongoDB server at {server} answered {times} updates in a row without accounting for every statement \
+                            "the MongoDB server at {server} answered {times} {command}s in a row without accounting for every statement \
                              (last: {what}), so which writes failed cannot be known; it is not MongoDB-compatible enough for courseview \
-                             (FerretDB 1.x does this: README, \"MongoDB-compatible servers\")"
+                             (FerretDB 1.x does this: README, \"MongoDB-compatible servers\")",
+                            command = write.name()
                         )));
                     }
                     return Err(StoreError::Unavailable(Box::new(MongoError::custom(format!(
