@@ -70,7 +70,7 @@ pub struct WorkerArgs {
     pub fold_interval: Duration,
     /// Most bytes (estimated) of folded course states held before they are
     /// written (see --fold-interval).
-    #[arg(long, env = "COURSEVIEW_FOLD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "COURSEVIEW_FOLD_BYTES", default_value_t = 12 * 1024 * 1024)]
     pub fold_bytes: usize,
     /// How often to look for new topics that match the regex.
     #[arg(long, env = "COURSEVIEW_METADATA_REFRESH", default_value = "30s", value_parser = humantime_duration)]
@@ -98,7 +98,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "COURSEVIEW_ON_GAP", value_enum, default_value_t = OnGap::Stop)]
     pub on_gap: OnGap,
     /// Bytes of consumed records waiting to be applied, at most.
-    #[arg(long, env = "COURSEVIEW_MAX_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "COURSEVIEW_MAX_QUEUE_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_queue_bytes: usize,
     /// Bytes of recently written course states kept in memory, so their
     /// next events need no load (an estimate of their size).

@@ -29,6 +29,11 @@ const CARRIED_PARTITIONS: usize = 4;
 /// a flush while behind carries over to the next fold.
 const CARRY_SHARE: i64 = 3;
 
+/// A course's bytes beside its state's (which `state_bytes` counts, inline
+/// part included): the rest of its box, the box's and the id's allocation
+/// headers, and the id's slot.
+const COURSE_EXTRA: usize = std::mem::size_of::<FoldedCourse>() - std::mem::size_of::<CourseState>() + 32;
+
 /// One course's folded state, and where its records lie.
 #[derive(Debug)]
 pub(super) struct FoldedCourse {
@@ -142,8 +147,6 @@ impl Fold {
 
     /// Folds one decoded event in, noting where its record lies.
     pub(super) fn add_event(&mut self, event: &CourseEvent, at: Option<At<'_>>) {
-        /// Beside the state's heap: the box, the id's allocation, the slot.
-        const EXTRA: usize = std::mem::size_of::<FoldedCourse>() + 32;
         self.events += 1;
         *self.kinds.entry(event.kind.type_name()).or_default() += 1;
         let at = at.map(|(topic, partition, offset, time)| {
@@ -158,7 +161,7 @@ impl Fold {
                 course
             }
             None => {
-                self.bytes += event.course_id.len() + EXTRA;
+                self.bytes += event.course_id.len() + COURSE_EXTRA;
                 self.courses
                     .entry(event.course_id.clone())
                     .or_insert_with(|| Box::new(FoldedCourse::new(event.course_id.as_str())))
@@ -216,7 +219,7 @@ impl Fold {
                 let low = lowest.entry(*partition).or_insert(*offset);
                 *low = (*low).min(*offset);
             }
-            let bytes = state_bytes(&course.state) + id.len() + std::mem::size_of::<FoldedCourse>() + 32;
+            let bytes = state_bytes(&course.state) + id.len() + COURSE_EXTRA;
             self.bytes = self.bytes.saturating_sub(bytes);
             young.bytes += bytes;
             course.carried = true;
