@@ -11,8 +11,13 @@
 //! Only the order in which partitions are read changes, never what is read
 //! or which offsets are stored: a projection converges whatever the order
 //! across partitions (DESIGN §2). A partition near its end (less than
-//! [`BEHIND`] records to read) is never paused and never waited for, so a
-//! caught-up worker reads as before, and one that has delivered nothing
+//! [`BEHIND`] records to read) whose records are recent (within [`RECENT`]
+//! of the wall clock) is never paused and never waited for, so a caught-up
+//! worker reads as before; one near its end with old records (a topic of
+//! few events, such as deletions, in a replay) is held and waited for like
+//! one behind: read ahead, its events would reach a fold long before the
+//! rest of their courses' and cost each such course a write of its own.
+//! One that has delivered nothing
 //! for [`IDLE`] (stuck at a bad batch, its leader away) holds no one back.
 //! No partition stays paused for more than [`HELD_AT_MOST`] of polling: a
 //! record dated in the future, or a topic of old records beside a busy
@@ -27,6 +32,10 @@ pub const AHEAD: Duration = Duration::from_secs(1);
 
 /// Records still to read before a partition counts as behind.
 pub const BEHIND: i64 = 1000;
+
+/// How far behind the wall clock a partition's last record may lie and
+/// the partition, near its end, still count as caught up.
+pub const RECENT: Duration = Duration::from_secs(60);
 
 /// A partition that has delivered nothing for this long of the reader's
 /// polling is not waited for. Counted in time spent polling, not waiting
@@ -56,11 +65,23 @@ struct Part {
     assigned: bool,
 }
 
+impl Part {
+    /// Whether it is catching up, so held when ahead and waited for when
+    /// behind: many records left, or some left that are old by the wall
+    /// clock `now`. One near its end with recent records is live traffic.
+    fn catching_up(&self, now: i64) -> bool {
+        let old = |at: i64| at < now.saturating_sub(recent());
+        self.left >= BEHIND || (self.left > 0 && self.at.is_some_and(old))
+    }
+}
+
 /// The assigned partitions' times, and the reader's polling clock.
 #[derive(Debug, Default)]
 pub struct Align {
     parts: HashMap<String, HashMap<i32, Part>>,
     clock: Duration,
+    /// The wall clock (ms since the epoch) at the last poll; 0 before it.
+    now: i64,
     /// Whether any partition was paused or behind at the last judgement:
     /// when none, as for a caught-up worker, a record costs one lookup.
     engaged: bool,
@@ -77,6 +98,9 @@ impl Align {
     /// The reader spent `took` in a poll.
     pub fn polled(&mut self, took: Duration) {
         self.clock += took;
+        self.now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     }
 
     /// A record of the partition was handed over: pauses the partition
@@ -98,13 +122,16 @@ impl Align {
         };
         part.at = Some(at);
         part.when = clock;
-        let (paused, left) = (part.paused, part.left);
+        let part = *part;
         if !self.engaged {
             return None;
         }
         let frontier = self.frontier();
         let mut moves = Moves::default();
-        if !paused && left >= BEHIND && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead())) {
+        if !part.paused
+            && part.catching_up(self.now)
+            && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead()))
+        {
             if let Some(part) = self.parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
                 part.paused = true;
                 part.since = clock;
@@ -159,7 +186,7 @@ impl Align {
         self.parts
             .values()
             .flat_map(HashMap::values)
-            .filter(|p| !p.paused && p.left >= BEHIND && self.clock.saturating_sub(p.when) < IDLE)
+            .filter(|p| !p.paused && p.catching_up(self.now) && self.clock.saturating_sub(p.when) < IDLE)
             .filter_map(|p| p.at)
             .min()
     }
@@ -189,11 +216,12 @@ impl Align {
         self.parts.retain(|_, partitions| !partitions.is_empty());
         let frontier = self.frontier();
         let mut moves = Moves::default();
+        let now = self.now;
         for (topic, partitions) in &mut self.parts {
             for (partition, part) in partitions.iter_mut() {
                 let Some(at) = part.at else { continue };
                 if !part.paused
-                    && part.left >= BEHIND
+                    && part.catching_up(now)
                     && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead()))
                 {
                     part.paused = true;
@@ -207,7 +235,7 @@ impl Align {
             .parts
             .values()
             .flat_map(HashMap::values)
-            .any(|p| p.paused || p.left >= BEHIND);
+            .any(|p| p.paused || p.catching_up(self.now));
         moves.pause.sort();
         moves.resume.sort();
         moves
@@ -216,13 +244,14 @@ impl Align {
 
 impl Align {
     /// Resumes the paused partitions the oldest one came within half the
-    /// allowance of, those near their end (never held), and those paused
-    /// for [`HELD_AT_MOST`]. A resumed
+    /// allowance of, those no longer catching up (never held), and those
+    /// paused for [`HELD_AT_MOST`]. A resumed
     /// partition keeps its last time and counts as just heard from: until
     /// its next record arrives, it holds the others back as if it were
     /// still there, and is let go after [`IDLE`] if nothing comes.
     fn resume_near(&mut self, frontier: Option<i64>, moves: &mut Moves) {
         let clock = self.clock;
+        let now = self.now;
         for (topic, partitions) in &mut self.parts {
             for (partition, part) in partitions.iter_mut() {
                 if !part.paused {
@@ -231,7 +260,7 @@ impl Align {
                 let far =
                     matches!((part.at, frontier), (Some(at), Some(oldest)) if at > oldest.saturating_add(ahead() / 2));
                 let too_long = clock.saturating_sub(part.since) >= HELD_AT_MOST;
-                if part.left < BEHIND || !far || too_long {
+                if !part.catching_up(now) || !far || too_long {
                     part.paused = false;
                     part.when = clock;
                     moves.resume.push((topic.clone(), *partition));
@@ -243,6 +272,10 @@ impl Align {
 
 fn ahead() -> i64 {
     i64::try_from(AHEAD.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn recent() -> i64 {
+    i64::try_from(RECENT.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -385,6 +418,47 @@ mod tests {
         assert_eq!(align.judge(&backlog).pause, one("b", 0), "asked again");
         align.refused("b", 0, false);
         assert!(align.is_paused("b", 0), "the resume did not happen");
+    }
+
+    #[test]
+    fn a_partition_near_its_end_with_old_records_is_held_and_waited_for_like_one_behind() {
+        let mut align = Align::default();
+        align.polled(Duration::ZERO);
+        let backlog = [part("created", 0, 50_000), part("deleted", 0, 600)];
+        align.judge(&backlog);
+        align.delivered("created", 0, Some(10_000));
+        assert_eq!(
+            pauses(align.delivered("deleted", 0, Some(15_000))),
+            one("deleted", 0),
+            "600 records left, hours old: held"
+        );
+        assert_eq!(
+            align.judge(&backlog),
+            Moves::default(),
+            "not resumed for being near its end"
+        );
+        assert_eq!(resumes(align.delivered("created", 0, Some(14_600))), one("deleted", 0));
+        // Now the old one is the oldest: the one behind waits for it.
+        assert_eq!(align.delivered("deleted", 0, Some(14_700)), None);
+        assert_eq!(pauses(align.delivered("created", 0, Some(16_000))), one("created", 0));
+    }
+
+    #[test]
+    fn a_partition_near_its_end_with_recent_records_is_never_held() {
+        let mut align = Align::default();
+        align.polled(Duration::ZERO);
+        let now = align.now;
+        align.judge(&[part("created", 0, 50_000), part("live", 0, 600)]);
+        align.delivered("created", 0, Some(10_000));
+        assert_eq!(
+            align.delivered("live", 0, Some(now - 1_000)),
+            None,
+            "live traffic: read as it comes"
+        );
+        assert_eq!(
+            align.judge(&[part("created", 0, 50_000), part("live", 0, 600)]),
+            Moves::default()
+        );
     }
 
     #[test]
