@@ -191,9 +191,14 @@ impl Store {
     /// All documents of a collection sorted by id, without revision numbers;
     /// what "the read model equals a clean replay" compares.
     pub async fn dump(&self, collection: &str) -> Result<Vec<Document>> {
+        // Batches as large as the server sends (16 MiB), so few getMores:
+        // nx-27017 drops a cursor whose connection closed and answers the
+        // next getMore with an empty last batch, ending a read early
+        // without an error (docs/COMPATIBILITY.md).
         let options = FindOptions::builder()
             .sort(doc! {"_id": 1})
             .projection(doc! {"_rev": 0})
+            .batch_size(i32::MAX as u32)
             .build();
         let cursor = self.docs(collection).find(doc! {}).with_options(options).await?;
         Ok(cursor.try_collect().await?)

@@ -116,8 +116,13 @@ impl Store {
         if ids.is_empty() {
             return Ok(found);
         }
+        // All in the first reply (a slice is at most WRITE_SLICE states,
+        // a few MiB): no getMore that a peer could answer short
+        // (docs/COMPATIBILITY.md); a state missed would only come back
+        // as a conflict and be loaded again.
         let options = FindOptions::builder()
             .projection(doc! {"st": 1, "state": 1, "_rev": 1})
+            .batch_size(u32::try_from(ids.len()).unwrap_or(u32::MAX))
             .build();
         let mut cursor = self
             .docs(collection)

@@ -365,6 +365,24 @@ async fn the_operations_courseview_uses(uri: &str) {
         .await
         .expect("cursor");
     assert_eq!(ids.len(), 2);
+    // A find with a batch size past the default 101 answers everything in
+    // its first reply, with no cursor left: reads that must be whole ask
+    // for that, since nx-27017 may answer a getMore short (COMPATIBILITY.md).
+    let many = db.collection::<Document>("many");
+    many.insert_many((0..300).map(|i| doc! {"_id": format!("m{i:03}")}))
+        .await
+        .expect("insert 300");
+    let whole = db
+        .run_command(doc! {"find": "many", "filter": {}, "batchSize": 1000})
+        .await
+        .expect("find with batchSize");
+    let cursor = whole.get_document("cursor").expect("a cursor");
+    assert_eq!(
+        cursor.get_array("firstBatch").expect("firstBatch").len(),
+        300,
+        "all in the first batch"
+    );
+    assert_eq!(get_int(cursor, "id"), Some(0), "no cursor left to read");
     let options = FindOptions::builder()
         .sort(doc! {"name": 1, "_id": 1})
         .limit(2)
