@@ -11,12 +11,14 @@
 //! Only the order in which partitions are read changes, never what is read
 //! or which offsets are stored: a projection converges whatever the order
 //! across partitions (DESIGN §2). A partition near its end (less than
-//! [`BEHIND`] records to read) whose records are recent (within [`RECENT`]
-//! of the wall clock) is never paused and never waited for, so a caught-up
-//! worker reads as before; one near its end with old records (a topic of
-//! few events, such as deletions, in a replay) is held and waited for like
-//! one behind: read ahead, its events would reach a fold long before the
-//! rest of their courses' and cost each such course a write of its own.
+//! [`BEHIND`] records to read) is never paused and never waited for when
+//! every partition is near its end (a caught-up worker reads as before,
+//! whatever its records' timestamps) or when its records are recent
+//! (within [`RECENT`] of the wall clock). One near its end with old records
+//! while another is behind (a topic of few events, such as deletions, in a
+//! replay) is held and waited for like one behind: read ahead, its events
+//! would reach a fold long before the rest of their courses' and cost each
+//! such course a write of its own.
 //! One that has delivered nothing
 //! for [`IDLE`] (stuck at a bad batch, its leader away) holds no one back.
 //! No partition stays paused for more than [`HELD_AT_MOST`] of polling: a
@@ -67,11 +69,12 @@ struct Part {
 
 impl Part {
     /// Whether it is catching up, so held when ahead and waited for when
-    /// behind: many records left, or some left that are old by the wall
-    /// clock `now`. One near its end with recent records is live traffic.
-    fn catching_up(&self, now: i64) -> bool {
+    /// behind: many records left, or, while some partition has
+    /// (`replaying`), a few left that are old by the wall clock `now`. One
+    /// near its end with recent records is live traffic.
+    fn catching_up(&self, now: i64, replaying: bool) -> bool {
         let old = |at: i64| at < now.saturating_sub(recent());
-        self.left >= BEHIND || (self.left > 0 && self.at.is_some_and(old))
+        self.left >= BEHIND || (replaying && self.left > 0 && self.at.is_some_and(old))
     }
 }
 
@@ -82,6 +85,9 @@ pub struct Align {
     clock: Duration,
     /// The wall clock (ms since the epoch) at the last poll; 0 before it.
     now: i64,
+    /// Some partition had [`BEHIND`] records or more left at the last
+    /// judgement.
+    replaying: bool,
     /// Whether any partition was paused or behind at the last judgement:
     /// when none, as for a caught-up worker, a record costs one lookup.
     engaged: bool,
@@ -129,7 +135,7 @@ impl Align {
         let frontier = self.frontier();
         let mut moves = Moves::default();
         if !part.paused
-            && part.catching_up(self.now)
+            && part.catching_up(self.now, self.replaying)
             && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead()))
         {
             if let Some(part) = self.parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
@@ -159,6 +165,7 @@ impl Align {
             .collect();
         self.parts.clear();
         self.engaged = false;
+        self.replaying = false;
         paused
     }
 
@@ -186,7 +193,9 @@ impl Align {
         self.parts
             .values()
             .flat_map(HashMap::values)
-            .filter(|p| !p.paused && p.catching_up(self.now) && self.clock.saturating_sub(p.when) < IDLE)
+            .filter(|p| {
+                !p.paused && p.catching_up(self.now, self.replaying) && self.clock.saturating_sub(p.when) < IDLE
+            })
             .filter_map(|p| p.at)
             .min()
     }
@@ -214,14 +223,15 @@ impl Align {
             partitions.retain(|_, part| part.assigned);
         }
         self.parts.retain(|_, partitions| !partitions.is_empty());
+        self.replaying = self.parts.values().flat_map(HashMap::values).any(|p| p.left >= BEHIND);
         let frontier = self.frontier();
         let mut moves = Moves::default();
-        let now = self.now;
+        let (now, replaying) = (self.now, self.replaying);
         for (topic, partitions) in &mut self.parts {
             for (partition, part) in partitions.iter_mut() {
                 let Some(at) = part.at else { continue };
                 if !part.paused
-                    && part.catching_up(now)
+                    && part.catching_up(now, replaying)
                     && frontier.is_some_and(|oldest| at > oldest.saturating_add(ahead()))
                 {
                     part.paused = true;
@@ -235,7 +245,7 @@ impl Align {
             .parts
             .values()
             .flat_map(HashMap::values)
-            .any(|p| p.paused || p.catching_up(self.now));
+            .any(|p| p.paused || p.catching_up(self.now, self.replaying));
         moves.pause.sort();
         moves.resume.sort();
         moves
@@ -251,7 +261,7 @@ impl Align {
     /// still there, and is let go after [`IDLE`] if nothing comes.
     fn resume_near(&mut self, frontier: Option<i64>, moves: &mut Moves) {
         let clock = self.clock;
-        let now = self.now;
+        let (now, replaying) = (self.now, self.replaying);
         for (topic, partitions) in &mut self.parts {
             for (partition, part) in partitions.iter_mut() {
                 if !part.paused {
@@ -260,7 +270,7 @@ impl Align {
                 let far =
                     matches!((part.at, frontier), (Some(at), Some(oldest)) if at > oldest.saturating_add(ahead() / 2));
                 let too_long = clock.saturating_sub(part.since) >= HELD_AT_MOST;
-                if !part.catching_up(now) || !far || too_long {
+                if !part.catching_up(now, replaying) || !far || too_long {
                     part.paused = false;
                     part.when = clock;
                     moves.resume.push((topic.clone(), *partition));
@@ -441,6 +451,19 @@ mod tests {
         // Now the old one is the oldest: the one behind waits for it.
         assert_eq!(align.delivered("deleted", 0, Some(14_700)), None);
         assert_eq!(pauses(align.delivered("created", 0, Some(16_000))), one("created", 0));
+    }
+
+    #[test]
+    fn a_caught_up_reader_with_old_records_is_never_held() {
+        let mut align = Align::default();
+        align.polled(Duration::ZERO);
+        // Two live partitions whose timestamps lag the wall clock by
+        // minutes (a producer's slow clock), every one near its end.
+        let backlog = [part("a", 0, 600), part("b", 0, 600)];
+        align.judge(&backlog);
+        align.delivered("a", 0, Some(10_000));
+        assert_eq!(align.delivered("b", 0, Some(190_000)), None, "nothing is replaying");
+        assert_eq!(align.judge(&backlog), Moves::default());
     }
 
     #[test]

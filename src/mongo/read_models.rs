@@ -116,13 +116,15 @@ impl Store {
         if ids.is_empty() {
             return Ok(found);
         }
-        // All in the first reply (a slice is at most WRITE_SLICE states,
-        // a few MiB): no getMore that a peer could answer short
-        // (docs/COMPATIBILITY.md); a state missed would only come back
-        // as a conflict and be loaded again.
+        // Room for every state in the first reply (one more than asked
+        // for, or MongoDB keeps a cursor open on an exact fill), up to the
+        // server's 16 MiB a reply: fewer getMores that a peer could answer
+        // short (docs/COMPATIBILITY.md); a state missed would only come
+        // back as a conflict and be loaded again.
+        let room = u32::try_from(ids.len().saturating_add(1)).map_or(i32::MAX as u32, |n| n.min(i32::MAX as u32));
         let options = FindOptions::builder()
             .projection(doc! {"st": 1, "state": 1, "_rev": 1})
-            .batch_size(u32::try_from(ids.len()).unwrap_or(u32::MAX))
+            .batch_size(room)
             .build();
         let mut cursor = self
             .docs(collection)
