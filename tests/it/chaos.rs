@@ -315,10 +315,34 @@ async fn clean_replay_of_log(app: &TestApp, model: ReadModel, limit: usize) -> V
 /// with SIGTERM; true if it stalled.
 async fn settle(app: &TestApp, mut worker: Reaped) -> bool {
     let stalled = !caught_up(app, ReadModel::Catalog, Duration::from_secs(300)).await;
+    let mut evidence = Vec::new();
+    if stalled {
+        if let Ok(generation) = app.store.serving_generation(ReadModel::Catalog.name()).await {
+            let status = app.probe.generation(ReadModel::Catalog, generation).await;
+            evidence.push(format!("status when judged stalled: {status:?}"));
+        }
+    }
     signal(&worker, "TERM");
     let _ = worker.0.wait();
+    let lines = log_lines(&mut worker);
+    if let Ok(lines) = lines.lock() {
+        evidence.extend(
+            lines
+                .iter()
+                .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
+                .map(|l| l.to_string().chars().take(400).collect::<String>()),
+        );
+    }
+    if let Ok(mut all) = EVIDENCE.lock() {
+        all.insert(app.id.clone(), evidence);
+    }
     stalled
 }
+
+/// What the last settled worker of each app warned of (and the status if it
+/// stalled): printed when that app's row fails, since a CI log keeps only
+/// the end of a failure.
+static EVIDENCE: std::sync::LazyLock<Mutex<HashMap<String, Vec<String>>>> = std::sync::LazyLock::new(Default::default);
 
 /// (lost, differing): documents of `expected` missing from or unequal in `got`.
 fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
@@ -358,6 +382,13 @@ async fn settle_and_judge(app: &TestApp, worker: Reaped, mut row: Row, started: 
 /// Compares with a clean replay, records the row and holds it to zero.
 async fn judge(app: &TestApp, mut row: Row, limit: usize, started: Instant) {
     verdict(app, &mut row, limit).await;
+    if (row.lost, row.differing, row.regressed, row.stalled) != (0, 0, 0, false) {
+        let evidence = EVIDENCE.lock().ok().and_then(|mut all| all.remove(&app.id));
+        // The last lines are the ones a truncated log keeps.
+        for line in evidence.unwrap_or_default().iter().rev().take(20).rev() {
+            eprintln!("worker said: {line}");
+        }
+    }
     row.finish(started);
 }
 

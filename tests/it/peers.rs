@@ -394,9 +394,17 @@ impl PrivateBroker {
     fn wait_ready(&self) {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let running: Vec<&KafkaNode> = self.nodes.iter().filter(|n| n.process.is_some()).collect();
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        // A node opens its broker port only once the quorum has a leader:
+        // three JVMs starting together on two busy cores take a while, so
+        // the whole wait shares one deadline rather than 30 s per port.
+        let deadline = std::time::Instant::now() + Duration::from_secs(150);
         for node in &running {
-            wait_listening(node.port, "kafka");
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            wait_listening_for(
+                node.port,
+                &format!("kafka node {} (log: {})", node.id, self.dir.display()),
+                left,
+            );
             let consumer: BaseConsumer = rdkafka::ClientConfig::new()
                 .set("bootstrap.servers", format!("127.0.0.1:{}", node.port))
                 .create()
