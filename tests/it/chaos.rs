@@ -217,6 +217,17 @@ impl Killable for PrivateMongo {
     }
 }
 
+/// The rate at which a fault row produces: its records take about 6 s at
+/// the small scale (at a fixed 1,000/s they were all sent before the
+/// fault 2 s in), and 3,000/s at full scale.
+fn mid_stream_rate(scale: &Scale, records: usize) -> u64 {
+    if scale.full {
+        3_000
+    } else {
+        (records as u64 / 6).max(50)
+    }
+}
+
 /// Produces `records` at the fault rows' rate while `server` is killed
 /// 2 s in and brought back `down` later.
 async fn produce_across_a_kill(
@@ -226,7 +237,7 @@ async fn produce_across_a_kill(
     server: &mut impl Killable,
     down: Duration,
 ) {
-    let producing = produce(app, records, Some(if scale.full { 3_000 } else { 1_000 }));
+    let producing = produce(app, records, Some(mid_stream_rate(scale, records.len())));
     let faulting = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         server.kill();
@@ -1045,7 +1056,9 @@ fn leader_of(brokers: &str, topic: &str, partition: i32) -> Option<u32> {
     u32::try_from(leader).ok()
 }
 
-#[tokio::test]
+// Multi-threaded: the fault's blocking calls (metadata, a node's restart)
+// must not hold up the producer running beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_leader_of_a_busy_partition_killed_in_a_three_broker_cluster() {
     let (scale, started) = (Scale::from_env(), Instant::now());
     // Replication factor 3, min.insync.replicas 2: acks=all survives a node.
@@ -1058,15 +1071,15 @@ async fn chaos_leader_of_a_busy_partition_killed_in_a_three_broker_cluster() {
     let records = mixed_corpus(&app, "l", scale.courses, 13);
     let worker = app.worker_process(ReadModel::Catalog, &[]);
     let busy = app.topic("CourseCreatedEvent");
-    let producing = produce(&app, &records, Some(if scale.full { 3_000 } else { 1_000 }));
+    let producing = produce(&app, &records, Some(mid_stream_rate(&scale, records.len())));
     let mut killed = None;
     let faulting = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let leader = leader_of(&app.brokers, &busy, 0).expect("a leader");
+        let leader = tokio::task::block_in_place(|| leader_of(&app.brokers, &busy, 0)).expect("a leader");
         cluster.kill_node(leader);
         killed = Some(leader);
         tokio::time::sleep(Duration::from_secs(5)).await;
-        cluster.restart();
+        tokio::task::block_in_place(|| cluster.restart());
     };
     futures::join!(producing, faulting);
     let stalled = settle(&app, worker).await;

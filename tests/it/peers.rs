@@ -307,7 +307,9 @@ impl PrivateBroker {
                  transaction.state.log.num.partitions=3\n\
                  share.coordinator.state.topic.replication.factor={replication}\n\
                  share.coordinator.state.topic.min.isr={min_isr}\n\
-                 group.initial.rebalance.delay.ms={rebalance_delay_ms}\n",
+                 group.initial.rebalance.delay.ms={rebalance_delay_ms}\n\
+                 # One failover per fault: leadership does not move back on its own.\n\
+                 auto.leader.rebalance.enable=false\n",
                 log = node_dir.join("log").display(),
             );
             let properties = node_dir.join("server.properties");
