@@ -70,7 +70,7 @@ pub struct WorkerArgs {
     pub fold_interval: Duration,
     /// Most bytes (estimated) of folded course states held before they are
     /// written (see --fold-interval).
-    #[arg(long, env = "COURSEVIEW_FOLD_BYTES", default_value_t = 12 * 1024 * 1024)]
+    #[arg(long, env = "COURSEVIEW_FOLD_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub fold_bytes: usize,
     /// How often to look for new topics that match the regex.
     #[arg(long, env = "COURSEVIEW_METADATA_REFRESH", default_value = "30s", value_parser = humantime_duration)]
