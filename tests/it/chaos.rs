@@ -80,8 +80,17 @@ impl Row {
         }
     }
 
+    /// As [`Row::record`], printing first, if the row fails, what `app`'s
+    /// settled worker warned of.
+    fn finish(self, app: &TestApp, started: Instant) {
+        if (self.lost, self.differing, self.regressed, self.stalled) != (0, 0, 0, false) {
+            print_evidence(app);
+        }
+        self.record(started);
+    }
+
     /// Appends the row to `CHAOS_REPORT` (if set), then holds it to zero.
-    fn finish(self, started: Instant) {
+    fn record(self, started: Instant) {
         let row = Row {
             seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             ..self
@@ -326,23 +335,22 @@ async fn clean_replay_of_log(app: &TestApp, model: ReadModel, limit: usize) -> V
 /// with SIGTERM; true if it stalled.
 async fn settle(app: &TestApp, mut worker: Reaped) -> bool {
     let stalled = !caught_up(app, ReadModel::Catalog, Duration::from_secs(300)).await;
-    let mut evidence = Vec::new();
+    let mut evidence = Evidence::default();
     if stalled {
         if let Ok(generation) = app.store.serving_generation(ReadModel::Catalog.name()).await {
             let status = app.probe.generation(ReadModel::Catalog, generation).await;
-            evidence.push(format!("status when judged stalled: {status:?}"));
+            evidence.status = Some(format!("{status:?}"));
         }
     }
     signal(&worker, "TERM");
     let _ = worker.0.wait();
     let lines = log_lines(&mut worker);
     if let Ok(lines) = lines.lock() {
-        evidence.extend(
-            lines
-                .iter()
-                .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
-                .map(|l| l.to_string().chars().take(400).collect::<String>()),
-        );
+        evidence.warnings = lines
+            .iter()
+            .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
+            .map(|l| l.to_string().chars().take(400).collect::<String>())
+            .collect();
     }
     if let Ok(mut all) = EVIDENCE.lock() {
         all.insert(app.id.clone(), evidence);
@@ -353,7 +361,14 @@ async fn settle(app: &TestApp, mut worker: Reaped) -> bool {
 /// What the last settled worker of each app warned of (and the status if it
 /// stalled): printed when that app's row fails, since a CI log keeps only
 /// the end of a failure.
-static EVIDENCE: std::sync::LazyLock<Mutex<HashMap<String, Vec<String>>>> = std::sync::LazyLock::new(Default::default);
+static EVIDENCE: std::sync::LazyLock<Mutex<HashMap<String, Evidence>>> = std::sync::LazyLock::new(Default::default);
+
+/// A settled worker's WARN/ERROR lines, and the status if it stalled.
+#[derive(Default)]
+struct Evidence {
+    status: Option<String>,
+    warnings: Vec<String>,
+}
 
 /// (lost, differing): documents of `expected` missing from or unequal in `got`.
 fn compare(got: &[Document], expected: &[Document]) -> (usize, usize) {
@@ -393,14 +408,20 @@ async fn settle_and_judge(app: &TestApp, worker: Reaped, mut row: Row, started: 
 /// Compares with a clean replay, records the row and holds it to zero.
 async fn judge(app: &TestApp, mut row: Row, limit: usize, started: Instant) {
     verdict(app, &mut row, limit).await;
-    if (row.lost, row.differing, row.regressed, row.stalled) != (0, 0, 0, false) {
-        let evidence = EVIDENCE.lock().ok().and_then(|mut all| all.remove(&app.id));
-        // The last lines are the ones a truncated log keeps.
-        for line in evidence.unwrap_or_default().iter().rev().take(20).rev() {
-            eprintln!("worker said: {line}");
-        }
+    row.finish(app, started);
+}
+
+/// Prints what `app`'s last settled worker warned of (the last lines: a
+/// truncated log keeps the end), then its status if it stalled.
+fn print_evidence(app: &TestApp) {
+    let evidence = EVIDENCE.lock().ok().and_then(|mut all| all.remove(&app.id));
+    let Evidence { status, warnings } = evidence.unwrap_or_default();
+    for line in warnings.iter().rev().take(20).rev() {
+        eprintln!("worker said: {line}");
     }
-    row.finish(started);
+    if let Some(status) = status {
+        eprintln!("status when judged stalled: {status}");
+    }
 }
 
 /// Compares the app's serving read model with a clean replay of its log.
@@ -707,7 +728,7 @@ async fn chaos_rebuild_under_a_steady_stream_with_readers_polling() {
         per_run.join(", "),
         total.notes
     );
-    total.finish(started);
+    total.record(started);
 }
 
 /// One crash loop of the live worker, then a rebuild under load with
@@ -940,7 +961,7 @@ async fn chaos_redis_killed_mid_run() {
         ),
         ..Row::default()
     };
-    row.finish(started);
+    row.finish(&app, started);
 }
 
 #[tokio::test]
@@ -991,7 +1012,7 @@ async fn chaos_poison_records_are_dead_lettered_once_and_nothing_stalls() {
     };
     verdict(&app, &mut row, limit).await;
     row.lost += bad_count.abs_diff(letters.len()) + (letters.len() - ids.len());
-    row.finish(started);
+    row.finish(&app, started);
 }
 
 #[tokio::test]
@@ -1056,9 +1077,7 @@ fn leader_of(brokers: &str, topic: &str, partition: i32) -> Option<u32> {
     u32::try_from(leader).ok()
 }
 
-// Multi-threaded: the fault's blocking calls (metadata, a node's restart)
-// must not hold up the producer running beside them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn chaos_leader_of_a_busy_partition_killed_in_a_three_broker_cluster() {
     let (scale, started) = (Scale::from_env(), Instant::now());
     // Replication factor 3, min.insync.replicas 2: acks=all survives a node.
@@ -1072,24 +1091,35 @@ async fn chaos_leader_of_a_busy_partition_killed_in_a_three_broker_cluster() {
     let worker = app.worker_process(ReadModel::Catalog, &[]);
     let busy = app.topic("CourseCreatedEvent");
     let producing = produce(&app, &records, Some(mid_stream_rate(&scale, records.len())));
-    let mut killed = None;
-    let faulting = async {
+    let brokers = app.brokers.clone();
+    // The blocking calls (metadata, a node's restart) run on the blocking
+    // pool, so the producer beside them goes on sending.
+    let faulting = async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let leader = tokio::task::block_in_place(|| leader_of(&app.brokers, &busy, 0)).expect("a leader");
-        cluster.kill_node(leader);
-        killed = Some(leader);
+        let (mut cluster, leader) = tokio::task::spawn_blocking(move || {
+            let leader = leader_of(&brokers, &busy, 0).expect("a leader");
+            cluster.kill_node(leader);
+            (cluster, leader)
+        })
+        .await
+        .expect("the kill ran");
         tokio::time::sleep(Duration::from_secs(5)).await;
-        tokio::task::block_in_place(|| cluster.restart());
+        tokio::task::spawn_blocking(move || {
+            cluster.restart();
+            (cluster, leader)
+        })
+        .await
+        .expect("the restart ran")
     };
-    futures::join!(producing, faulting);
+    // The cluster lives to the end of the row.
+    let ((), (_cluster, killed)) = futures::join!(producing, faulting);
     let stalled = settle(&app, worker).await;
     let row = Row {
         scenario: "three-broker cluster (RF 3, min ISR 2), the leader of a busy partition killed mid-stream",
         records: records.len(),
         faults: format!(
             "SIGKILL of node {} (leader of {}/0) 2 s in, back 5 s later",
-            killed.unwrap_or_default(),
-            "CourseCreatedEvent"
+            killed, "CourseCreatedEvent"
         ),
         stalled,
         ..Row::default()
@@ -1191,7 +1221,7 @@ async fn chaos_transactional_producer_aborting_a_tenth_of_its_transactions() {
     };
     verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
     row.differing += visible_aborted;
-    row.finish(started);
+    row.finish(&app, started);
 }
 
 #[tokio::test]
@@ -1273,7 +1303,7 @@ async fn chaos_debezium_flow_with_connect_and_mariadb_each_killed_mid_stream() {
         ),
         ..Row::default()
     }
-    .finish(started);
+    .finish(&app, started);
 }
 
 /// Publishes `events` to their per-type topics; returns where each landed.
@@ -1412,7 +1442,7 @@ async fn chaos_retention_overtakes_a_lagging_worker_mid_stream() {
         ),
         ..Row::default()
     }
-    .finish(started);
+    .finish(&app, started);
 }
 
 #[tokio::test]
@@ -1485,7 +1515,7 @@ async fn chaos_topic_deleted_and_re_created_under_a_running_worker() {
         ),
         ..Row::default()
     }
-    .finish(started);
+    .finish(&app, started);
 }
 
 /// Per course, the versions MongoDB held and when each was seen.
@@ -1614,7 +1644,7 @@ async fn chaos_one_sided_redis_partition_between_worker_and_redis() {
         ..Row::default()
     };
     verdict(&app, &mut row, worker::DEFAULT_MAX_RECORD_BYTES).await;
-    row.finish(started);
+    row.finish(&app, started);
 }
 
 /// Whether every partition of the serving generation has applied its log,
@@ -1730,7 +1760,7 @@ async fn chaos_every_codec_with_sigkills_and_a_corrupt_batch_on_disk() {
         notes: "the corrupt batch's partition shown stuck at offset 10 by /projections, its stored offset still 10; nothing past it applied".into(),
         ..Row::default()
     }
-    .finish(started);
+    .finish(&app, started);
 }
 
 /// An in-place rebuild asked for while a live worker applies a steady
