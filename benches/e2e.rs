@@ -1232,7 +1232,10 @@ async fn main() {
     let worker_cpu = cpu_seconds(worker.0.id()).unwrap_or(f64::NAN);
     let project_rate = n as f64 / took.as_secs_f64();
     let project_docs = documents_per_event(&store).await;
-    eprintln!("e2e: project {project_rate:.0} events/s ({project_docs:.2} documents written per event), peak RSS {worker_rss:.1} MiB");
+    eprintln!(
+        "e2e: project {project_rate:.0} events/s ({project_docs:.2} documents written per event), peak RSS {worker_rss:.1} MiB, {worker_cpu:.1} CPU-s ({:.0} events per CPU-second)",
+        n as f64 / worker_cpu
+    );
     if freshness_only {
         // Row 5 alone, beside the worker that caught up (tuning the live path).
         let (api, base) = serve_api(&env).await;

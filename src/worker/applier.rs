@@ -142,20 +142,24 @@ impl Applier {
     /// dead letters, then the offsets it covers, so no offset is stored
     /// before everything below it is written. Safe to call again with the
     /// same fold after any failure.
-    #[instrument(skip_all, fields(projection = self.model.name(), records = fold.records, courses = fold.courses.len()))]
     pub async fn flush(&self, fold: &Fold) -> Result<BatchOutcome, BatchError> {
+        let written = self.write(fold).await?;
+        let offsets = self.store_positions(fold).await?;
+        Ok(BatchOutcome { offsets, ..written })
+    }
+
+    /// Writes a fold's courses (each once, revision-guarded) and dead
+    /// letters, storing no offset: [`Applier::store_positions`] does, after
+    /// this succeeded. Safe to call again with the same fold after any
+    /// failure.
+    #[instrument(skip_all, fields(projection = self.model.name(), records = fold.records, courses = fold.courses.len()))]
+    pub async fn write(&self, fold: &Fold) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
         let projection = self.model.name();
         let written = self.write_folded(&fold.courses).await?;
         if !fold.dead.is_empty() {
             self.store.put_dead_letters(&fold.dead).await?;
             telemetry::dead_letters(projection, fold.dead.len() as u64);
-        }
-        let offsets = fold.offsets();
-        let AlreadyNewer(behind) = self.store.store_offsets(projection, self.generation, &offsets).await?;
-        if behind > 0 {
-            // The partition's next owner stored a later offset: ours stays unwritten.
-            debug!(projection, partitions = behind, "Offsets already stored further on.");
         }
         for (kind, count) in &fold.kinds {
             telemetry::events_applied(projection, kind, *count);
@@ -166,8 +170,25 @@ impl Applier {
             applied: fold.events,
             dead_letters: fold.dead.len(),
             documents_written: written,
-            offsets,
+            offsets: Vec::new(),
         })
+    }
+
+    /// Stores the offsets a fold covers (forward only); call it only once
+    /// [`Applier::write`] wrote that fold, or a fold that covers it.
+    #[instrument(skip_all, fields(projection = self.model.name()))]
+    pub async fn store_positions(&self, fold: &Fold) -> Result<Vec<(String, i32, i64)>, BatchError> {
+        let projection = self.model.name();
+        let offsets = fold.offsets();
+        if offsets.is_empty() {
+            return Ok(offsets);
+        }
+        let AlreadyNewer(behind) = self.store.store_offsets(projection, self.generation, &offsets).await?;
+        if behind > 0 {
+            // The partition's next owner stored a later offset: ours stays unwritten.
+            debug!(projection, partitions = behind, "Offsets already stored further on.");
+        }
+        Ok(offsets)
     }
 
     /// Makes cached API answers of this generation obsolete; false if Redis

@@ -426,10 +426,40 @@ impl Told {
     }
 }
 
+/// How long a caught-up worker keeps the offsets of batches it wrote
+/// before storing them. A caught-up cycle is then its documents and the
+/// cache's bump, not also a checkpoint write; a crash replays at most this
+/// much history, already written, so the replay changes nothing.
+const KEEP_POSITIONS_FOR: Duration = Duration::from_secs(1);
+
+/// Whether a flush stores the offsets it covers once its fold is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Positions {
+    Store,
+    /// Kept in the next fold, which stores them with its own: only while
+    /// caught up and busy, for up to [`KEEP_POSITIONS_FOR`].
+    Keep,
+}
+
+impl Positions {
+    /// A flush that wrote something while caught up keeps its positions
+    /// until they have waited `KEEP_POSITIONS_FOR`; one that wrote nothing
+    /// (the worker is idle) stores them, and so does every flush while
+    /// behind or stopping (a pause, a handover or a shutdown stores all).
+    fn after(why: Flush, wrote: bool, kept_for: Duration) -> Self {
+        if why == Flush::CaughtUp && wrote && kept_for < KEEP_POSITIONS_FOR {
+            Positions::Keep
+        } else {
+            Positions::Store
+        }
+    }
+}
+
 /// Writes the fold (retrying what is transient, until the shutdown
-/// deadline), stores its offsets in the group too and tells the cache,
-/// leaving the fold empty. `Break` ends the generation: the deadline
-/// passed with nothing stored, or the write failed for good.
+/// deadline), tells the cache, then stores its offsets, in the group too,
+/// unless it is caught up and busy ([`Positions`]), leaving the fold empty
+/// or holding only those kept offsets. `Break` ends the generation: the
+/// deadline passed with nothing stored, or a write failed for good.
 async fn flush(
     applier: &Applier,
     fold: &mut Fold,
@@ -452,27 +482,55 @@ async fn flush(
     // Whether the cache must hear of this flush: a carried fold's courses
     // were counted when folded, so courses count too.
     let changes = fold.events() + fold.dead.len() + fold.courses.len() > 0;
+    // Kept offsets go out only if no rebalance came between the flush that
+    // kept them and this one: the partition may have a new owner since,
+    // or a re-created log whose checkpoint was moved back.
+    let rebalances = consumer.rebalances();
+    if fold.forget_kept_unless(rebalances) {
+        debug!("A rebalance since the last flush: its kept offsets are not stored.");
+    }
     async {
         let held: &Fold = fold;
         let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            r = retry_transient("apply batch", hard, max_backoff, || applier.flush(held)) => r,
+            r = retry_transient("apply batch", hard, max_backoff, || applier.write(held)) => r,
             () = hard.cancelled() => Ok(None),
         };
         let outcome = match outcome {
             Ok(Some(outcome)) => outcome,
             Ok(None) => {
-                warn!(
-                    records = fold.records(),
-                    "Shutdown deadline passed; batch abandoned, its offsets not stored."
-                );
-                return ControlFlow::Break(Ok(GenerationEnd::Abandoned));
+                return abandoned(
+                    fold,
+                    "Shutdown deadline passed; batch abandoned, its offsets not stored.",
+                )
             }
             Err(e) => return ControlFlow::Break(Err(e.into())),
         };
-        consumer.commit(&outcome.offsets);
+        // Readers may see the batch now: its offsets say only where a
+        // restart begins, not what is written.
+        let told = if !changes {
+            // A fold of position advances only changed no document.
+            Told::NothingChanged
+        } else if applier.bump_cache().await {
+            Told::Yes
+        } else {
+            Told::Refused
+        };
+        let positions = Positions::after(why, changes, fold.positions_kept_for());
+        if positions == Positions::Store {
+            let stored = tokio::select! {
+                r = retry_transient("store offsets", hard, max_backoff, || applier.store_positions(held)) => r,
+                () = hard.cancelled() => Ok(None),
+            };
+            match stored {
+                Ok(Some(offsets)) => consumer.commit(&offsets),
+                Ok(None) => return abandoned(fold, "Shutdown deadline passed; batch written, its offsets not stored."),
+                Err(e) => return ControlFlow::Break(Err(e.into())),
+            }
+        }
         debug!(
             ?why,
+            ?positions,
             records = fold.records(),
             applied = outcome.applied,
             dead = outcome.dead_letters,
@@ -481,19 +539,22 @@ async fn flush(
             write_ms = started.elapsed().as_millis() as u64,
             "Batch committed."
         );
-        *fold = young;
+        *fold = match positions {
+            Positions::Store => young,
+            // Caught up, nothing was carried (`young` is empty).
+            Positions::Keep => fold.kept_positions(rebalances),
+        };
         fold.restart_clock();
-        // A fold of position advances only changed no document.
-        if !changes {
-            ControlFlow::Continue(Told::NothingChanged)
-        } else if applier.bump_cache().await {
-            ControlFlow::Continue(Told::Yes)
-        } else {
-            ControlFlow::Continue(Told::Refused)
-        }
+        ControlFlow::Continue(told)
     }
     .instrument(span)
     .await
+}
+
+/// Ends the generation with the fold's offsets unstored.
+fn abandoned<T>(fold: &Fold, why: &'static str) -> ControlFlow<Result<GenerationEnd, WorkerError>, T> {
+    warn!(records = fold.records(), "{why}");
+    ControlFlow::Break(Ok(GenerationEnd::Abandoned))
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -571,6 +632,26 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(440), "paced: {took:?}");
         assert!(took < Duration::from_millis(900), "not slower than the rate: {took:?}");
+    }
+
+    #[test]
+    fn only_a_busy_caught_up_flush_keeps_its_offsets_and_for_no_longer_than_the_bound() {
+        let fresh = Duration::ZERO;
+        let waited = KEEP_POSITIONS_FOR;
+        assert_eq!(Positions::after(Flush::CaughtUp, true, fresh), Positions::Keep);
+        assert_eq!(
+            Positions::after(Flush::CaughtUp, true, waited),
+            Positions::Store,
+            "kept long enough"
+        );
+        assert_eq!(
+            Positions::after(Flush::CaughtUp, false, fresh),
+            Positions::Store,
+            "idle: nothing written"
+        );
+        for why in [Flush::Interval, Flush::Bytes, Flush::Stopping] {
+            assert_eq!(Positions::after(why, true, fresh), Positions::Store, "{why:?}");
+        }
     }
 
     #[tokio::test]

@@ -405,3 +405,71 @@ async fn states_stored_in_the_forms_of_earlier_releases_are_read_and_carried_on(
 
     assert_eq!(run_until(&app, rest, events.len()).await, expected);
 }
+
+/// How many renames of course `c` (named `r{n}`) the catalog shows.
+async fn renames_shown(app: &TestApp) -> Option<i64> {
+    let docs = app.dump(ReadModel::Catalog).await;
+    let doc = docs.into_iter().find(|d| d.get_str("_id") == Ok("c"))?;
+    let name = doc.get_document("view").ok()?.get_str("name").ok()?.to_owned();
+    name.strip_prefix('r')?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_caught_up_worker_stores_offsets_about_once_a_second_while_busy_and_all_of_them_once_idle() {
+    let app = TestApp::spawn().await;
+    let worker = app.start_worker(ReadModel::Catalog);
+    app.publish_all(&[
+        event("CourseCreatedEvent", "c", 1, json!({"name": "r0", "teacherId": "t"})),
+        event("CoursePostedEvent", "c", 2, json!({})),
+    ])
+    .await;
+    app.wait_applied(ReadModel::Catalog, 2).await;
+    let stored = || async {
+        let offsets = app.store.load_offsets("catalog", 1).await.expect("offsets");
+        offsets.values().sum::<i64>()
+    };
+    // Three seconds of renames, each in a batch of its own (the worker is
+    // caught up): the documents follow every batch, the offsets do not.
+    let mut totals = std::collections::BTreeSet::new();
+    let (mut samples, mut ahead) = (0, 0);
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        sent += 1;
+        app.publish(&event(
+            "CourseUpdatedEvent",
+            "c",
+            2 + sent,
+            json!({"name": format!("r{sent}")}),
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let total = stored().await;
+        totals.insert(total);
+        // Records of `c`: created, posted and the renames shown so far.
+        samples += 1;
+        if renames_shown(&app).await.is_some_and(|shown| 2 + shown > total) {
+            ahead += 1;
+        }
+    }
+    assert!(sent > 60, "a busy stream ({sent} renames)");
+    // Stored per batch, a document is ahead of its offset only between
+    // the two writes (about 40 % of samples); kept, nearly always.
+    assert!(
+        ahead * 5 > samples * 4,
+        "documents shown ahead of their stored offsets in most samples: {ahead} of {samples}"
+    );
+    assert!(
+        totals.len() <= 8,
+        "offsets stored about once a second, not per batch: {} distinct stored positions in 3 s",
+        totals.len()
+    );
+    // Idle: everything written is stored at once, not after the next batch.
+    let all = 2 + sent;
+    eventually("every offset stored once idle", Duration::from_secs(2), || async {
+        (stored().await == all).then_some(())
+    })
+    .await;
+    assert_eq!(renames_shown(&app).await, Some(sent));
+    worker.stop().await;
+}
