@@ -331,9 +331,7 @@ impl ClientContext for AssignContext {
 
 impl ConsumerContext for AssignContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        // Before any checkpoint moves back below (a log reset): the worker
-        // stores no offset it kept from before this count.
-        self.rebalances.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.rebalances.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 // The group answered: whatever kept the cluster out of reach is over.
@@ -703,15 +701,6 @@ impl Consumer {
 
     pub fn assigned(&self) -> Arc<std::sync::atomic::AtomicBool> {
         Arc::clone(&self.assigned)
-    }
-
-    /// Rebalances (assignments, revocations, errors) this consumer has
-    /// been through.
-    pub fn rebalances(&self) -> u64 {
-        self.inner
-            .context()
-            .rebalances
-            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn spawn_reader(

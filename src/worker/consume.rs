@@ -426,40 +426,10 @@ impl Told {
     }
 }
 
-/// How long a caught-up worker keeps the offsets of batches it wrote
-/// before storing them. A caught-up cycle is then its documents and the
-/// cache's bump, not also a checkpoint write; a crash replays at most this
-/// much history, already written, so the replay changes nothing.
-const KEEP_POSITIONS_FOR: Duration = Duration::from_secs(1);
-
-/// Whether a flush stores the offsets it covers once its fold is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Positions {
-    Store,
-    /// Kept in the next fold, which stores them with its own: only while
-    /// caught up and busy, for up to [`KEEP_POSITIONS_FOR`].
-    Keep,
-}
-
-impl Positions {
-    /// A flush that wrote something while caught up keeps its positions
-    /// until they have waited `KEEP_POSITIONS_FOR`; one that wrote nothing
-    /// (the worker is idle) stores them, and so does every flush while
-    /// behind or stopping (a pause, a handover or a shutdown stores all).
-    fn after(why: Flush, wrote: bool, kept_for: Duration) -> Self {
-        if why == Flush::CaughtUp && wrote && kept_for < KEEP_POSITIONS_FOR {
-            Positions::Keep
-        } else {
-            Positions::Store
-        }
-    }
-}
-
 /// Writes the fold (retrying what is transient, until the shutdown
 /// deadline), tells the cache, then stores its offsets, in the group too,
-/// unless it is caught up and busy ([`Positions`]), leaving the fold empty
-/// or holding only those kept offsets. `Break` ends the generation: the
-/// deadline passed with nothing stored, or a write failed for good.
+/// leaving the fold empty. `Break` ends the generation: the deadline
+/// passed with nothing stored, or a write failed for good.
 async fn flush(
     applier: &Applier,
     fold: &mut Fold,
@@ -482,13 +452,6 @@ async fn flush(
     // Whether the cache must hear of this flush: a carried fold's courses
     // were counted when folded, so courses count too.
     let changes = fold.events() + fold.dead.len() + fold.courses.len() > 0;
-    // Kept offsets go out only if no rebalance came between the flush that
-    // kept them and this one: the partition may have a new owner since,
-    // or a re-created log whose checkpoint was moved back.
-    let rebalances = consumer.rebalances();
-    if fold.forget_kept_unless(rebalances) {
-        debug!("A rebalance since the last flush: its kept offsets are not stored.");
-    }
     async {
         let held: &Fold = fold;
         let started = tokio::time::Instant::now();
@@ -516,21 +479,18 @@ async fn flush(
         } else {
             Told::Refused
         };
-        let positions = Positions::after(why, changes, fold.positions_kept_for());
-        if positions == Positions::Store {
-            let stored = tokio::select! {
-                r = retry_transient("store offsets", hard, max_backoff, || applier.store_positions(held)) => r,
-                () = hard.cancelled() => Ok(None),
-            };
-            match stored {
-                Ok(Some(offsets)) => consumer.commit(&offsets),
-                Ok(None) => return abandoned(fold, "Shutdown deadline passed; batch written, its offsets not stored."),
-                Err(e) => return ControlFlow::Break(Err(e.into())),
-            }
+        // Retried on its own: the documents above are written.
+        let stored = tokio::select! {
+            r = retry_transient("store offsets", hard, max_backoff, || applier.store_positions(held)) => r,
+            () = hard.cancelled() => Ok(None),
+        };
+        match stored {
+            Ok(Some(offsets)) => consumer.commit(&offsets),
+            Ok(None) => return abandoned(fold, "Shutdown deadline passed; batch written, its offsets not stored."),
+            Err(e) => return ControlFlow::Break(Err(e.into())),
         }
         debug!(
             ?why,
-            ?positions,
             records = fold.records(),
             applied = outcome.applied,
             dead = outcome.dead_letters,
@@ -539,11 +499,7 @@ async fn flush(
             write_ms = started.elapsed().as_millis() as u64,
             "Batch committed."
         );
-        *fold = match positions {
-            Positions::Store => young,
-            // Caught up, nothing was carried (`young` is empty).
-            Positions::Keep => fold.kept_positions(rebalances),
-        };
+        *fold = young;
         fold.restart_clock();
         ControlFlow::Continue(told)
     }
@@ -632,26 +588,6 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(440), "paced: {took:?}");
         assert!(took < Duration::from_millis(900), "not slower than the rate: {took:?}");
-    }
-
-    #[test]
-    fn only_a_busy_caught_up_flush_keeps_its_offsets_and_for_no_longer_than_the_bound() {
-        let fresh = Duration::ZERO;
-        let waited = KEEP_POSITIONS_FOR;
-        assert_eq!(Positions::after(Flush::CaughtUp, true, fresh), Positions::Keep);
-        assert_eq!(
-            Positions::after(Flush::CaughtUp, true, waited),
-            Positions::Store,
-            "kept long enough"
-        );
-        assert_eq!(
-            Positions::after(Flush::CaughtUp, false, fresh),
-            Positions::Store,
-            "idle: nothing written"
-        );
-        for why in [Flush::Interval, Flush::Bytes, Flush::Stopping] {
-            assert_eq!(Positions::after(why, true, fresh), Positions::Store, "{why:?}");
-        }
     }
 
     #[tokio::test]

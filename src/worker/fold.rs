@@ -116,20 +116,6 @@ pub struct Fold {
     /// Estimate of the heap it holds.
     bytes: usize,
     started: Instant,
-    /// Positions of records already written, from caught-up flushes that
-    /// did not store them.
-    kept: Option<Kept>,
-}
-
-/// Next offsets per partition whose records are written, not yet stored.
-#[derive(Debug)]
-struct Kept {
-    next: HashMap<(String, i32), i64>,
-    since: Instant,
-    /// The consumer's rebalance count when they were kept: after another
-    /// rebalance a partition may have a new owner, or a re-created log
-    /// whose checkpoint was moved back, and these offsets are not stored.
-    rebalances: u64,
 }
 
 impl Default for Fold {
@@ -146,7 +132,6 @@ impl Default for Fold {
             links: Vec::new(),
             bytes: 0,
             started: Instant::now(),
-            kept: None,
         }
     }
 }
@@ -282,63 +267,16 @@ impl Fold {
         }
     }
 
-    /// A fold that holds only this one's positions, once this one is
-    /// written, kept at the consumer's `rebalances` count: the flush after
-    /// stores them with its own (it covers higher offsets only, so it
-    /// stores no less).
-    pub(super) fn kept_positions(&self, rebalances: u64) -> Fold {
-        let mut next = self.next.clone();
-        let since = match &self.kept {
-            Some(kept) => {
-                for (key, offset) in &kept.next {
-                    let slot = next.entry(key.clone()).or_insert(*offset);
-                    *slot = (*slot).max(*offset);
-                }
-                kept.since
-            }
-            None => Instant::now(),
-        };
-        Fold {
-            kept: Some(Kept {
-                next,
-                since,
-                rebalances,
-            }),
-            ..Fold::default()
-        }
-    }
-
-    /// How long it has held positions of written records unstored.
-    pub(super) fn positions_kept_for(&self) -> Duration {
-        self.kept.as_ref().map_or(Duration::ZERO, |kept| kept.since.elapsed())
-    }
-
-    /// Drops the kept positions if the consumer rebalanced since they were
-    /// kept (their records are read again if need be: storing less is
-    /// always safe); true if it did.
-    pub(super) fn forget_kept_unless(&mut self, rebalances: u64) -> bool {
-        if self.kept.as_ref().is_some_and(|kept| kept.rebalances != rebalances) {
-            self.kept = None;
-            return true;
-        }
-        false
-    }
-
     /// The next offset per partition, sorted.
     pub(super) fn offsets(&self) -> Vec<(String, i32, i64)> {
-        let mut next = self.next.clone();
-        for (key, offset) in self.kept.iter().flat_map(|kept| &kept.next) {
-            let slot = next.entry(key.clone()).or_insert(*offset);
-            *slot = (*slot).max(*offset);
-        }
-        let mut out: Vec<_> = next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+        let mut out: Vec<_> = self.next.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
         out.sort();
         out
     }
 
     /// Whether it holds nothing to write and no position to store.
     pub fn is_empty(&self) -> bool {
-        self.courses.is_empty() && self.dead.is_empty() && self.next.is_empty() && self.kept.is_none()
+        self.courses.is_empty() && self.dead.is_empty() && self.next.is_empty()
     }
 
     /// Estimate of the heap it holds: the states, their ids and dead
@@ -473,32 +411,6 @@ impl FoldLimits {
 mod tests {
     use super::*;
     use crate::worker::rec;
-
-    #[test]
-    fn kept_positions_go_out_with_the_next_folds_and_keep_the_time_they_were_first_kept() {
-        let mut fold = Fold::default();
-        fold.cover(&[rec("a", 0, 5), rec("b", 0, 2)], &[]);
-        assert_eq!(fold.positions_kept_for(), Duration::ZERO, "nothing kept yet");
-        let mut kept = fold.kept_positions(3);
-        assert!(kept.courses.is_empty() && kept.records() == 0);
-        assert!(!kept.is_empty(), "positions alone are still to be stored");
-        std::thread::sleep(Duration::from_millis(20));
-        kept.cover(&[rec("a", 0, 7)], &[]);
-        assert_eq!(kept.offsets(), vec![("a".into(), 0, 8), ("b".into(), 0, 3)]);
-        let mut again = kept.kept_positions(3);
-        assert!(
-            again.positions_kept_for() >= Duration::from_millis(20),
-            "kept since the first time, not the last"
-        );
-        assert!(!again.forget_kept_unless(3), "no rebalance since");
-        again.cover(&[rec("c", 0, 1)], &[]);
-        assert!(again.forget_kept_unless(4), "a rebalance since");
-        assert_eq!(
-            again.offsets(),
-            vec![("c".into(), 0, 2)],
-            "only what this fold read itself is stored"
-        );
-    }
 
     #[test]
     fn a_fold_covers_one_past_the_highest_offset_per_partition_and_never_below_an_advance() {
