@@ -139,20 +139,23 @@ impl StuckWatch {
 /// What the reader hands the worker, in log order per partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Feed {
-    Record(Record),
+    /// Records polled one after another, in the order polled (at most
+    /// [`READ_CHUNK`]): one hand-over per run, not per record.
+    Records(Vec<Record>),
     /// The consumer's position moved past offsets that are never delivered
     /// (transaction commit/abort markers, aborted records): everything
     /// before `next` has been handed over, so it may be stored as read.
-    Advance {
-        topic: String,
-        partition: i32,
-        next: i64,
-    },
+    Advance { topic: String, partition: i32, next: i64 },
     /// The reader paused its partitions, as the worker asked (an operator's
     /// pause): every record before this was handed over, and none follows
     /// until the worker lifts the hold. The consumer stays in its group.
     Held,
 }
+
+/// Records the reader hands over at once at most: what librdkafka has
+/// fetched already goes over in runs, not one channel send (and one worker
+/// wake-up) per record.
+pub const READ_CHUNK: usize = 256;
 
 /// How often an idle reader looks for positions that moved past markers.
 const ADVANCE_EVERY: Duration = Duration::from_millis(500);
@@ -225,6 +228,17 @@ impl ByteBudget {
                 .wait_timeout(used, Duration::from_millis(100))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
+        }
+        *used += n;
+        true
+    }
+
+    /// Takes `n` bytes if they fit now (as [`ByteBudget::acquire`] would
+    /// without waiting); false, taking nothing, if it would have to wait.
+    pub fn try_acquire(&self, n: usize) -> bool {
+        let mut used = self.used();
+        if *used > 0 && *used + n > self.limit {
+            return false;
         }
         *used += n;
         true
@@ -826,39 +840,94 @@ impl Consumer {
                     if let Some(reason) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                         break ReaderExit::AssignmentFailed(reason);
                     }
-                    match polled {
-                        None => {}
+                    let error = match polled {
+                        None => None,
+                        Some(Err(e)) => Some(e),
                         Some(Ok(message)) => {
-                            let record = to_record(&message);
-                            let moves = align.delivered(&record.topic, record.partition, record.timestamp);
-                            advanced.insert((record.topic.clone(), record.partition), record.offset + 1);
-                            if !budget.acquire(record.size(), &cancel) {
+                            // What librdkafka has fetched already is polled
+                            // on at once and handed over as one run. The run
+                            // ends before anything the checks above must see
+                            // between polls: a pause or resume for time, a
+                            // rebalance, a failed assignment, an error.
+                            let mut chunk = Vec::with_capacity(READ_CHUNK.min(64));
+                            let mut next = Some(message);
+                            let (mut error, mut gone) = (None, false);
+                            while let Some(message) = next.take() {
+                                let record = to_record(&message);
+                                drop(message);
+                                let moves = align.delivered(&record.topic, record.partition, record.timestamp);
+                                let size = record.size();
+                                if !budget.try_acquire(size) {
+                                    // Room is freed only as the worker takes
+                                    // records: hand over what is in hand first.
+                                    if !hand_over(&tx, &mut chunk, &mut advanced) {
+                                        gone = true;
+                                        break;
+                                    }
+                                    if !budget.acquire(size, &cancel) {
+                                        chunk.clear();
+                                        break;
+                                    }
+                                }
+                                chunk.push(record);
+                                if let Some(moves) = moves {
+                                    // Paused right after this record, before
+                                    // the next poll: it resumes right after it.
+                                    move_partitions(&consumer, &mut align, &moves, &group);
+                                    break;
+                                }
+                                if chunk.len() >= READ_CHUNK
+                                    || consumer.context().rebalances.load(std::sync::atomic::Ordering::Relaxed)
+                                        != rebalances
+                                {
+                                    break;
+                                }
+                                match consumer.poll(Duration::ZERO) {
+                                    None => {}
+                                    Some(Ok(message)) => next = Some(message),
+                                    Some(Err(e)) => error = Some(e),
+                                }
+                                if failed
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .is_some()
+                                {
+                                    // The reader ends for it below; this
+                                    // record is not handed over.
+                                    next = None;
+                                }
+                            }
+                            if cancel.is_cancelled() {
                                 break ReaderExit::Cancelled;
                             }
-                            if let Some(moves) = moves {
-                                // Paused right after this record, before the
-                                // next poll: it resumes right after it.
-                                move_partitions(&consumer, &mut align, &moves, &group);
-                            }
-                            if tx.blocking_send(Feed::Record(record)).is_err() {
+                            if gone || !hand_over(&tx, &mut chunk, &mut advanced) {
                                 break ReaderExit::ReceiverGone;
                             }
+                            if let Some(reason) =
+                                failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+                            {
+                                break ReaderExit::AssignmentFailed(reason);
+                            }
+                            error
                         }
-                        Some(Err(e))
+                    };
+                    match error {
+                        None => {}
+                        Some(e)
                             if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) =>
                         {
                             break ReaderExit::OffsetOutOfRange(e.to_string());
                         }
-                        Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                        Some(e @ KafkaError::MessageConsumptionFatal(_)) => {
                             break ReaderExit::Fatal(fatal_error(&consumer).unwrap_or_else(|| e.to_string()));
                         }
                         // Reaching the cluster failed: the context said so, once.
-                        Some(Err(e)) if report::reach_failure(&e) => {
+                        Some(e) if report::reach_failure(&e) => {
                             debug!(group = %group, error = %e, "Kafka poll error.")
                         }
                         // A fetch error: if it repeats at one offset, the
                         // stuck watch reports the partition.
-                        Some(Err(e)) => {
+                        Some(e) => {
                             debug!(group = %group, error = %e, "Kafka poll error.");
                             // The error callback ran first, with the detail.
                             let said = last_reason.lock().ok().and_then(|r| r.clone());
@@ -1019,6 +1088,24 @@ fn report_stuck(group: &str, board: &StuckBoard, stuck: Vec<StuckPartition>) {
         crate::telemetry::partition_stuck(group, &s.topic, s.partition, true);
     }
     board.replace(stuck);
+}
+
+/// Sends the records in hand as one run (none: nothing) and notes, per
+/// partition, the offset after the last one; false if the worker is gone.
+fn hand_over(tx: &mpsc::Sender<Feed>, chunk: &mut Vec<Record>, advanced: &mut HashMap<(String, i32), i64>) -> bool {
+    if chunk.is_empty() {
+        return true;
+    }
+    for (i, record) in chunk.iter().enumerate() {
+        // The last of each run of one partition is enough.
+        let last = chunk
+            .get(i + 1)
+            .is_none_or(|after| after.partition != record.partition || after.topic != record.topic);
+        if last {
+            advanced.insert((record.topic.clone(), record.partition), record.offset + 1);
+        }
+    }
+    tx.blocking_send(Feed::Records(std::mem::take(chunk))).is_ok()
 }
 
 /// Partitions whose consumer position is past the last offset handed over

@@ -43,7 +43,8 @@ pub use admin::{create_topics, Inspector, PartitionLog};
 pub use config::{KafkaConfigError, KafkaConnection, PropertiesBuilder};
 use consumer::topic_subscription;
 pub use consumer::{
-    ByteBudget, Consumer, ConsumerSettings, Feed, HoldRequest, ReaderExit, StuckBoard, StuckPartition, STUCK_AFTER,
+    ByteBudget, Consumer, ConsumerSettings, Feed, HoldRequest, ReaderExit, StuckBoard, StuckPartition, READ_CHUNK,
+    STUCK_AFTER,
 };
 pub use gap::{Gap, GapKind, OffsetSource, OffsetsUnavailable, OnGap};
 pub use producer::{Outgoing, Producer};

@@ -25,6 +25,14 @@ pub struct BatchOutcome {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
+/// What [`Applier::write`] wrote of a fold: everything but its offsets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    pub applied: usize,
+    pub dead_letters: usize,
+    pub documents_written: usize,
+}
+
 /// The part of a worker that needs no Kafka: applying a batch of records to
 /// one generation of a read model. `dlq replay` and tests use it directly.
 #[derive(Debug, Clone)]
@@ -143,9 +151,18 @@ impl Applier {
     /// before everything below it is written. Safe to call again with the
     /// same fold after any failure.
     pub async fn flush(&self, fold: &Fold) -> Result<BatchOutcome, BatchError> {
-        let written = self.write(fold).await?;
+        let Written {
+            applied,
+            dead_letters,
+            documents_written,
+        } = self.write(fold).await?;
         let offsets = self.store_positions(fold).await?;
-        Ok(BatchOutcome { offsets, ..written })
+        Ok(BatchOutcome {
+            applied,
+            dead_letters,
+            documents_written,
+            offsets,
+        })
     }
 
     /// Writes a fold's courses (each once, revision-guarded) and dead
@@ -153,7 +170,7 @@ impl Applier {
     /// this succeeded. Safe to call again with the same fold after any
     /// failure.
     #[instrument(skip_all, fields(projection = self.model.name(), records = fold.records, courses = fold.courses.len()))]
-    pub async fn write(&self, fold: &Fold) -> Result<BatchOutcome, BatchError> {
+    pub async fn write(&self, fold: &Fold) -> Result<Written, BatchError> {
         let started = Instant::now();
         let projection = self.model.name();
         let written = self.write_folded(&fold.courses).await?;
@@ -166,11 +183,10 @@ impl Applier {
         }
         telemetry::documents_written(projection, written as u64);
         telemetry::batch(projection, fold.records, started.elapsed());
-        Ok(BatchOutcome {
+        Ok(Written {
             applied: fold.events,
             dead_letters: fold.dead.len(),
             documents_written: written,
-            offsets: Vec::new(),
         })
     }
 

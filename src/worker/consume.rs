@@ -98,7 +98,8 @@ pub async fn run_generation(
         let hold = Arc::new(HoldRequest::new(held_from_start));
         let mut holding = if held_from_start { Holding::Asked } else { Holding::No };
         let consumer = Consumer::subscribe(&settings.kafka, offsets, Arc::clone(&hold))?;
-        let (tx, mut rx) = mpsc::channel::<Feed>(settings.batch_size * 2);
+        // About two batches of records queue up, as runs of up to READ_CHUNK.
+        let (tx, mut rx) = mpsc::channel::<Feed>((settings.batch_size * 2).div_ceil(READ_CHUNK).max(2));
         let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
         let assigned = consumer.assigned();
@@ -119,6 +120,9 @@ pub async fn run_generation(
         let mut epoch_pending = false;
         let mut reported = false;
         let mut fold = Fold::default();
+        // Records of a run that did not fit in the last batch: the next
+        // batch starts with them.
+        let mut carried: Vec<Record> = Vec::new();
         let mut pace = settings.max_rate.map(Pace::new);
         let result = loop {
             // An operator paused the projection: ask the reader to hold;
@@ -134,6 +138,8 @@ pub async fn run_generation(
             // arrives into an idle worker waits the linger for company.
             let queued = if cancel.is_cancelled() {
                 None
+            } else if !carried.is_empty() {
+                Some(Feed::Records(std::mem::take(&mut carried)))
             } else {
                 rx.try_recv().ok()
             };
@@ -202,8 +208,15 @@ pub async fn run_generation(
                 report(settings, generation, true);
                 reported = true;
             }
-            let (batch, advanced, reader_held) =
-                collect_batch(first, arrival, &mut rx, settings.batch_size, settings.batch_linger).await;
+            let (batch, advanced, reader_held) = collect_batch(
+                first,
+                arrival,
+                &mut rx,
+                settings.batch_size,
+                settings.batch_linger,
+                &mut carried,
+            )
+            .await;
             if let Some(pace) = &mut pace {
                 // Throttled: the reader waits behind the queue meanwhile.
                 pace.take(batch.len(), &cancel).await;
@@ -455,11 +468,7 @@ async fn flush(
     async {
         let held: &Fold = fold;
         let started = tokio::time::Instant::now();
-        let outcome = tokio::select! {
-            r = retry_transient("apply batch", hard, max_backoff, || applier.write(held)) => r,
-            () = hard.cancelled() => Ok(None),
-        };
-        let outcome = match outcome {
+        let outcome = match until_deadline("apply batch", hard, max_backoff, || applier.write(held)).await {
             Ok(Some(outcome)) => outcome,
             Ok(None) => {
                 return abandoned(
@@ -480,11 +489,7 @@ async fn flush(
             Told::Refused
         };
         // Retried on its own: the documents above are written.
-        let stored = tokio::select! {
-            r = retry_transient("store offsets", hard, max_backoff, || applier.store_positions(held)) => r,
-            () = hard.cancelled() => Ok(None),
-        };
-        match stored {
+        match until_deadline("store offsets", hard, max_backoff, || applier.store_positions(held)).await {
             Ok(Some(offsets)) => consumer.commit(&offsets),
             Ok(None) => return abandoned(fold, "Shutdown deadline passed; batch written, its offsets not stored."),
             Err(e) => return ControlFlow::Break(Err(e.into())),
@@ -521,6 +526,24 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panicked".to_owned())
 }
 
+/// Runs `op`, retried through transient failures, until it is done or
+/// the hard deadline passes (`Ok(None)`), even in the middle of a try.
+async fn until_deadline<T, F, Fut>(
+    what: &'static str,
+    hard: &CancellationToken,
+    max_backoff: Duration,
+    op: F,
+) -> Result<Option<T>, BatchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BatchError>>,
+{
+    tokio::select! {
+        r = retry_transient(what, hard, max_backoff, op) => r,
+        () = hard.cancelled() => Ok(None),
+    }
+}
+
 /// How a batch's first record reached the worker, which decides whether
 /// the batch waits for more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -533,36 +556,48 @@ enum Arrival {
 
 /// Takes `first` plus what is queued, up to `max` records, and if `first`
 /// was awaited, whatever arrives within `linger`; position advances travel
-/// alongside.
+/// alongside. Records of a run past `max` go to `carried` (empty when
+/// called), for the next batch.
 async fn collect_batch(
     first: Feed,
     arrival: Arrival,
     rx: &mut mpsc::Receiver<Feed>,
     max: usize,
     linger: Duration,
+    carried: &mut Vec<Record>,
 ) -> (Vec<Record>, Vec<(String, i32, i64)>, bool) {
-    /// Takes `feed` in; true when it was the reader's `Held`.
-    fn take(feed: Feed, batch: &mut Vec<Record>, advanced: &mut Vec<(String, i32, i64)>) -> bool {
+    let (mut batch, mut advanced) = (Vec::new(), Vec::new());
+    // Takes `feed` in; true when it was the reader's `Held`.
+    let mut take = |feed: Feed, batch: &mut Vec<Record>| -> bool {
         match feed {
-            Feed::Record(r) => batch.push(r),
+            Feed::Records(mut run) => {
+                let room = max.saturating_sub(batch.len());
+                if run.len() > room {
+                    carried.extend(run.drain(room..));
+                }
+                if batch.is_empty() {
+                    *batch = run;
+                } else {
+                    batch.append(&mut run);
+                }
+            }
             Feed::Advance { topic, partition, next } => advanced.push((topic, partition, next)),
             Feed::Held => return true,
         }
         false
-    }
-    let (mut batch, mut advanced) = (Vec::new(), Vec::new());
-    let mut held = take(first, &mut batch, &mut advanced);
+    };
+    let mut held = take(first, &mut batch);
     // An advance alone is a batch at once: nothing else is coming.
-    let advance_only = !advanced.is_empty();
+    let advance_only = batch.is_empty() && !held;
     let deadline = tokio::time::Instant::now() + linger;
     // Nothing follows the reader's `Held`: the batch ends there.
     while !advance_only && !held && batch.len() < max {
         match rx.try_recv() {
-            Ok(feed) => held = take(feed, &mut batch, &mut advanced),
+            Ok(feed) => held = take(feed, &mut batch),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) if arrival == Arrival::Queued => break,
             Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(feed)) => held = take(feed, &mut batch, &mut advanced),
+                Ok(Some(feed)) => held = take(feed, &mut batch),
                 Ok(None) | Err(_) => break,
             },
         }
@@ -594,15 +629,16 @@ mod tests {
     async fn records_already_waiting_make_a_batch_at_once_without_waiting_out_the_linger() {
         let (tx, mut rx) = mpsc::channel(16);
         for offset in 1..5 {
-            tx.send(Feed::Record(rec("a", 0, offset))).await.expect("queued");
+            tx.send(Feed::Records(vec![rec("a", 0, offset)])).await.expect("queued");
         }
         let started = std::time::Instant::now();
         let (batch, _, _) = collect_batch(
-            Feed::Record(rec("a", 0, 0)),
+            Feed::Records(vec![rec("a", 0, 0)]),
             Arrival::Queued,
             &mut rx,
             100,
             Duration::from_secs(5),
+            &mut Vec::new(),
         )
         .await;
         assert_eq!(batch.len(), 5, "everything that was waiting");
@@ -619,14 +655,15 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(30)).await;
-            let _ = tx.send(Feed::Record(rec("a", 0, 1))).await;
+            let _ = tx.send(Feed::Records(vec![rec("a", 0, 1)])).await;
         });
         let (batch, _, _) = collect_batch(
-            Feed::Record(rec("a", 0, 0)),
+            Feed::Records(vec![rec("a", 0, 0)]),
             Arrival::Awaited,
             &mut rx,
             100,
             Duration::from_secs(2),
+            &mut Vec::new(),
         )
         .await;
         assert_eq!(batch.len(), 2, "the record sent 30 ms later joined the batch");
@@ -636,18 +673,52 @@ mod tests {
     async fn a_batch_never_grows_past_its_size() {
         let (tx, mut rx) = mpsc::channel(10);
         for i in 1..9 {
-            tx.send(Feed::Record(rec("a", 0, i))).await.expect("send");
+            tx.send(Feed::Records(vec![rec("a", 0, i)])).await.expect("send");
         }
         for arrival in [Arrival::Queued, Arrival::Awaited] {
             let (batch, _, _) = collect_batch(
-                Feed::Record(rec("a", 0, 0)),
+                Feed::Records(vec![rec("a", 0, 0)]),
                 arrival,
                 &mut rx,
                 3,
                 Duration::from_millis(10),
+                &mut Vec::new(),
             )
             .await;
             assert_eq!(batch.len(), 3, "{arrival:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_run_longer_than_the_batch_is_split_and_the_rest_starts_the_next_batch_in_order() {
+        let (tx, mut rx) = mpsc::channel(10);
+        tx.send(Feed::Records((5..9).map(|i| rec("a", 0, i)).collect()))
+            .await
+            .expect("send");
+        let mut carried = Vec::new();
+        let run = (0..5).map(|i| rec("a", 0, i)).collect();
+        let (batch, _, _) = collect_batch(
+            Feed::Records(run),
+            Arrival::Queued,
+            &mut rx,
+            3,
+            Duration::from_millis(10),
+            &mut carried,
+        )
+        .await;
+        let offsets = |records: &[Record]| records.iter().map(|r| r.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(&batch), [0, 1, 2], "no more than the batch's size");
+        assert_eq!(offsets(&carried), [3, 4], "the rest kept, nothing read past it");
+        let (batch, _, _) = collect_batch(
+            Feed::Records(std::mem::take(&mut carried)),
+            Arrival::Queued,
+            &mut rx,
+            3,
+            Duration::from_millis(10),
+            &mut carried,
+        )
+        .await;
+        assert_eq!(offsets(&batch), [3, 4, 5], "the carried records first, then the queue");
+        assert_eq!(offsets(&carried), [6, 7, 8]);
     }
 }

@@ -30,7 +30,7 @@ use crate::dead_letter::DeadLetter;
 use crate::decode::decode;
 use crate::kafka::{
     ByteBudget, Consumer, ConsumerSettings, Feed, Gap, GapKind, HoldRequest, KafkaClientError, OffsetSource,
-    OffsetsUnavailable, OnGap, ReaderExit,
+    OffsetsUnavailable, OnGap, ReaderExit, READ_CHUNK,
 };
 use crate::mongo::{AlreadyNewer, Conflicts, DocWrite, PauseInfo, Store, StoreError, Stored};
 use crate::read_model::ReadModel;

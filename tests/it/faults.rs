@@ -153,7 +153,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
     assert!(matches!(exit, ReaderExit::AssignmentFailed(_)), "{exit:?}");
     while let Ok(feed) = rx.try_recv() {
         assert!(
-            !matches!(feed, courseview::kafka::Feed::Record(_)),
+            !matches!(feed, courseview::kafka::Feed::Records(_)),
             "no record was read from the group's offset: {feed:?}"
         );
     }
@@ -164,7 +164,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
     let first = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match rx.recv().await.expect("open") {
-                courseview::kafka::Feed::Record(r) => return r,
+                courseview::kafka::Feed::Records(run) => return run.into_iter().next().expect("a run is never empty"),
                 // Positions reported while idle are not records.
                 courseview::kafka::Feed::Advance { next, .. } => assert!(next <= 3, "advanced to {next}"),
                 courseview::kafka::Feed::Held => panic!("held though never asked to"),
@@ -175,6 +175,103 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
     .expect("a record");
     assert_eq!(first.offset, 3, "started at the stored offset, not the group's 8");
     drop(consumer);
+}
+
+/// Reads `topic` from offset 0 with a byte budget of `budget` bytes,
+/// releasing each run's bytes as it arrives, until `count` records came;
+/// returns the length and offsets of each run.
+async fn runs_read(topic: &str, budget: usize, count: usize) -> Vec<Vec<i64>> {
+    let settings = ConsumerSettings {
+        brokers: brokers().into(),
+        topics: topic.to_owned(),
+        group_id: unique("runs-"),
+        metadata_refresh: Duration::from_secs(1),
+        session_timeout: Duration::from_secs(6),
+        on_gap: courseview::kafka::OnGap::Stop,
+        stuck: std::sync::Arc::default(),
+    };
+    let source = Arc::new(FlakyOffsets {
+        calls: AtomicUsize::new(0),
+        failures: 0,
+        offsets: HashMap::from([((topic.to_owned(), 0), 0_i64)]),
+    });
+    let consumer = Consumer::subscribe(&settings, source, Default::default()).expect("consumer");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let cancel = CancellationToken::new();
+    let budget_handle = ByteBudget::new(budget);
+    let reader = consumer.spawn_reader(tx, Arc::clone(&budget_handle), cancel.clone());
+    let mut runs = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while runs.iter().map(Vec::len).sum::<usize>() < count {
+            match rx.recv().await.expect("reader open") {
+                courseview::kafka::Feed::Records(run) => {
+                    budget_handle.release(run.iter().map(courseview::record::Record::size).sum());
+                    runs.push(run.iter().map(|r| r.offset).collect::<Vec<_>>());
+                }
+                courseview::kafka::Feed::Advance { .. } => {}
+                courseview::kafka::Feed::Held => panic!("held though never asked to"),
+            }
+        }
+    })
+    .await;
+    cancel.cancel();
+    drop(rx);
+    tokio::task::spawn_blocking(move || reader.join().expect("reader ran"))
+        .await
+        .expect("joined");
+    drop(consumer);
+    read.unwrap_or_else(|_| {
+        panic!(
+            "read {} of {count} records in 60 s",
+            runs.iter().map(Vec::len).sum::<usize>()
+        )
+    });
+    runs
+}
+
+#[tokio::test]
+async fn the_reader_hands_a_backlog_over_in_runs_bounded_by_its_chunk_and_the_byte_budget_in_order() {
+    let app = TestApp::spawn().await;
+    let topic = unique("runs.");
+    create_topics(&brokers(), std::slice::from_ref(&topic), 1)
+        .await
+        .expect("topic");
+    const COUNT: usize = 3_000;
+    // Ten-byte values: "record0042".
+    futures::future::join_all((0..COUNT).map(|i| {
+        app.send(Outgoing {
+            topic: topic.clone(),
+            value: Some(format!("record{i:04}")),
+            ..Outgoing::default()
+        })
+    }))
+    .await;
+    let every = (0..COUNT as i64).collect::<Vec<_>>();
+
+    // A backlog goes over in runs, none longer than the chunk, each record
+    // once and in order.
+    let runs = runs_read(&topic, 1 << 20, COUNT).await;
+    assert_eq!(runs.concat(), every, "every record once, in order");
+    assert!(
+        runs.iter().all(|run| run.len() <= courseview::kafka::READ_CHUNK),
+        "longest run {}",
+        runs.iter().map(Vec::len).max().unwrap_or(0)
+    );
+    assert!(
+        runs.len() * 4 < COUNT,
+        "{} runs for {COUNT} records: handed over one by one",
+        runs.len()
+    );
+
+    // A budget of five records' bytes: a run never holds more than fit, and
+    // the reader hands over what it holds rather than wait for room forever.
+    let runs = runs_read(&topic, 50, COUNT).await;
+    assert_eq!(runs.concat(), every, "every record once, in order");
+    assert!(
+        runs.iter().all(|run| run.len() <= 5),
+        "longest run {} under a five-record budget",
+        runs.iter().map(Vec::len).max().unwrap_or(0)
+    );
 }
 
 #[tokio::test]
