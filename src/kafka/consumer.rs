@@ -717,12 +717,16 @@ impl Consumer {
         Arc::clone(&self.assigned)
     }
 
+    /// Starts the thread that polls and hands records over in runs of at
+    /// most `longest_run` (capped at [`READ_CHUNK`]).
     pub fn spawn_reader(
         &self,
         tx: mpsc::Sender<Feed>,
         budget: Arc<ByteBudget>,
+        longest_run: usize,
         cancel: CancellationToken,
     ) -> std::thread::JoinHandle<ReaderExit> {
+        let longest_run = longest_run.clamp(1, READ_CHUNK);
         let consumer = Arc::clone(&self.inner);
         let failed = Arc::clone(&self.failed);
         let (starts, board) = (Arc::clone(&self.starts), Arc::clone(&self.stuck));
@@ -849,7 +853,7 @@ impl Consumer {
                             // ends before anything the checks above must see
                             // between polls: a pause or resume for time, a
                             // rebalance, a failed assignment, an error.
-                            let mut chunk = Vec::with_capacity(READ_CHUNK.min(64));
+                            let mut chunk = Vec::with_capacity(longest_run.min(64));
                             let mut next = Some(message);
                             let (mut error, mut gone) = (None, false);
                             while let Some(message) = next.take() {
@@ -876,7 +880,7 @@ impl Consumer {
                                     move_partitions(&consumer, &mut align, &moves, &group);
                                     break;
                                 }
-                                if chunk.len() >= READ_CHUNK
+                                if chunk.len() >= longest_run
                                     || consumer.context().rebalances.load(std::sync::atomic::Ordering::Relaxed)
                                         != rebalances
                                 {

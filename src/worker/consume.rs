@@ -98,13 +98,15 @@ pub async fn run_generation(
         let hold = Arc::new(HoldRequest::new(held_from_start));
         let mut holding = if held_from_start { Holding::Asked } else { Holding::No };
         let consumer = Consumer::subscribe(&settings.kafka, offsets, Arc::clone(&hold))?;
-        // About two batches of records queue up, as runs of up to READ_CHUNK.
-        let (tx, mut rx) = mpsc::channel::<Feed>((settings.batch_size * 2).div_ceil(READ_CHUNK).max(2));
+        // About two batches of records queue up, as runs no longer than a
+        // batch (nor than READ_CHUNK).
+        let longest_run = settings.batch_size.clamp(1, READ_CHUNK);
+        let (tx, mut rx) = mpsc::channel::<Feed>((settings.batch_size * 2).div_ceil(longest_run).max(2));
         let budget = ByteBudget::new(settings.max_queue_bytes);
         let reader_cancel = cancel.child_token();
         let assigned = consumer.assigned();
         let backlog = consumer.backlog();
-        let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), reader_cancel.clone()));
+        let mut reader = Some(consumer.spawn_reader(tx, Arc::clone(&budget), longest_run, reader_cancel.clone()));
         info!(group = %settings.kafka.group_id, "Projector started.");
 
         let store_for_hold = store.clone();

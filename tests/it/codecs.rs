@@ -245,7 +245,12 @@ async fn a_fatal_client_error_ends_the_reader_with_its_reason() {
     let consumer =
         Consumer::subscribe(&settings, std::sync::Arc::new(NoOffsets), std::sync::Arc::default()).expect("consumer");
     let (tx, _rx) = tokio::sync::mpsc::channel(100);
-    let reader = consumer.spawn_reader(tx, ByteBudget::new(1 << 20), tokio_util::sync::CancellationToken::new());
+    let reader = consumer.spawn_reader(
+        tx,
+        ByteBudget::new(1 << 20),
+        courseview::kafka::READ_CHUNK,
+        tokio_util::sync::CancellationToken::new(),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(consumer.raise_fatal_error("fenced by a newer instance (raised by the test)"));
     let exit = tokio::time::timeout(

@@ -141,7 +141,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
             tokio::time::sleep(Duration::from_secs(30)).await;
             timer.cancel();
         });
-        let reader = consumer.spawn_reader(tx, ByteBudget::new(1 << 20), cancel);
+        let reader = consumer.spawn_reader(tx, ByteBudget::new(1 << 20), courseview::kafka::READ_CHUNK, cancel);
         (consumer, reader, rx)
     };
 
@@ -177,10 +177,10 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
     drop(consumer);
 }
 
-/// Reads `topic` from offset 0 with a byte budget of `budget` bytes,
-/// releasing each run's bytes as it arrives, until `count` records came;
-/// returns the length and offsets of each run.
-async fn runs_read(topic: &str, budget: usize, count: usize) -> Vec<Vec<i64>> {
+/// Reads `topic` from offset 0 with a byte budget of `budget` bytes and
+/// runs of at most `longest_run`, releasing each run's bytes as it
+/// arrives, until `count` records came; returns each run's offsets.
+async fn runs_read(topic: &str, budget: usize, longest_run: usize, count: usize) -> Vec<Vec<i64>> {
     let settings = ConsumerSettings {
         brokers: brokers().into(),
         topics: topic.to_owned(),
@@ -199,7 +199,7 @@ async fn runs_read(topic: &str, budget: usize, count: usize) -> Vec<Vec<i64>> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let cancel = CancellationToken::new();
     let budget_handle = ByteBudget::new(budget);
-    let reader = consumer.spawn_reader(tx, Arc::clone(&budget_handle), cancel.clone());
+    let reader = consumer.spawn_reader(tx, Arc::clone(&budget_handle), longest_run, cancel.clone());
     let mut runs = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(60), async {
         while runs.iter().map(Vec::len).sum::<usize>() < count {
@@ -230,7 +230,7 @@ async fn runs_read(topic: &str, budget: usize, count: usize) -> Vec<Vec<i64>> {
 }
 
 #[tokio::test]
-async fn the_reader_hands_a_backlog_over_in_runs_bounded_by_its_chunk_and_the_byte_budget_in_order() {
+async fn the_reader_hands_a_backlog_over_in_runs_bounded_by_its_chunk_the_batch_and_the_byte_budget_in_order() {
     let app = TestApp::spawn().await;
     let topic = unique("runs.");
     create_topics(&brokers(), std::slice::from_ref(&topic), 1)
@@ -250,7 +250,7 @@ async fn the_reader_hands_a_backlog_over_in_runs_bounded_by_its_chunk_and_the_by
 
     // A backlog goes over in runs, none longer than the chunk, each record
     // once and in order.
-    let runs = runs_read(&topic, 1 << 20, COUNT).await;
+    let runs = runs_read(&topic, 1 << 20, courseview::kafka::READ_CHUNK, COUNT).await;
     assert_eq!(runs.concat(), every, "every record once, in order");
     assert!(
         runs.iter().all(|run| run.len() <= courseview::kafka::READ_CHUNK),
@@ -265,11 +265,20 @@ async fn the_reader_hands_a_backlog_over_in_runs_bounded_by_its_chunk_and_the_by
 
     // A budget of five records' bytes: a run never holds more than fit, and
     // the reader hands over what it holds rather than wait for room forever.
-    let runs = runs_read(&topic, 50, COUNT).await;
+    let runs = runs_read(&topic, 50, courseview::kafka::READ_CHUNK, COUNT).await;
     assert_eq!(runs.concat(), every, "every record once, in order");
     assert!(
         runs.iter().all(|run| run.len() <= 5),
         "longest run {} under a five-record budget",
+        runs.iter().map(Vec::len).max().unwrap_or(0)
+    );
+
+    // A worker with small batches asks for short runs.
+    let runs = runs_read(&topic, 1 << 20, 7, COUNT).await;
+    assert_eq!(runs.concat(), every, "every record once, in order");
+    assert!(
+        runs.iter().all(|run| run.len() <= 7),
+        "longest run {} where 7 were asked for",
         runs.iter().map(Vec::len).max().unwrap_or(0)
     );
 }
