@@ -87,6 +87,20 @@ impl OffsetSource for FlakyOffsets {
     }
 }
 
+/// A consumer of `topic` alone, in a group of its own named from `prefix`,
+/// that stops at a gap.
+fn reader_settings(topic: &str, prefix: &str) -> ConsumerSettings {
+    ConsumerSettings {
+        brokers: brokers().into(),
+        topics: topic.to_owned(),
+        group_id: unique(prefix),
+        metadata_refresh: Duration::from_secs(1),
+        session_timeout: Duration::from_secs(6),
+        on_gap: courseview::kafka::OnGap::Stop,
+        stuck: std::sync::Arc::default(),
+    }
+}
+
 #[tokio::test]
 async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_group_offsets() {
     let app = TestApp::spawn().await;
@@ -103,15 +117,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
         })
         .await;
     }
-    let settings = ConsumerSettings {
-        brokers: brokers().into(),
-        topics: topic.clone(),
-        group_id: unique("assign-"),
-        metadata_refresh: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(6),
-        on_gap: courseview::kafka::OnGap::Stop,
-        stuck: std::sync::Arc::default(),
-    };
+    let settings = reader_settings(&topic, "assign-");
     // The group's committed offset is ahead of the stored one, as after a
     // rebuild switch (it belongs to the previous generation).
     let committer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
@@ -181,15 +187,7 @@ async fn partitions_whose_stored_offsets_cannot_be_read_are_not_started_at_the_g
 /// runs of at most `longest_run`, releasing each run's bytes as it
 /// arrives, until `count` records came; returns each run's offsets.
 async fn runs_read(topic: &str, budget: usize, longest_run: usize, count: usize) -> Vec<Vec<i64>> {
-    let settings = ConsumerSettings {
-        brokers: brokers().into(),
-        topics: topic.to_owned(),
-        group_id: unique("runs-"),
-        metadata_refresh: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(6),
-        on_gap: courseview::kafka::OnGap::Stop,
-        stuck: std::sync::Arc::default(),
-    };
+    let settings = reader_settings(topic, "runs-");
     let source = Arc::new(FlakyOffsets {
         calls: AtomicUsize::new(0),
         failures: 0,
