@@ -31,6 +31,11 @@ impl Answer {
     }
 }
 
+/// An answer, or `None` for one cached as absent.
+fn present(answer: Answer) -> Option<Answer> {
+    (answer.body != ABSENT).then_some(answer)
+}
+
 /// The API's caches, either of which may be off.
 #[derive(Debug, Clone, Default)]
 pub struct ReadThrough {
@@ -46,7 +51,6 @@ impl ReadThrough {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Option<Vec<u8>>, E>>,
     {
-        let present = |answer: Answer| (answer.body != ABSENT).then_some(answer);
         let Some(cache) = &self.redis else {
             return Ok(load().await?.map(|body| Answer::new(Bytes::from(body))));
         };
@@ -100,6 +104,18 @@ impl ReadThrough {
             }
         }
         Ok(loaded)
+    }
+
+    /// What memory may serve for `scope` and `suffix` now, without asking
+    /// Redis (`Some(None)`: cached as absent); `None` when memory holds
+    /// nothing it may serve, and [`ReadThrough::get_or_load`] must look
+    /// (only hits are counted here, so a miss is counted once, there).
+    pub fn memory(&self, scope: Scope<'_>, suffix: &str) -> Option<Option<Answer>> {
+        let (cache, local) = (self.redis.as_ref()?, self.local.as_deref()?);
+        let base = cache.base(scope);
+        let answer = local.get(&base, suffix, local.stamp(&base)?)?;
+        telemetry::cache_lookup("memory", true);
+        Some(present(answer))
     }
 
     /// Serves nothing of `scope` from memory until its next lookup: an

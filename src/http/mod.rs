@@ -4,6 +4,7 @@
 mod auth;
 pub mod cors;
 mod error;
+mod fast;
 mod openapi;
 mod params;
 mod respond;
@@ -233,21 +234,25 @@ impl AppState {
         // Followed in the background, the last read is trusted a little
         // longer, so a cached answer does not wait on MongoDB for the
         // pointer; never longer than FOLLOWED_TRUST.
+        if let Some(generation) = self.known_generation(model) {
+            return Ok(generation);
+        }
+        let asked = Instant::now();
+        let read = self.store.serving_generation(model.name()).await?;
+        Ok(self.remember_generation(model, read, asked))
+    }
+
+    /// The generation last read for `model`, if read recently enough to
+    /// serve it without reading the pointer again.
+    fn known_generation(&self, model: ReadModel) -> Option<u32> {
         let trusted = if self.pointers_followed.load(std::sync::atomic::Ordering::Acquire) {
             FOLLOWED_TRUST
         } else {
             GENERATION_TTL
         };
-        if let Ok(known) = self.generations.read() {
-            if let Some((generation, at)) = known.get(&model) {
-                if at.elapsed() < trusted {
-                    return Ok(*generation);
-                }
-            }
-        }
-        let asked = Instant::now();
-        let read = self.store.serving_generation(model.name()).await?;
-        Ok(self.remember_generation(model, read, asked))
+        let known = self.generations.read().ok()?;
+        let (generation, at) = known.get(&model)?;
+        (at.elapsed() < trusted).then_some(*generation)
     }
 
     /// Re-reads every read model's generation pointer every
@@ -456,7 +461,8 @@ pub async fn serve(
         tokio::spawn(async move { cache.follow_notices(local, cancel).await });
     }
     tokio::spawn(state.clone().follow_pointers(shutdown.clone()));
-    axum::serve(listener, app(state))
+    let api = axum::ServiceExt::<Request>::into_make_service(fast::Api::new(state));
+    axum::serve(listener, api)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

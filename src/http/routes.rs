@@ -60,7 +60,7 @@ const VERSION_POLL: Duration = Duration::from_millis(100);
 /// The least time between two reads of one wait.
 const VERSION_SPACING: Duration = Duration::from_millis(25);
 
-fn id_param(name: &str, value: &str) -> Result<(), ApiError> {
+pub(super) fn id_param(name: &str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() || value.len() > 200 {
         return Err(ApiError::bad(name, "must be 1 to 200 characters"));
     }
@@ -229,23 +229,29 @@ pub async fn catalog_course(
         state.forget_generation(model, generation);
         return match view {
             Some(v) => Ok(state.json(&headers, Answer::new(serde_json::to_vec(&v).unwrap_or_default().into()))),
-            None => Err(ApiError::NotFound(format!(
-                "course {course_id:?} is not in the catalog"
-            ))),
+            None => Err(not_in_catalog(&course_id)),
         };
     }
     let body = state
-        .cached(model, generation, &format!("course:{course_id}"), || async {
+        .cached(model, generation, &course_suffix(&course_id), || async {
             let view = state.store.listed_view(&collection, &course_id).await?;
             Ok(view.map(|v| serde_json::to_vec(&v).unwrap_or_default()))
         })
         .await?;
     match body {
         Some(body) => Ok(state.json(&headers, body)),
-        None => Err(ApiError::NotFound(format!(
-            "course {course_id:?} is not in the catalog"
-        ))),
+        None => Err(not_in_catalog(&course_id)),
     }
+}
+
+/// The cache key suffix of a course's answer.
+pub(super) fn course_suffix(course_id: &str) -> String {
+    format!("course:{course_id}")
+}
+
+/// The 404 of a course the catalog does not list.
+pub(super) fn not_in_catalog(course_id: &str) -> ApiError {
+    ApiError::NotFound(format!("course {course_id:?} is not in the catalog"))
 }
 
 /// Read-your-writes: waits until the projection has applied `wanted` for

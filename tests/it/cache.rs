@@ -428,3 +428,88 @@ async fn redis_delivers_one_channels_messages_in_publish_order_across_connection
     let expected: Vec<String> = (0..ROUNDS).flat_map(|i| [format!("n {i}"), format!("f {i}")]).collect();
     assert_eq!(received, expected);
 }
+
+/// Status, headers (but `date`) and body of a GET.
+async fn answer(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut request = app.http.get(format!("{}{path}", app.base_url));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("answered");
+    let status = response.status().as_u16();
+    let mut named: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("?").to_owned()))
+        .collect();
+    named.sort();
+    (status, named, response.bytes().await.expect("body").to_vec())
+}
+
+#[tokio::test]
+async fn a_course_answered_from_memory_ahead_of_the_router_is_the_answer_the_router_gives() {
+    let (_private, _redis, app, worker) = posted_on_private_redis("r1", "Routed").await;
+    held_in_memory(&app, "r1").await;
+    // `minVersion` always goes through the router and its handler.
+    let routed = answer(&app, "/catalog/courses/r1?minVersion=1", &[]).await;
+    let from_memory = answer(&app, "/catalog/courses/r1", &[]).await;
+    assert_eq!(routed.0, 200);
+    assert_eq!(from_memory, routed, "a course held in memory");
+    // A percent-encoded id is decoded by the router: the same course.
+    assert_eq!(answer(&app, "/catalog/courses/r%31", &[]).await, routed, "r%31");
+
+    let etag = routed
+        .1
+        .iter()
+        .find(|(name, _)| name == "etag")
+        .map(|(_, value)| value.clone())
+        .expect("an ETag");
+    let revalidated = [("if-none-match", etag.as_str())];
+    let not_modified = answer(&app, "/catalog/courses/r1", &revalidated).await;
+    assert_eq!(not_modified.0, 304, "If-None-Match with the ETag: {not_modified:?}");
+    assert_eq!(
+        not_modified,
+        answer(&app, "/catalog/courses/r1?minVersion=1", &revalidated).await,
+        "a 304 from memory"
+    );
+
+    // A course the catalog does not list is cached as absent: the second
+    // 404 comes from memory, the first from MongoDB through the router.
+    let unknown = answer(&app, "/catalog/courses/nowhere", &[]).await;
+    assert_eq!(unknown.0, 404);
+    eventually("the absent course held in memory", Duration::from_secs(10), || async {
+        let local = app.local.clone()?;
+        let generation = app.store.serving_generation("catalog").await.ok()?;
+        let base = app.cache.as_ref()?.base(courseview::cache::Scope {
+            projection: "catalog",
+            generation,
+        });
+        local.get(&base, "course:nowhere", local.stamp(&base)?).map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        answer(&app, "/catalog/courses/nowhere", &[]).await,
+        unknown,
+        "a 404 from memory"
+    );
+
+    // Counted in the request metrics under the route's template.
+    let served = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("courseview_http_requests_total{")
+                    && l.contains("route=\"/catalog/courses/{courseId}\"")
+                    && l.contains("status=\"200\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = served(&app.get_text(&format!("{}/metrics", app.base_url)).await);
+    for _ in 0..20 {
+        assert_eq!(answer(&app, "/catalog/courses/r1", &[]).await.0, 200);
+    }
+    let after = served(&app.get_text(&format!("{}/metrics", app.base_url)).await);
+    assert!(after - before >= 20.0, "{} requests counted of 20", after - before);
+    worker.stop().await;
+}
