@@ -10,5 +10,5 @@ pub mod redis;
 
 pub use local::LocalCache;
 pub use notice::{Notice, FENCE_EVERY, TRUST, WRITE_LEASE};
-pub use read_through::{Answer, ReadThrough};
+pub use read_through::{Answer, ReadThrough, ABSENT};
 pub use redis::{Cache, Lookup, Put, RedisTls, Scope};

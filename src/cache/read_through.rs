@@ -10,7 +10,7 @@ use super::{Cache, LocalCache, Lookup, Put, Scope};
 use crate::telemetry;
 
 /// An answer cached as absent (a 404), so hot misses stay cheap.
-const ABSENT: &[u8] = b"-";
+pub const ABSENT: &[u8] = b"-";
 
 /// An answer and its ETag, the quoted XXH3 of its bytes: computed once
 /// when the answer is loaded or copied from Redis, not on every hit.

@@ -461,7 +461,7 @@ pub async fn serve(
         tokio::spawn(async move { cache.follow_notices(local, cancel).await });
     }
     tokio::spawn(state.clone().follow_pointers(shutdown.clone()));
-    let api = axum::ServiceExt::<Request>::into_make_service(fast::Api::new(state));
+    let api = axum::ServiceExt::<Request>::into_make_service(fast::Api::new(state.clone(), app(state)));
     axum::serve(listener, api)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

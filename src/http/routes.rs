@@ -232,6 +232,8 @@ pub async fn catalog_course(
             None => Err(not_in_catalog(&course_id)),
         };
     }
+    // An answer memory holds for a plain GET is served ahead of the router
+    // (`fast`): what this does for it, that does too.
     let body = state
         .cached(model, generation, &course_suffix(&course_id), || async {
             let view = state.store.listed_view(&collection, &course_id).await?;
