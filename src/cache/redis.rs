@@ -325,7 +325,14 @@ impl Cache {
 
     /// The key prefix of a scope; also its name in notices.
     pub fn base(&self, scope: Scope<'_>) -> String {
-        format!("{}:{}:g{}", self.inner.prefix, scope.projection, scope.generation)
+        // On every cached API read: pieces pushed, not formatted.
+        let mut generation = itoa::Buffer::new();
+        let generation = generation.format(scope.generation);
+        let mut base = String::with_capacity(self.inner.prefix.len() + scope.projection.len() + generation.len() + 3);
+        for piece in [self.inner.prefix.as_str(), ":", scope.projection, ":g", generation] {
+            base.push_str(piece);
+        }
+        base
     }
 
     /// The channel of write notices and fences.
