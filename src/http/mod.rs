@@ -231,9 +231,6 @@ impl AppState {
 
     /// The generation readers currently follow for this read model.
     async fn generation(&self, model: ReadModel) -> Result<u32, StoreError> {
-        // Followed in the background, the last read is trusted a little
-        // longer, so a cached answer does not wait on MongoDB for the
-        // pointer; never longer than FOLLOWED_TRUST.
         if let Some(generation) = self.known_generation(model) {
             return Ok(generation);
         }
@@ -245,6 +242,9 @@ impl AppState {
     /// The generation last read for `model`, if read recently enough to
     /// serve it without reading the pointer again.
     fn known_generation(&self, model: ReadModel) -> Option<u32> {
+        // Followed in the background, the last read is trusted a little
+        // longer, so a cached answer does not wait on MongoDB for the
+        // pointer; never longer than FOLLOWED_TRUST.
         let trusted = if self.pointers_followed.load(std::sync::atomic::Ordering::Acquire) {
             FOLLOWED_TRUST
         } else {
