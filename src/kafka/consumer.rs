@@ -869,7 +869,9 @@ impl Consumer {
                                         break;
                                     }
                                     if !budget.acquire(size, &cancel) {
-                                        chunk.clear();
+                                        // Cancelled: the run in hand went
+                                        // over above, and this record is
+                                        // read again from the stored offset.
                                         break;
                                     }
                                 }
