@@ -19,8 +19,11 @@ use crate::telemetry::traces;
 /// Per course, what a fold's events give from empty. Boxed: the table then
 /// holds a pointer per bucket, not a whole state, so its spare capacity (up
 /// to half of it after it doubles) and the moment it doubles (old and new
-/// tables both live) cost little.
-pub(super) type Folded = HashMap<String, Box<FoldedCourse>>;
+/// tables both live) cost little. Hashed with foldhash, seeded per
+/// process: a course id is hashed at every event and SipHash showed in the
+/// worker's profile; the ids come from the topics' producers, who could do
+/// worse than collide.
+pub(super) type Folded = HashMap<String, Box<FoldedCourse>, foldhash::fast::RandomState>;
 
 /// Partitions a course's records may span and it still be carried over.
 const CARRIED_PARTITIONS: usize = 4;
@@ -121,7 +124,7 @@ pub struct Fold {
 impl Default for Fold {
     fn default() -> Self {
         Fold {
-            courses: HashMap::new(),
+            courses: Folded::default(),
             dead: Vec::new(),
             next: HashMap::new(),
             partitions: Vec::new(),
@@ -253,16 +256,36 @@ impl Fold {
             self.links
                 .extend(records.iter().filter_map(traces::record_context).take(room));
         }
-        let positions = records
-            .iter()
-            .map(|r| (r.topic.as_str(), r.partition, r.offset + 1))
+        // Records come in runs of one partition: one lookup per run, at its
+        // highest offset, not one (and a key built) per record.
+        let mut highest: Option<(&str, i32, i64)> = None;
+        for r in records {
+            match &mut highest {
+                Some((topic, partition, offset)) if *partition == r.partition && *topic == r.topic => {
+                    *offset = (*offset).max(r.offset + 1);
+                }
+                _ => {
+                    if let Some((topic, partition, offset)) = highest.take() {
+                        self.advance(topic, partition, offset);
+                    }
+                    highest = Some((r.topic.as_str(), r.partition, r.offset + 1));
+                }
+            }
+        }
+        let positions = highest
+            .into_iter()
             .chain(advanced.iter().map(|(t, p, o)| (t.as_str(), *p, *o)));
         for (topic, partition, offset) in positions {
-            match self.next.get_mut(&(topic.to_owned(), partition)) {
-                Some(slot) => *slot = (*slot).max(offset),
-                None => {
-                    self.next.insert((topic.to_owned(), partition), offset);
-                }
+            self.advance(topic, partition, offset);
+        }
+    }
+
+    /// Raises a partition's next offset to `offset` (never lowers it).
+    fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
+        match self.next.get_mut(&(topic.to_owned(), partition)) {
+            Some(slot) => *slot = (*slot).max(offset),
+            None => {
+                self.next.insert((topic.to_owned(), partition), offset);
             }
         }
     }
@@ -415,7 +438,17 @@ mod tests {
     #[test]
     fn a_fold_covers_one_past_the_highest_offset_per_partition_and_never_below_an_advance() {
         let mut fold = Fold::default();
-        fold.cover(&[rec("a", 0, 5), rec("a", 0, 3), rec("a", 1, 9)], &[]);
+        // A partition's records in runs, one coming back after another's.
+        fold.cover(
+            &[
+                rec("a", 0, 5),
+                rec("a", 0, 3),
+                rec("a", 1, 9),
+                rec("a", 0, 7),
+                rec("a", 1, 2),
+            ],
+            &[],
+        );
         fold.cover(
             &[rec("b", 0, 1)],
             &[("a".into(), 0, 4), ("b".into(), 0, 3), ("c".into(), 1, 7)],
@@ -423,13 +456,13 @@ mod tests {
         assert_eq!(
             fold.offsets(),
             vec![
-                ("a".into(), 0, 6),
+                ("a".into(), 0, 8),
                 ("a".into(), 1, 10),
                 ("b".into(), 0, 3),
                 ("c".into(), 1, 7)
             ]
         );
-        assert_eq!(fold.records(), 4);
+        assert_eq!(fold.records(), 6);
     }
 
     #[test]
